@@ -1,0 +1,84 @@
+//! What every walship command does around its real work: parse the common flags, load the
+//! configuration, run a one-shot current-thread runtime, and exit with the documented code.
+//!
+//! Kept apart from the `walship` library so that the library knows nothing of argument parsing.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use clap::{Args, Parser};
+use walship::{Config, ConfigFlags, Error, ExitCode};
+
+/// The exit-code table, appended to every command's `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (shared by all walship commands):
+  0  success
+  1  not found: the archive does not have the file (wal-fetch)
+  2  usage: wrong arguments
+  3  configuration: unreadable file, unknown key, bad value, no repository
+  4  invalid input: bad name, not a WAL file, or a file that does not match its name
+  5  conflict: different content is already archived under this name (nothing overwritten)
+  6  wrong repository: another cluster's, not a walship repository, or a newer format
+  7  corrupt: a stored object failed verification (it is never handed over)
+  8  storage: the repository failed or was unreachable until the deadline
+  9  local file: reading the file to archive or writing the restored file failed
+wal-fetch adds 200 to codes 2-9 (202-209) so that PostgreSQL stops a point-in-time recovery
+instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
+and the standby retries.
+
+Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).";
+
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Configuration file (TOML) [default: $WALSHIP_CONFIG, else /etc/walship/walship.toml if it exists]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Repository, overriding the configuration: file:///path or /path [env: WALSHIP_REPO]
+    #[arg(long, value_name = "URL")]
+    pub repo: Option<String>,
+
+    /// Log more detail (settings, retries) to stderr
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl CommonArgs {
+    pub fn load_config(&self) -> Result<Config, Error> {
+        Config::load(&ConfigFlags { config_file: self.config.clone(), repo: self.repo.clone() })
+    }
+}
+
+/// Parses arguments; on `--help`/`--version` prints and exits 0, on a usage error prints one line and
+/// exits with `usage_exit(ExitCode::Usage)`.
+pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> u8) -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            // clap's message runs over several lines up to a blank line and the usage; keep one line.
+            let rendered = e.to_string();
+            let message: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("{program}: error: {message} (see {program} --help)");
+            std::process::exit(i32::from(usage_exit(ExitCode::Usage)));
+        }
+    }
+}
+
+/// Runs one command's work to completion on a current-thread runtime.
+pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| Error::LocalIo {
+        path: "tokio runtime".into(),
+        operation: "start",
+        source: e,
+    })?;
+    let result = runtime.block_on(work);
+    // A blocking file operation stuck on a hung file system must not keep us from exiting.
+    runtime.shutdown_background();
+    result
+}

@@ -1,0 +1,149 @@
+//! The one error type the commands return, and the exit code each error maps to.
+//!
+//! Exit codes are an interface: scripts and PostgreSQL act on them. The table lives in
+//! [`ExitCode`] and in the README, and the two must agree.
+
+use std::io;
+use std::path::Path;
+
+use crate::codec::ContentDigest;
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Wrong arguments.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A configuration file, flag or environment variable that cannot be used.
+    #[error("{source_name}: {message}")]
+    Config { source_name: String, message: String },
+
+    /// The file handed to us is not what its name says (not WAL, another segment, a bad name).
+    #[error("{file}: {reason}")]
+    InvalidInput { file: String, reason: String },
+
+    /// The repository already holds different content under this name.
+    #[error(
+        "{name}: already archived with different content (archived: {existing}; new: {new}); \
+         refusing to overwrite"
+    )]
+    Conflict { name: String, existing: ContentDigest, new: ContentDigest },
+
+    /// The repository belongs to another cluster, is not a walship repository, or is too new.
+    #[error("{location}: {reason}")]
+    WrongRepository { location: String, reason: String },
+
+    /// A stored object failed verification.
+    #[error("{location}: corrupt object, not used: {reason}")]
+    Corrupt { location: String, reason: String },
+
+    /// The repository does not have the file (wal-fetch's "definitely absent").
+    #[error("{name}: not in the archive ({location})")]
+    NotFound { name: String, location: String },
+
+    #[error(transparent)]
+    Storage(StorageError),
+
+    /// Reading the file to archive, or writing the fetched file.
+    #[error("{path}: {operation}: {source}")]
+    LocalIo { path: String, operation: &'static str, source: io::Error },
+
+    /// Transient failures kept happening until the command's deadline.
+    #[error("gave up after {seconds} s (deadline_secs): {last}")]
+    DeadlineExceeded { seconds: u64, last: String },
+}
+
+impl Error {
+    pub fn local_io(path: &Path, operation: &'static str, source: io::Error) -> Self {
+        Error::LocalIo { path: path.display().to_string(), operation, source }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Usage(_) => ExitCode::Usage,
+            Error::Config { .. } => ExitCode::Config,
+            Error::InvalidInput { .. } => ExitCode::InvalidInput,
+            Error::Conflict { .. } => ExitCode::Conflict,
+            Error::WrongRepository { .. } => ExitCode::WrongRepository,
+            Error::Corrupt { .. } => ExitCode::Corrupt,
+            Error::NotFound { .. } => ExitCode::NotFound,
+            Error::Storage(_) | Error::DeadlineExceeded { .. } => ExitCode::Storage,
+            Error::LocalIo { .. } => ExitCode::LocalIo,
+        }
+    }
+
+    /// Whether trying the whole operation again soon may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Storage(e) if e.is_retryable())
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(e: StorageError) -> Self {
+        Error::Storage(e)
+    }
+}
+
+/// Exit codes of every walship command. Codes 2 to 9 are below 126 so that PostgreSQL's archiver
+/// treats them as "try again later"; wal-fetch lifts them above 125 during recovery (see
+/// [`ExitCode::for_restore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    Success = 0,
+    NotFound = 1,
+    Usage = 2,
+    Config = 3,
+    InvalidInput = 4,
+    Conflict = 5,
+    WrongRepository = 6,
+    Corrupt = 7,
+    Storage = 8,
+    LocalIo = 9,
+}
+
+/// Added to wal-fetch's failure codes during archive recovery: PostgreSQL treats an exit above 125 as
+/// fatal and stops, where any lower code would read as "end of archive" and promote early.
+pub const RESTORE_ABORT_OFFSET: u8 = 200;
+
+impl ExitCode {
+    /// The code wal-fetch exits with. On a standby every failure is 1: the standby keeps retrying (and
+    /// streaming), which is what it should do. During point-in-time recovery only a file that is
+    /// definitely absent is 1; every other failure aborts recovery rather than ending it early.
+    pub fn for_restore(self, standby: bool) -> u8 {
+        match self {
+            ExitCode::Success => 0,
+            _ if standby => 1,
+            ExitCode::NotFound => 1,
+            other => RESTORE_ABORT_OFFSET + other as u8,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_codes_never_claim_absence_falsely() {
+        let all = [
+            ExitCode::Usage,
+            ExitCode::Config,
+            ExitCode::InvalidInput,
+            ExitCode::Conflict,
+            ExitCode::WrongRepository,
+            ExitCode::Corrupt,
+            ExitCode::Storage,
+            ExitCode::LocalIo,
+        ];
+        for code in all {
+            assert!((code as u8) < 126, "{code:?} must be retryable for the archiver");
+            assert!(code.for_restore(false) > 125, "{code:?} must abort point-in-time recovery");
+            assert_eq!(code.for_restore(true), 1, "{code:?} on a standby");
+        }
+        assert_eq!(ExitCode::NotFound.for_restore(false), 1);
+        assert_eq!(ExitCode::Success.for_restore(false), 0);
+        assert_eq!(ExitCode::Storage.for_restore(false), 208);
+    }
+}

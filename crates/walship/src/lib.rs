@@ -1,0 +1,17 @@
+//! walship: keeps PostgreSQL recoverable by archiving WAL and base backups to a repository.
+//!
+//! Data flows one way: a command asks [`repo`] what to store where, [`codec`] turns bytes into a
+//! verifiable object, and a [`storage`] backend places it durably. A backend never learns what WAL is;
+//! the codec never learns where bytes go.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod log;
+pub mod repo;
+pub mod retry;
+pub mod storage;
+pub mod wal;
+
+pub use config::{Config, ConfigFlags};
+pub use error::{Error, ExitCode};

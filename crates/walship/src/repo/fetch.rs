@@ -1,0 +1,111 @@
+//! Restoring one file: the work behind `restore_command`.
+//!
+//! The object is decoded into a temporary file beside the destination, verified against its trailer,
+//! fsynced and only then renamed into place, so PostgreSQL never sees a partial or unverified file.
+//! A missing object is reported as absent only once the repository's identity record proves we are
+//! looking at a real repository.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncReadExt;
+
+use super::Repository;
+use crate::codec::{DecodeError, Decoder};
+use crate::error::Error;
+use crate::storage::StorageError;
+use crate::storage::local::fsync_dir;
+use crate::wal::WalFileName;
+
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchReport {
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// Restores `name` from the repository to `destination`.
+pub async fn fetch(repo: &Repository, name: &str, destination: &Path) -> Result<FetchReport, Error> {
+    let wal = WalFileName::parse(name).map_err(|e| Error::InvalidInput { file: name.to_owned(), reason: e.0 })?;
+    let key = Repository::wal_key(&wal);
+    let location = repo.storage().location(&key);
+    let reader = match repo.storage().get(&key).await {
+        Ok(reader) => reader,
+        Err(e) if e.is_not_found() => {
+            repo.require_identity().await?;
+            return Err(Error::NotFound { name: name.to_owned(), location });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let temp = temp_path_beside(destination)?;
+    match write_verified(reader, &temp, destination, &location).await {
+        Ok(report) => {
+            let published = fs::rename(&temp, destination)
+                .map_err(|e| Error::local_io(destination, "rename into place", e))
+                .and_then(|()| {
+                    fsync_dir(parent_dir(destination)).map_err(|e| Error::local_io(destination, "fsync directory", e))
+                });
+            if published.is_err() {
+                let _ = fs::remove_file(&temp);
+            }
+            published.map(|()| report)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// A hidden name in the destination's directory, so the final rename is atomic.
+fn temp_path_beside(destination: &Path) -> Result<PathBuf, Error> {
+    let file_name = destination.file_name().ok_or_else(|| Error::InvalidInput {
+        file: destination.display().to_string(),
+        reason: "the destination has no file name".into(),
+    })?;
+    Ok(parent_dir(destination).join(format!(".{}.walship.{}.tmp", file_name.to_string_lossy(), std::process::id())))
+}
+
+async fn write_verified(
+    mut reader: crate::storage::ObjectReader,
+    temp: &Path,
+    destination: &Path,
+    location: &str,
+) -> Result<FetchReport, Error> {
+    // A file of this name can only be a leftover of an earlier run that had our process id.
+    let _ = fs::remove_file(temp);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp)
+        .map_err(|e| Error::local_io(destination, "create temporary file", e))?;
+    let mut decoder = Decoder::new(BufWriter::with_capacity(READ_CHUNK, file))
+        .map_err(|e| Error::local_io(destination, "decompress", e))?;
+    let corrupt = |e: DecodeError| match e {
+        DecodeError::Format(format) => Error::Corrupt { location: location.to_owned(), reason: format.to_string() },
+        DecodeError::Sink(io) => Error::local_io(destination, "write", io),
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut stored_bytes = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(location, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        stored_bytes += n as u64;
+        decoder.update(&buf[..n]).map_err(corrupt)?;
+    }
+    let (digest, writer) = decoder.finish().map_err(corrupt)?;
+    let file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
+    file.sync_all().map_err(|e| Error::local_io(destination, "fsync", e))?;
+    Ok(FetchReport { original_bytes: digest.len, stored_bytes })
+}

@@ -1,0 +1,249 @@
+//! What is stored where in a repository, and the record that says whose repository it is.
+//!
+//! ```text
+//! repository.json                          identity record (plain JSON), written by the first push
+//! wal/<timeline+log>/<segment name>        segments, .partial segments and .backup labels, sharded
+//!                                          by the first 16 hex digits of their name
+//! wal/history/<TLI>.history                timeline history files
+//! ```
+//!
+//! Every object under `wal/` is in the [`crate::codec`] format. The identity record pins the
+//! repository to one cluster: a push from another cluster (another system identifier, major version
+//! or segment size) is refused, so two clusters never mix their WAL by mistake.
+
+mod fetch;
+mod push;
+
+pub use fetch::{FetchReport, fetch};
+pub use push::{PushReport, push};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::config::{Config, RepoUrl};
+use crate::error::Error;
+use crate::storage::local::LocalStorage;
+use crate::storage::{PutOptions, Storage, StorageError};
+use crate::wal::{WalFileKind, WalFileName};
+
+pub const IDENTITY_KEY: &str = "repository.json";
+/// The repository layout version this build writes and reads.
+pub const REPOSITORY_FORMAT_VERSION: u32 = 1;
+/// The identity record is tiny; a larger object under its key is not one.
+const MAX_IDENTITY_LEN: u64 = 64 * 1024;
+
+/// The repository identity record (`repository.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format_version: u32,
+    /// As `pg_controldata` prints it ("Database system identifier"); a string, because JSON readers
+    /// in other languages lose precision on 64-bit integers.
+    pub system_identifier: String,
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+    pub created_by: String,
+}
+
+/// What a segment's page header says about the cluster that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterFacts {
+    pub system_identifier: u64,
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+}
+
+pub struct Repository {
+    storage: Box<dyn Storage>,
+    url: String,
+}
+
+impl Repository {
+    pub fn open(config: &Config) -> Result<Self, Error> {
+        let storage: Box<dyn Storage> = match &config.repo {
+            RepoUrl::Local(path) => Box::new(LocalStorage::open(path)?),
+        };
+        Ok(Repository { storage, url: config.repo.to_string() })
+    }
+
+    pub fn with_storage(storage: Box<dyn Storage>, url: impl Into<String>) -> Self {
+        Repository { storage, url: url.into() }
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The key of a WAL file.
+    pub fn wal_key(name: &WalFileName) -> String {
+        match (name.kind(), name.timeline_and_log()) {
+            (WalFileKind::History, _) | (_, None) => format!("wal/history/{name}"),
+            (_, Some(shard)) => format!("wal/{shard}/{name}"),
+        }
+    }
+
+    /// Reads the identity record; `None` when the repository has none yet.
+    pub async fn identity(&self) -> Result<Option<Identity>, Error> {
+        let location = self.storage.location(IDENTITY_KEY);
+        let mut reader = match self.storage.get(IDENTITY_KEY).await {
+            Ok(reader) => reader,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut bytes = Vec::new();
+        (&mut reader)
+            .take(MAX_IDENTITY_LEN + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| StorageError::io(&location, "read", e))?;
+        let identity: Identity = serde_json::from_slice(&bytes).map_err(|e| Error::WrongRepository {
+            location: location.clone(),
+            reason: format!("unreadable repository identity record: {e}"),
+        })?;
+        if identity.format_version > REPOSITORY_FORMAT_VERSION {
+            return Err(Error::WrongRepository {
+                location,
+                reason: format!(
+                    "repository format {} is newer than this walship supports ({REPOSITORY_FORMAT_VERSION}); \
+                     upgrade walship",
+                    identity.format_version
+                ),
+            });
+        }
+        Ok(Some(identity))
+    }
+
+    /// Fails unless the repository has an identity record: used before declaring a file absent, so
+    /// that an empty directory (an unmounted file system, a wrong path or prefix) is never taken for
+    /// an archive that simply lacks the file.
+    pub async fn require_identity(&self) -> Result<Identity, Error> {
+        self.identity().await?.ok_or_else(|| Error::WrongRepository {
+            location: self.storage.location(IDENTITY_KEY),
+            reason: "no repository identity record: this is not a walship repository (wrong path, or a \
+                     file system that is not mounted), so absence of a file proves nothing"
+                .into(),
+        })
+    }
+
+    /// Checks `facts` against the identity record, creating the record if the repository has none.
+    pub async fn ensure_identity(&self, facts: &ClusterFacts) -> Result<Identity, Error> {
+        if let Some(identity) = self.identity().await? {
+            self.check_facts(&identity, facts)?;
+            return Ok(identity);
+        }
+        let identity = Identity {
+            format_version: REPOSITORY_FORMAT_VERSION,
+            system_identifier: facts.system_identifier.to_string(),
+            pg_version: facts.pg_version,
+            wal_segment_size: facts.wal_segment_size,
+            created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
+        };
+        let mut json = serde_json::to_vec_pretty(&identity).expect("plain struct serializes");
+        json.push(b'\n');
+        let mut writer = self.storage.create(IDENTITY_KEY, PutOptions::default()).await?;
+        writer.write(json.into()).await?;
+        match writer.commit().await {
+            Ok(()) => Ok(identity),
+            // Another push created it first; it must agree with us.
+            Err(StorageError::AlreadyExists { .. }) => {
+                let identity = self.require_identity().await?;
+                self.check_facts(&identity, facts)?;
+                Ok(identity)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks a system identifier (from `global/pg_control`) against the identity record, if any.
+    pub async fn check_system_identifier(&self, system_identifier: u64) -> Result<(), Error> {
+        match self.identity().await? {
+            Some(identity) if identity.system_identifier != system_identifier.to_string() => {
+                Err(self.wrong_cluster(&identity, format!("system identifier {system_identifier}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_facts(&self, identity: &Identity, facts: &ClusterFacts) -> Result<(), Error> {
+        if identity.system_identifier != facts.system_identifier.to_string() {
+            return Err(self.wrong_cluster(identity, format!("system identifier {}", facts.system_identifier)));
+        }
+        if identity.pg_version != facts.pg_version {
+            return Err(self.wrong_cluster(identity, format!("PostgreSQL {}", facts.pg_version)));
+        }
+        if identity.wal_segment_size != facts.wal_segment_size {
+            return Err(self.wrong_cluster(identity, format!("{}-byte WAL segments", facts.wal_segment_size)));
+        }
+        Ok(())
+    }
+
+    fn wrong_cluster(&self, identity: &Identity, theirs: String) -> Error {
+        Error::WrongRepository {
+            location: self.url.clone(),
+            reason: format!(
+                "this repository belongs to another cluster (system identifier {}, PostgreSQL {}, \
+                 {}-byte WAL segments), but this file comes from a cluster with {theirs}; give each \
+                 cluster its own repository",
+                identity.system_identifier, identity.pg_version, identity.wal_segment_size
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let key = |n: &str| Repository::wal_key(&WalFileName::parse(n).unwrap());
+        assert_eq!(key("000000010000000A000000FF"), "wal/000000010000000A/000000010000000A000000FF");
+        assert_eq!(key("000000020000000000000003.partial"), "wal/0000000200000000/000000020000000000000003.partial");
+        assert_eq!(
+            key("000000010000000000000002.00000028.backup"),
+            "wal/0000000100000000/000000010000000000000002.00000028.backup"
+        );
+        assert_eq!(key("00000002.history"), "wal/history/00000002.history");
+    }
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        Repository::with_storage(Box::new(LocalStorage::open(dir).unwrap()), format!("file://{}", dir.display()))
+    }
+
+    #[tokio::test]
+    async fn identity_is_created_once_and_then_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        assert!(repo.identity().await.unwrap().is_none());
+        let err = repo.require_identity().await.unwrap_err();
+        assert!(err.to_string().contains("not a walship repository"), "{err}");
+        let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
+        let created = repo.ensure_identity(&facts).await.unwrap();
+        assert_eq!(repo.ensure_identity(&facts).await.unwrap(), created);
+        for other in [
+            ClusterFacts { system_identifier: 8, ..facts },
+            ClusterFacts { pg_version: 16, ..facts },
+            ClusterFacts { wal_segment_size: 1 << 20, ..facts },
+        ] {
+            let err = repo.ensure_identity(&other).await.unwrap_err();
+            assert!(err.to_string().contains("another cluster"), "{err}");
+        }
+        repo.check_system_identifier(7).await.unwrap();
+        assert!(repo.check_system_identifier(9).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_future_repository_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(IDENTITY_KEY),
+            r#"{"format_version":2,"system_identifier":"1","pg_version":15,"wal_segment_size":1,"created_by":"x"}"#,
+        )
+        .unwrap();
+        let err = repo(dir.path()).identity().await.unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Archiving one file: the work behind `archive_command`.
+//!
+//! The file is checked before anything is written (its name, its page header against the name and the
+//! repository's cluster), hashed, and compared with whatever the repository already holds under that
+//! name: identical content is success without an upload (PostgreSQL may archive a file twice after a
+//! crash), different content is a conflict and nothing is overwritten. A new object is encoded while
+//! it streams to the backend, and the encoder's digest must equal the first pass's, so a file that
+//! changes while we read it is never acknowledged.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use super::{ClusterFacts, Repository};
+use crate::codec::{self, ContentDigest, Encoder, Hasher};
+use crate::error::Error;
+use crate::storage::{PutOptions, StorageError};
+use crate::wal::{self, LongPageHeader, WalFileKind, WalFileName};
+
+/// Attributes that let a backend with metadata answer "identical?" without a download.
+pub const ATTR_SHA256: &str = "walship-sha256";
+pub const ATTR_LENGTH: &str = "walship-length";
+
+const READ_CHUNK: usize = 1 << 20;
+const WRITE_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    pub original_bytes: u64,
+    /// Bytes stored; `None` when identical content was already archived and nothing was written.
+    pub stored_bytes: Option<u64>,
+}
+
+/// Archives `source` under `name`.
+pub async fn push(repo: &Repository, source: &Path, name: &str, compression_level: i32) -> Result<PushReport, Error> {
+    let wal = WalFileName::parse(name).map_err(|e| Error::InvalidInput { file: name.to_owned(), reason: e.0 })?;
+    let checked = inspect(&wal, source)?;
+    match checked.cluster {
+        Some(facts) => {
+            repo.ensure_identity(&facts).await?;
+        }
+        // Files without a page header carry no system identifier; the data directory's pg_control
+        // (our working directory under archive_command) has it.
+        None => {
+            if let Some(system_identifier) = control_file_system_identifier() {
+                repo.check_system_identifier(system_identifier).await?;
+            }
+        }
+    }
+    let digest = hash_file(source)?;
+    if digest.len != checked.len {
+        return Err(changed_while_reading(source));
+    }
+    let key = Repository::wal_key(&wal);
+    match repo.storage().head(&key).await {
+        Ok(meta) => {
+            let digest_from_attributes = attributes_digest(&meta.attributes);
+            return compare_with_archived(repo, &key, &wal, source, digest, digest_from_attributes).await;
+        }
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    match upload(repo, &key, source, digest, compression_level).await {
+        Ok(stored) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored) }),
+        // Someone else published between our check and our commit.
+        Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
+            compare_with_archived(repo, &key, &wal, source, digest, None).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+struct Inspected {
+    len: u64,
+    cluster: Option<ClusterFacts>,
+}
+
+/// Checks that `source` is what `name` says it is, reading only what that takes.
+fn inspect(wal: &WalFileName, source: &Path) -> Result<Inspected, Error> {
+    let invalid = |reason: String| Error::InvalidInput { file: source.display().to_string(), reason };
+    let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
+    let meta = file.metadata().map_err(|e| Error::local_io(source, "stat", e))?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let len = meta.len();
+    if wal.is_segment_data() {
+        let mut header = [0u8; LongPageHeader::LEN];
+        let mut filled = 0;
+        while filled < header.len() {
+            match file.read(&mut header[filled..]).map_err(|e| Error::local_io(source, "read", e))? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        let header = LongPageHeader::parse(&header[..filled]).map_err(invalid)?;
+        header.check_matches(wal, len).map_err(invalid)?;
+        return Ok(Inspected {
+            len,
+            cluster: Some(ClusterFacts {
+                system_identifier: header.system_identifier,
+                pg_version: header.pg_major().expect("parse accepts known magics only"),
+                wal_segment_size: header.segment_size,
+            }),
+        });
+    }
+    if len > wal::MAX_SMALL_FILE {
+        return Err(invalid(format!("{len} bytes is far too large for a {} file", kind_label(wal.kind()))));
+    }
+    let mut content = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut content).map_err(|e| Error::local_io(source, "read", e))?;
+    match wal.kind() {
+        WalFileKind::History => wal::check_history_file(wal, &content).map_err(invalid)?,
+        _ => {
+            if !content.starts_with(b"START WAL LOCATION: ") {
+                return Err(invalid("not a backup label file: it does not begin with \"START WAL LOCATION\"".into()));
+            }
+        }
+    }
+    Ok(Inspected { len, cluster: None })
+}
+
+fn kind_label(kind: WalFileKind) -> &'static str {
+    match kind {
+        WalFileKind::History => "timeline history",
+        _ => "backup label",
+    }
+}
+
+fn control_file_system_identifier() -> Option<u64> {
+    let bytes = std::fs::read("global/pg_control").ok()?;
+    wal::control_file_system_identifier(&bytes)
+}
+
+fn hash_file(source: &Path) -> Result<ContentDigest, Error> {
+    let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))? {
+            0 => return Ok(hasher.finish()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+fn changed_while_reading(source: &Path) -> Error {
+    Error::InvalidInput {
+        file: source.display().to_string(),
+        reason: "the file changed while it was being archived; nothing was stored".into(),
+    }
+}
+
+fn attributes_digest(attributes: &std::collections::BTreeMap<String, String>) -> Option<ContentDigest> {
+    let len = attributes.get(ATTR_LENGTH)?.parse().ok()?;
+    let hex = attributes.get(ATTR_SHA256)?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut sha256 = [0u8; 32];
+    for (i, byte) in sha256.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(ContentDigest { len, sha256 })
+}
+
+/// Streams `source` through the encoder into a new object, committed only if its digest is `expected`.
+async fn upload(
+    repo: &Repository,
+    key: &str,
+    source: &Path,
+    expected: ContentDigest,
+    compression_level: i32,
+) -> Result<u64, Error> {
+    let options = PutOptions {
+        attributes: [
+            (ATTR_SHA256.to_owned(), expected.sha256_hex()),
+            (ATTR_LENGTH.to_owned(), expected.len.to_string()),
+        ]
+        .into(),
+    };
+    let mut writer = repo.storage().create(key, options).await?;
+    let streamed = async {
+        let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
+        let mut encoder = Encoder::new(compression_level).map_err(|e| Error::local_io(source, "compress", e))?;
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut out = Vec::with_capacity(WRITE_CHUNK + READ_CHUNK);
+        let mut stored = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))?;
+            if n == 0 {
+                break;
+            }
+            encoder.update(&buf[..n], &mut out).map_err(|e| Error::local_io(source, "compress", e))?;
+            if out.len() >= WRITE_CHUNK {
+                stored += out.len() as u64;
+                writer.write(Bytes::from(std::mem::take(&mut out))).await?;
+            }
+        }
+        let digest = encoder.finish(&mut out).map_err(|e| Error::local_io(source, "compress", e))?;
+        stored += out.len() as u64;
+        writer.write(Bytes::from(out)).await?;
+        if digest != expected {
+            return Err(changed_while_reading(source));
+        }
+        Ok(stored)
+    }
+    .await;
+    match streamed {
+        Ok(stored) => {
+            writer.commit().await?;
+            Ok(stored)
+        }
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Decides a push whose name is already taken: identical content is success, anything else a conflict.
+/// The archived object is verified on the way (unless the backend's attributes vouch for it), so a
+/// damaged archive copy is reported rather than silently accepted as "identical".
+async fn compare_with_archived(
+    repo: &Repository,
+    key: &str,
+    wal: &WalFileName,
+    source: &Path,
+    digest: ContentDigest,
+    digest_from_attributes: Option<ContentDigest>,
+) -> Result<PushReport, Error> {
+    let already = PushReport { original_bytes: digest.len, stored_bytes: None };
+    let is_history = wal.kind() == WalFileKind::History;
+    if let Some(existing) = digest_from_attributes.filter(|_| !is_history) {
+        return if existing == digest {
+            Ok(already)
+        } else {
+            Err(Error::Conflict { name: wal.to_string(), existing, new: digest })
+        };
+    }
+    let location = repo.storage().location(key);
+    let mut reader = repo.storage().get(key).await?;
+    // History files are compared byte for byte, so keep their (small) content; segments only hash.
+    let mut decoder = codec::Decoder::new(Vec::new()).map_err(|e| Error::local_io(source, "decompress", e))?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut archived_bytes = Vec::new();
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(&location, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        decoder.update(&buf[..n]).map_err(|e| Error::Corrupt { location: location.clone(), reason: e.to_string() })?;
+        let decoded = decoder.sink_mut();
+        if is_history && archived_bytes.len() as u64 <= wal::MAX_SMALL_FILE {
+            archived_bytes.append(decoded);
+        } else {
+            decoded.clear();
+        }
+    }
+    let (existing, rest) =
+        decoder.finish().map_err(|e| Error::Corrupt { location: location.clone(), reason: e.to_string() })?;
+    archived_bytes.extend(rest);
+    if existing != digest {
+        return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
+    }
+    if is_history {
+        let ours = std::fs::read(source).map_err(|e| Error::local_io(source, "read", e))?;
+        if ours != archived_bytes {
+            return Err(Error::Conflict { name: wal.to_string(), existing, new: ContentDigest::of(&ours) });
+        }
+    }
+    Ok(already)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_digests_parse_only_when_complete() {
+        let digest = ContentDigest::of(b"abc");
+        let attrs = [(ATTR_SHA256.to_owned(), digest.sha256_hex()), (ATTR_LENGTH.to_owned(), "3".to_owned())].into();
+        assert_eq!(attributes_digest(&attrs), Some(digest));
+        assert_eq!(attributes_digest(&Default::default()), None);
+        let bad = [(ATTR_SHA256.to_owned(), "zz".repeat(32)), (ATTR_LENGTH.to_owned(), "3".to_owned())].into();
+        assert_eq!(attributes_digest(&bad), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! Retrying transient failures within one overall deadline.
+//!
+//! Every command has a deadline (`deadline_secs`): PostgreSQL's archiver and startup process wait
+//! for us, so a hung call stalls archiving or recovery. Within it, failures marked retryable are tried
+//! again with exponential backoff and jitter; the deadline also cuts off an attempt that hangs.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::log::Log;
+
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+const MAX_DELAY: Duration = Duration::from_secs(5);
+
+pub async fn with_deadline<T, F, Fut>(deadline: Duration, log: &Log, mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let started = Instant::now();
+    let mut delay = FIRST_DELAY;
+    loop {
+        let remaining = deadline.saturating_sub(started.elapsed());
+        let error = match tokio::time::timeout(remaining, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if e.is_retryable() => e,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::DeadlineExceeded {
+                    seconds: deadline.as_secs(),
+                    last: "the operation did not finish in time".into(),
+                });
+            }
+        };
+        let remaining = deadline.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Err(Error::DeadlineExceeded { seconds: deadline.as_secs(), last: error.to_string() });
+        }
+        let pause = jittered(delay).min(remaining);
+        log.debug(format_args!("{error}; retrying in {} ms", pause.as_millis()));
+        tokio::time::sleep(pause).await;
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+/// A delay between half and all of `delay`, so that many clients do not retry in step.
+fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let random = RandomState::new().hash_one(Instant::now());
+    let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
+    delay.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageError;
+    use std::cell::Cell;
+    use std::io;
+
+    fn transient() -> Error {
+        StorageError::io("x", "read", io::Error::from(io::ErrorKind::TimedOut)).into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_until_success() {
+        let calls = Cell::new(0);
+        let result = with_deadline(Duration::from_secs(10), &Log::quiet(), || async {
+            calls.set(calls.get() + 1);
+            if calls.get() < 3 { Err(transient()) } else { Ok(7) }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let calls = Cell::new(0);
+        let result: Result<(), _> = with_deadline(Duration::from_secs(10), &Log::quiet(), || async {
+            calls.set(calls.get() + 1);
+            Err(Error::Usage("no".into()))
+        })
+        .await;
+        assert!(matches!(result, Err(Error::Usage(_))));
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_retries_and_hangs() {
+        let result: Result<(), _> =
+            with_deadline(Duration::from_secs(3), &Log::quiet(), || async { Err(transient()) }).await;
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
+        assert!(err.to_string().contains("TimedOut") || err.to_string().contains("timed out"), "{err}");
+        let hang: Result<(), _> =
+            with_deadline(Duration::from_secs(3), &Log::quiet(), std::future::pending::<Result<(), Error>>).await;
+        assert!(matches!(hang, Err(Error::DeadlineExceeded { .. })));
+    }
+}

@@ -1,0 +1,486 @@
+//! A repository in a local (or mounted) directory.
+//!
+//! Publishing: the bytes go to a hidden temporary file in the object's own directory, which is
+//! fsynced, then linked to the final name with link(2), which fails if the name exists, so no object is
+//! ever replaced. Where the file system has no hard links, renameat2(RENAME_NOREPLACE) gives the same
+//! guarantee. The directory is fsynced afterwards, so the name survives a crash once `commit` returns.
+//!
+//! Temporary files start with `.` and end in `.tmp`: readers and listings skip them. One left by a
+//! killed process is removed by a later commit into the same directory once it is an hour old; no
+//! live write leaves a file untouched for that long.
+//!
+//! File operations run on tokio's blocking pool so that a command's deadline still fires when a
+//! network file system hangs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+
+/// A temporary file untouched for this long belongs to a process that died.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// Opens the repository at `root`, which must be an existing directory: creating it on the fly
+    /// would hide a typo or an unmounted file system behind a fresh, empty repository.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        let location = format!("file://{}", root.display());
+        match fs::metadata(&root) {
+            Ok(meta) if meta.is_dir() => Ok(LocalStorage { root }),
+            Ok(_) => Err(StorageError::Other {
+                location,
+                message: "the repository path is not a directory".into(),
+                retryable: false,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::Other {
+                location,
+                message: "the repository directory does not exist (create it, writable by the \
+                          PostgreSQL server's user)"
+                    .into(),
+                retryable: false,
+            }),
+            Err(e) => Err(StorageError::io(location, "stat", e)),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
+        Ok(self.root.join(key))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    location: &str,
+    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|join_error| {
+        Err(StorageError::Other {
+            location: location.to_owned(),
+            message: format!("file operation panicked: {join_error}"),
+            retryable: false,
+        })
+    })
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn location(&self, key: &str) -> String {
+        format!("file://{}", self.root.join(key).display())
+    }
+
+    async fn create(&self, key: &str, _options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let final_path = self.path_of(key)?;
+        let location = self.location(key);
+        let root = self.root.clone();
+        blocking(&location.clone(), move || {
+            let dir = final_path.parent().expect("a key has a parent directory").to_owned();
+            create_dirs_durably(&root, &dir).map_err(|e| StorageError::io(&location, "create directory", e))?;
+            let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy();
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp_path)
+                .map_err(|e| StorageError::io(&location, "create temporary file", e))?;
+            Ok(Box::new(LocalWriter { file: Some(file), temp_path, final_path, dir, location })
+                as Box<dyn ObjectWriter>)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        let path = self.path_of(key)?;
+        let location = self.location(key);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Box::new(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound { location }),
+            Err(e) => Err(StorageError::io(location, "open", e)),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
+        let path = self.path_of(key)?;
+        let location = self.location(key);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => {
+                Ok(ObjectMeta { key: key.to_owned(), size: meta.len(), attributes: Default::default() })
+            }
+            Ok(_) => Err(StorageError::Other { location, message: "not a regular file".into(), retryable: false }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound { location }),
+            Err(e) => Err(StorageError::io(location, "stat", e)),
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        let start_after = start_after.map(str::to_owned);
+        let location = self.location(&prefix);
+        blocking(&location.clone(), move || {
+            list_sorted(&root, &prefix, start_after.as_deref(), limit)
+                .map_err(|e| StorageError::io(location, "list", e))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        let location = self.location(key);
+        blocking(&location.clone(), move || {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound { location }),
+                Err(e) => return Err(StorageError::io(location, "delete", e)),
+            }
+            let dir = path.parent().expect("a key has a parent directory");
+            fsync_dir(dir).map_err(|e| StorageError::io(location, "fsync directory", e))
+        })
+        .await
+    }
+}
+
+struct LocalWriter {
+    file: Option<File>,
+    temp_path: PathBuf,
+    final_path: PathBuf,
+    dir: PathBuf,
+    location: String,
+}
+
+impl LocalWriter {
+    fn take_file(&mut self) -> Result<File, StorageError> {
+        self.file.take().ok_or_else(|| StorageError::Other {
+            location: self.location.clone(),
+            message: "writer used after an earlier failure".into(),
+            retryable: false,
+        })
+    }
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let mut file = self.take_file()?;
+        let location = self.location.clone();
+        let file = blocking(&location.clone(), move || {
+            file.write_all(&chunk).map_err(|e| StorageError::io(location, "write", e))?;
+            Ok(file)
+        })
+        .await?;
+        self.file = Some(file);
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        let file = self.take_file()?;
+        let location = self.location.clone();
+        // The writer travels with the work: its Drop removes the temporary file if it is still there,
+        // which after a successful publish it is not.
+        blocking(&location, move || publish(file, &self.temp_path, &self.final_path, &self.dir, &self.location)).await
+    }
+
+    async fn abort(self: Box<Self>) -> Result<(), StorageError> {
+        let location = self.location.clone();
+        blocking(&location, move || {
+            drop(self);
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        let _ = fs::remove_file(&self.temp_path);
+    }
+}
+
+fn publish(file: File, temp_path: &Path, final_path: &Path, dir: &Path, location: &str) -> Result<(), StorageError> {
+    let result = (|| {
+        file.sync_all().map_err(|e| StorageError::io(location, "fsync", e))?;
+        drop(file);
+        match fs::hard_link(temp_path, final_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StorageError::AlreadyExists { location: location.to_owned() });
+            }
+            Err(e) if link_unsupported(&e) => {
+                return match rename_noreplace(temp_path, final_path) {
+                    Ok(()) => fsync_dir(dir).map_err(|e| StorageError::io(location, "fsync directory", e)),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        Err(StorageError::AlreadyExists { location: location.to_owned() })
+                    }
+                    Err(e) => Err(StorageError::io(location, "publish (renameat2 RENAME_NOREPLACE)", e)),
+                };
+            }
+            Err(e) => return Err(StorageError::io(location, "publish (link)", e)),
+        }
+        let _ = fs::remove_file(temp_path);
+        fsync_dir(dir).map_err(|e| StorageError::io(location, "fsync directory", e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(temp_path);
+    }
+    remove_stale_temp_files(dir);
+    result
+}
+
+fn link_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::EXDEV))
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both arguments are valid NUL-terminated paths that outlive the call.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// fsync makes a directory's entries (names created, renamed or removed in it) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents below `root`, fsyncing each parent that gained an entry.
+fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().expect("below the root");
+    if parent != root {
+        create_dirs_durably(root, parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_temp_name(name: &[u8]) -> bool {
+    name.starts_with(b".") && name.ends_with(b".tmp")
+}
+
+/// Best effort: a failure here never fails the commit that triggered it.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        if !is_temp_name(entry.file_name().as_bytes()) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE);
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Lists keys in lexicographic order by walking directories in sorted order. Only one directory's
+/// entries are held at a time, plus at most `limit` results.
+fn list_sorted(root: &Path, prefix: &str, start_after: Option<&str>, limit: usize) -> io::Result<Vec<ObjectMeta>> {
+    let mut found = Vec::new();
+    // The deepest directory that contains every key with this prefix.
+    let base = match prefix.rfind('/') {
+        Some(slash) => &prefix[..slash],
+        None => "",
+    };
+    walk(root, base, prefix, start_after, limit, &mut found)?;
+    Ok(found)
+}
+
+fn walk(
+    root: &Path,
+    dir_key: &str,
+    prefix: &str,
+    start_after: Option<&str>,
+    limit: usize,
+    found: &mut Vec<ObjectMeta>,
+) -> io::Result<()> {
+    let dir = if dir_key.is_empty() { root.to_owned() } else { root.join(dir_key) };
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // Sort by the key each entry stands for: a directory's keys all continue with '/'.
+    let mut children = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
+        let is_dir = entry.file_type()?.is_dir();
+        let sort_key = if is_dir { format!("{key}/") } else { key.clone() };
+        children.push((sort_key, key, is_dir));
+    }
+    children.sort();
+    for (sort_key, key, is_dir) in children {
+        if found.len() >= limit {
+            break;
+        }
+        // Skip subtrees that cannot hold a key with the prefix or after `start_after`.
+        if !(sort_key.starts_with(prefix) || prefix.starts_with(&sort_key)) {
+            continue;
+        }
+        if is_dir {
+            if start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str()) {
+                continue;
+            }
+            walk(root, &key, prefix, start_after, limit, found)?;
+        } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
+            let size = fs::metadata(root.join(&key))?.len();
+            found.push(ObjectMeta { key, size, attributes: Default::default() });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn put(storage: &LocalStorage, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut writer = storage.create(key, PutOptions::default()).await?;
+        writer.write(Bytes::copy_from_slice(bytes)).await?;
+        writer.commit().await
+    }
+
+    async fn read(storage: &LocalStorage, key: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        storage.get(key).await.unwrap().read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn create_if_absent_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        put(&storage, "wal/a/x", b"first").await.unwrap();
+        let err = put(&storage, "wal/a/x", b"second").await.unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err}");
+        assert_eq!(read(&storage, "wal/a/x").await, b"first");
+        assert_eq!(entries(&dir.path().join("wal/a")), ["x"], "no temporary file left behind");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_visible_before_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        let mut writer = storage.create("k/obj", PutOptions::default()).await.unwrap();
+        writer.write(Bytes::from_static(b"partial")).await.unwrap();
+        assert!(matches!(storage.get("k/obj").await, Err(e) if e.is_not_found()));
+        assert!(storage.list("", None, 10).await.unwrap().is_empty(), "temp files are not listed");
+        writer.abort().await.unwrap();
+        assert!(entries(&dir.path().join("k")).is_empty());
+        let writer = storage.create("k/obj", PutOptions::default()).await.unwrap();
+        drop(writer);
+        assert!(entries(&dir.path().join("k")).is_empty(), "a dropped writer cleans up");
+    }
+
+    #[tokio::test]
+    async fn stale_temp_files_are_swept_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        fs::create_dir_all(dir.path().join("k")).unwrap();
+        let stale = dir.path().join("k/.dead.123.1.tmp");
+        let fresh = dir.path().join("k/.alive.456.1.tmp");
+        fs::write(&stale, b"x").unwrap();
+        fs::write(&fresh, b"x").unwrap();
+        let old = SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(60);
+        File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+        put(&storage, "k/obj", b"data").await.unwrap();
+        assert!(!stale.exists());
+        assert!(fresh.exists());
+    }
+
+    #[tokio::test]
+    async fn missing_is_not_found_but_traversal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        assert!(matches!(storage.get("wal/none").await, Err(e) if e.is_not_found()));
+        assert!(storage.head("wal/none").await.unwrap_err().is_not_found());
+        for key in ["../escape", "/etc/passwd", "wal/./x"] {
+            assert!(matches!(storage.get(key).await, Err(StorageError::InvalidKey { .. })), "{key}");
+            assert!(matches!(storage.create(key, PutOptions::default()).await, Err(StorageError::InvalidKey { .. })));
+        }
+    }
+
+    #[test]
+    fn a_missing_root_is_an_error_not_an_empty_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LocalStorage::open(dir.path().join("nope")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!err.is_not_found());
+    }
+
+    #[tokio::test]
+    async fn listing_is_sorted_paged_and_prefixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        for key in ["wal/b/2", "wal/a/1", "wal/a/3", "wal/a-x", "wal/c", "other/z", "wal/a/2"] {
+            put(&storage, key, key.as_bytes()).await.unwrap();
+        }
+        let keys = |page: Vec<ObjectMeta>| page.into_iter().map(|m| m.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys(storage.list("wal/", None, 100).await.unwrap()),
+            ["wal/a-x", "wal/a/1", "wal/a/2", "wal/a/3", "wal/b/2", "wal/c"]
+        );
+        assert_eq!(keys(storage.list("wal/a/", None, 2).await.unwrap()), ["wal/a/1", "wal/a/2"]);
+        assert_eq!(keys(storage.list("wal/", Some("wal/a/2"), 3).await.unwrap()), ["wal/a/3", "wal/b/2", "wal/c"]);
+        assert_eq!(keys(storage.list("wal/a/", Some("wal/a/3"), 3).await.unwrap()), Vec::<String>::new());
+        assert_eq!(keys(storage.list("nothing/", None, 3).await.unwrap()), Vec::<String>::new());
+        storage.delete("wal/c").await.unwrap();
+        assert!(storage.delete("wal/c").await.unwrap_err().is_not_found());
+    }
+
+    #[test]
+    fn rename_noreplace_refuses_an_existing_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, b"a").unwrap();
+        fs::write(&b, b"b").unwrap();
+        assert_eq!(rename_noreplace(&a, &b).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(fs::read(&b).unwrap(), b"a");
+    }
+}

@@ -1,0 +1,162 @@
+//! Where bytes are placed durably: one trait, one implementation per kind of repository.
+//!
+//! A backend knows keys and bytes, nothing of WAL. Every backend makes the same promises:
+//! - publishing is create-if-absent ([`ObjectWriter::commit`]); there is no way to overwrite;
+//! - a committed object is durable and complete; a reader never sees a partial one;
+//! - [`StorageError::NotFound`] only when the backend is certain the key is absent; anything it
+//!   could not determine is another error, and [`StorageError::is_retryable`] says whether trying
+//!   again may help.
+//!
+//! Keys are `/`-separated relative paths of plain components (see [`validate_key`]); the repository
+//! layer builds them, and backends refuse anything else, so a hostile name cannot escape the
+//! repository.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::io;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+/// A streaming read of one object.
+pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Key/value attributes stored with the object by backends that keep them (S3 user metadata);
+    /// empty where the backend has none.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// What a writer should store besides the bytes.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    /// Attributes kept with the object where the backend supports them.
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync {
+    /// A human-readable name for `key` (`file:///repo/wal/...`), for messages.
+    fn location(&self, key: &str) -> String;
+
+    /// Starts writing `key`. Nothing is visible under `key` until [`ObjectWriter::commit`].
+    async fn create(&self, key: &str, options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError>;
+
+    /// Opens `key` for a streaming read.
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError>;
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError>;
+
+    /// Up to `limit` objects whose keys start with `prefix` and sort after `start_after`, in key order.
+    /// Call again with the last key to continue; memory stays bounded however large the listing.
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>, StorageError>;
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+}
+
+/// An object being written. Dropping it without [`commit`](Self::commit) discards it.
+#[async_trait]
+pub trait ObjectWriter: Send {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
+
+    /// Publishes the object durably if nothing exists under its key, else fails with
+    /// [`StorageError::AlreadyExists`] and leaves the existing object untouched.
+    async fn commit(self: Box<Self>) -> Result<(), StorageError>;
+
+    /// Discards what was written.
+    async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{location}: not found")]
+    NotFound { location: String },
+    #[error("{location}: already exists")]
+    AlreadyExists { location: String },
+    #[error("{location}: invalid key: {reason}")]
+    InvalidKey { location: String, reason: String },
+    #[error("{location}: {operation}: {source}")]
+    Io { location: String, operation: &'static str, source: io::Error },
+    #[error("{location}: {message}")]
+    Other { location: String, message: String, retryable: bool },
+}
+
+impl StorageError {
+    pub fn io(location: impl Into<String>, operation: &'static str, source: io::Error) -> Self {
+        StorageError::Io { location: location.into(), operation, source }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+
+    /// Whether the same call may succeed if tried again shortly.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => io_error_is_transient(source),
+            StorageError::Other { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+}
+
+/// Local and network file systems report passing trouble with these; everything else (permissions,
+/// a full disk, a missing directory) needs a person.
+pub fn io_error_is_transient(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        || error.raw_os_error() == Some(libc::ESTALE)
+}
+
+/// Checks that a key is a relative path of plain components: no empty, `.` or `..` components, no
+/// component starting with `.` (reserved for temporary files), no backslash or NUL.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    if key.contains('\\') || key.contains('\0') {
+        return Err("backslash or NUL in key".into());
+    }
+    for component in key.split('/') {
+        if component.is_empty() {
+            return Err("empty path component (leading, trailing or doubled '/')".into());
+        }
+        if component.starts_with('.') {
+            return Err(format!("component {component:?} starts with '.'"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape() {
+        validate_key("wal/0000000100000000/000000010000000000000001").unwrap();
+        validate_key("repository.json").unwrap();
+        for bad in ["", "/etc/passwd", "wal/../x", "..", "wal//x", "wal/", "wal/.tmp", "a\\b", "a\0b"] {
+            assert!(validate_key(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn only_passing_trouble_is_retryable() {
+        let e = |kind| StorageError::io("x", "read", io::Error::from(kind));
+        assert!(e(io::ErrorKind::TimedOut).is_retryable());
+        assert!(!e(io::ErrorKind::PermissionDenied).is_retryable());
+        assert!(!StorageError::NotFound { location: "x".into() }.is_retryable());
+        assert!(StorageError::io("x", "read", io::Error::from_raw_os_error(libc::ESTALE)).is_retryable());
+    }
+}

@@ -1,0 +1,163 @@
+//! Test harness for the integration suite: builds and finds the binaries, runs them the way
+//! PostgreSQL does (as the server's OS user, from the data directory), and owns throwaway directories.
+//!
+//! As root (CI), servers and commands run as the `postgres` user, because PostgreSQL refuses to run
+//! as root; otherwise they run as the current user.
+
+pub mod pg;
+pub mod segments;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_owned()
+}
+
+/// The uid and gid that servers and archive commands run as: `postgres` when we are root, else `None`
+/// (run as ourselves).
+pub fn server_user() -> Option<(u32, u32)> {
+    static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *USER.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, "postgres"]).output().expect("run id");
+            assert!(out.status.success(), "running as root needs a 'postgres' user (install postgresql-15)");
+            String::from_utf8_lossy(&out.stdout).trim().parse().expect("numeric id")
+        };
+        Some((id("-u"), id("-g")))
+    })
+}
+
+/// Hands `path` to the server user (no-op when not root).
+pub fn chown_to_server_user(path: &Path) {
+    if let Some((uid, gid)) = server_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {path:?}: {e}"));
+    }
+}
+
+/// Makes `cmd` run as the server user.
+pub fn as_server_user(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = server_user() {
+        cmd.uid(uid).gid(gid).env("HOME", "/tmp");
+    }
+    cmd
+}
+
+/// A temporary directory owned by the server user, removed when dropped.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new(label: &str) -> Scratch {
+        let dir = tempfile::Builder::new().prefix(&format!("walship-{label}-")).tempdir().expect("temp dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        chown_to_server_user(dir.path());
+        Scratch { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates a subdirectory owned by the server user (mode 0700, as PostgreSQL wants its own).
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::create_dir_all(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+        chown_to_server_user(&path);
+        path
+    }
+}
+
+/// The directory holding freshly built `wal-push` and `wal-fetch`, executable by the server user.
+///
+/// The binaries are rebuilt once per test process (a plain `cargo test -p walship-tests` would
+/// otherwise test stale ones) and copied out of the target directory, which may sit somewhere the
+/// server user cannot enter (a 0700 temporary clone in CI).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "wal-push", "-p", "wal-fetch"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        let target = std::env::current_exe()
+            .expect("test executable path")
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps/<test>")
+            .to_owned();
+        // One directory per target directory, refreshed on every run, so nothing accumulates.
+        let tag = {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(&target)
+        };
+        let dir = std::env::temp_dir().join(format!("walship-test-bin-{tag:016x}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["wal-push", "wal-fetch"] {
+            let staging = dir.join(format!(".{name}.{}", std::process::id()));
+            fs::copy(target.join(name), &staging).unwrap_or_else(|e| panic!("copy {name}: {e}"));
+            fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).unwrap();
+            // Rename over the old copy: a binary still running from an earlier run stays intact.
+            fs::rename(&staging, dir.join(name)).unwrap();
+        }
+        dir
+    })
+}
+
+/// Path of one of our binaries.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A command for one of our binaries, run as the server user with no walship settings inherited from
+/// the environment of whoever runs the tests.
+pub fn walship(name: &str) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.env_remove("WALSHIP_REPO").env_remove("WALSHIP_CONFIG");
+    as_server_user(&mut cmd);
+    cmd
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Output {
+    /// The exit code; `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion with no standard input.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `wal-push --repo REPO PATH NAME` from `cwd`.
+pub fn wal_push(repo: &Path, cwd: &Path, path: impl AsRef<OsStr>, name: &str) -> Output {
+    run(walship("wal-push").current_dir(cwd).arg("--repo").arg(repo).arg(path).arg(name))
+}
+
+/// Runs `wal-fetch --repo REPO NAME PATH` from `cwd`.
+pub fn wal_fetch(repo: &Path, cwd: &Path, name: &str, path: impl AsRef<OsStr>) -> Output {
+    run(walship("wal-fetch").current_dir(cwd).arg("--repo").arg(repo).arg(name).arg(path))
+}

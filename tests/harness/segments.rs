@@ -1,0 +1,1 @@
+//! Synthetic WAL files for tests.
