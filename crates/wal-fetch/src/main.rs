@@ -7,7 +7,7 @@ use clap::Parser;
 use walship::log::Log;
 use walship::repo::{self, Repository};
 use walship::{Error, retry};
-use walship_cli::{CommonArgs, EXIT_CODES_HELP};
+use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,7 +21,7 @@ use walship_cli::{CommonArgs, EXIT_CODES_HELP};
         definitely does not have it. Any other failure exits above 125 so that PostgreSQL stops a \
         point-in-time recovery instead of ending it early, or 1 on a standby (standby.signal in the \
         working directory), which then simply retries.",
-    after_long_help = EXIT_CODES_HELP
+    after_long_help = COMMON_HELP
 )]
 struct Cli {
     #[command(flatten)]

@@ -7,7 +7,7 @@ use clap::Parser;
 use walship::log::Log;
 use walship::repo::{self, Repository};
 use walship::{Error, retry};
-use walship_cli::{CommonArgs, EXIT_CODES_HELP};
+use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,7 +18,7 @@ use walship_cli::{CommonArgs, EXIT_CODES_HELP};
         In postgresql.conf:\n    archive_mode = on\n    archive_command = 'wal-push %p %f'\n\n\
         Exits 0 only once the file is durably stored. A file archived before with identical content \
         is success; different content under the same name is refused (exit 5) and never overwritten.",
-    after_long_help = EXIT_CODES_HELP
+    after_long_help = COMMON_HELP
 )]
 struct Cli {
     #[command(flatten)]

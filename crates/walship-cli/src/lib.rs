@@ -9,8 +9,16 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 use walship::{Config, ConfigFlags, Error, ExitCode};
 
-/// The exit-code table, appended to every command's `--help`.
-pub const EXIT_CODES_HELP: &str = "\
+/// Configuration keys, environment and exit codes, appended to every command's `--help`.
+pub const COMMON_HELP: &str = "\
+Configuration file keys (TOML; unknown keys are an error):
+  repo = \"file:///var/lib/walship\"    repository (an absolute path also works)
+  compression_level = 1               zstd level for new objects, -7 to 19
+  deadline_secs = 120                 how long one command retries transient failures
+
+Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
+Precedence: --repo, then WALSHIP_REPO, then the file's repo.
+
 Exit codes (shared by all walship commands):
   0  success
   1  not found: the archive does not have the file (wal-fetch)
@@ -24,9 +32,7 @@ Exit codes (shared by all walship commands):
   9  local file: reading the file to archive or writing the restored file failed
 wal-fetch adds 200 to codes 2-9 (202-209) so that PostgreSQL stops a point-in-time recovery
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
-and the standby retries.
-
-Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).";
+and the standby retries.";
 
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {

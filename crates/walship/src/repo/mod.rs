@@ -196,6 +196,8 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ExitCode;
+    use crate::wal::segment_bytes;
 
     #[test]
     fn keys_follow_the_documented_layout() {
@@ -245,5 +247,89 @@ mod tests {
         .unwrap();
         let err = repo(dir.path()).identity().await.unwrap_err();
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    const MIB: u32 = 1 << 20;
+
+    #[tokio::test]
+    async fn push_then_fetch_round_trips_and_repush_is_judged_by_content() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let repo = repo(repo_dir.path());
+        let name = "000000010000000000000003";
+        let source = work.path().join(name);
+        std::fs::write(&source, segment_bytes(name, MIB, 7, 0)).unwrap();
+
+        let first = push(&repo, &source, name, 1).await.unwrap();
+        assert_eq!(first.original_bytes, u64::from(MIB));
+        assert!(first.stored_bytes.unwrap() < u64::from(MIB) / 10, "zeros compress");
+        let again = push(&repo, &source, name, 1).await.unwrap();
+        assert_eq!(again.stored_bytes, None, "identical content is not stored twice");
+
+        let restored = work.path().join("RECOVERYXLOG");
+        let report = fetch(&repo, name, &restored).await.unwrap();
+        assert_eq!(report.original_bytes, u64::from(MIB));
+        assert!(std::fs::read(&restored).unwrap() == std::fs::read(&source).unwrap());
+
+        std::fs::write(&source, segment_bytes(name, MIB, 7, 0xAB)).unwrap();
+        let err = push(&repo, &source, name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Conflict, "{err}");
+        assert!(err.to_string().contains("sha256"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn history_files_are_never_replaced() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let repo = repo(repo_dir.path());
+        let source = work.path().join("00000002.history");
+        std::fs::write(&source, "1\t0/3000148\tno recovery target specified\n").unwrap();
+        push(&repo, &source, "00000002.history", 1).await.unwrap();
+        assert_eq!(push(&repo, &source, "00000002.history", 1).await.unwrap().stored_bytes, None);
+        std::fs::write(&source, "1\t0/4000000\tbefore 2026-11-22\n").unwrap();
+        let err = push(&repo, &source, "00000002.history", 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Conflict);
+        let restored = work.path().join("fetched");
+        fetch(&repo, "00000002.history", &restored).await.unwrap();
+        assert!(std::fs::read_to_string(&restored).unwrap().contains("0/3000148"));
+    }
+
+    #[tokio::test]
+    async fn absent_is_claimed_only_in_a_real_repository() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let repo = repo(repo_dir.path());
+        let dest = work.path().join("x");
+        let err = fetch(&repo, "000000010000000000000001", &dest).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::WrongRepository, "empty directory: {err}");
+        let source = work.path().join("seg");
+        std::fs::write(&source, segment_bytes("000000010000000000000001", MIB, 7, 0)).unwrap();
+        push(&repo, &source, "000000010000000000000001", 1).await.unwrap();
+        let err = fetch(&repo, "000000010000000000000002", &dest).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::NotFound, "{err}");
+        assert!(!dest.exists());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_object_is_never_handed_over() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let repo = repo(repo_dir.path());
+        let name = "000000010000000000000001";
+        let source = work.path().join(name);
+        std::fs::write(&source, segment_bytes(name, MIB, 7, 3)).unwrap();
+        push(&repo, &source, name, 1).await.unwrap();
+        let stored = repo_dir.path().join("wal/0000000100000000").join(name);
+        let mut bytes = std::fs::read(&stored).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        std::fs::write(&stored, &bytes).unwrap();
+        let dest = work.path().join("RECOVERYXLOG");
+        let err = fetch(&repo, name, &dest).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Corrupt, "{err}");
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 1, "no temporary file left beside it");
+        let err = push(&repo, &source, name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Corrupt, "re-push over a damaged copy: {err}");
     }
 }

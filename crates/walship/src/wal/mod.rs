@@ -303,22 +303,33 @@ pub fn control_file_system_identifier(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
+/// A header as PostgreSQL 15 writes it at the start of segment `segno`.
+#[cfg(test)]
+pub(crate) fn header_bytes(segno: u64, segment_size: u32, timeline: u32, sysid: u64) -> Vec<u8> {
+    let mut b = vec![0u8; LongPageHeader::LEN];
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&0x0006u16.to_le_bytes());
+    b[4..8].copy_from_slice(&timeline.to_le_bytes());
+    b[8..16].copy_from_slice(&(segno * u64::from(segment_size)).to_le_bytes());
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    b[32..36].copy_from_slice(&segment_size.to_le_bytes());
+    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    b
+}
+
+/// A whole segment file called `name` for a cluster with `sysid`: header, then `fill` repeated.
+#[cfg(test)]
+pub(crate) fn segment_bytes(name: &str, segment_size: u32, sysid: u64, fill: u8) -> Vec<u8> {
+    let parsed = WalFileName::parse(name).expect("valid name");
+    let segno = parsed.segment_number(segment_size).expect("in range");
+    let mut bytes = vec![fill; segment_size as usize];
+    bytes[..LongPageHeader::LEN].copy_from_slice(&header_bytes(segno, segment_size, parsed.timeline(), sysid));
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A header as PostgreSQL 15 writes it at the start of segment `segno`.
-    pub(crate) fn header_bytes(segno: u64, segment_size: u32, timeline: u32, sysid: u64) -> Vec<u8> {
-        let mut b = vec![0u8; LongPageHeader::LEN];
-        b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-        b[2..4].copy_from_slice(&0x0006u16.to_le_bytes());
-        b[4..8].copy_from_slice(&timeline.to_le_bytes());
-        b[8..16].copy_from_slice(&(segno * u64::from(segment_size)).to_le_bytes());
-        b[24..32].copy_from_slice(&sysid.to_le_bytes());
-        b[32..36].copy_from_slice(&segment_size.to_le_bytes());
-        b[36..40].copy_from_slice(&8192u32.to_le_bytes());
-        b
-    }
 
     #[test]
     fn accepts_the_four_kinds() {

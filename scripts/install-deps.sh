@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what walship's drill and test suite need on a Debian/Ubuntu machine, when missing:
+# PostgreSQL 15 (server and client tools; no cluster is started by the package).
+# Idempotent: installs nothing when everything is present.
+set -euo pipefail
+
+PG_BIN=${WALSHIP_PG_BIN:-/usr/lib/postgresql/15/bin}
+
+missing=()
+for tool in initdb pg_ctl postgres pg_basebackup pgbench psql; do
+  [ -x "$PG_BIN/$tool" ] || { missing+=(postgresql-15); break; }
+done
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  missing+=(postgresql-15)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "install-deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
