@@ -50,6 +50,7 @@ pub async fn fetch(repo: &Repository, name: &str, destination: &Path) -> Result<
             if published.is_err() {
                 let _ = fs::remove_file(&temp);
             }
+            remove_orphaned_temp_files(parent_dir(destination));
             published.map(|()| report)
         }
         Err(e) => {
@@ -66,13 +67,63 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// A hidden name in the destination's directory, so the final rename is atomic.
+/// A hidden name in the destination's directory, so the final rename is atomic. It carries our process
+/// id, so that a file left by a killed wal-fetch can be recognised as orphaned.
 fn temp_path_beside(destination: &Path) -> Result<PathBuf, Error> {
     let file_name = destination.file_name().ok_or_else(|| Error::InvalidInput {
         file: destination.display().to_string(),
         reason: "the destination has no file name".into(),
     })?;
     Ok(parent_dir(destination).join(format!(".{}.walship.{}.tmp", file_name.to_string_lossy(), std::process::id())))
+}
+
+/// Removes temporary files of wal-fetch processes that no longer exist. Without this, every wal-fetch
+/// killed mid-transfer would leave up to a segment's worth of bytes in pg_wal for good. Best effort.
+fn remove_orphaned_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if let Some(pid) = name.to_str().and_then(temp_file_owner)
+            && !process_exists(pid)
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn temp_file_owner(name: &str) -> Option<libc::pid_t> {
+    let (_, pid) = name.strip_prefix('.')?.strip_suffix(".tmp")?.rsplit_once(".walship.")?;
+    // Zero or negative would address process groups in kill(2).
+    pid.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
+}
+
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 delivers nothing; it only asks whether the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join(format!(".RECOVERYXLOG.walship.{}.tmp", std::process::id()));
+        // Above the kernel's pid_max, so no such process can exist.
+        let orphan = dir.path().join(".RECOVERYXLOG.walship.2147483000.tmp");
+        let other = dir.path().join(".unrelated.tmp");
+        let segment = dir.path().join("000000010000000000000001");
+        for path in [&ours, &orphan, &other, &segment] {
+            fs::write(path, b"x").unwrap();
+        }
+        remove_orphaned_temp_files(dir.path());
+        assert!(ours.exists() && other.exists() && segment.exists());
+        assert!(!orphan.exists());
+        assert_eq!(temp_file_owner(".x.walship.0.tmp"), None);
+        assert_eq!(temp_file_owner(".x.walship.-1.tmp"), None);
+    }
 }
 
 async fn write_verified(

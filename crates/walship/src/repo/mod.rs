@@ -128,10 +128,11 @@ impl Repository {
         })
     }
 
-    /// Checks `facts` against the identity record, creating the record if the repository has none.
-    pub async fn ensure_identity(&self, facts: &ClusterFacts) -> Result<Identity, Error> {
+    /// Checks `facts`, read from `file`, against the identity record, creating the record if the
+    /// repository has none.
+    pub async fn ensure_identity(&self, facts: &ClusterFacts, file: &str) -> Result<Identity, Error> {
         if let Some(identity) = self.identity().await? {
-            self.check_facts(&identity, facts)?;
+            self.check_facts(&identity, facts, file)?;
             return Ok(identity);
         }
         let identity = Identity {
@@ -150,44 +151,44 @@ impl Repository {
             // Another push created it first; it must agree with us.
             Err(StorageError::AlreadyExists { .. }) => {
                 let identity = self.require_identity().await?;
-                self.check_facts(&identity, facts)?;
+                self.check_facts(&identity, facts, file)?;
                 Ok(identity)
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Checks a system identifier (from `global/pg_control`) against the identity record, if any.
-    pub async fn check_system_identifier(&self, system_identifier: u64) -> Result<(), Error> {
+    /// Checks a system identifier (from `global/pg_control`, on behalf of `file`) against the identity
+    /// record, if any.
+    pub async fn check_system_identifier(&self, system_identifier: u64, file: &str) -> Result<(), Error> {
         match self.identity().await? {
             Some(identity) if identity.system_identifier != system_identifier.to_string() => {
-                Err(self.wrong_cluster(&identity, format!("system identifier {system_identifier}")))
+                Err(self.wrong_cluster(&identity, file, format!("system identifier {system_identifier}")))
             }
             _ => Ok(()),
         }
     }
 
-    fn check_facts(&self, identity: &Identity, facts: &ClusterFacts) -> Result<(), Error> {
+    fn check_facts(&self, identity: &Identity, facts: &ClusterFacts, file: &str) -> Result<(), Error> {
         if identity.system_identifier != facts.system_identifier.to_string() {
-            return Err(self.wrong_cluster(identity, format!("system identifier {}", facts.system_identifier)));
+            return Err(self.wrong_cluster(identity, file, format!("system identifier {}", facts.system_identifier)));
         }
         if identity.pg_version != facts.pg_version {
-            return Err(self.wrong_cluster(identity, format!("PostgreSQL {}", facts.pg_version)));
+            return Err(self.wrong_cluster(identity, file, format!("PostgreSQL {}", facts.pg_version)));
         }
         if identity.wal_segment_size != facts.wal_segment_size {
-            return Err(self.wrong_cluster(identity, format!("{}-byte WAL segments", facts.wal_segment_size)));
+            return Err(self.wrong_cluster(identity, file, format!("{}-byte WAL segments", facts.wal_segment_size)));
         }
         Ok(())
     }
 
-    fn wrong_cluster(&self, identity: &Identity, theirs: String) -> Error {
+    fn wrong_cluster(&self, identity: &Identity, file: &str, theirs: String) -> Error {
         Error::WrongRepository {
-            location: self.url.clone(),
+            location: file.to_owned(),
             reason: format!(
-                "this repository belongs to another cluster (system identifier {}, PostgreSQL {}, \
-                 {}-byte WAL segments), but this file comes from a cluster with {theirs}; give each \
-                 cluster its own repository",
-                identity.system_identifier, identity.pg_version, identity.wal_segment_size
+                "comes from a cluster with {theirs}, but repository {} belongs to another cluster (system \
+                 identifier {}, PostgreSQL {}, {}-byte WAL segments); give each cluster its own repository",
+                self.url, identity.system_identifier, identity.pg_version, identity.wal_segment_size
             ),
         }
     }
@@ -223,18 +224,18 @@ mod tests {
         let err = repo.require_identity().await.unwrap_err();
         assert!(err.to_string().contains("not a walship repository"), "{err}");
         let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
-        let created = repo.ensure_identity(&facts).await.unwrap();
-        assert_eq!(repo.ensure_identity(&facts).await.unwrap(), created);
+        let created = repo.ensure_identity(&facts, "seg").await.unwrap();
+        assert_eq!(repo.ensure_identity(&facts, "seg").await.unwrap(), created);
         for other in [
             ClusterFacts { system_identifier: 8, ..facts },
             ClusterFacts { pg_version: 16, ..facts },
             ClusterFacts { wal_segment_size: 1 << 20, ..facts },
         ] {
-            let err = repo.ensure_identity(&other).await.unwrap_err();
-            assert!(err.to_string().contains("another cluster"), "{err}");
+            let err = repo.ensure_identity(&other, "seg").await.unwrap_err();
+            assert!(err.to_string().starts_with("seg: ") && err.to_string().contains("another cluster"), "{err}");
         }
-        repo.check_system_identifier(7).await.unwrap();
-        assert!(repo.check_system_identifier(9).await.is_err());
+        repo.check_system_identifier(7, "h").await.unwrap();
+        assert!(repo.check_system_identifier(9, "h").await.is_err());
     }
 
     #[tokio::test]

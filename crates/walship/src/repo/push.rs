@@ -40,13 +40,13 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
     let checked = inspect(&wal, source)?;
     match checked.cluster {
         Some(facts) => {
-            repo.ensure_identity(&facts).await?;
+            repo.ensure_identity(&facts, &source.display().to_string()).await?;
         }
         // Files without a page header carry no system identifier; the data directory's pg_control
         // (our working directory under archive_command) has it.
         None => {
             if let Some(system_identifier) = control_file_system_identifier() {
-                repo.check_system_identifier(system_identifier).await?;
+                repo.check_system_identifier(system_identifier, &source.display().to_string()).await?;
             }
         }
     }
