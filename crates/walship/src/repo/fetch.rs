@@ -103,29 +103,6 @@ fn process_exists(pid: libc::pid_t) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_temp_files_of_dead_processes_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ours = dir.path().join(format!(".RECOVERYXLOG.walship.{}.tmp", std::process::id()));
-        // Above the kernel's pid_max, so no such process can exist.
-        let orphan = dir.path().join(".RECOVERYXLOG.walship.2147483000.tmp");
-        let other = dir.path().join(".unrelated.tmp");
-        let segment = dir.path().join("000000010000000000000001");
-        for path in [&ours, &orphan, &other, &segment] {
-            fs::write(path, b"x").unwrap();
-        }
-        remove_orphaned_temp_files(dir.path());
-        assert!(ours.exists() && other.exists() && segment.exists());
-        assert!(!orphan.exists());
-        assert_eq!(temp_file_owner(".x.walship.0.tmp"), None);
-        assert_eq!(temp_file_owner(".x.walship.-1.tmp"), None);
-    }
-}
-
 async fn write_verified(
     mut reader: crate::storage::ObjectReader,
     temp: &Path,
@@ -159,4 +136,27 @@ async fn write_verified(
     let file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
     file.sync_all().map_err(|e| Error::local_io(destination, "fsync", e))?;
     Ok(FetchReport { original_bytes: digest.len, stored_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join(format!(".RECOVERYXLOG.walship.{}.tmp", std::process::id()));
+        // Above the kernel's pid_max, so no such process can exist.
+        let orphan = dir.path().join(".RECOVERYXLOG.walship.2147483000.tmp");
+        let other = dir.path().join(".unrelated.tmp");
+        let segment = dir.path().join("000000010000000000000001");
+        for path in [&ours, &orphan, &other, &segment] {
+            fs::write(path, b"x").unwrap();
+        }
+        remove_orphaned_temp_files(dir.path());
+        assert!(ours.exists() && other.exists() && segment.exists());
+        assert!(!orphan.exists());
+        assert_eq!(temp_file_owner(".x.walship.0.tmp"), None);
+        assert_eq!(temp_file_owner(".x.walship.-1.tmp"), None);
+    }
 }
