@@ -26,3 +26,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "install-deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+
+# The S3-compatible server the tests run on loopback, pinned: it checks request signatures and
+# honours If-None-Match. Newer versions need a newer rustc. Building it takes a few minutes, once.
+S3S_FS_VERSION=0.14.1
+s3s_fs=${WALSHIP_S3S_FS:-${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs}
+if ! [ -x "$s3s_fs" ] || ! "$s3s_fs" --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
+  echo "install-deps: installing s3s-fs $S3S_FS_VERSION (cargo install, a few minutes)" >&2
+  cargo install --quiet --locked "s3s-fs@$S3S_FS_VERSION" --features binary
+fi

@@ -5,6 +5,7 @@
 //! as root; otherwise they run as the current user.
 
 pub mod pg;
+pub mod s3;
 pub mod segments;
 
 use std::ffi::OsStr;
@@ -124,13 +125,25 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// A command for one of our binaries, run as the server user with no walship settings inherited from
-/// the environment of whoever runs the tests.
+/// A command for one of our binaries, run as the server user with no walship or AWS settings inherited
+/// from the environment of whoever runs the tests.
 pub fn walship(name: &str) -> Command {
     let mut cmd = Command::new(bin(name));
-    cmd.env_remove("WALSHIP_REPO").env_remove("WALSHIP_CONFIG");
+    isolate_environment(&mut cmd);
     as_server_user(&mut cmd);
     cmd
+}
+
+/// Removes walship's and the AWS SDK's settings from `cmd`'s environment, and keeps the SDK from
+/// asking the EC2 instance metadata service (an address outside loopback) for anything.
+pub fn isolate_environment(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("WALSHIP_") || key.starts_with("AWS_") {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true")
 }
 
 /// What a finished command did.

@@ -43,7 +43,7 @@ fn main() {
     let result = walship_cli::block_on(async {
         let config = cli.common.load_config()?;
         log.debug(format_args!("repository {}, deadline {} s", config.repo, config.deadline.as_secs()));
-        let repo = Repository::open(&config)?;
+        let repo = Repository::open(&config).await?;
         retry::with_deadline(config.deadline, &log, || repo::fetch(&repo, &cli.name, &cli.path)).await
     });
     let millis = started.elapsed().as_millis();

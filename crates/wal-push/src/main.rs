@@ -47,7 +47,7 @@ fn main() {
             config.compression_level,
             config.deadline.as_secs()
         ));
-        let repo = Repository::open(&config)?;
+        let repo = Repository::open(&config).await?;
         retry::with_deadline(config.deadline, &log, || repo::push(&repo, &cli.path, &name, config.compression_level))
             .await
     });

@@ -78,7 +78,7 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
 
 /// Runs one command's work to completion on a current-thread runtime.
 pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| Error::LocalIo {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::LocalIo {
         path: "tokio runtime".into(),
         operation: "start",
         source: e,

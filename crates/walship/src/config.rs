@@ -23,16 +23,23 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoUrl {
     Local(PathBuf),
+    /// `s3://bucket/prefix`: objects under `prefix/` (no leading or trailing slash; may be empty).
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
 }
 
 impl RepoUrl {
     pub fn parse(text: &str) -> Result<Self, String> {
         let path = if let Some(rest) = text.strip_prefix("file://") {
             rest
+        } else if let Some(rest) = text.strip_prefix("s3://") {
+            return parse_s3(text, rest);
         } else if let Some((scheme, _)) = text.split_once("://") {
             return Err(match scheme {
-                "s3" | "ssh" => format!("{scheme}:// repositories are not supported by this build yet"),
-                other => format!("unknown repository scheme {other:?}; expected file:// or an absolute path"),
+                "ssh" => format!("{scheme}:// repositories are not supported by this build yet"),
+                other => format!("unknown repository scheme {other:?}; expected file://, s3:// or an absolute path"),
             });
         } else {
             text
@@ -50,11 +57,100 @@ impl RepoUrl {
     }
 }
 
+fn parse_s3(text: &str, rest: &str) -> Result<RepoUrl, String> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    if !bucket_ok {
+        return Err(format!(
+            "{text:?}: bucket name {bucket:?} is not valid (3 to 63 lower-case letters, digits, '-' or '.')"
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if !prefix.is_empty() {
+        crate::storage::validate_key(prefix).map_err(|reason| format!("{text:?}: prefix: {reason}"))?;
+    }
+    Ok(RepoUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() })
+}
+
 impl std::fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RepoUrl::Local(path) => write!(f, "file://{}", path.display()),
+            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            RepoUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
         }
+    }
+}
+
+pub const DEFAULT_S3_PART_SIZE: u64 = 16 << 20;
+/// S3's smallest part (all but the last) and largest part.
+pub const S3_PART_SIZES: std::ops::RangeInclusive<u64> = (5 << 20)..=(5 << 30);
+pub const DEFAULT_S3_UPLOAD_CONCURRENCY: usize = 4;
+pub const DEFAULT_S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_S3_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server-side encryption requested for new objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    Aes256,
+    Kms { key_id: Option<String> },
+}
+
+/// The `[s3]` table, resolved. Everything left unset falls back to the AWS SDK's own sources: the
+/// standard environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...),
+/// the shared config and credentials files, web identity and instance metadata.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub storage_class: Option<String>,
+    pub sse: Option<ServerSideEncryption>,
+    pub part_size: u64,
+    pub upload_concurrency: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            force_path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            storage_class: None,
+            sse: None,
+            part_size: DEFAULT_S3_PART_SIZE,
+            upload_concurrency: DEFAULT_S3_UPLOAD_CONCURRENCY,
+            connect_timeout: DEFAULT_S3_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_S3_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Never prints the secret, so a configuration can be logged with `-v` safely.
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("force_path_style", &self.force_path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field("storage_class", &self.storage_class)
+            .field("sse", &self.sse)
+            .field("part_size", &self.part_size)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .finish()
     }
 }
 
@@ -65,6 +161,7 @@ pub struct Config {
     pub compression_level: i32,
     /// How long one command may keep retrying transient failures before giving up.
     pub deadline: Duration,
+    pub s3: S3Config,
 }
 
 /// What the command line says about configuration.
@@ -80,6 +177,106 @@ struct FileConfig {
     repo: Option<String>,
     compression_level: Option<i32>,
     deadline_secs: Option<u64>,
+    s3: Option<S3File>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3File {
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    storage_class: Option<String>,
+    sse: Option<String>,
+    sse_kms_key_id: Option<String>,
+    part_size: Option<ByteSize>,
+    upload_concurrency: Option<usize>,
+    connect_timeout_secs: Option<u64>,
+    read_timeout_secs: Option<u64>,
+}
+
+/// A size given as a number of bytes or a string with a binary unit (`"16MiB"`, `"1GiB"`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "toml::Value")]
+struct ByteSize(u64);
+
+impl TryFrom<toml::Value> for ByteSize {
+    type Error = String;
+
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(n) if n > 0 => Ok(ByteSize(n as u64)),
+            toml::Value::String(text) => {
+                let trimmed = text.trim();
+                let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+                let (number, unit) = trimmed.split_at(split);
+                let multiplier: u64 = match unit.trim() {
+                    "" | "B" => 1,
+                    "KiB" => 1 << 10,
+                    "MiB" => 1 << 20,
+                    "GiB" => 1 << 30,
+                    _ => return Err(format!("size {text:?}: use bytes or a KiB, MiB or GiB suffix")),
+                };
+                number
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(multiplier))
+                    .filter(|n| *n > 0)
+                    .map(ByteSize)
+                    .ok_or_else(|| format!("size {text:?} is not a positive number"))
+            }
+            other => Err(format!("a size cannot be a {}: use bytes or a string such as \"16MiB\"", other.type_str())),
+        }
+    }
+}
+
+fn resolve_s3(file: Option<S3File>, file_label: &dyn Fn() -> String) -> Result<S3Config, Error> {
+    let Some(file) = file else { return Ok(S3Config::default()) };
+    let bad = |message: String| Error::Config { source_name: format!("{} [s3]", file_label()), message };
+    let defaults = S3Config::default();
+    let sse = match (file.sse.as_deref(), file.sse_kms_key_id) {
+        (None, None) => None,
+        (Some("AES256"), None) => Some(ServerSideEncryption::Aes256),
+        (Some("aws:kms"), key_id) => Some(ServerSideEncryption::Kms { key_id }),
+        (Some("AES256") | None, Some(_)) => return Err(bad("sse_kms_key_id needs sse = \"aws:kms\"".into())),
+        (Some(other), _) => return Err(bad(format!("sse = {other:?}: expected \"AES256\" or \"aws:kms\""))),
+    };
+    let part_size = file.part_size.map_or(defaults.part_size, |size| size.0);
+    if !S3_PART_SIZES.contains(&part_size) {
+        return Err(bad(format!("part_size = {part_size} bytes: S3 takes parts from 5 MiB to 5 GiB")));
+    }
+    let upload_concurrency = file.upload_concurrency.unwrap_or(defaults.upload_concurrency);
+    if !(1..=64).contains(&upload_concurrency) {
+        return Err(bad(format!("upload_concurrency = {upload_concurrency}: expected 1 to 64")));
+    }
+    let seconds = |value: Option<u64>, name: &str, default: Duration| match value {
+        None => Ok(default),
+        Some(0) => Err(bad(format!("{name} must be at least 1"))),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+    };
+    if file.access_key_id.is_some() != file.secret_access_key.is_some() {
+        return Err(bad("access_key_id and secret_access_key go together".into()));
+    }
+    if let Some(endpoint) = &file.endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        return Err(bad(format!("endpoint {endpoint:?} must start with http:// or https://")));
+    }
+    Ok(S3Config {
+        endpoint: file.endpoint,
+        region: file.region,
+        force_path_style: file.force_path_style.unwrap_or(false),
+        access_key_id: file.access_key_id,
+        secret_access_key: file.secret_access_key,
+        storage_class: file.storage_class,
+        sse,
+        part_size,
+        upload_concurrency,
+        connect_timeout: seconds(file.connect_timeout_secs, "connect_timeout_secs", defaults.connect_timeout)?,
+        read_timeout: seconds(file.read_timeout_secs, "read_timeout_secs", defaults.read_timeout)?,
+    })
 }
 
 impl Config {
@@ -156,7 +353,8 @@ impl Config {
             }
             Some(secs) => Duration::from_secs(secs),
         };
-        Ok(Config { repo, compression_level, deadline })
+        let s3 = resolve_s3(file.s3, &file_label)?;
+        Ok(Config { repo, compression_level, deadline, s3 })
     }
 }
 
@@ -222,7 +420,9 @@ mod tests {
         assert!(text.contains("compresion_level") && text.contains("walship.toml:2"), "{text}");
         assert!(!text.contains('\n'), "one line: {text}");
         let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[s3]\nbucket = 'b'\n")).unwrap_err();
-        assert!(err.to_string().contains("s3"), "{err}");
+        assert!(err.to_string().contains("bucket") && err.to_string().contains(":3"), "{err}");
+        let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[ssh]\nport = 22\n")).unwrap_err();
+        assert!(err.to_string().contains("ssh"), "{err}");
     }
 
     #[test]
@@ -238,6 +438,51 @@ mod tests {
             let err = load(ConfigFlags::default(), &[], Some(file)).unwrap_err();
             assert!(err.to_string().contains(needle), "{file}: {err}");
             assert_eq!(err.exit_code(), crate::error::ExitCode::Config);
+        }
+    }
+
+    #[test]
+    fn s3_urls_and_settings() {
+        assert_eq!(
+            RepoUrl::parse("s3://my-bucket/some/prefix/").unwrap(),
+            RepoUrl::S3 { bucket: "my-bucket".into(), prefix: "some/prefix".into() }
+        );
+        assert_eq!(RepoUrl::parse("s3://my-bucket").unwrap().to_string(), "s3://my-bucket");
+        for bad in ["s3://", "s3://Upper/x", "s3://ab", "s3://b-u-c/../x", "s3://bucket/a//b"] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad}");
+        }
+        let config = load(
+            ConfigFlags::default(),
+            &[],
+            Some(
+                "repo = 's3://walship/db1'\n[s3]\nendpoint = 'http://127.0.0.1:9000'\nregion = 'eu-west-1'\n\
+                 force_path_style = true\naccess_key_id = 'AK'\nsecret_access_key = 'SECRET'\n\
+                 storage_class = 'STANDARD_IA'\nsse = 'aws:kms'\nsse_kms_key_id = 'k1'\npart_size = '8MiB'\n\
+                 upload_concurrency = 2\nconnect_timeout_secs = 2\nread_timeout_secs = 3\n",
+            ),
+        )
+        .unwrap();
+        let s3 = &config.s3;
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(s3.force_path_style);
+        assert_eq!(s3.part_size, 8 << 20);
+        assert_eq!(s3.sse, Some(ServerSideEncryption::Kms { key_id: Some("k1".into()) }));
+        assert_eq!((s3.connect_timeout, s3.read_timeout), (Duration::from_secs(2), Duration::from_secs(3)));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("SECRET") && printed.contains("redacted"), "{printed}");
+        for (table, needle) in [
+            ("part_size = 1024", "part_size"),
+            ("part_size = '16 furlongs'", "part_size"),
+            ("sse = 'DES'", "sse"),
+            ("sse_kms_key_id = 'k'", "sse_kms_key_id"),
+            ("access_key_id = 'AK'", "secret_access_key"),
+            ("endpoint = '127.0.0.1:9000'", "endpoint"),
+            ("upload_concurrency = 0", "upload_concurrency"),
+            ("read_timeout_secs = 0", "read_timeout_secs"),
+        ] {
+            let err =
+                load(ConfigFlags::default(), &[], Some(&format!("repo = 's3://b-1/p'\n[s3]\n{table}\n"))).unwrap_err();
+            assert!(err.to_string().contains(needle), "{table}: {err}");
         }
     }
 

@@ -20,6 +20,7 @@ where
 {
     let started = Instant::now();
     let mut delay = FIRST_DELAY;
+    let mut last_error: Option<String> = None;
     loop {
         let remaining = deadline.saturating_sub(started.elapsed());
         let error = match tokio::time::timeout(remaining, attempt()).await {
@@ -27,10 +28,11 @@ where
             Ok(Err(e)) if e.is_retryable() => e,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(Error::DeadlineExceeded {
-                    seconds: deadline.as_secs(),
-                    last: "the operation did not finish in time".into(),
-                });
+                let last = match last_error {
+                    Some(previous) => format!("the last attempt did not finish in time; before it: {previous}"),
+                    None => "the operation did not finish in time".into(),
+                };
+                return Err(Error::DeadlineExceeded { seconds: deadline.as_secs(), last });
             }
         };
         let remaining = deadline.saturating_sub(started.elapsed());
@@ -39,6 +41,7 @@ where
         }
         let pause = jittered(delay).min(remaining);
         log.debug(format_args!("{error}; retrying in {} ms", pause.as_millis()));
+        last_error = Some(error.to_string());
         tokio::time::sleep(pause).await;
         delay = (delay * 2).min(MAX_DELAY);
     }

@@ -23,6 +23,7 @@ use tokio::io::AsyncReadExt;
 use crate::config::{Config, RepoUrl};
 use crate::error::Error;
 use crate::storage::local::LocalStorage;
+use crate::storage::s3::S3Storage;
 use crate::storage::{PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -58,9 +59,10 @@ pub struct Repository {
 }
 
 impl Repository {
-    pub fn open(config: &Config) -> Result<Self, Error> {
+    pub async fn open(config: &Config) -> Result<Self, Error> {
         let storage: Box<dyn Storage> = match &config.repo {
             RepoUrl::Local(path) => Box::new(LocalStorage::open(path)?),
+            RepoUrl::S3 { bucket, prefix } => Box::new(S3Storage::connect(bucket, prefix, &config.s3).await?),
         };
         Ok(Repository { storage, url: config.repo.to_string() })
     }
@@ -120,7 +122,12 @@ impl Repository {
     /// that an empty directory (an unmounted file system, a wrong path or prefix) is never taken for
     /// an archive that simply lacks the file.
     pub async fn require_identity(&self) -> Result<Identity, Error> {
-        self.identity().await?.ok_or_else(|| Error::WrongRepository {
+        if let Some(identity) = self.identity().await? {
+            return Ok(identity);
+        }
+        // A missing bucket or directory is the likelier story; say so if it is the case.
+        self.storage.check_root().await?;
+        Err(Error::WrongRepository {
             location: self.storage.location(IDENTITY_KEY),
             reason: "no repository identity record: this is not a walship repository (wrong path, or a \
                      file system that is not mounted), so absence of a file proves nothing"
@@ -135,6 +142,9 @@ impl Repository {
             self.check_facts(&identity, facts, file)?;
             return Ok(identity);
         }
+        // A new repository: make sure its bucket or directory really exists, since some S3-compatible
+        // servers quietly create a bucket on first write, hiding a mistyped name.
+        self.storage.check_root().await?;
         let identity = Identity {
             format_version: REPOSITORY_FORMAT_VERSION,
             system_identifier: facts.system_identifier.to_string(),

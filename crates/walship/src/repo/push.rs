@@ -55,19 +55,11 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
         return Err(changed_while_reading(source));
     }
     let key = Repository::wal_key(&wal);
-    match repo.storage().head(&key).await {
-        Ok(meta) => {
-            let digest_from_attributes = attributes_digest(&meta.attributes);
-            return compare_with_archived(repo, &key, &wal, source, digest, digest_from_attributes).await;
-        }
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e.into()),
-    }
     match upload(repo, &key, source, digest, compression_level).await {
         Ok(stored) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored) }),
-        // Someone else published between our check and our commit.
+        // The name is taken (archived before, or by a racing push): decide by content.
         Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
-            compare_with_archived(repo, &key, &wal, source, digest, None).await
+            compare_with_archived(repo, &key, &wal, source, digest).await
         }
         Err(e) => Err(e),
     }
@@ -181,6 +173,7 @@ async fn upload(
             (ATTR_LENGTH.to_owned(), expected.len.to_string()),
         ]
         .into(),
+        size_hint: Some(expected.len),
     };
     let mut writer = repo.storage().create(key, options).await?;
     let streamed = async {
@@ -230,11 +223,11 @@ async fn compare_with_archived(
     wal: &WalFileName,
     source: &Path,
     digest: ContentDigest,
-    digest_from_attributes: Option<ContentDigest>,
 ) -> Result<PushReport, Error> {
     let already = PushReport { original_bytes: digest.len, stored_bytes: None };
     let is_history = wal.kind() == WalFileKind::History;
-    if let Some(existing) = digest_from_attributes.filter(|_| !is_history) {
+    let digest_from_attributes = repo.storage().head(key).await?.attributes;
+    if let Some(existing) = attributes_digest(&digest_from_attributes).filter(|_| !is_history) {
         return if existing == digest {
             Ok(already)
         } else {

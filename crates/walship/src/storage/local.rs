@@ -159,6 +159,10 @@ impl Storage for LocalStorage {
         })
         .await
     }
+
+    async fn check_root(&self) -> Result<(), StorageError> {
+        LocalStorage::open(&self.root).map(|_| ())
+    }
 }
 
 struct LocalWriter {

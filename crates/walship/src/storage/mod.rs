@@ -12,6 +12,7 @@
 //! repository.
 
 pub mod local;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -38,6 +39,9 @@ pub struct ObjectMeta {
 pub struct PutOptions {
     /// Attributes kept with the object where the backend supports them.
     pub attributes: BTreeMap<String, String>,
+    /// Roughly how many bytes will be written, where known: lets a backend that uploads in parts
+    /// choose a part size that keeps within its part-count limit.
+    pub size_hint: Option<u64>,
 }
 
 #[async_trait]
@@ -63,6 +67,10 @@ pub trait Storage: Send + Sync {
     ) -> Result<Vec<ObjectMeta>, StorageError>;
 
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Confirms that the repository's container (directory, bucket) exists and is accessible, with an
+    /// error that says what is wrong otherwise. Used to explain why a repository looks empty.
+    async fn check_root(&self) -> Result<(), StorageError>;
 }
 
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.

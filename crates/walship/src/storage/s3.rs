@@ -1,0 +1,555 @@
+//! A repository in an S3 bucket, on AWS or any S3-compatible store.
+//!
+//! Publishing is create-if-absent twice over. Every commit first asks whether the key exists (HEAD), because
+//! some S3-compatible stores (Garage, for one) silently ignore conditional writes, and then writes with
+//! `If-None-Match: *`, which stores that honour it turn into 412 when someone else got there first. On a
+//! store that ignores the header, two writers racing between the HEAD and the write can still both
+//! succeed; the README says so.
+//!
+//! Objects up to one part go up as a single PUT; larger ones as a multipart upload of uniform parts,
+//! uploaded in parallel up to `upload_concurrency`, so memory stays within (concurrency + 1) parts. An
+//! upload that fails is aborted so that no parts are left behind (a killed process cannot abort; a
+//! bucket lifecycle rule for incomplete multipart uploads covers that, see README).
+//!
+//! "Not found" is reported only for a 404 on the key itself; a missing bucket, 403, 5xx and timeouts
+//! are errors, the transient ones marked retryable.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption as SdkSse, StorageClass};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::task::JoinSet;
+
+use super::{ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use crate::config::{S3Config, ServerSideEncryption};
+
+/// S3 allows at most this many parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// Used when neither the configuration nor the environment names a region; S3-compatible stores
+/// mostly ignore the region but the SDK insists on one.
+const FALLBACK_REGION: &str = "us-east-1";
+
+pub struct S3Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    bucket: String,
+    /// Prepended to every key, with its trailing `/`; empty for the bucket's root.
+    prefix: String,
+    /// For messages: where requests go.
+    endpoint: String,
+    storage_class: Option<StorageClass>,
+    sse: Option<ServerSideEncryption>,
+    part_size: u64,
+    upload_concurrency: usize,
+}
+
+impl S3Storage {
+    pub async fn connect(bucket: &str, prefix: &str, config: &S3Config) -> Result<Self, StorageError> {
+        let http_client =
+            aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        let timeouts =
+            TimeoutConfig::builder().connect_timeout(config.connect_timeout).read_timeout(config.read_timeout).build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client)
+            .timeout_config(timeouts)
+            // Our own deadline loop retries whole operations; the SDK's few quick retries smooth over
+            // single hiccups without stretching a call past that deadline.
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled().grace_period(config.read_timeout).build(),
+            )
+            // Our objects carry their own SHA-256; the SDK's extra CRC trailers only break older
+            // S3-compatible stores.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        loader = match &config.region {
+            Some(region) => loader.region(Region::new(region.clone())),
+            None => loader.region(RegionProviderChain::default_provider().or_else(Region::new(FALLBACK_REGION))),
+        };
+        if let Some(endpoint) = &config.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let (Some(key_id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(key_id, secret, None, None, "walship-config"));
+        }
+        let shared = loader.load().await;
+        let endpoint = shared
+            .endpoint_url()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("AWS S3 ({})", shared.region().map_or(FALLBACK_REGION, |r| r.as_ref())));
+        let s3_config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.force_path_style).build();
+        Ok(S3Storage {
+            inner: Arc::new(Inner {
+                client: Client::from_conf(s3_config),
+                bucket: bucket.to_owned(),
+                prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+                endpoint,
+                storage_class: config.storage_class.as_deref().map(StorageClass::from),
+                sse: config.sse.clone(),
+                part_size: config.part_size,
+                upload_concurrency: config.upload_concurrency,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn full_key(&self, key: &str) -> Result<String, StorageError> {
+        validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}{key} (endpoint {})", self.bucket, self.prefix, self.endpoint)
+    }
+
+    /// Turns an SDK failure into a [`StorageError`] that says what to do about it.
+    fn classify<E>(&self, key: &str, operation: &'static str, error: SdkError<E>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let location = self.location(key);
+        let other = |message: String, retryable: bool| StorageError::Other {
+            location: location.clone(),
+            message: format!("{operation}: {message}"),
+            retryable,
+        };
+        match &error {
+            SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
+                let code = service.err().code().unwrap_or("");
+                let detail = service.err().message().map(|m| format!(": {m}")).unwrap_or_default();
+                match (status, code) {
+                    (404, "NoSuchBucket") => other(format!("bucket {:?} does not exist{detail}", self.bucket), false),
+                    (404, _) => StorageError::NotFound { location },
+                    (412, _) => StorageError::AlreadyExists { location },
+                    (403, _) => other(
+                        format!(
+                            "access denied ({code}{detail}); check access_key_id/secret_access_key or the \
+                             AWS credentials in use, and the bucket policy"
+                        ),
+                        false,
+                    ),
+                    (301, _) | (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
+                        other(format!("wrong region for this bucket ({code}{detail}); set region in [s3]"), false)
+                    }
+                    // 409 is AWS's answer to two conditional writes of one key at once: try again.
+                    (409 | 429 | 500..=599, _) => other(format!("HTTP {status} {code}{detail}"), true),
+                    _ => other(format!("HTTP {status} {code}{detail}"), false),
+                }
+            }
+            SdkError::TimeoutError(_) => other("timed out".into(), true),
+            SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
+                other(format!("cannot reach {}: {}", self.endpoint, error_chain(&error)), true)
+            }
+            SdkError::ResponseError(_) => other(format!("bad response: {}", error_chain(&error)), true),
+            _ => other(error_chain(&error), false),
+        }
+    }
+
+    async fn exists(&self, key: &str, full_key: &str) -> Result<bool, StorageError> {
+        match self.client.head_object().bucket(&self.bucket).key(full_key).send().await {
+            Ok(_) => Ok(true),
+            Err(e) => match self.classify(key, "HEAD", e) {
+                StorageError::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn put_whole(
+        &self,
+        key: &str,
+        full_key: &str,
+        body: Bytes,
+        options: &PutOptions,
+    ) -> Result<(), StorageError> {
+        let len = body.len() as i64;
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .content_length(len)
+            .body(ByteStream::from(body))
+            .if_none_match("*")
+            .set_metadata(Some(metadata(options)))
+            .set_storage_class(self.storage_class.clone());
+        match &self.sse {
+            Some(ServerSideEncryption::Aes256) => request = request.server_side_encryption(SdkSse::Aes256),
+            Some(ServerSideEncryption::Kms { key_id }) => {
+                request = request.server_side_encryption(SdkSse::AwsKms).set_ssekms_key_id(key_id.clone())
+            }
+            None => {}
+        }
+        request.send().await.map(|_| ()).map_err(|e| self.classify(key, "PUT", e))
+    }
+
+    async fn start_multipart(&self, key: &str, full_key: &str, options: &PutOptions) -> Result<String, StorageError> {
+        let mut request = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .set_metadata(Some(metadata(options)))
+            .set_storage_class(self.storage_class.clone());
+        match &self.sse {
+            Some(ServerSideEncryption::Aes256) => request = request.server_side_encryption(SdkSse::Aes256),
+            Some(ServerSideEncryption::Kms { key_id }) => {
+                request = request.server_side_encryption(SdkSse::AwsKms).set_ssekms_key_id(key_id.clone())
+            }
+            None => {}
+        }
+        let output = request.send().await.map_err(|e| self.classify(key, "CreateMultipartUpload", e))?;
+        output.upload_id().map(str::to_owned).ok_or_else(|| StorageError::Other {
+            location: self.location(key),
+            message: "CreateMultipartUpload returned no upload id".into(),
+            retryable: true,
+        })
+    }
+
+    async fn abort_multipart(&self, key: &str, full_key: &str, upload_id: &str) -> Result<(), StorageError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify(key, "AbortMultipartUpload", e))
+    }
+}
+
+/// An error and its sources on one line, each cause once ("dispatch failure: io error: ... Connection
+/// refused"): the SDK's own rendering appends a multi-line debug dump.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
+
+fn metadata(options: &PutOptions) -> HashMap<String, String> {
+    options.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    fn location(&self, key: &str) -> String {
+        self.inner.location(key)
+    }
+
+    async fn create(&self, key: &str, options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let full_key = self.inner.full_key(key)?;
+        // Uniform parts, as some S3-compatible stores require, sized so that an object of the expected
+        // size needs at most MAX_PARTS of them.
+        let needed = options.size_hint.map_or(0, |size| size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20));
+        let part_size = self.inner.part_size.max(needed) as usize;
+        Ok(Box::new(S3Writer {
+            inner: Arc::clone(&self.inner),
+            key: key.to_owned(),
+            full_key,
+            options,
+            part_size,
+            buffer: BytesMut::new(),
+            multipart: None,
+        }))
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        let full_key = self.inner.full_key(key)?;
+        let output = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.bucket)
+            .key(&full_key)
+            .send()
+            .await
+            .map_err(|e| self.inner.classify(key, "GET", e))?;
+        Ok(Box::new(NetworkRead(Box::pin(output.body.into_async_read()))))
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
+        let full_key = self.inner.full_key(key)?;
+        let output = self
+            .inner
+            .client
+            .head_object()
+            .bucket(&self.inner.bucket)
+            .key(&full_key)
+            .send()
+            .await
+            .map_err(|e| self.inner.classify(key, "HEAD", e))?;
+        Ok(ObjectMeta {
+            key: key.to_owned(),
+            size: output.content_length().unwrap_or(0).max(0) as u64,
+            attributes: output
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
+        let inner = &self.inner;
+        let output = inner
+            .client
+            .list_objects_v2()
+            .bucket(&inner.bucket)
+            .prefix(format!("{}{prefix}", inner.prefix))
+            .set_start_after(start_after.map(|after| format!("{}{after}", inner.prefix)))
+            .max_keys(limit.min(1000) as i32)
+            .send()
+            .await
+            .map_err(|e| inner.classify(prefix, "LIST", e))?;
+        Ok(output
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                let key = object.key()?.strip_prefix(&inner.prefix)?;
+                Some(ObjectMeta {
+                    key: key.to_owned(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    attributes: Default::default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let full_key = self.inner.full_key(key)?;
+        // S3 answers a DELETE of a missing key with success; our contract says NotFound.
+        if !self.inner.exists(key, &full_key).await? {
+            return Err(StorageError::NotFound { location: self.location(key) });
+        }
+        self.inner
+            .client
+            .delete_object()
+            .bucket(&self.inner.bucket)
+            .key(&full_key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.inner.classify(key, "DELETE", e))
+    }
+
+    async fn check_root(&self) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        match inner.client.head_bucket().bucket(&inner.bucket).send().await {
+            Ok(_) => Ok(()),
+            // HEAD has no body, so a missing bucket is a bare 404.
+            Err(e) => Err(match inner.classify("", "HEAD bucket", e) {
+                StorageError::NotFound { location } => StorageError::Other {
+                    location,
+                    message: format!("bucket {:?} does not exist", inner.bucket),
+                    retryable: false,
+                },
+                other => other,
+            }),
+        }
+    }
+}
+
+struct Multipart {
+    upload_id: String,
+    next_part_number: i32,
+    in_flight: JoinSet<Result<CompletedPart, StorageError>>,
+    completed: Vec<CompletedPart>,
+}
+
+struct S3Writer {
+    inner: Arc<Inner>,
+    key: String,
+    full_key: String,
+    options: PutOptions,
+    part_size: usize,
+    buffer: BytesMut,
+    multipart: Option<Multipart>,
+}
+
+impl S3Writer {
+    /// Sends one part, waiting first for a free upload slot.
+    async fn send_part(&mut self, body: Bytes) -> Result<(), StorageError> {
+        if self.multipart.is_none() {
+            let upload_id = self.inner.start_multipart(&self.key, &self.full_key, &self.options).await?;
+            self.multipart =
+                Some(Multipart { upload_id, next_part_number: 1, in_flight: JoinSet::new(), completed: Vec::new() });
+        }
+        let multipart = self.multipart.as_mut().expect("just started");
+        if multipart.next_part_number as u64 > MAX_PARTS {
+            return Err(StorageError::Other {
+                location: self.inner.location(&self.key),
+                message: format!(
+                    "object exceeds {MAX_PARTS} parts of {} bytes; raise part_size in [s3]",
+                    self.part_size
+                ),
+                retryable: false,
+            });
+        }
+        while multipart.in_flight.len() >= self.inner.upload_concurrency {
+            let done = multipart.in_flight.join_next().await.expect("a part is in flight");
+            multipart.completed.push(part_result(done, &self.inner, &self.key)?);
+        }
+        let part_number = multipart.next_part_number;
+        multipart.next_part_number += 1;
+        let (inner, key, full_key, upload_id) =
+            (Arc::clone(&self.inner), self.key.clone(), self.full_key.clone(), multipart.upload_id.clone());
+        multipart.in_flight.spawn(async move {
+            let output = inner
+                .client
+                .upload_part()
+                .bucket(&inner.bucket)
+                .key(&full_key)
+                .upload_id(upload_id)
+                .part_number(part_number)
+                .content_length(body.len() as i64)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| inner.classify(&key, "UploadPart", e))?;
+            Ok(CompletedPart::builder().part_number(part_number).set_e_tag(output.e_tag().map(str::to_owned)).build())
+        });
+        Ok(())
+    }
+
+    async fn finish_multipart(&mut self) -> Result<(), StorageError> {
+        let rest = self.buffer.split().freeze();
+        if !rest.is_empty() {
+            self.send_part(rest).await?;
+        }
+        let multipart = self.multipart.as_mut().expect("multipart upload started");
+        while let Some(done) = multipart.in_flight.join_next().await {
+            multipart.completed.push(part_result(done, &self.inner, &self.key)?);
+        }
+        multipart.completed.sort_by_key(|part| part.part_number());
+        if self.inner.exists(&self.key, &self.full_key).await? {
+            return Err(StorageError::AlreadyExists { location: self.inner.location(&self.key) });
+        }
+        self.inner
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.inner.bucket)
+            .key(&self.full_key)
+            .upload_id(&multipart.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder().set_parts(Some(std::mem::take(&mut multipart.completed))).build(),
+            )
+            .if_none_match("*")
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.inner.classify(&self.key, "CompleteMultipartUpload", e))
+    }
+
+    /// Aborts the multipart upload, if any, so that no parts are left behind.
+    async fn discard(&mut self) -> Result<(), StorageError> {
+        match self.multipart.take() {
+            Some(mut multipart) => {
+                multipart.in_flight.abort_all();
+                while multipart.in_flight.join_next().await.is_some() {}
+                self.inner.abort_multipart(&self.key, &self.full_key, &multipart.upload_id).await
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+fn part_result(
+    joined: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
+    inner: &Inner,
+    key: &str,
+) -> Result<CompletedPart, StorageError> {
+    joined.unwrap_or_else(|e| {
+        Err(StorageError::Other {
+            location: inner.location(key),
+            message: format!("part upload task failed: {e}"),
+            retryable: false,
+        })
+    })
+}
+
+#[async_trait]
+impl ObjectWriter for S3Writer {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        self.buffer.extend_from_slice(&chunk);
+        while self.buffer.len() >= self.part_size {
+            let part = self.buffer.split_to(self.part_size).freeze();
+            if let Err(e) = self.send_part(part).await {
+                let _ = self.discard().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        if self.multipart.is_none() {
+            if self.inner.exists(&self.key, &self.full_key).await? {
+                return Err(StorageError::AlreadyExists { location: self.inner.location(&self.key) });
+            }
+            let body = self.buffer.split().freeze();
+            return self.inner.put_whole(&self.key, &self.full_key, body, &self.options).await;
+        }
+        match self.finish_multipart().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = self.discard().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        self.discard().await
+    }
+}
+
+/// The body of a GET. A connection that breaks mid-body surfaces as an I/O error of a kind our retry
+/// logic treats as transient, whatever kind the HTTP stack gave it.
+struct NetworkRead(Pin<Box<dyn AsyncRead + Send>>);
+
+impl AsyncRead for NetworkRead {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.0.as_mut().poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if !super::io_error_is_transient(&e) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)))
+            }
+            other => other,
+        }
+    }
+}
