@@ -58,7 +58,8 @@ pub trait Storage: Send + Sync {
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError>;
 
     /// Up to `limit` objects whose keys start with `prefix` and sort after `start_after`, in key order.
-    /// Call again with the last key to continue; memory stays bounded however large the listing.
+    /// A page may hold fewer than `limit` (S3 caps pages at 1000): call again with the last key until a
+    /// page comes back empty. Memory stays bounded however large the listing.
     async fn list(
         &self,
         prefix: &str,
