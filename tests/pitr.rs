@@ -4,6 +4,10 @@
 //! same repository, and a second restore with `recovery_target_timeline = 'latest'` follows the
 //! history file to the end of timeline 2.
 //!
+//! The scenario runs twice: on a repository on local disk (`--repo DIR`), and on one in an S3 bucket
+//! (`--config FILE` naming `s3://bucket/prefix`) served by s3s-fs on 127.0.0.1. s3s-fs keeps every
+//! object as a plain file, so both tests look into the repository the same way.
+//!
 //! The WAL segment size is 1 MiB, so that many segments flow through the archive in a short run and
 //! the non-default size is exercised end to end.
 
@@ -12,16 +16,91 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use walship_tests::Scratch;
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command, restore_command};
+use walship_tests::pg::{
+    Cluster, WAIT_TIMEOUT, archive_command, archive_command_with_config, restore_command, restore_command_with_config,
+};
+use walship_tests::s3::{S3Server, write_config_file};
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
 
-/// Where the repository keeps a WAL file (see `walship::repo`).
-fn repo_path(repo: &Path, wal_name: &str) -> PathBuf {
+/// The key under which the repository keeps a WAL file (see `walship::repo`).
+fn wal_key(wal_name: &str) -> String {
     if wal_name.ends_with(".history") {
-        repo.join("wal/history").join(wal_name)
+        format!("wal/history/{wal_name}")
     } else {
-        repo.join("wal").join(&wal_name[..16]).join(wal_name)
+        format!("wal/{}/{wal_name}", &wal_name[..16])
+    }
+}
+
+/// The repository the scenario archives into and restores from.
+enum Repository {
+    /// A directory, named with `--repo DIR`.
+    Local { dir: PathBuf },
+    /// `s3://BUCKET/PREFIX` on an s3s-fs server, named by the configuration file `config`.
+    S3 { server: S3Server, bucket: String, prefix: String, config: PathBuf },
+}
+
+impl Repository {
+    /// A repository in `dir` (created, owned by the server user).
+    fn local(store: &Scratch) -> Repository {
+        Repository::Local { dir: store.mkdir("repo") }
+    }
+
+    /// A repository under `prefix` of a new bucket on a new s3s-fs server, with its configuration
+    /// file written into `store`, readable by the server user.
+    fn s3(store: &Scratch, bucket: &str, prefix: &str) -> Repository {
+        let server = S3Server::start();
+        server.create_bucket(bucket);
+        let url = format!("s3://{bucket}/{prefix}");
+        // Retries end well inside the test's waits, so a failing store shows up as a failed command.
+        let text = server.config_text(&url, &server.endpoint(), "deadline_secs = 60", "");
+        let config = write_config_file(store.path(), "walship.toml", &text);
+        Repository::S3 { server, bucket: bucket.to_owned(), prefix: prefix.to_owned(), config }
+    }
+
+    fn archive_command(&self) -> String {
+        match self {
+            Repository::Local { dir } => archive_command(dir),
+            Repository::S3 { config, .. } => archive_command_with_config(config),
+        }
+    }
+
+    fn restore_command(&self) -> String {
+        match self {
+            Repository::Local { dir } => restore_command(dir),
+            Repository::S3 { config, .. } => restore_command_with_config(config),
+        }
+    }
+
+    /// The file holding the repository's object `key`: on local disk the repository's own file, on
+    /// S3 the one in which s3s-fs keeps `PREFIX/key`.
+    fn object_file(&self, key: &str) -> PathBuf {
+        match self {
+            Repository::Local { dir } => dir.join(key),
+            Repository::S3 { server, bucket, prefix, .. } => server.object_file(bucket, &format!("{prefix}/{key}")),
+        }
+    }
+
+    fn has_wal(&self, wal_name: &str) -> bool {
+        self.object_file(&wal_key(wal_name)).is_file()
+    }
+
+    /// For failure messages: where the repository is, and for S3 the end of the server's log.
+    fn describe(&self) -> String {
+        match self {
+            Repository::Local { dir } => format!("repository {dir:?}"),
+            Repository::S3 { server, bucket, prefix, config } => {
+                let log = server.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                format!(
+                    "repository s3://{bucket}/{prefix} at {} (config {config:?}, objects under {:?})\n\
+                     --- last lines of the s3s-fs log ---\n{tail}\n---",
+                    server.endpoint(),
+                    server.object_file(bucket, prefix)
+                )
+            }
+        }
     }
 }
 
@@ -116,15 +195,28 @@ fn sleep_past_clock_tick() {
 }
 
 #[test]
-fn pitr_to_target_time_then_new_timeline_then_latest() {
-    let store = Scratch::new("pitr");
-    let repo = store.mkdir("repo");
+fn pitr_on_local_disk() {
+    let store = Scratch::new("pitr-local");
+    let repo = Repository::local(&store);
+    pitr_to_target_time_then_new_timeline_then_latest("local", &store, &repo);
+}
+
+#[test]
+fn pitr_on_s3() {
+    let store = Scratch::new("pitr-s3");
+    let repo = Repository::s3(&store, "walship-pitr", "cluster1");
+    pitr_to_target_time_then_new_timeline_then_latest("s3", &store, &repo);
+}
+
+/// The whole scenario against `repo`, with the base backup in `store`; `label` tells the clusters
+/// of one run from those of another in directory names and messages.
+fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratch, repo: &Repository) {
     let backup = store.mkdir("base");
-    let archiving = archive_command(&repo);
-    let fetching = restore_command(&repo);
+    let archiving = repo.archive_command();
+    let fetching = repo.restore_command();
 
     // --- The original cluster, archiving through wal-push. ---
-    let mut primary = Cluster::init("primary", Some(1));
+    let mut primary = Cluster::init(&format!("{label}-primary"), Some(1));
     primary.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", &archiving)]);
     primary.start();
     assert_eq!(primary.psql("show wal_segment_size"), "1MB");
@@ -153,16 +245,16 @@ fn pitr_to_target_time_then_new_timeline_then_latest() {
     // How many segments the load fills depends on the machine's speed; any number above one proves
     // that archiving went on while the load ran.
     assert!(timeline1.len() > 1, "expected several 1 MiB segments under load, got {timeline1:?}");
-    let unarchived: Vec<&String> = timeline1.iter().filter(|name| !repo_path(&repo, name).is_file()).collect();
-    assert!(unarchived.is_empty(), "segments missing from the repository: {unarchived:?}");
-    assert!(repo.join("repository.json").is_file(), "no repository.json in {repo:?}");
+    let unarchived: Vec<&String> = timeline1.iter().filter(|name| !repo.has_wal(name)).collect();
+    assert!(unarchived.is_empty(), "segments missing from the repository: {unarchived:?}\n{}", repo.describe());
+    assert!(repo.object_file("repository.json").is_file(), "no repository.json in the {}", repo.describe());
 
     // --- Lose it; restore to the target time. ---
     primary.crash();
     drop(primary);
 
     let mut restored = Cluster::restore(
-        "pitr",
+        &format!("{label}-pitr"),
         &backup,
         &[("restore_command", &fetching), ("recovery_target_time", &target), ("recovery_target_action", "promote")],
     );
@@ -183,7 +275,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest() {
     // repository. (No .partial segment here: the old timeline's last segment came from the archive,
     // so PostgreSQL has nothing new to archive for it.)
     restored.wait_archived("00000002.history", WAIT_TIMEOUT);
-    assert!(repo_path(&repo, "00000002.history").is_file(), "00000002.history not in the repository");
+    assert!(repo.has_wal("00000002.history"), "00000002.history not in the {}", repo.describe());
     let history = fs::read_to_string(restored.data_dir().join("pg_wal/00000002.history")).unwrap();
     // "1	0/1A2B3C8	before transaction 1234 at 2024-..."
     let switch_point = history
@@ -197,14 +289,17 @@ fn pitr_to_target_time_then_new_timeline_then_latest() {
     assert!(last_on_timeline2.starts_with("00000002"), "{last_on_timeline2}");
     restored.wait_archived(&last_on_timeline2, WAIT_TIMEOUT);
     assert_no_failed_archiving(&restored);
-    assert!(repo_path(&repo, &last_on_timeline2).is_file(), "{last_on_timeline2} not in the repository");
+    assert!(repo.has_wal(&last_on_timeline2), "{last_on_timeline2} not in the {}", repo.describe());
 
     // --- Lose that one too; restore the same base backup to the end of the latest timeline. ---
     restored.crash();
     drop(restored);
 
-    let mut latest =
-        Cluster::restore("latest", &backup, &[("restore_command", &fetching), ("recovery_target_timeline", "latest")]);
+    let mut latest = Cluster::restore(
+        &format!("{label}-latest"),
+        &backup,
+        &[("restore_command", &fetching), ("recovery_target_timeline", "latest")],
+    );
     latest.start();
     latest.wait_recovered(WAIT_TIMEOUT);
     assert_eq!(

@@ -5,6 +5,7 @@
 //! as root; otherwise they run as the current user.
 
 pub mod pg;
+pub mod proxy;
 pub mod s3;
 pub mod segments;
 
@@ -89,8 +90,11 @@ impl Scratch {
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        // Without CARGO_MANIFEST_DIR from this test process: build scripts (ring's) watch it, and a
+        // different value would rebuild half the dependency tree on every run.
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "-p", "wal-push", "-p", "wal-fetch"])
+            .env_remove("CARGO_MANIFEST_DIR")
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{Output, Scratch, as_server_user, bin, chown_to_server_user, run};
+use crate::{Output, Scratch, as_server_user, bin, chown_to_server_user, isolate_environment, run};
 
 /// Where the PostgreSQL binaries come from unless `$WALSHIP_PG_BIN` says otherwise.
 pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -47,13 +47,16 @@ pub fn pg_bin_dir() -> PathBuf {
 pub fn pg_command(program: &str, cwd: &Path) -> Command {
     let mut cmd = Command::new(pg_bin_dir().join(program));
     // PG* variables of whoever runs the tests (PGHOST, PGDATABASE, PGOPTIONS...) would redirect or
-    // alter our connections; walship settings would redirect the archive commands the server runs.
+    // alter our connections.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PG") {
             cmd.env_remove(&key);
         }
     }
-    cmd.env_remove("WALSHIP_REPO").env_remove("WALSHIP_CONFIG");
+    // The server runs archive_command and restore_command with its own environment: no walship or
+    // AWS settings of whoever runs the tests may redirect them, and the AWS SDK must never ask the
+    // EC2 instance metadata service (169.254.169.254) for a region or credentials.
+    isolate_environment(&mut cmd);
     // English messages, so tests can look for them in the server log.
     cmd.env("LC_ALL", "C");
     // The server user may not be allowed into the test's own working directory.
@@ -82,6 +85,18 @@ pub fn archive_command(repo: &Path) -> String {
 /// The restore_command that fetches from `repo` with our `wal-fetch`.
 pub fn restore_command(repo: &Path) -> String {
     format!("{} --repo {} %f %p", command_path(&bin("wal-fetch")), command_path(repo))
+}
+
+/// The archive_command that pushes with our `wal-push` into the repository (any kind, `s3://` included)
+/// named by the configuration file `config`, which the server user must be able to read.
+pub fn archive_command_with_config(config: &Path) -> String {
+    format!("{} --config {} %p %f", command_path(&bin("wal-push")), command_path(config))
+}
+
+/// The restore_command that fetches with our `wal-fetch` from the repository named by the
+/// configuration file `config`.
+pub fn restore_command_with_config(config: &Path) -> String {
+    format!("{} --config {} %f %p", command_path(&bin("wal-fetch")), command_path(config))
 }
 
 /// Appends `name = 'value'` lines to a configuration file; later lines win, so this overrides.

@@ -101,6 +101,53 @@ impl S3Server {
         self.data_dir().join(bucket).join(key)
     }
 
+    /// The hidden file in which s3s-fs keeps `key`'s metadata (user metadata such as walship's
+    /// `walship-sha256`): `<root>/.bucket-<b64 bucket>.object-<b64 key>.metadata.json`, base64 URL-safe
+    /// without padding.
+    pub fn metadata_file(&self, bucket: &str, key: &str) -> PathBuf {
+        self.data_dir().join(format!(".bucket-{}.object-{}.metadata.json", base64_url(bucket), base64_url(key)))
+    }
+
+    /// What in-progress or abandoned multipart uploads left in the data directory. s3s-fs 0.14.1 keeps
+    /// them in its root, not under the bucket: `.upload-<id>.json` (the upload), `.upload_id-<id>.part-<n>`
+    /// (each part's bytes) and `.bucket-...object-....upload-<id>.metadata.json` (the object's metadata
+    /// until completion). CompleteMultipartUpload and AbortMultipartUpload remove all three.
+    pub fn multipart_leftovers(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.data_dir()) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload-") || n.starts_with(".upload_id-") || n.contains(".upload-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The parts (`.upload_id-<id>.part-<n>`) currently stored for unfinished multipart uploads.
+    pub fn stored_parts(&self) -> Vec<String> {
+        self.multipart_leftovers().into_iter().filter(|n| n.starts_with(".upload_id-")).collect()
+    }
+
+    /// Every object key in `bucket` (files below its directory), sorted.
+    pub fn object_keys(&self, bucket: &str) -> Vec<String> {
+        let root = self.data_dir().join(bucket);
+        let mut keys = Vec::new();
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.filter_map(|e| e.ok()) {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if let Ok(key) = path.strip_prefix(&root) {
+                    keys.push(key.to_string_lossy().into_owned());
+                }
+            }
+        }
+        keys.sort();
+        keys
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.root.path().join("s3s-fs.log")).unwrap_or_default()
     }
@@ -133,6 +180,20 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Base64, URL-safe alphabet, no padding (how s3s-fs names metadata files).
+fn base64_url(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 /// A port free on 127.0.0.1 right now.

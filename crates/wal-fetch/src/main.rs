@@ -44,7 +44,15 @@ fn main() {
         let config = cli.common.load_config()?;
         log.debug(format_args!("repository {}, deadline {} s", config.repo, config.deadline.as_secs()));
         let repo = Repository::open(&config).await?;
-        retry::with_deadline(config.deadline, &log, || repo::fetch(&repo, &cli.name, &cli.path)).await
+        let what = repo.describe_wal(&cli.name);
+        let result =
+            retry::with_deadline(config.deadline, &log, &what, || repo::fetch(&repo, &cli.name, &cli.path)).await;
+        if result.is_err()
+            && let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await
+        {
+            log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
+        }
+        result
     });
     let millis = started.elapsed().as_millis();
     match result {

@@ -48,8 +48,17 @@ fn main() {
             config.deadline.as_secs()
         ));
         let repo = Repository::open(&config).await?;
-        retry::with_deadline(config.deadline, &log, || repo::push(&repo, &cli.path, &name, config.compression_level))
-            .await
+        let what = repo.describe_wal(&name);
+        let result = retry::with_deadline(config.deadline, &log, &what, || {
+            repo::push(&repo, &cli.path, &name, config.compression_level)
+        })
+        .await;
+        if result.is_err()
+            && let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await
+        {
+            log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
+        }
+        result
     });
     let millis = started.elapsed().as_millis();
     match result {

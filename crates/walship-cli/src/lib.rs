@@ -76,6 +76,9 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
     }
 }
 
+/// How long a failed command may spend aborting what it left open (multipart uploads) before exiting.
+pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs one command's work to completion on a current-thread runtime.
 pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::LocalIo {

@@ -50,8 +50,8 @@ pub enum Error {
     LocalIo { path: String, operation: &'static str, source: io::Error },
 
     /// Transient failures kept happening until the command's deadline.
-    #[error("gave up after {seconds} s (deadline_secs): {last}")]
-    DeadlineExceeded { seconds: u64, last: String },
+    #[error("{what}: gave up after {seconds} s (deadline_secs): {last}")]
+    DeadlineExceeded { what: String, seconds: u64, last: String },
 }
 
 impl Error {

@@ -13,7 +13,9 @@ use crate::log::Log;
 const FIRST_DELAY: Duration = Duration::from_millis(100);
 const MAX_DELAY: Duration = Duration::from_secs(5);
 
-pub async fn with_deadline<T, F, Fut>(deadline: Duration, log: &Log, mut attempt: F) -> Result<T, Error>
+/// Runs `attempt` until it succeeds, fails for good, or `deadline` passes. `what` names the object
+/// worked on (location, bucket, key, endpoint) for the message when the deadline ends it.
+pub async fn with_deadline<T, F, Fut>(deadline: Duration, log: &Log, what: &str, mut attempt: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
@@ -32,12 +34,16 @@ where
                     Some(previous) => format!("the last attempt did not finish in time; before it: {previous}"),
                     None => "the operation did not finish in time".into(),
                 };
-                return Err(Error::DeadlineExceeded { seconds: deadline.as_secs(), last });
+                return Err(Error::DeadlineExceeded { what: what.to_owned(), seconds: deadline.as_secs(), last });
             }
         };
         let remaining = deadline.saturating_sub(started.elapsed());
         if remaining.is_zero() {
-            return Err(Error::DeadlineExceeded { seconds: deadline.as_secs(), last: error.to_string() });
+            return Err(Error::DeadlineExceeded {
+                what: what.to_owned(),
+                seconds: deadline.as_secs(),
+                last: error.to_string(),
+            });
         }
         let pause = jittered(delay).min(remaining);
         log.debug(format_args!("{error}; retrying in {} ms", pause.as_millis()));
@@ -69,7 +75,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn transient_errors_are_retried_until_success() {
         let calls = Cell::new(0);
-        let result = with_deadline(Duration::from_secs(10), &Log::quiet(), || async {
+        let result = with_deadline(Duration::from_secs(10), &Log::quiet(), "x", || async {
             calls.set(calls.get() + 1);
             if calls.get() < 3 { Err(transient()) } else { Ok(7) }
         })
@@ -81,7 +87,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn permanent_errors_are_not_retried() {
         let calls = Cell::new(0);
-        let result: Result<(), _> = with_deadline(Duration::from_secs(10), &Log::quiet(), || async {
+        let result: Result<(), _> = with_deadline(Duration::from_secs(10), &Log::quiet(), "x", || async {
             calls.set(calls.get() + 1);
             Err(Error::Usage("no".into()))
         })
@@ -93,12 +99,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_deadline_ends_retries_and_hangs() {
         let result: Result<(), _> =
-            with_deadline(Duration::from_secs(3), &Log::quiet(), || async { Err(transient()) }).await;
+            with_deadline(Duration::from_secs(3), &Log::quiet(), "x", || async { Err(transient()) }).await;
         let err = result.unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
         assert!(err.to_string().contains("TimedOut") || err.to_string().contains("timed out"), "{err}");
         let hang: Result<(), _> =
-            with_deadline(Duration::from_secs(3), &Log::quiet(), std::future::pending::<Result<(), Error>>).await;
-        assert!(matches!(hang, Err(Error::DeadlineExceeded { .. })));
+            with_deadline(Duration::from_secs(3), &Log::quiet(), "s3://b/k", std::future::pending::<Result<(), Error>>)
+                .await;
+        let hang = hang.unwrap_err();
+        assert!(hang.to_string().starts_with("s3://b/k: gave up after 3 s"), "names what hung: {hang}");
     }
 }

@@ -79,6 +79,23 @@ impl Repository {
         &self.url
     }
 
+    /// Where WAL file `name` lives, for messages: the full location (bucket, key and endpoint on S3).
+    pub fn describe_wal(&self, name: &str) -> String {
+        match WalFileName::parse(name) {
+            Ok(wal) => self.storage.location(&Self::wal_key(&wal)),
+            Err(_) => self.url.clone(),
+        }
+    }
+
+    /// After a failed command: aborts what interrupted writers left open on the server, within
+    /// `grace`. Best effort; a failure here changes nothing about the command's own error.
+    pub async fn cleanup(&self, grace: std::time::Duration) -> Result<(), String> {
+        match tokio::time::timeout(grace, self.storage.cleanup()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("cleaning up did not finish within {} s", grace.as_secs())),
+        }
+    }
+
     /// The key of a WAL file.
     pub fn wal_key(name: &WalFileName) -> String {
         match (name.kind(), name.timeline_and_log()) {

@@ -72,6 +72,13 @@ pub trait Storage: Send + Sync {
     /// Confirms that the repository's container (directory, bucket) exists and is accessible, with an
     /// error that says what is wrong otherwise. Used to explain why a repository looks empty.
     async fn check_root(&self) -> Result<(), StorageError>;
+
+    /// Undoes what writers cut short left half done on the server (open multipart uploads). A
+    /// command calls it after a failure, in particular after its deadline dropped an operation midway,
+    /// when no writer got the chance to abort.
+    async fn cleanup(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.
@@ -120,11 +127,19 @@ impl StorageError {
     }
 }
 
-/// Local and network file systems report passing trouble with these; everything else (permissions,
-/// a full disk, a missing directory) needs a person.
+/// Network file systems and connections report passing trouble with these; everything else
+/// (permissions, a full disk, a missing directory) needs a person.
 pub fn io_error_is_transient(error: &io::Error) -> bool {
-    matches!(error.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-        || error.raw_os_error() == Some(libc::ESTALE)
+    matches!(
+        error.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    ) || error.raw_os_error() == Some(libc::ESTALE)
 }
 
 /// Checks that a key is a relative path of plain components: no empty, `.` or `..` components, no
@@ -167,5 +182,7 @@ mod tests {
         assert!(!e(io::ErrorKind::PermissionDenied).is_retryable());
         assert!(!StorageError::NotFound { location: "x".into() }.is_retryable());
         assert!(StorageError::io("x", "read", io::Error::from_raw_os_error(libc::ESTALE)).is_retryable());
+        assert!(e(io::ErrorKind::ConnectionAborted).is_retryable(), "a download broken off midway");
+        assert!(e(io::ErrorKind::UnexpectedEof).is_retryable());
     }
 }

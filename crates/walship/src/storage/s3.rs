@@ -17,12 +17,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
-use aws_config::meta::region::RegionProviderChain;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -62,6 +62,11 @@ struct Inner {
     sse: Option<ServerSideEncryption>,
     part_size: u64,
     upload_concurrency: usize,
+    /// How long a failing upload waits for its parts already in flight, so that none reaches the
+    /// server after the upload is aborted.
+    settle_timeout: Duration,
+    /// Multipart uploads started and neither completed nor aborted yet: upload id to (key, full key).
+    open_uploads: Mutex<HashMap<String, (String, String)>>,
 }
 
 impl S3Storage {
@@ -76,17 +81,25 @@ impl S3Storage {
             // Our own deadline loop retries whole operations; the SDK's few quick retries smooth over
             // single hiccups without stretching a call past that deadline.
             .retry_config(RetryConfig::standard().with_max_attempts(3))
+            // A download that stops moving fails after read_timeout and is retried. Uploads are not
+            // cut off that way: a part cancelled on our side may still reach the server through a
+            // buffering intermediary after its upload was aborted, and linger. A stuck upload ends at
+            // deadline_secs instead, and the command then aborts it.
             .stalled_stream_protection(
-                StalledStreamProtectionConfig::enabled().grace_period(config.read_timeout).build(),
+                StalledStreamProtectionConfig::enabled()
+                    .upload_enabled(false)
+                    .grace_period(config.read_timeout)
+                    .build(),
             )
             // Our objects carry their own SHA-256; the SDK's extra CRC trailers only break older
             // S3-compatible stores.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        loader = match &config.region {
-            Some(region) => loader.region(Region::new(region.clone())),
-            None => loader.region(RegionProviderChain::default_provider().or_else(Region::new(FALLBACK_REGION))),
-        };
+        // Without a configured region the loader's own chain (AWS_REGION, the profile, instance
+        // metadata) runs with the HTTP client given above; the fallback is applied after it.
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
         if let Some(endpoint) = &config.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
@@ -94,11 +107,10 @@ impl S3Storage {
             loader = loader.credentials_provider(Credentials::new(key_id, secret, None, None, "walship-config"));
         }
         let shared = loader.load().await;
-        let endpoint = shared
-            .endpoint_url()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("AWS S3 ({})", shared.region().map_or(FALLBACK_REGION, |r| r.as_ref())));
-        let s3_config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.force_path_style).build();
+        let region = shared.region().cloned().unwrap_or_else(|| Region::new(FALLBACK_REGION));
+        let endpoint = shared.endpoint_url().map(str::to_owned).unwrap_or_else(|| format!("AWS S3 ({region})"));
+        let s3_config =
+            aws_sdk_s3::config::Builder::from(&shared).region(region).force_path_style(config.force_path_style).build();
         Ok(S3Storage {
             inner: Arc::new(Inner {
                 client: Client::from_conf(s3_config),
@@ -109,6 +121,8 @@ impl S3Storage {
                 sse: config.sse.clone(),
                 part_size: config.part_size,
                 upload_concurrency: config.upload_concurrency,
+                settle_timeout: config.read_timeout * 2,
+                open_uploads: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -160,7 +174,9 @@ impl Inner {
                 }
             }
             SdkError::TimeoutError(_) => other("timed out".into(), true),
-            SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
+            // Refused, reset or closed connections, cut-off responses: the request may well succeed if
+            // sent again. Only a failure caused by the request itself is final.
+            SdkError::DispatchFailure(failure) if !failure.is_user() => {
                 other(format!("cannot reach {}: {}", self.endpoint, error_chain(&error)), true)
             }
             SdkError::ResponseError(_) => other(format!("bad response: {}", error_chain(&error)), true),
@@ -203,7 +219,13 @@ impl Inner {
             }
             None => {}
         }
-        request.send().await.map(|_| ()).map_err(|e| self.classify(key, "PUT", e))
+        request
+            .customize()
+            .config_override(upload_overrides())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify(key, "PUT", e))
     }
 
     async fn start_multipart(&self, key: &str, full_key: &str, options: &PutOptions) -> Result<String, StorageError> {
@@ -222,23 +244,50 @@ impl Inner {
             None => {}
         }
         let output = request.send().await.map_err(|e| self.classify(key, "CreateMultipartUpload", e))?;
-        output.upload_id().map(str::to_owned).ok_or_else(|| StorageError::Other {
+        let upload_id = output.upload_id().map(str::to_owned).ok_or_else(|| StorageError::Other {
             location: self.location(key),
             message: "CreateMultipartUpload returned no upload id".into(),
             retryable: true,
-        })
+        })?;
+        self.open_uploads().insert(upload_id.clone(), (key.to_owned(), full_key.to_owned()));
+        Ok(upload_id)
     }
 
+    fn open_uploads(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.open_uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Aborts an upload and makes sure it is gone: S3 may still store a part that was in transit when
+    /// the abort arrived, so the upload is listed afterwards and aborted again while parts remain.
     async fn abort_multipart(&self, key: &str, full_key: &str, upload_id: &str) -> Result<(), StorageError> {
-        self.client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full_key)
-            .upload_id(upload_id)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.classify(key, "AbortMultipartUpload", e))
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(full_key)
+                .upload_id(upload_id)
+                .send()
+                .await;
+            match aborted.map_err(|e| self.classify(key, "AbortMultipartUpload", e)) {
+                Ok(_) | Err(StorageError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let listed = self.client.list_parts().bucket(&self.bucket).key(full_key).upload_id(upload_id).send().await;
+            match listed.map_err(|e| self.classify(key, "ListParts", e)) {
+                // NoSuchUpload: the upload and all its parts are gone.
+                Err(StorageError::NotFound { .. }) => break,
+                Ok(parts) if parts.parts().is_empty() => break,
+                Ok(_) => continue,
+                // A store without ListParts: the abort is all we can do.
+                Err(_) => break,
+            }
+        }
+        self.open_uploads().remove(upload_id);
+        Ok(())
     }
 }
 
@@ -256,6 +305,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text.replace('\n', " ")
+}
+
+/// For requests that send a body: read_timeout would also bound the time spent sending it, failing
+/// large parts on slow links and leaving abandoned attempts that can still complete on the server
+/// after their upload was aborted. Uploads are bounded by the command's deadline instead.
+fn upload_overrides() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().timeout_config(TimeoutConfig::builder().disable_read_timeout().build())
 }
 
 fn metadata(options: &PutOptions) -> HashMap<String, String> {
@@ -368,6 +424,17 @@ impl Storage for S3Storage {
             .map_err(|e| self.inner.classify(key, "DELETE", e))
     }
 
+    async fn cleanup(&self) -> Result<(), StorageError> {
+        let open: Vec<(String, (String, String))> = self.inner.open_uploads().drain().collect();
+        let mut first_error = None;
+        for (upload_id, (key, full_key)) in open {
+            if let Err(e) = self.inner.abort_multipart(&key, &full_key, &upload_id).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     async fn check_root(&self) -> Result<(), StorageError> {
         let inner = &self.inner;
         match inner.client.head_bucket().bucket(&inner.bucket).send().await {
@@ -406,6 +473,10 @@ impl S3Writer {
     /// Sends one part, waiting first for a free upload slot.
     async fn send_part(&mut self, body: Bytes) -> Result<(), StorageError> {
         if self.multipart.is_none() {
+            // A taken name is found before any part is sent, not after all of them.
+            if self.inner.exists(&self.key, &self.full_key).await? {
+                return Err(StorageError::AlreadyExists { location: self.inner.location(&self.key) });
+            }
             let upload_id = self.inner.start_multipart(&self.key, &self.full_key, &self.options).await?;
             self.multipart =
                 Some(Multipart { upload_id, next_part_number: 1, in_flight: JoinSet::new(), completed: Vec::new() });
@@ -439,6 +510,8 @@ impl S3Writer {
                 .part_number(part_number)
                 .content_length(body.len() as i64)
                 .body(ByteStream::from(body))
+                .customize()
+                .config_override(upload_overrides())
                 .send()
                 .await
                 .map_err(|e| inner.classify(&key, "UploadPart", e))?;
@@ -472,20 +545,20 @@ impl S3Writer {
             .if_none_match("*")
             .send()
             .await
-            .map(|_| ())
-            .map_err(|e| self.inner.classify(&self.key, "CompleteMultipartUpload", e))
+            .map_err(|e| self.inner.classify(&self.key, "CompleteMultipartUpload", e))?;
+        self.inner.open_uploads().remove(&multipart.upload_id);
+        Ok(())
     }
 
-    /// Aborts the multipart upload, if any, so that no parts are left behind.
+    /// Aborts the multipart upload, if any, so that no parts are left behind. Parts already on their
+    /// way are given time to arrive first: one stored after the abort would linger.
     async fn discard(&mut self) -> Result<(), StorageError> {
-        match self.multipart.take() {
-            Some(mut multipart) => {
-                multipart.in_flight.abort_all();
-                while multipart.in_flight.join_next().await.is_some() {}
-                self.inner.abort_multipart(&self.key, &self.full_key, &multipart.upload_id).await
-            }
-            None => Ok(()),
-        }
+        let Some(mut multipart) = self.multipart.take() else { return Ok(()) };
+        let settle = async { while multipart.in_flight.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(self.inner.settle_timeout, settle).await;
+        multipart.in_flight.abort_all();
+        while multipart.in_flight.join_next().await.is_some() {}
+        self.inner.abort_multipart(&self.key, &self.full_key, &multipart.upload_id).await
     }
 }
 
