@@ -8,13 +8,16 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use walship::codec::{self, ContentDigest};
+use walship::codec;
+use walship_tests::assertions::{
+    assert_absent, assert_error, assert_no_temp_files, assert_ok, assert_one_line, sha256_hex, temp_files,
+};
 use walship_tests::segments::{self, Fill, Segment};
 use walship_tests::{Output, Scratch, run, server_user, walship};
 
@@ -101,58 +104,6 @@ impl Setup {
     }
 }
 
-/// The shared check of every failure: the exit code, nothing on stdout, and exactly one line on
-/// stderr that contains every needle (the file and the cause).
-#[track_caller]
-fn assert_error(out: &Output, code: i32, needles: &[&str]) {
-    assert_eq!(out.code, Some(code), "exit code; output: {out:#?}");
-    assert!(out.stdout.is_empty(), "nothing on stdout: {out:#?}");
-    assert_one_line(out);
-    for needle in needles {
-        assert!(out.stderr.contains(needle), "stderr should mention {needle:?}: {:?}", out.stderr);
-    }
-}
-
-#[track_caller]
-fn assert_one_line(out: &Output) {
-    assert!(
-        out.stderr.ends_with('\n') && out.stderr.matches('\n').count() == 1,
-        "stderr must be exactly one line: {:?}",
-        out.stderr
-    );
-}
-
-#[track_caller]
-fn assert_ok(out: &Output, what: &str) {
-    assert_eq!(out.code, Some(0), "{what}: {out:#?}");
-    assert_one_line(out);
-}
-
-/// Hidden temporary files (`.<name>...tmp`) directly in `dir`; none when `dir` does not exist.
-fn temp_files(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let mut names: Vec<String> = entries
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
-        .collect();
-    names.sort();
-    names
-}
-
-#[track_caller]
-fn assert_no_temp_files(dir: &Path) {
-    let left = temp_files(dir);
-    assert!(left.is_empty(), "temporary files left in {dir:?}: {left:?}");
-}
-
-#[track_caller]
-fn assert_absent(path: &Path) {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        other => panic!("{path:?} should not exist: {other:?}"),
-    }
-}
-
 /// Every path below `dir` with its size, to prove a command created, removed or changed nothing.
 fn tree(dir: &Path) -> BTreeMap<PathBuf, u64> {
     let mut found = BTreeMap::new();
@@ -168,10 +119,6 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, u64> {
         }
     }
     found
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ContentDigest::of(bytes).sha256_hex()
 }
 
 /// (length, mtime, inode): changes if an object is rewritten or replaced.

@@ -10,7 +10,7 @@
 //! stalling the suite.
 
 use std::fs;
-use std::io::{ErrorKind, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use walship::codec::ContentDigest;
+use walship_tests::assertions::{
+    assert_absent, assert_error, assert_no_temp_files, assert_ok, assert_one_line, sha256_hex,
+};
 use walship_tests::proxy::{Fault, Proxy, Request, Response, Rule};
 use walship_tests::s3::{ACCESS_KEY, REGION, S3Server, SECRET_KEY, free_port, write_config_file};
 use walship_tests::segments::{self, Fill, Segment};
@@ -267,66 +269,10 @@ fn finish(mut running: Running, limit: Duration) -> Finished {
     }
 }
 
-/// The shared check of every failure: the exit code, nothing on stdout, and exactly one line on
-/// stderr that contains every needle (the location and the cause).
-#[track_caller]
-fn assert_error(out: &Output, code: i32, needles: &[&str]) {
-    assert_eq!(out.code, Some(code), "exit code; output: {out:#?}");
-    assert!(out.stdout.is_empty(), "nothing on stdout: {out:#?}");
-    assert_one_line(out);
-    for needle in needles {
-        assert!(out.stderr.contains(needle), "stderr should mention {needle:?}: {:?}", out.stderr);
-    }
-}
-
-#[track_caller]
-fn assert_one_line(out: &Output) {
-    assert!(
-        out.stderr.ends_with('\n') && out.stderr.matches('\n').count() == 1,
-        "stderr must be exactly one line: {:?}",
-        out.stderr
-    );
-}
-
-#[track_caller]
-fn assert_ok(out: &Output, what: &str) {
-    assert_eq!(out.code, Some(0), "{what}: {out:#?}");
-    assert_one_line(out);
-}
-
-/// Hidden temporary files (`.<name>...tmp`) directly in `dir`.
-fn temp_files(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let mut names: Vec<String> = entries
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
-        .collect();
-    names.sort();
-    names
-}
-
-#[track_caller]
-fn assert_no_temp_files(dir: &Path) {
-    let left = temp_files(dir);
-    assert!(left.is_empty(), "temporary files left in {dir:?}: {left:?}");
-}
-
-#[track_caller]
-fn assert_absent(path: &Path) {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        other => panic!("{path:?} should not exist: {other:?}"),
-    }
-}
-
 #[track_caller]
 fn assert_no_multipart_leftovers(server: &S3Server, what: &str) {
     let left = server.multipart_leftovers();
     assert!(left.is_empty(), "{what}: multipart upload files left in {:?}: {left:?}", server.data_dir());
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ContentDigest::of(bytes).sha256_hex()
 }
 
 /// (length, mtime, inode): changes if an object is rewritten or replaced.

@@ -4,6 +4,7 @@
 //! As root (CI), servers and commands run as the `postgres` user, because PostgreSQL refuses to run
 //! as root; otherwise they run as the current user.
 
+pub mod assertions;
 pub mod pg;
 pub mod proxy;
 pub mod s3;

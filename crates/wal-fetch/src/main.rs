@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
+use walship::Error;
 use walship::log::Log;
 use walship::repo::{self, Repository};
-use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -45,14 +45,7 @@ fn main() {
         log.debug(format_args!("repository {}, deadline {} s", config.repo, config.deadline.as_secs()));
         let repo = Repository::open(&config).await?;
         let what = repo.describe_wal(&cli.name);
-        let result =
-            retry::with_deadline(config.deadline, &log, &what, || repo::fetch(&repo, &cli.name, &cli.path)).await;
-        if result.is_err()
-            && let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await
-        {
-            log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
-        }
-        result
+        walship_cli::run_on_repository(&repo, &config, &log, &what, || repo::fetch(&repo, &cli.name, &cli.path)).await
     });
     let millis = started.elapsed().as_millis();
     match result {

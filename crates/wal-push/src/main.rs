@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+use walship::Error;
 use walship::log::Log;
 use walship::repo::{self, Repository};
-use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -49,16 +49,10 @@ fn main() {
         ));
         let repo = Repository::open(&config).await?;
         let what = repo.describe_wal(&name);
-        let result = retry::with_deadline(config.deadline, &log, &what, || {
+        walship_cli::run_on_repository(&repo, &config, &log, &what, || {
             repo::push(&repo, &cli.path, &name, config.compression_level)
         })
-        .await;
-        if result.is_err()
-            && let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await
-        {
-            log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
-        }
-        result
+        .await
     });
     let millis = started.elapsed().as_millis();
     match result {

@@ -7,7 +7,9 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use clap::{Args, Parser};
-use walship::{Config, ConfigFlags, Error, ExitCode};
+use walship::log::Log;
+use walship::repo::Repository;
+use walship::{Config, ConfigFlags, Error, ExitCode, retry};
 
 /// Configuration keys, environment and exit codes, appended to every command's `--help`.
 pub const COMMON_HELP: &str = "\
@@ -78,6 +80,29 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
 
 /// How long a failed command may spend aborting what it left open (multipart uploads) before exiting.
 pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs one operation on `repo` within `config.deadline`, retrying transient failures. After a
+/// failure (a deadline that cut the operation short in particular) the repository gets a bounded
+/// chance to abort what the operation left open on the server.
+pub async fn run_on_repository<T, F, Fut>(
+    repo: &Repository,
+    config: &Config,
+    log: &Log,
+    what: &str,
+    attempt: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let result = retry::with_deadline(config.deadline, log, what, attempt).await;
+    if result.is_err()
+        && let Err(e) = repo.cleanup(CLEANUP_GRACE).await
+    {
+        log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
+    }
+    result
+}
 
 /// Runs one command's work to completion on a current-thread runtime.
 pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {

@@ -194,6 +194,21 @@ impl Inner {
         }
     }
 
+    fn sse_algorithm(&self) -> Option<SdkSse> {
+        match &self.sse {
+            Some(ServerSideEncryption::Aes256) => Some(SdkSse::Aes256),
+            Some(ServerSideEncryption::Kms { .. }) => Some(SdkSse::AwsKms),
+            None => None,
+        }
+    }
+
+    fn sse_kms_key_id(&self) -> Option<String> {
+        match &self.sse {
+            Some(ServerSideEncryption::Kms { key_id }) => key_id.clone(),
+            _ => None,
+        }
+    }
+
     async fn put_whole(
         &self,
         key: &str,
@@ -202,7 +217,7 @@ impl Inner {
         options: &PutOptions,
     ) -> Result<(), StorageError> {
         let len = body.len() as i64;
-        let mut request = self
+        let request = self
             .client
             .put_object()
             .bucket(&self.bucket)
@@ -211,14 +226,9 @@ impl Inner {
             .body(ByteStream::from(body))
             .if_none_match("*")
             .set_metadata(Some(metadata(options)))
-            .set_storage_class(self.storage_class.clone());
-        match &self.sse {
-            Some(ServerSideEncryption::Aes256) => request = request.server_side_encryption(SdkSse::Aes256),
-            Some(ServerSideEncryption::Kms { key_id }) => {
-                request = request.server_side_encryption(SdkSse::AwsKms).set_ssekms_key_id(key_id.clone())
-            }
-            None => {}
-        }
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id());
         request
             .customize()
             .config_override(upload_overrides())
@@ -229,20 +239,15 @@ impl Inner {
     }
 
     async fn start_multipart(&self, key: &str, full_key: &str, options: &PutOptions) -> Result<String, StorageError> {
-        let mut request = self
+        let request = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(full_key)
             .set_metadata(Some(metadata(options)))
-            .set_storage_class(self.storage_class.clone());
-        match &self.sse {
-            Some(ServerSideEncryption::Aes256) => request = request.server_side_encryption(SdkSse::Aes256),
-            Some(ServerSideEncryption::Kms { key_id }) => {
-                request = request.server_side_encryption(SdkSse::AwsKms).set_ssekms_key_id(key_id.clone())
-            }
-            None => {}
-        }
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id());
         let output = request.send().await.map_err(|e| self.classify(key, "CreateMultipartUpload", e))?;
         let upload_id = output.upload_id().map(str::to_owned).ok_or_else(|| StorageError::Other {
             location: self.location(key),
