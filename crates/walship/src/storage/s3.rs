@@ -312,6 +312,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text.replace('\n', " ")
 }
 
+/// Uniform parts, as some S3-compatible stores require: the configured size, grown (in whole MiB) so
+/// that an object of the expected size needs at most MAX_PARTS of them.
+fn part_size_for(configured: u64, size_hint: Option<u64>) -> u64 {
+    let needed = size_hint.map_or(0, |size| size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20));
+    configured.max(needed)
+}
+
 /// For requests that send a body: read_timeout would also bound the time spent sending it, failing
 /// large parts on slow links and leaving abandoned attempts that can still complete on the server
 /// after their upload was aborted. Uploads are bounded by the command's deadline instead.
@@ -331,10 +338,7 @@ impl Storage for S3Storage {
 
     async fn create(&self, key: &str, options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let full_key = self.inner.full_key(key)?;
-        // Uniform parts, as some S3-compatible stores require, sized so that an object of the expected
-        // size needs at most MAX_PARTS of them.
-        let needed = options.size_hint.map_or(0, |size| size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20));
-        let part_size = self.inner.part_size.max(needed) as usize;
+        let part_size = part_size_for(self.inner.part_size, options.size_hint) as usize;
         Ok(Box::new(S3Writer {
             inner: Arc::clone(&self.inner),
             key: key.to_owned(),
@@ -629,5 +633,24 @@ impl AsyncRead for NetworkRead {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_to_stay_within_the_part_limit() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(16 * MIB, None), 16 * MIB);
+        assert_eq!(part_size_for(16 * MIB, Some(16 * MIB)), 16 * MIB);
+        // 1 TiB in 16 MiB parts would be 65,536 of them.
+        let huge = 1 << 40;
+        let grown = part_size_for(16 * MIB, Some(huge));
+        assert!(huge.div_ceil(grown) <= MAX_PARTS, "{grown}");
+        assert_eq!(grown % MIB, 0);
+        assert_eq!(part_size_for(16 * MIB, Some(10_000 * 16 * MIB)), 16 * MIB, "exactly at the limit");
+        assert_eq!(part_size_for(16 * MIB, Some(10_000 * 16 * MIB + 1)), 17 * MIB);
     }
 }
