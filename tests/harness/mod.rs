@@ -91,11 +91,23 @@ impl Scratch {
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // Without CARGO_MANIFEST_DIR from this test process: build scripts (ring's) watch it, and a
-        // different value would rebuild half the dependency tree on every run.
-        let status = Command::new(env!("CARGO"))
+        // Without the variables cargo sets for a running test (CARGO_PKG_*, CARGO_MANIFEST_*, ...):
+        // build scripts (ring's, cc's) watch some of them, and different values would rebuild half
+        // the dependency tree in every test binary. The user's own CARGO_HOME, CARGO_TARGET_DIR,
+        // CARGO_BUILD_* and the like stay.
+        let mut build = Command::new(env!("CARGO"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let set_for_tests = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_"]
+                .iter()
+                .any(|prefix| key.starts_with(prefix))
+                || matches!(key.as_ref(), "CARGO" | "CARGO_TARGET_TMPDIR" | "CARGO_RUSTC_CURRENT_DIR" | "OUT_DIR");
+            if set_for_tests {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build
             .args(["build", "--quiet", "-p", "wal-push", "-p", "wal-fetch"])
-            .env_remove("CARGO_MANIFEST_DIR")
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
