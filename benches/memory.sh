@@ -14,7 +14,7 @@ bin=$PWD/target/release
 work=$(mktemp -d /tmp/walship-bench.XXXXXX)
 s3s_pid=
 cleanup() {
-  [ -n "$s3s_pid" ] && kill "$s3s_pid" 2>/dev/null && wait "$s3s_pid" 2>/dev/null
+  if [ -n "$s3s_pid" ]; then kill "$s3s_pid" 2>/dev/null || true; wait "$s3s_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -123,8 +123,10 @@ pub fn bin_dir() -> &'static Path {
             use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
             BuildHasherDefault::<DefaultHasher>::default().hash_one(&target)
         };
-        let dir = std::env::temp_dir().join(format!("walship-test-bin-{tag:016x}"));
+        let dir = std::env::temp_dir().join(format!("{BIN_DIR_PREFIX}{tag:016x}"));
+        remove_orphaned_bin_dirs();
         fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(BIN_DIR_OWNER), target.as_os_str().as_encoded_bytes()).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         for name in ["wal-push", "wal-fetch"] {
             let staging = dir.join(format!(".{name}.{}", std::process::id()));
@@ -135,6 +137,26 @@ pub fn bin_dir() -> &'static Path {
         }
         dir
     })
+}
+
+const BIN_DIR_PREFIX: &str = "walship-test-bin-";
+/// Names, inside a binary directory, the target directory it was copied from.
+const BIN_DIR_OWNER: &str = "target-dir";
+
+/// Removes binary directories whose target directory is gone (a deleted clone), so that copies do not
+/// pile up in the temporary directory.
+fn remove_orphaned_bin_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(BIN_DIR_PREFIX) {
+            continue;
+        }
+        let owner = fs::read(entry.path().join(BIN_DIR_OWNER)).ok();
+        let target_exists = owner.is_some_and(|bytes| Path::new(&*String::from_utf8_lossy(&bytes)).exists());
+        if !target_exists {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Path of one of our binaries.
