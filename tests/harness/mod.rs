@@ -9,6 +9,7 @@ pub mod pg;
 pub mod proxy;
 pub mod s3;
 pub mod segments;
+pub mod ssh;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -78,12 +78,13 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
     }
 }
 
-/// How long a failed command may spend aborting what it left open (multipart uploads) before exiting.
+/// How long a command may spend undoing what interrupted attempts left open before exiting.
 pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs one operation on `repo` within `config.deadline`, retrying transient failures. After a
-/// failure (a deadline that cut the operation short in particular) the repository gets a bounded
-/// chance to abort what the operation left open on the server.
+/// Runs one operation on `repo` within `config.deadline`, retrying transient failures. Afterwards the
+/// repository gets a bounded chance to undo what interrupted attempts left on the server (multipart
+/// uploads cut off by the deadline, temporary files of an attempt whose connection broke), whether
+/// the operation succeeded in the end or not.
 pub async fn run_on_repository<T, F, Fut>(
     repo: &Repository,
     config: &Config,
@@ -96,10 +97,8 @@ where
     Fut: Future<Output = Result<T, Error>>,
 {
     let result = retry::with_deadline(config.deadline, log, what, attempt).await;
-    if result.is_err()
-        && let Err(e) = repo.cleanup(CLEANUP_GRACE).await
-    {
-        log.debug(format_args!("after the failure, cleaning up failed too: {e}"));
+    if let Err(e) = repo.cleanup(CLEANUP_GRACE).await {
+        log.debug(format_args!("cleaning up after interrupted attempts failed: {e}"));
     }
     result
 }

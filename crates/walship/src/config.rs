@@ -28,6 +28,13 @@ pub enum RepoUrl {
         bucket: String,
         prefix: String,
     },
+    /// `ssh://[user@]host[:port]/absolute/path`.
+    Ssh {
+        user: Option<String>,
+        host: String,
+        port: Option<u16>,
+        path: PathBuf,
+    },
 }
 
 impl RepoUrl {
@@ -36,11 +43,12 @@ impl RepoUrl {
             rest
         } else if let Some(rest) = text.strip_prefix("s3://") {
             return parse_s3(text, rest);
+        } else if let Some(rest) = text.strip_prefix("ssh://") {
+            return parse_ssh(text, rest);
         } else if let Some((scheme, _)) = text.split_once("://") {
-            return Err(match scheme {
-                "ssh" => format!("{scheme}:// repositories are not supported by this build yet"),
-                other => format!("unknown repository scheme {other:?}; expected file://, s3:// or an absolute path"),
-            });
+            return Err(format!(
+                "unknown repository scheme {scheme:?}; expected file://, s3://, ssh:// or an absolute path"
+            ));
         } else {
             text
         };
@@ -75,12 +83,72 @@ fn parse_s3(text: &str, rest: &str) -> Result<RepoUrl, String> {
     Ok(RepoUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() })
 }
 
+fn parse_ssh(text: &str, rest: &str) -> Result<RepoUrl, String> {
+    let slash = rest.find('/').ok_or_else(|| format!("{text:?}: expected ssh://[user@]host[:port]/absolute/path"))?;
+    let (authority, path) = rest.split_at(slash);
+    let (user, host_port) = match authority.rsplit_once('@') {
+        Some((user, host_port)) => (Some(user.to_owned()), host_port),
+        None => (None, authority),
+    };
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) => {
+            (host, Some(port.parse::<u16>().map_err(|_| format!("{text:?}: port {port:?} is not a number"))?))
+        }
+        None => (host_port, None),
+    };
+    let plain = |s: &str| !s.is_empty() && !s.starts_with('-') && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+    if !plain(host) || user.as_deref().is_some_and(|u| !plain(u)) {
+        return Err(format!("{text:?}: the user or host name is empty or not plain (no spaces, no leading '-')"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("repository path {text:?} contains '..'"));
+    }
+    Ok(RepoUrl::Ssh { user, host: host.to_owned(), port, path: PathBuf::from(path) })
+}
+
 impl std::fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RepoUrl::Local(path) => write!(f, "file://{}", path.display()),
             RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             RepoUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            RepoUrl::Ssh { user, host, port, path } => {
+                write!(f, "ssh://")?;
+                if let Some(user) = user {
+                    write!(f, "{user}@")?;
+                }
+                write!(f, "{host}")?;
+                if let Some(port) = port {
+                    write!(f, ":{port}")?;
+                }
+                write!(f, "{}", path.display())
+            }
+        }
+    }
+}
+
+/// The `[ssh]` table, resolved. Anything unset is left to ssh itself: the user's `~/.ssh/config`,
+/// agent, keys and `known_hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConfig {
+    pub identity_file: Option<PathBuf>,
+    pub known_hosts_file: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub connect_timeout: Duration,
+    pub keepalive: Duration,
+    /// Accept a server without the fsync@openssh.com extension (no durability guarantee).
+    pub allow_no_fsync: bool,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            identity_file: None,
+            known_hosts_file: None,
+            port: None,
+            connect_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
+            allow_no_fsync: false,
         }
     }
 }
@@ -162,6 +230,7 @@ pub struct Config {
     /// How long one command may keep retrying transient failures before giving up.
     pub deadline: Duration,
     pub s3: S3Config,
+    pub ssh: SshConfig,
 }
 
 /// What the command line says about configuration.
@@ -178,6 +247,18 @@ struct FileConfig {
     compression_level: Option<i32>,
     deadline_secs: Option<u64>,
     s3: Option<S3File>,
+    ssh: Option<SshFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SshFile {
+    identity_file: Option<PathBuf>,
+    known_hosts_file: Option<PathBuf>,
+    port: Option<u16>,
+    connect_timeout_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    allow_no_fsync: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +311,30 @@ impl TryFrom<toml::Value> for ByteSize {
             other => Err(format!("a size cannot be a {}: use bytes or a string such as \"16MiB\"", other.type_str())),
         }
     }
+}
+
+fn resolve_ssh(file: Option<SshFile>, file_label: &dyn Fn() -> String) -> Result<SshConfig, Error> {
+    let Some(file) = file else { return Ok(SshConfig::default()) };
+    let bad = |message: String| Error::Config { source_name: format!("{} [ssh]", file_label()), message };
+    let defaults = SshConfig::default();
+    let seconds = |value: Option<u64>, name: &str, default: Duration| match value {
+        None => Ok(default),
+        Some(0) => Err(bad(format!("{name} must be at least 1"))),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+    };
+    for (name, path) in [("identity_file", &file.identity_file), ("known_hosts_file", &file.known_hosts_file)] {
+        if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(bad(format!("{name} must be an absolute path")));
+        }
+    }
+    Ok(SshConfig {
+        identity_file: file.identity_file,
+        known_hosts_file: file.known_hosts_file,
+        port: file.port,
+        connect_timeout: seconds(file.connect_timeout_secs, "connect_timeout_secs", defaults.connect_timeout)?,
+        keepalive: seconds(file.keepalive_secs, "keepalive_secs", defaults.keepalive)?,
+        allow_no_fsync: file.allow_no_fsync.unwrap_or(false),
+    })
 }
 
 fn resolve_s3(file: Option<S3File>, file_label: &dyn Fn() -> String) -> Result<S3Config, Error> {
@@ -354,7 +459,8 @@ impl Config {
             Some(secs) => Duration::from_secs(secs),
         };
         let s3 = resolve_s3(file.s3, &file_label)?;
-        Ok(Config { repo, compression_level, deadline, s3 })
+        let ssh = resolve_ssh(file.ssh, &file_label)?;
+        Ok(Config { repo, compression_level, deadline, s3, ssh })
     }
 }
 
@@ -421,8 +527,8 @@ mod tests {
         assert!(!text.contains('\n'), "one line: {text}");
         let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[s3]\nbucket = 'b'\n")).unwrap_err();
         assert!(err.to_string().contains("bucket") && err.to_string().contains(":3"), "{err}");
-        let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[ssh]\nport = 22\n")).unwrap_err();
-        assert!(err.to_string().contains("ssh"), "{err}");
+        let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[ssh]\nhost = 'x'\n")).unwrap_err();
+        assert!(err.to_string().contains("host") && err.to_string().contains(":3"), "{err}");
     }
 
     #[test]
@@ -484,6 +590,40 @@ mod tests {
                 load(ConfigFlags::default(), &[], Some(&format!("repo = 's3://b-1/p'\n[s3]\n{table}\n"))).unwrap_err();
             assert!(err.to_string().contains(needle), "{table}: {err}");
         }
+    }
+
+    #[test]
+    fn ssh_urls_and_settings() {
+        assert_eq!(
+            RepoUrl::parse("ssh://backup@db-archive:2222/srv/walship").unwrap(),
+            RepoUrl::Ssh {
+                user: Some("backup".into()),
+                host: "db-archive".into(),
+                port: Some(2222),
+                path: "/srv/walship".into()
+            }
+        );
+        assert_eq!(RepoUrl::parse("ssh://host/srv/w").unwrap().to_string(), "ssh://host/srv/w");
+        for bad in ["ssh://host", "ssh://host:x/p", "ssh://-oProxyCommand=x/p", "ssh://a b/p", "ssh://h/a/../b"] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad}");
+        }
+        let config = load(
+            ConfigFlags::default(),
+            &[],
+            Some(
+                "repo = 'ssh://h/p'\n[ssh]\nidentity_file = '/k'\nknown_hosts_file = '/kh'\nport = 2200\n\
+                 connect_timeout_secs = 3\nkeepalive_secs = 4\nallow_no_fsync = true\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(config.ssh.port, Some(2200));
+        assert_eq!(
+            (config.ssh.connect_timeout, config.ssh.keepalive),
+            (Duration::from_secs(3), Duration::from_secs(4))
+        );
+        assert!(config.ssh.allow_no_fsync);
+        let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[ssh]\nidentity_file = 'k'\n")).unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err}");
     }
 
     #[test]

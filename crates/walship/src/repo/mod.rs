@@ -24,6 +24,7 @@ use crate::config::{Config, RepoUrl};
 use crate::error::Error;
 use crate::storage::local::LocalStorage;
 use crate::storage::s3::S3Storage;
+use crate::storage::ssh::SshStorage;
 use crate::storage::{PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -63,6 +64,9 @@ impl Repository {
         let storage: Box<dyn Storage> = match &config.repo {
             RepoUrl::Local(path) => Box::new(LocalStorage::open(path)?),
             RepoUrl::S3 { bucket, prefix } => Box::new(S3Storage::connect(bucket, prefix, &config.s3).await?),
+            RepoUrl::Ssh { user, host, port, path } => {
+                Box::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
+            }
         };
         Ok(Repository { storage, url: config.repo.to_string() })
     }
@@ -87,8 +91,8 @@ impl Repository {
         }
     }
 
-    /// After a failed command: aborts what interrupted writers left open on the server, within
-    /// `grace`. Best effort; a failure here changes nothing about the command's own error.
+    /// After a command: undoes what interrupted writers left on the server, within `grace`. Best
+    /// effort; a failure here changes nothing about the command's own outcome.
     pub async fn cleanup(&self, grace: std::time::Duration) -> Result<(), String> {
         match tokio::time::timeout(grace, self.storage.cleanup()).await {
             Ok(result) => result.map_err(|e| e.to_string()),

@@ -13,6 +13,7 @@
 
 pub mod local;
 pub mod s3;
+pub mod ssh;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -123,6 +124,42 @@ impl StorageError {
             StorageError::Io { source, .. } => io_error_is_transient(source),
             StorageError::Other { retryable, .. } => *retryable,
             _ => false,
+        }
+    }
+}
+
+/// A streaming read over a network connection. A connection that breaks mid-body surfaces as an I/O
+/// error of a kind the retry logic treats as transient, whatever kind the transport gave it, and
+/// marks the connection `broken` (where the backend keeps one) so that a retry connects anew.
+pub(crate) struct NetworkRead {
+    inner: std::pin::Pin<Box<dyn AsyncRead + Send>>,
+    broken: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl NetworkRead {
+    pub(crate) fn new(
+        inner: impl AsyncRead + Send + 'static,
+        broken: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Self {
+        NetworkRead { inner: Box::pin(inner), broken }
+    }
+}
+
+impl AsyncRead for NetworkRead {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.inner.as_mut().poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) => {
+                if let Some(broken) = &self.broken {
+                    broken.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let e = if io_error_is_transient(&e) { e } else { io::Error::new(io::ErrorKind::ConnectionAborted, e) };
+                std::task::Poll::Ready(Err(e))
+            }
+            other => other,
         }
     }
 }

@@ -15,10 +15,7 @@
 //! are errors, the transient ones marked retryable.
 
 use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,10 +31,9 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption as SdkSse, StorageClass};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::task::JoinSet;
 
-use super::{ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use super::{NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
 use crate::config::{S3Config, ServerSideEncryption};
 
 /// S3 allows at most this many parts in one upload.
@@ -361,7 +357,7 @@ impl Storage for S3Storage {
             .send()
             .await
             .map_err(|e| self.inner.classify(key, "GET", e))?;
-        Ok(Box::new(NetworkRead(Box::pin(output.body.into_async_read()))))
+        Ok(Box::new(NetworkRead::new(output.body.into_async_read(), None)))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
@@ -618,21 +614,6 @@ impl ObjectWriter for S3Writer {
 
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
         self.discard().await
-    }
-}
-
-/// The body of a GET. A connection that breaks mid-body surfaces as an I/O error of a kind our retry
-/// logic treats as transient, whatever kind the HTTP stack gave it.
-struct NetworkRead(Pin<Box<dyn AsyncRead + Send>>);
-
-impl AsyncRead for NetworkRead {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.0.as_mut().poll_read(cx, buf) {
-            Poll::Ready(Err(e)) if !super::io_error_is_transient(&e) => {
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)))
-            }
-            other => other,
-        }
     }
 }
 

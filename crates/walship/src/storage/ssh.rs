@@ -1,0 +1,542 @@
+//! A repository on another machine, reached with the system's OpenSSH client and SFTP.
+//!
+//! The system `ssh` is used, not a library SSH stack, so that what operators rely on applies: their
+//! `~/.ssh/config`, agent, keys and `known_hosts`. It runs as our own child (`ssh -s host sftp`) with
+//! its standard input and output as the SFTP channel: one connection serves all the work of one
+//! command, and it cannot outlive us (no ControlMaster; `ControlPath=none`). Host keys are always
+//! verified (`StrictHostKeyChecking=yes`, `BatchMode=yes`); there is no option to accept any key.
+//!
+//! Publishing mirrors the local backend: a hidden temporary file in the object's directory, made
+//! durable with the `fsync@openssh.com` extension (a server without it is refused unless
+//! `allow_no_fsync` says otherwise), then linked to its name with `hardlink@openssh.com`, which like
+//! link(2) refuses an existing name. (SFTP's posix-rename would replace one.) The directory is fsynced
+//! too where the server lets a directory be opened.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use openssh_sftp_client::Error as SftpError;
+use openssh_sftp_client::error::SftpErrorKind;
+use openssh_sftp_client::file::{File, TokioCompatFile};
+use openssh_sftp_client::{Sftp, SftpOptions};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use super::{NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use crate::config::SshConfig;
+
+/// Connects on first use, inside the command's deadline loop, and again after the connection broke:
+/// an unreachable server or a dropped connection is retried like any transient failure.
+pub struct SshStorage {
+    user: Option<String>,
+    host: String,
+    port: Option<u16>,
+    root: PathBuf,
+    config: SshConfig,
+    remote: String,
+    session: tokio::sync::Mutex<Option<Arc<Inner>>>,
+    /// Temporary files written and not yet removed: an attempt cut off by a broken connection
+    /// cannot remove its own, so `cleanup` does it over a new one.
+    pending_temps: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
+}
+
+/// One connection: the ssh child and the SFTP channel over it.
+struct Inner {
+    sftp: Sftp,
+    /// Set when the channel failed; the next operation connects anew.
+    broken: Arc<std::sync::atomic::AtomicBool>,
+    /// The ssh process; kept so that it is killed when we are done (kill_on_drop).
+    _child: Mutex<Child>,
+    /// What ssh printed on stderr, to explain a connection that broke.
+    ssh_stderr: Arc<Mutex<String>>,
+    /// `ssh://user@host:port` for messages.
+    remote: String,
+    root: PathBuf,
+    allow_no_fsync: bool,
+}
+
+impl SshStorage {
+    /// Prepares the repository; nothing is sent until the first operation.
+    pub fn new(user: Option<&str>, host: &str, url_port: Option<u16>, root: &Path, config: &SshConfig) -> Self {
+        let port = url_port.or(config.port);
+        let remote = format!(
+            "ssh://{}{host}{}",
+            user.map(|u| format!("{u}@")).unwrap_or_default(),
+            port.map(|p| format!(":{p}")).unwrap_or_default()
+        );
+        SshStorage {
+            user: user.map(str::to_owned),
+            host: host.to_owned(),
+            port,
+            root: root.to_owned(),
+            config: config.clone(),
+            remote,
+            session: tokio::sync::Mutex::new(None),
+            pending_temps: Arc::new(Mutex::new(std::collections::HashSet::new())),
+        }
+    }
+
+    /// The live connection, made (again) when there is none or the last one broke.
+    async fn session(&self) -> Result<Arc<Inner>, StorageError> {
+        let mut current = self.session.lock().await;
+        if let Some(session) = current.as_ref()
+            && !session.broken.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(Arc::clone(session));
+        }
+        *current = None;
+        let session = Arc::new(self.connect().await?);
+        *current = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    async fn connect(&self) -> Result<Inner, StorageError> {
+        let (user, host, port, config, remote) =
+            (self.user.as_deref(), self.host.as_str(), self.port, &self.config, self.remote.clone());
+        let mut command = Command::new("ssh");
+        command
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlPath=none"])
+            .args(["-o", "LogLevel=ERROR", "-o", "ServerAliveCountMax=3"])
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", config.connect_timeout.as_secs()))
+            .arg("-o")
+            .arg(format!("ServerAliveInterval={}", config.keepalive.as_secs()));
+        if let Some(known_hosts) = &config.known_hosts_file {
+            command.arg("-o").arg(format!("UserKnownHostsFile={}", known_hosts.display()));
+        }
+        if let Some(identity) = &config.identity_file {
+            command.arg("-i").arg(identity).args(["-o", "IdentitiesOnly=yes"]);
+        }
+        if let Some(port) = port {
+            command.arg("-p").arg(port.to_string());
+        }
+        if let Some(user) = user {
+            command.arg("-l").arg(user);
+        }
+        // "--" keeps a host name from being read as an option.
+        command.args(["-s", "--", host, "sftp"]);
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = command.spawn().map_err(|e| StorageError::Other {
+            location: remote.clone(),
+            message: format!("cannot run ssh: {e} (install the OpenSSH client)"),
+            retryable: false,
+        })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let ssh_stderr = Arc::new(Mutex::new(String::new()));
+        let collected = Arc::clone(&ssh_stderr);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let mut text = collected.lock().unwrap_or_else(|p| p.into_inner());
+                if text.len() < 16 * 1024 {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        match Sftp::new(stdin, stdout, SftpOptions::default()).await {
+            Ok(sftp) => Ok(Inner {
+                sftp,
+                broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                _child: Mutex::new(child),
+                ssh_stderr,
+                remote,
+                root: self.root.clone(),
+                allow_no_fsync: config.allow_no_fsync,
+            }),
+            Err(_) => {
+                // ssh exited: its own words say why (host key, authentication, unreachable).
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), child.wait()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let said = ssh_stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                Err(connection_error(&remote, host, port, &said))
+            }
+        }
+    }
+}
+
+/// Explains why ssh could not set up the connection, with what to do about it, in one line.
+fn connection_error(remote: &str, host: &str, port: Option<u16>, said: &str) -> StorageError {
+    // ssh's banners ('@@@@') and blank lines carry nothing an operator needs here.
+    let lines: Vec<&str> = said.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('@')).collect();
+    let said_line = lines.join("; ");
+    let host_label = match port {
+        Some(port) => format!("[{host}]:{port}"),
+        None => host.to_owned(),
+    };
+    let (message, retryable) = if said.contains("HAS CHANGED") || said.contains("has changed") {
+        let fingerprint = lines.iter().find(|l| l.starts_with("SHA256:")).map_or("", |l| l.trim_end_matches('.'));
+        let offending = lines.iter().find(|l| l.starts_with("Offending")).copied().unwrap_or("");
+        (
+            format!(
+                "host key verification failed: the server's host key has CHANGED since it was recorded (a \
+                 reinstalled server, or a man-in-the-middle); if the change is expected, check the new \
+                 fingerprint {fingerprint} and replace the old key ({offending}; ssh-keygen -R \"{host_label}\")"
+            ),
+            false,
+        )
+    } else if said.contains("Host key verification failed") || said.contains("host key is known") {
+        let keyscan = match port {
+            Some(port) => format!("ssh-keyscan -p {port} {host}"),
+            None => format!("ssh-keyscan {host}"),
+        };
+        (
+            format!(
+                "host key verification failed: the server's host key is not known ({said_line}); check its \
+                 fingerprint, then add it to known_hosts (e.g. {keyscan} >> ~/.ssh/known_hosts, or the file named \
+                 by known_hosts_file)"
+            ),
+            false,
+        )
+    } else if said.contains("Permission denied") || said.contains("Too many authentication failures") {
+        (
+            format!(
+                "authentication failed ({said_line}); check identity_file or the agent, and the server's \
+                 authorized_keys for this user"
+            ),
+            false,
+        )
+    } else if said.contains("subsystem request failed") {
+        (format!("the server offers no sftp subsystem ({said_line})"), false)
+    } else {
+        // Refused, unreachable, timed out: the server may come back within the deadline.
+        (format!("cannot connect: {}", if said_line.is_empty() { "ssh exited" } else { &said_line }), true)
+    };
+    StorageError::Other { location: remote.to_owned(), message, retryable }
+}
+
+impl Inner {
+    fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
+        Ok(self.root.join(key))
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("{}{}", self.remote, self.root.join(key).display())
+    }
+
+    /// Maps an SFTP failure: only "no such file" is absence; a broken channel is worth retrying.
+    fn classify(&self, key: &str, operation: &'static str, error: SftpError) -> StorageError {
+        let location = self.location(key);
+        match error {
+            SftpError::SftpError(SftpErrorKind::NoSuchFile, _) => StorageError::NotFound { location },
+            SftpError::SftpError(kind, message) => {
+                StorageError::Other { location, message: format!("{operation}: {kind:?}: {message}"), retryable: false }
+            }
+            SftpError::UnsupportedExtension(extension) => StorageError::Other {
+                location,
+                message: format!("{operation}: the server lacks the {extension}@openssh.com extension"),
+                retryable: false,
+            },
+            other => {
+                self.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+                let said = self.ssh_stderr.lock().unwrap_or_else(|p| p.into_inner()).trim().replace('\n', "; ");
+                let said = if said.is_empty() { String::new() } else { format!(" (ssh: {said})") };
+                StorageError::Other {
+                    location,
+                    message: format!("{operation}: the connection to the server broke: {other}{said}"),
+                    retryable: true,
+                }
+            }
+        }
+    }
+
+    async fn exists(&self, key: &str, path: &Path) -> Result<bool, StorageError> {
+        match self.sftp.fs().metadata(path).await {
+            Ok(_) => Ok(true),
+            Err(e) => match self.classify(key, "stat", e) {
+                StorageError::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Creates `dir` and its missing parents below the root.
+    async fn create_dirs(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
+        let relative = dir.strip_prefix(&self.root).unwrap_or(dir);
+        let mut current = self.root.clone();
+        for component in relative.components() {
+            current.push(component);
+            if self.exists(key, &current).await? {
+                continue;
+            }
+            if let Err(e) = self.sftp.fs().create_dir(&current).await {
+                // A racing writer may have created it; only a directory that is still missing is an error.
+                if !self.exists(key, &current).await? {
+                    return Err(self.classify(key, "create directory", e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists keys in key order by walking directories in sorted order, like the local backend; hidden
+    /// (temporary) names are skipped. One directory's entries are held at a time.
+    fn walk<'a>(
+        &'a self,
+        dir_key: String,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+        limit: usize,
+        found: &'a mut Vec<ObjectMeta>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>> + Send + 'a>> {
+        Box::pin(async move {
+            let dir = if dir_key.is_empty() { self.root.clone() } else { self.root.join(&dir_key) };
+            let entries = match self.sftp.fs().open_dir(&dir).await {
+                Ok(handle) => read_dir_entries(handle).await.map_err(|e| self.classify(&dir_key, "list", e))?,
+                Err(e) => match self.classify(&dir_key, "list", e) {
+                    StorageError::NotFound { .. } => return Ok(()),
+                    other => return Err(other),
+                },
+            };
+            let mut children: Vec<(String, String, bool, u64)> = entries
+                .into_iter()
+                .filter(|(name, _, _)| !name.starts_with('.'))
+                .map(|(name, is_dir, size)| {
+                    let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
+                    let sort_key = if is_dir { format!("{key}/") } else { key.clone() };
+                    (sort_key, key, is_dir, size)
+                })
+                .collect();
+            children.sort();
+            for (sort_key, key, is_dir, size) in children {
+                if found.len() >= limit {
+                    break;
+                }
+                if !(sort_key.starts_with(prefix) || prefix.starts_with(&sort_key)) {
+                    continue;
+                }
+                if is_dir {
+                    if start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str()) {
+                        continue;
+                    }
+                    self.walk(key, prefix, start_after, limit, found).await?;
+                } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
+                    found.push(ObjectMeta { key, size, attributes: BTreeMap::new() });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// fsync of a directory where the server allows opening one (OpenSSH's sftp-server does on Linux).
+    async fn fsync_dir(&self, dir: &Path) {
+        if let Ok(mut handle) = self.sftp.options().read(true).open(dir).await {
+            let _ = handle.sync_all().await;
+            let _ = handle.close().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for SshStorage {
+    fn location(&self, key: &str) -> String {
+        format!("{}{}", self.remote, self.root.join(key).display())
+    }
+
+    async fn create(&self, key: &str, _options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let inner = &self.session().await?;
+        if !inner.allow_no_fsync && !inner.sftp.support_fsync() {
+            return Err(StorageError::Other {
+                location: inner.location(key),
+                message: "the SFTP server lacks the fsync@openssh.com extension, so writes cannot be made \
+                          durable; use OpenSSH's sftp-server, or set allow_no_fsync = true in [ssh] to accept the risk"
+                    .into(),
+                retryable: false,
+            });
+        }
+        let final_path = inner.path_of(key)?;
+        let dir = final_path.parent().expect("a key has a parent").to_owned();
+        inner.create_dirs(key, &dir).await?;
+        let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+        let file = inner
+            .sftp
+            .options()
+            .write(true)
+            .create_new(true)
+            .open(&temp_path)
+            .await
+            .map_err(|e| inner.classify(key, "create temporary file", e))?;
+        self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).insert(temp_path.clone());
+        Ok(Box::new(SshWriter {
+            pending_temps: Arc::clone(&self.pending_temps),
+            inner: Arc::clone(inner),
+            key: key.to_owned(),
+            file: Some(file),
+            temp_path,
+            final_path,
+            dir,
+        }))
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        let inner = self.session().await?;
+        let path = inner.path_of(key)?;
+        let file = inner.sftp.open(&path).await.map_err(|e| inner.classify(key, "open", e))?;
+        Ok(Box::new(NetworkRead::new(TokioCompatFile::new(file), Some(Arc::clone(&inner.broken)))))
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
+        let inner = self.session().await?;
+        let path = inner.path_of(key)?;
+        let meta = inner.sftp.fs().metadata(&path).await.map_err(|e| inner.classify(key, "stat", e))?;
+        Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
+        let base = prefix.rfind('/').map_or("", |slash| &prefix[..slash]);
+        let mut found = Vec::new();
+        self.session().await?.walk(base.to_owned(), prefix, start_after, limit, &mut found).await?;
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let inner = self.session().await?;
+        let path = inner.path_of(key)?;
+        inner.sftp.fs().remove_file(&path).await.map_err(|e| inner.classify(key, "delete", e))?;
+        inner.fsync_dir(path.parent().expect("a key has a parent")).await;
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<(), StorageError> {
+        let pending: Vec<PathBuf> =
+            self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let inner = self.session().await?;
+        for temp in pending {
+            let gone = match inner.sftp.fs().remove_file(&temp).await {
+                Ok(()) => true,
+                Err(e) => inner.classify("", "remove temporary file", e).is_not_found(),
+            };
+            if gone {
+                self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).remove(&temp);
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_root(&self) -> Result<(), StorageError> {
+        let inner = &self.session().await?;
+        match inner.sftp.fs().metadata(&inner.root).await {
+            Ok(meta) if meta.file_type().is_some_and(|t| t.is_dir()) => Ok(()),
+            Ok(_) => Err(StorageError::Other {
+                location: inner.location(""),
+                message: "the repository path is not a directory".into(),
+                retryable: false,
+            }),
+            Err(e) => Err(match inner.classify("", "stat", e) {
+                StorageError::NotFound { location } => StorageError::Other {
+                    location,
+                    message: "the repository directory does not exist on the server (create it, writable by \
+                              the login user)"
+                        .into(),
+                    retryable: false,
+                },
+                other => other,
+            }),
+        }
+    }
+}
+
+async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<(String, bool, u64)>, SftpError> {
+    use futures_util::StreamExt;
+    let mut entries = Vec::new();
+    let stream = handle.read_dir();
+    futures_util::pin_mut!(stream);
+    while let Some(entry) = stream.next().await {
+        let entry = entry?;
+        let name = entry.filename().to_string_lossy().into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let meta = entry.metadata();
+        let is_dir = meta.file_type().is_some_and(|t| t.is_dir());
+        entries.push((name, is_dir, meta.len().unwrap_or(0)));
+    }
+    Ok(entries)
+}
+
+struct SshWriter {
+    pending_temps: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
+    inner: Arc<Inner>,
+    key: String,
+    file: Option<File>,
+    temp_path: PathBuf,
+    final_path: PathBuf,
+    dir: PathBuf,
+}
+
+impl SshWriter {
+    /// Removes the temporary file; one that cannot be removed now stays registered for `cleanup`.
+    async fn remove_temp(&self) {
+        let removed = match self.inner.sftp.fs().remove_file(&self.temp_path).await {
+            Ok(()) => true,
+            Err(e) => self.inner.classify(&self.key, "remove temporary file", e).is_not_found(),
+        };
+        if removed {
+            self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.temp_path);
+        }
+    }
+
+    async fn publish(&mut self) -> Result<(), StorageError> {
+        let inner = Arc::clone(&self.inner);
+        let mut file = self.file.take().expect("commit once");
+        if inner.sftp.support_fsync() {
+            file.sync_all().await.map_err(|e| inner.classify(&self.key, "fsync", e))?;
+        }
+        file.close().await.map_err(|e| inner.classify(&self.key, "close", e))?;
+        if let Err(e) = inner.sftp.fs().hard_link(&self.temp_path, &self.final_path).await {
+            // OpenSSH reports an existing name as a plain "failure": look before calling it a conflict.
+            return Err(if inner.exists(&self.key, &self.final_path).await? {
+                StorageError::AlreadyExists { location: inner.location(&self.key) }
+            } else {
+                inner.classify(&self.key, "publish (hardlink@openssh.com)", e)
+            });
+        }
+        self.remove_temp().await;
+        inner.fsync_dir(&self.dir).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectWriter for SshWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let file = self.file.as_mut().expect("writer used after commit");
+        file.write_all(&chunk).await.map_err(|e| self.inner.classify(&self.key, "write", e))
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        let result = self.publish().await;
+        if result.is_err() {
+            self.remove_temp().await;
+        }
+        result
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        if let Some(file) = self.file.take() {
+            let _ = file.close().await;
+        }
+        self.remove_temp().await;
+        Ok(())
+    }
+}
