@@ -20,6 +20,7 @@ use walship_tests::pg::{
     Cluster, WAIT_TIMEOUT, archive_command, archive_command_with_config, restore_command, restore_command_with_config,
 };
 use walship_tests::s3::{S3Server, write_config_file};
+use walship_tests::ssh::SshServer;
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
 
@@ -38,6 +39,8 @@ enum Repository {
     Local { dir: PathBuf },
     /// `s3://BUCKET/PREFIX` on an s3s-fs server, named by the configuration file `config`.
     S3 { server: S3Server, bucket: String, prefix: String, config: PathBuf },
+    /// `ssh://postgres@127.0.0.1:PORT/DIR` on a real sshd, named by the configuration file `config`.
+    Ssh { server: SshServer, config: PathBuf },
 }
 
 impl Repository {
@@ -58,17 +61,26 @@ impl Repository {
         Repository::S3 { server, bucket: bucket.to_owned(), prefix: prefix.to_owned(), config }
     }
 
+    /// A repository in a directory of a new sshd on loopback, reached over SFTP with the client key and
+    /// `known_hosts` the harness made; the configuration file is written into `store`.
+    fn ssh(store: &Scratch) -> Repository {
+        let server = SshServer::start();
+        let text = server.config_text(&server.repo_dir(), "deadline_secs = 60", "");
+        let config = write_config_file(store.path(), "walship.toml", &text);
+        Repository::Ssh { server, config }
+    }
+
     fn archive_command(&self) -> String {
         match self {
             Repository::Local { dir } => archive_command(dir),
-            Repository::S3 { config, .. } => archive_command_with_config(config),
+            Repository::S3 { config, .. } | Repository::Ssh { config, .. } => archive_command_with_config(config),
         }
     }
 
     fn restore_command(&self) -> String {
         match self {
             Repository::Local { dir } => restore_command(dir),
-            Repository::S3 { config, .. } => restore_command_with_config(config),
+            Repository::S3 { config, .. } | Repository::Ssh { config, .. } => restore_command_with_config(config),
         }
     }
 
@@ -78,6 +90,8 @@ impl Repository {
         match self {
             Repository::Local { dir } => dir.join(key),
             Repository::S3 { server, bucket, prefix, .. } => server.object_file(bucket, &format!("{prefix}/{key}")),
+            // The ssh server is this machine: the remote directory is a local one too.
+            Repository::Ssh { server, .. } => server.repo_dir().join(key),
         }
     }
 
@@ -98,6 +112,15 @@ impl Repository {
                      --- last lines of the s3s-fs log ---\n{tail}\n---",
                     server.endpoint(),
                     server.object_file(bucket, prefix)
+                )
+            }
+            Repository::Ssh { server, config } => {
+                let log = server.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                format!(
+                    "repository {} (config {config:?})\n--- last lines of the sshd log ---\n{tail}\n---",
+                    server.url(&server.repo_dir())
                 )
             }
         }
@@ -206,6 +229,13 @@ fn pitr_on_s3() {
     let store = Scratch::new("pitr-s3");
     let repo = Repository::s3(&store, "walship-pitr", "cluster1");
     pitr_to_target_time_then_new_timeline_then_latest("s3", &store, &repo);
+}
+
+#[test]
+fn pitr_over_ssh() {
+    let store = Scratch::new("pitr-ssh");
+    let repo = Repository::ssh(&store);
+    pitr_to_target_time_then_new_timeline_then_latest("ssh", &store, &repo);
 }
 
 /// The whole scenario against `repo`, with the base backup in `store`; `label` tells the clusters
