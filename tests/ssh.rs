@@ -970,3 +970,33 @@ fn a_connection_cut_midway_is_retried_on_a_new_one() {
         "a push that succeeded after a cut connection left its first attempt's temporary file: {left_by_push:?}"
     );
 }
+
+/// Temporary files that killed pushes left on the server are never fetched, and the next push into
+/// their directory removes those untouched for over an hour; a fresh one (maybe a live push's) stays.
+#[test]
+fn stale_temporary_files_on_the_server_are_swept_fresh_ones_kept() {
+    let s = Setup::new("ssh-stale");
+    let config = s.config(CALM, "");
+    s.write_segment(&Segment::new(SEG3));
+    assert_ok(&s.push(&config, SEG3), "push");
+    let shard = s.object(SEG3).parent().unwrap().to_owned();
+    let stale = [shard.join(format!(".{SEG2}.123.1.tmp")), shard.join(".x.123.1.tmp")];
+    let fresh = shard.join(format!(".{SEG2}.456.2.tmp"));
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+    for path in &stale {
+        segments::write_file(path, b"left by a killed push");
+        fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
+    }
+    segments::write_file(&fresh, b"maybe a live push");
+
+    assert_error(&s.fetch(&config, SEG2), 1, &[SEG2, "not in the archive"]);
+    assert_absent(&s.destination());
+
+    let segment = s.write_segment(&Segment::new(SEG1));
+    assert_ok(&s.push(&config, SEG1), "push into the same directory");
+    for path in &stale {
+        assert_absent(path);
+    }
+    assert!(fresh.exists(), "a fresh temporary file was removed");
+    s.assert_fetches(&config, SEG1, &segment);
+}

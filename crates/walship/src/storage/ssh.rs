@@ -328,6 +328,29 @@ impl Inner {
         })
     }
 
+    /// Removes temporary files that a killed process left in `dir`, once they are as old as the local
+    /// backend's limit: no live write leaves its file untouched that long. Best effort.
+    async fn remove_stale_temp_files(&self, dir: &Path) {
+        let Ok(handle) = self.sftp.fs().open_dir(dir).await else { return };
+        use futures_util::StreamExt;
+        let stream = handle.read_dir();
+        futures_util::pin_mut!(stream);
+        let now = SystemTime::now();
+        let mut stale = Vec::new();
+        while let Some(Ok(entry)) = stream.next().await {
+            let name = entry.filename().to_string_lossy().into_owned();
+            let old_enough = entry.metadata().modified().is_some_and(|modified| {
+                now.duration_since(modified.as_system_time()).unwrap_or_default() > super::local::STALE_TEMP_AGE
+            });
+            if name.starts_with('.') && name.ends_with(".tmp") && old_enough {
+                stale.push(dir.join(name));
+            }
+        }
+        for path in stale {
+            let _ = self.sftp.fs().remove_file(&path).await;
+        }
+    }
+
     /// fsync of a directory where the server allows opening one (OpenSSH's sftp-server does on Linux).
     async fn fsync_dir(&self, dir: &Path) {
         if let Ok(mut handle) = self.sftp.options().read(true).open(dir).await {
@@ -513,6 +536,7 @@ impl SshWriter {
         }
         self.remove_temp().await;
         inner.fsync_dir(&self.dir).await;
+        inner.remove_stale_temp_files(&self.dir).await;
         Ok(())
     }
 }
