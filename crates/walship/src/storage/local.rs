@@ -16,15 +16,17 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use super::{
+    DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, is_stale_temp,
+    listing_steps, validate_key,
+};
 
-/// A temporary file untouched for this long belongs to a process that died.
-pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+pub use super::STALE_TEMP_AGE;
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
@@ -286,23 +288,13 @@ fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
     }
 }
 
-fn is_temp_name(name: &[u8]) -> bool {
-    name.starts_with(b".") && name.ends_with(b".tmp")
-}
-
 /// Best effort: a failure here never fails the commit that triggered it.
 fn remove_stale_temp_files(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     let now = SystemTime::now();
     for entry in entries.flatten() {
-        if !is_temp_name(entry.file_name().as_bytes()) {
-            continue;
-        }
-        let stale = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE);
-        if stale {
+        let modified = entry.metadata().and_then(|m| m.modified()).ok();
+        if is_stale_temp(&entry.file_name().to_string_lossy(), modified, now) {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -335,36 +327,23 @@ fn walk(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    // Sort by the key each entry stands for: a directory's keys all continue with '/'.
-    let mut children = Vec::new();
+    let mut infos = Vec::new();
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
-        let is_dir = entry.file_type()?.is_dir();
-        let sort_key = if is_dir { format!("{key}/") } else { key.clone() };
-        children.push((sort_key, key, is_dir));
+        let meta = entry.metadata()?;
+        infos.push(DirEntryInfo {
+            name: entry.file_name().to_string_lossy().into_owned(),
+            is_dir: meta.is_dir(),
+            size: meta.len(),
+        });
     }
-    children.sort();
-    for (sort_key, key, is_dir) in children {
+    for step in listing_steps(dir_key, infos, prefix, start_after) {
         if found.len() >= limit {
             break;
         }
-        // Skip subtrees that cannot hold a key with the prefix or after `start_after`.
-        if !(sort_key.starts_with(prefix) || prefix.starts_with(&sort_key)) {
-            continue;
-        }
-        if is_dir {
-            if start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str()) {
-                continue;
-            }
-            walk(root, &key, prefix, start_after, limit, found)?;
-        } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
-            let size = fs::metadata(root.join(&key))?.len();
-            found.push(ObjectMeta { key, size, attributes: Default::default() });
+        match step {
+            ListStep::Descend(key) => walk(root, &key, prefix, start_after, limit, found)?,
+            ListStep::Emit(meta) => found.push(meta),
         }
     }
     Ok(())
@@ -429,7 +408,7 @@ mod tests {
         let fresh = dir.path().join("k/.alive.456.1.tmp");
         fs::write(&stale, b"x").unwrap();
         fs::write(&fresh, b"x").unwrap();
-        let old = SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(60);
+        let old = SystemTime::now() - STALE_TEMP_AGE - std::time::Duration::from_secs(60);
         File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
         put(&storage, "k/obj", b"data").await.unwrap();
         assert!(!stale.exists());

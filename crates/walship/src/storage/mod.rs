@@ -179,6 +179,72 @@ pub fn io_error_is_transient(error: &io::Error) -> bool {
     ) || error.raw_os_error() == Some(libc::ESTALE)
 }
 
+/// A temporary file untouched for this long belongs to a process that died: no live write leaves its
+/// file alone that long.
+pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether the directory entry `name`, last modified at `modified`, is a temporary file left by a
+/// writer that died (hidden, `.tmp`, older than [`STALE_TEMP_AGE`]). For backends that keep
+/// temporary files beside their objects (local, SSH).
+pub(crate) fn is_stale_temp(name: &str, modified: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
+    name.starts_with('.')
+        && name.ends_with(".tmp")
+        && modified.is_some_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE)
+}
+
+/// A directory entry as a listing sees it.
+pub(crate) struct DirEntryInfo {
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+}
+
+/// What a listing walk does next, in key order.
+pub(crate) enum ListStep {
+    /// Walk the subdirectory with this key.
+    Descend(String),
+    /// List this object.
+    Emit(ObjectMeta),
+}
+
+/// Orders the entries of directory `dir_key` by the keys they stand for (a directory's keys all
+/// continue with '/') and decides, for `prefix` and `start_after`, which subdirectories may hold
+/// keys to list and which files are listed. Hidden (temporary) names are skipped. Shared by the
+/// backends that walk directories, so that they list in the same order as S3.
+pub(crate) fn listing_steps(
+    dir_key: &str,
+    entries: Vec<DirEntryInfo>,
+    prefix: &str,
+    start_after: Option<&str>,
+) -> Vec<ListStep> {
+    let mut children: Vec<(String, String, DirEntryInfo)> = entries
+        .into_iter()
+        .filter(|entry| !entry.name.starts_with('.'))
+        .map(|entry| {
+            let key = if dir_key.is_empty() { entry.name.clone() } else { format!("{dir_key}/{}", entry.name) };
+            let sort_key = if entry.is_dir { format!("{key}/") } else { key.clone() };
+            (sort_key, key, entry)
+        })
+        .collect();
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    children
+        .into_iter()
+        // Skip subtrees that cannot hold a key with the prefix or after `start_after`.
+        .filter(|(sort_key, _, _)| sort_key.starts_with(prefix) || prefix.starts_with(sort_key.as_str()))
+        .filter_map(|(sort_key, key, entry)| {
+            if entry.is_dir {
+                let all_listed =
+                    start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str());
+                (!all_listed).then_some(ListStep::Descend(key))
+            } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
+                Some(ListStep::Emit(ObjectMeta { key, size: entry.size, attributes: BTreeMap::new() }))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 /// Checks that a key is a relative path of plain components: no empty, `.` or `..` components, no
 /// component starting with `.` (reserved for temporary files), no backslash or NUL.
 pub fn validate_key(key: &str) -> Result<(), String> {

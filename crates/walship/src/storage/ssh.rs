@@ -27,7 +27,10 @@ use openssh_sftp_client::{Sftp, SftpOptions};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use super::{NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use super::{
+    DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError,
+    is_stale_temp, listing_steps, validate_key,
+};
 use crate::config::SshConfig;
 
 /// Connects on first use, inside the command's deadline loop, and again after the connection broke:
@@ -298,30 +301,13 @@ impl Inner {
                     other => return Err(other),
                 },
             };
-            let mut children: Vec<(String, String, bool, u64)> = entries
-                .into_iter()
-                .filter(|(name, _, _)| !name.starts_with('.'))
-                .map(|(name, is_dir, size)| {
-                    let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
-                    let sort_key = if is_dir { format!("{key}/") } else { key.clone() };
-                    (sort_key, key, is_dir, size)
-                })
-                .collect();
-            children.sort();
-            for (sort_key, key, is_dir, size) in children {
+            for step in listing_steps(&dir_key, entries, prefix, start_after) {
                 if found.len() >= limit {
                     break;
                 }
-                if !(sort_key.starts_with(prefix) || prefix.starts_with(&sort_key)) {
-                    continue;
-                }
-                if is_dir {
-                    if start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str()) {
-                        continue;
-                    }
-                    self.walk(key, prefix, start_after, limit, found).await?;
-                } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
-                    found.push(ObjectMeta { key, size, attributes: BTreeMap::new() });
+                match step {
+                    ListStep::Descend(key) => self.walk(key, prefix, start_after, limit, found).await?,
+                    ListStep::Emit(meta) => found.push(meta),
                 }
             }
             Ok(())
@@ -339,10 +325,8 @@ impl Inner {
         let mut stale = Vec::new();
         while let Some(Ok(entry)) = stream.next().await {
             let name = entry.filename().to_string_lossy().into_owned();
-            let old_enough = entry.metadata().modified().is_some_and(|modified| {
-                now.duration_since(modified.as_system_time()).unwrap_or_default() > super::local::STALE_TEMP_AGE
-            });
-            if name.starts_with('.') && name.ends_with(".tmp") && old_enough {
+            let modified = entry.metadata().modified().map(|m| m.as_system_time());
+            if is_stale_temp(&name, modified, now) {
                 stale.push(dir.join(name));
             }
         }
@@ -479,7 +463,7 @@ impl Storage for SshStorage {
     }
 }
 
-async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<(String, bool, u64)>, SftpError> {
+async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<DirEntryInfo>, SftpError> {
     use futures_util::StreamExt;
     let mut entries = Vec::new();
     let stream = handle.read_dir();
@@ -492,7 +476,7 @@ async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<(S
         }
         let meta = entry.metadata();
         let is_dir = meta.file_type().is_some_and(|t| t.is_dir());
-        entries.push((name, is_dir, meta.len().unwrap_or(0)));
+        entries.push(DirEntryInfo { name, is_dir, size: meta.len().unwrap_or(0) });
     }
     Ok(entries)
 }
