@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use walship_tests::assertions::{assert_absent, assert_error, assert_no_temp_files, assert_ok, sha256_hex, temp_files};
+use walship_tests::assertions::{
+    assert_absent, assert_error, assert_no_temp_files, assert_ok, files_below, sha256_hex, temp_files,
+};
 use walship_tests::s3::write_config_file;
 use walship_tests::segments::{self, Fill, Segment};
 use walship_tests::ssh::SshServer;
@@ -201,7 +203,7 @@ impl Setup {
 
     /// Every file below the repository directory (temporary ones included), relative, sorted.
     fn repo_files(&self) -> Vec<String> {
-        tree(&self.repo)
+        files_below(&self.repo)
     }
 
     /// Hidden temporary files anywhere in the repository.
@@ -221,25 +223,6 @@ impl Setup {
         }
         assert!(self.server.sftp_sessions().is_empty(), "SFTP sessions still open: {:?}", self.server.sftp_sessions());
     }
-}
-
-/// Every file below `root`, relative, sorted; empty if `root` does not exist.
-fn tree(root: &Path) -> Vec<String> {
-    let mut files = Vec::new();
-    let mut pending = vec![root.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if let Ok(relative) = path.strip_prefix(root) {
-                files.push(relative.to_string_lossy().into_owned());
-            }
-        }
-    }
-    files.sort();
-    files
 }
 
 /// A command started with its output collected on the side.
@@ -427,9 +410,9 @@ fn every_kind_of_file_round_trips_in_the_documented_layout() {
 
     assert_eq!(fs::read(s.server.known_hosts_file()).unwrap(), known_hosts, "known_hosts was written to");
     assert!(
-        tree(&s.server.client_home()).is_empty(),
+        files_below(&s.server.client_home()).is_empty(),
         "written to the client's HOME: {:?}",
-        tree(&s.server.client_home())
+        files_below(&s.server.client_home())
     );
     for path in absent_before {
         assert_absent(path);
@@ -692,7 +675,11 @@ fn assert_refused(s: &Setup, config: &Path, known_hosts: &Path, needles: &[&str]
     assert_absent(&standby.join(RECOVERYXLOG));
     assert_eq!(s.repo_files(), files, "the repository changed");
     assert_eq!(fs::read(known_hosts).unwrap(), known_hosts_before, "{known_hosts:?} was written to");
-    assert!(tree(&s.server.client_home()).is_empty(), "written to HOME: {:?}", tree(&s.server.client_home()));
+    assert!(
+        files_below(&s.server.client_home()).is_empty(),
+        "written to HOME: {:?}",
+        files_below(&s.server.client_home())
+    );
 }
 
 /// A server whose host key is not in known_hosts is never trusted: one line that says so and how to

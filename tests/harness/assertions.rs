@@ -64,3 +64,22 @@ pub fn assert_absent(path: &Path) {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     ContentDigest::of(bytes).sha256_hex()
 }
+
+/// Every file below `root`, as paths relative to it, sorted; empty if `root` does not exist.
+pub fn files_below(root: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(relative) = path.strip_prefix(root) {
+                files.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    files
+}

@@ -130,22 +130,7 @@ impl S3Server {
 
     /// Every object key in `bucket` (files below its directory), sorted.
     pub fn object_keys(&self, bucket: &str) -> Vec<String> {
-        let root = self.data_dir().join(bucket);
-        let mut keys = Vec::new();
-        let mut pending = vec![root.clone()];
-        while let Some(dir) = pending.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
-            for entry in entries.filter_map(|e| e.ok()) {
-                let path = entry.path();
-                if path.is_dir() {
-                    pending.push(path);
-                } else if let Ok(key) = path.strip_prefix(&root) {
-                    keys.push(key.to_string_lossy().into_owned());
-                }
-            }
-        }
-        keys.sort();
-        keys
+        crate::assertions::files_below(&self.data_dir().join(bucket))
     }
 
     pub fn log(&self) -> String {

@@ -226,8 +226,8 @@ async fn compare_with_archived(
 ) -> Result<PushReport, Error> {
     let already = PushReport { original_bytes: digest.len, stored_bytes: None };
     let is_history = wal.kind() == WalFileKind::History;
-    let digest_from_attributes = repo.storage().head(key).await?.attributes;
-    if let Some(existing) = attributes_digest(&digest_from_attributes).filter(|_| !is_history) {
+    let attributes = repo.storage().head(key).await?.attributes;
+    if let Some(existing) = attributes_digest(&attributes).filter(|_| !is_history) {
         return if existing == digest {
             Ok(already)
         } else {

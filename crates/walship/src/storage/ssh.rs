@@ -43,9 +43,7 @@ pub struct SshStorage {
     config: SshConfig,
     remote: String,
     session: tokio::sync::Mutex<Option<Arc<Inner>>>,
-    /// Temporary files written and not yet removed: an attempt cut off by a broken connection
-    /// cannot remove its own, so `cleanup` does it over a new one.
-    pending_temps: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
+    pending_temps: PendingTemps,
 }
 
 /// One connection: the ssh child and the SFTP channel over it.
@@ -80,7 +78,7 @@ impl SshStorage {
             config: config.clone(),
             remote,
             session: tokio::sync::Mutex::new(None),
-            pending_temps: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            pending_temps: PendingTemps::default(),
         }
     }
 
@@ -167,6 +165,41 @@ impl SshStorage {
     }
 }
 
+/// `ssh://user@host:port/root/key`, for messages.
+fn ssh_location(remote: &str, root: &Path, key: &str) -> String {
+    format!("{remote}{}", root.join(key).display())
+}
+
+/// Temporary files written and not yet removed. An attempt cut off by a broken connection cannot
+/// remove its own, so [`SshStorage::cleanup`] removes what is left over a new connection.
+#[derive(Clone, Default)]
+struct PendingTemps(Arc<Mutex<std::collections::HashSet<PathBuf>>>);
+
+impl PendingTemps {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<PathBuf>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn register(&self, path: &Path) {
+        self.set().insert(path.to_owned());
+    }
+
+    fn all(&self) -> Vec<PathBuf> {
+        self.set().iter().cloned().collect()
+    }
+
+    /// Removes `path` over `session`. It stays registered unless it is gone for sure.
+    async fn remove(&self, session: &Inner, key: &str, path: &Path) {
+        let gone = match session.sftp.fs().remove_file(path).await {
+            Ok(()) => true,
+            Err(e) => session.classify(key, "remove temporary file", e).is_not_found(),
+        };
+        if gone {
+            self.set().remove(path);
+        }
+    }
+}
+
 /// Explains why ssh could not set up the connection, with what to do about it, in one line.
 fn connection_error(remote: &str, host: &str, port: Option<u16>, said: &str) -> StorageError {
     // ssh's banners ('@@@@') and blank lines carry nothing an operator needs here.
@@ -224,7 +257,7 @@ impl Inner {
     }
 
     fn location(&self, key: &str) -> String {
-        format!("{}{}", self.remote, self.root.join(key).display())
+        ssh_location(&self.remote, &self.root, key)
     }
 
     /// Maps an SFTP failure: only "no such file" is absence; a broken channel is worth retrying.
@@ -347,7 +380,7 @@ impl Inner {
 #[async_trait]
 impl Storage for SshStorage {
     fn location(&self, key: &str) -> String {
-        format!("{}{}", self.remote, self.root.join(key).display())
+        ssh_location(&self.remote, &self.root, key)
     }
 
     async fn create(&self, key: &str, _options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
@@ -375,9 +408,9 @@ impl Storage for SshStorage {
             .open(&temp_path)
             .await
             .map_err(|e| inner.classify(key, "create temporary file", e))?;
-        self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).insert(temp_path.clone());
+        self.pending_temps.register(&temp_path);
         Ok(Box::new(SshWriter {
-            pending_temps: Arc::clone(&self.pending_temps),
+            pending_temps: self.pending_temps.clone(),
             inner: Arc::clone(inner),
             key: key.to_owned(),
             file: Some(file),
@@ -422,20 +455,13 @@ impl Storage for SshStorage {
     }
 
     async fn cleanup(&self) -> Result<(), StorageError> {
-        let pending: Vec<PathBuf> =
-            self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let pending = self.pending_temps.all();
         if pending.is_empty() {
             return Ok(());
         }
-        let inner = self.session().await?;
+        let session = self.session().await?;
         for temp in pending {
-            let gone = match inner.sftp.fs().remove_file(&temp).await {
-                Ok(()) => true,
-                Err(e) => inner.classify("", "remove temporary file", e).is_not_found(),
-            };
-            if gone {
-                self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).remove(&temp);
-            }
+            self.pending_temps.remove(&session, "", &temp).await;
         }
         Ok(())
     }
@@ -482,7 +508,7 @@ async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<Di
 }
 
 struct SshWriter {
-    pending_temps: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
+    pending_temps: PendingTemps,
     inner: Arc<Inner>,
     key: String,
     file: Option<File>,
@@ -494,13 +520,7 @@ struct SshWriter {
 impl SshWriter {
     /// Removes the temporary file; one that cannot be removed now stays registered for `cleanup`.
     async fn remove_temp(&self) {
-        let removed = match self.inner.sftp.fs().remove_file(&self.temp_path).await {
-            Ok(()) => true,
-            Err(e) => self.inner.classify(&self.key, "remove temporary file", e).is_not_found(),
-        };
-        if removed {
-            self.pending_temps.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.temp_path);
-        }
+        self.pending_temps.remove(&self.inner, &self.key, &self.temp_path).await;
     }
 
     async fn publish(&mut self) -> Result<(), StorageError> {
