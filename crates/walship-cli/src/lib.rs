@@ -16,7 +16,16 @@ pub const COMMON_HELP: &str = "\
 Configuration file keys (TOML; unknown keys are an error):
   repo = \"file:///var/lib/walship\"    repository (an absolute path also works)
   compression_level = 1               zstd level for new objects, -7 to 19
-  deadline_secs = 120                 how long one command retries transient failures
+  deadline_secs = 120                 how long one command retries transient failures (base
+                                      backups: how long a transfer may make no progress)
+  pg_bin_dir = \"/usr/lib/postgresql/15/bin\"   where pg_basebackup and pg_verifybackup are
+                                      [default: found on PATH]
+  [base] part_size = \"256MiB\"         bytes of the backup stream per stored part
+  [base] compression_workers = 0      zstd threads compressing a base backup (0: one per core)
+  [base] transfer_concurrency = 4     parts downloaded at once (base-fetch), parts completing at
+                                      once (base-push)
+  [base] progress_interval_secs = 30  how often progress is logged when stderr is not a terminal
+  [s3] and [ssh] tables: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
 Precedence: --repo, then WALSHIP_REPO, then the file's repo.
@@ -32,6 +41,8 @@ Exit codes (shared by all walship commands):
   7  corrupt: a stored object failed verification (it is never handed over)
   8  storage: the repository failed or was unreachable until the deadline
   9  local file: reading the file to archive or writing the restored file failed
+ 10  pg_basebackup or pg_verifybackup failed or could not be run
+ 11  interrupted by SIGINT, SIGTERM or SIGHUP (what was written was removed)
 wal-fetch adds 200 to codes 2-9 (202-209) so that PostgreSQL stops a point-in-time recovery
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
 and the standby retries.";
@@ -114,4 +125,103 @@ pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Er
     // A blocking file operation stuck on a hung file system must not keep us from exiting.
     runtime.shutdown_background();
     result
+}
+
+/// Progress of a long transfer: a bar on a terminal, a log line every `interval` otherwise (cron
+/// mails and log files want a few lines, not a redrawn bar).
+pub fn progress(program: &'static str, interval: std::time::Duration) -> std::sync::Arc<dyn walship::base::Progress> {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        std::sync::Arc::new(TerminalProgress::new())
+    } else {
+        std::sync::Arc::new(LogProgress {
+            program,
+            interval,
+            started: std::time::Instant::now(),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+}
+
+struct TerminalProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl TerminalProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} {bytes} ({binary_bytes_per_sec}) {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        TerminalProgress { bar }
+    }
+}
+
+impl walship::base::Progress for TerminalProgress {
+    fn update(&self, done: u64, stored: u64, total: Option<u64>) {
+        if let Some(total) = total
+            && self.bar.length() != Some(total)
+        {
+            self.bar.set_length(total);
+            self.bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, eta {eta}) {msg}",
+                )
+                .expect("valid template"),
+            );
+        }
+        self.bar.set_position(done);
+        self.bar.set_message(format!("stored {}", indicatif::HumanBytes(stored)));
+    }
+
+    fn phase(&self, what: &str) {
+        self.bar.set_message(what.to_owned());
+    }
+}
+
+impl Drop for TerminalProgress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+struct LogProgress {
+    program: &'static str,
+    interval: std::time::Duration,
+    started: std::time::Instant,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl walship::base::Progress for LogProgress {
+    fn update(&self, done: u64, stored: u64, total: Option<u64>) {
+        let Ok(mut last) = self.last.lock() else { return };
+        if last.elapsed() < self.interval {
+            return;
+        }
+        *last = std::time::Instant::now();
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let of_total = total.map(|t| format!(" of {}", indicatif::HumanBytes(t))).unwrap_or_default();
+        eprintln!(
+            "{}: progress: {}{of_total} ({}/s), stored {}",
+            self.program,
+            indicatif::HumanBytes(done),
+            indicatif::HumanBytes((done as f64 / seconds) as u64),
+            indicatif::HumanBytes(stored)
+        );
+    }
+
+    fn phase(&self, what: &str) {
+        eprintln!("{}: {what}", self.program);
+    }
+}
+
+/// Logs `error` as one line and exits with its code.
+pub fn exit_with(log: &Log, error: &Error) -> ! {
+    let code = error.exit_code() as u8;
+    log.info(format_args!("error: {error} (exit {code})"));
+    std::process::exit(i32::from(code));
 }

@@ -222,9 +222,43 @@ impl std::fmt::Debug for S3Config {
     }
 }
 
+/// The `[base]` table: base backups (base-push, base-fetch), resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseConfig {
+    /// Bytes of pg_basebackup's tar stream per stored part.
+    pub part_size: u64,
+    /// zstd worker threads compressing one base backup (0: one per core).
+    pub compression_workers: u32,
+    /// Parts downloaded at once by base-fetch, and parts being completed at once by base-push.
+    pub transfer_concurrency: usize,
+    /// How often progress is logged when stderr is not a terminal.
+    pub progress_interval: Duration,
+}
+
+pub const DEFAULT_BASE_PART_SIZE: u64 = 256 << 20;
+/// A part must hold a useful amount of data; an object per megabyte or less only adds requests.
+pub const BASE_PART_SIZES: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 30);
+
+impl Default for BaseConfig {
+    fn default() -> Self {
+        BaseConfig {
+            part_size: DEFAULT_BASE_PART_SIZE,
+            compression_workers: 0,
+            transfer_concurrency: 4,
+            progress_interval: Duration::from_secs(30),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub repo: RepoUrl,
+    /// The configuration file this came from, if any: base-fetch hands it on to the restore_command
+    /// it writes, so that wal-fetch reads the same repository.
+    pub source_file: Option<PathBuf>,
+    /// Where pg_basebackup and pg_verifybackup are; `None`: found on PATH.
+    pub pg_bin_dir: Option<PathBuf>,
+    pub base: BaseConfig,
     /// zstd level for new objects.
     pub compression_level: i32,
     /// How long one command may keep retrying transient failures before giving up.
@@ -246,8 +280,19 @@ struct FileConfig {
     repo: Option<String>,
     compression_level: Option<i32>,
     deadline_secs: Option<u64>,
+    pg_bin_dir: Option<PathBuf>,
+    base: Option<BaseFile>,
     s3: Option<S3File>,
     ssh: Option<SshFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BaseFile {
+    part_size: Option<ByteSize>,
+    compression_workers: Option<u32>,
+    transfer_concurrency: Option<usize>,
+    progress_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +356,30 @@ impl TryFrom<toml::Value> for ByteSize {
             other => Err(format!("a size cannot be a {}: use bytes or a string such as \"16MiB\"", other.type_str())),
         }
     }
+}
+
+fn resolve_base(file: Option<BaseFile>, file_label: &dyn Fn() -> String) -> Result<BaseConfig, Error> {
+    let Some(file) = file else { return Ok(BaseConfig::default()) };
+    let bad = |message: String| Error::Config { source_name: format!("{} [base]", file_label()), message };
+    let defaults = BaseConfig::default();
+    let part_size = file.part_size.map_or(defaults.part_size, |size| size.0);
+    if !BASE_PART_SIZES.contains(&part_size) {
+        return Err(bad(format!("part_size = {part_size} bytes: expected 1 MiB to 64 GiB")));
+    }
+    let compression_workers = file.compression_workers.unwrap_or(defaults.compression_workers);
+    if compression_workers > 256 {
+        return Err(bad(format!("compression_workers = {compression_workers}: expected 0 (one per core) to 256")));
+    }
+    let transfer_concurrency = file.transfer_concurrency.unwrap_or(defaults.transfer_concurrency);
+    if !(1..=64).contains(&transfer_concurrency) {
+        return Err(bad(format!("transfer_concurrency = {transfer_concurrency}: expected 1 to 64")));
+    }
+    let progress_interval = match file.progress_interval_secs {
+        None => defaults.progress_interval,
+        Some(0) => return Err(bad("progress_interval_secs must be at least 1".into())),
+        Some(secs) => Duration::from_secs(secs),
+    };
+    Ok(BaseConfig { part_size, compression_workers, transfer_concurrency, progress_interval })
 }
 
 fn resolve_ssh(file: Option<SshFile>, file_label: &dyn Fn() -> String) -> Result<SshConfig, Error> {
@@ -458,9 +527,27 @@ impl Config {
             }
             Some(secs) => Duration::from_secs(secs),
         };
+        if let Some(dir) = &file.pg_bin_dir
+            && !dir.is_absolute()
+        {
+            return Err(Error::Config {
+                source_name: file_label(),
+                message: format!("pg_bin_dir = {:?} must be an absolute path", dir.display().to_string()),
+            });
+        }
+        let base = resolve_base(file.base, &file_label)?;
         let s3 = resolve_s3(file.s3, &file_label)?;
         let ssh = resolve_ssh(file.ssh, &file_label)?;
-        Ok(Config { repo, compression_level, deadline, s3, ssh })
+        Ok(Config {
+            repo,
+            source_file: file_name,
+            pg_bin_dir: file.pg_bin_dir,
+            base,
+            compression_level,
+            deadline,
+            s3,
+            ssh,
+        })
     }
 }
 

@@ -49,6 +49,18 @@ pub enum Error {
     #[error("{path}: {operation}: {source}")]
     LocalIo { path: String, operation: &'static str, source: io::Error },
 
+    /// No backup fits the request (an unknown name, or a target older than every backup).
+    #[error("{0}")]
+    NoSuchBackup(String),
+
+    /// A PostgreSQL program we run (pg_basebackup, pg_verifybackup) failed or could not be run.
+    #[error("{tool}: {reason}")]
+    ToolFailed { tool: String, reason: String },
+
+    /// A signal (SIGINT, SIGTERM, SIGHUP) stopped the command; what it had written was removed.
+    #[error("interrupted by {signal}; nothing partial was left behind")]
+    Interrupted { signal: &'static str },
+
     /// Transient failures kept happening until the command's deadline.
     #[error("{what}: gave up after {seconds} s (deadline_secs): {last}")]
     DeadlineExceeded { what: String, seconds: u64, last: String },
@@ -67,7 +79,9 @@ impl Error {
             Error::Conflict { .. } => ExitCode::Conflict,
             Error::WrongRepository { .. } => ExitCode::WrongRepository,
             Error::Corrupt { .. } => ExitCode::Corrupt,
-            Error::NotFound { .. } => ExitCode::NotFound,
+            Error::NotFound { .. } | Error::NoSuchBackup(_) => ExitCode::NotFound,
+            Error::ToolFailed { .. } => ExitCode::ToolFailed,
+            Error::Interrupted { .. } => ExitCode::Interrupted,
             Error::Storage(_) | Error::DeadlineExceeded { .. } => ExitCode::Storage,
             Error::LocalIo { .. } => ExitCode::LocalIo,
         }
@@ -101,6 +115,8 @@ pub enum ExitCode {
     Corrupt = 7,
     Storage = 8,
     LocalIo = 9,
+    ToolFailed = 10,
+    Interrupted = 11,
 }
 
 /// Added to wal-fetch's failure codes during archive recovery: PostgreSQL treats an exit above 125 as
@@ -136,6 +152,8 @@ mod tests {
             ExitCode::Corrupt,
             ExitCode::Storage,
             ExitCode::LocalIo,
+            ExitCode::ToolFailed,
+            ExitCode::Interrupted,
         ];
         for code in all {
             assert!((code as u8) < 126, "{code:?} must be retryable for the archiver");

@@ -4,6 +4,7 @@
 //! verifiable object, and a [`storage`] backend places it durably. A backend never learns what WAL is;
 //! the codec never learns where bytes go.
 
+pub mod base;
 pub mod codec;
 pub mod config;
 pub mod error;

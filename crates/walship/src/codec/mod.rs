@@ -117,6 +117,15 @@ impl Encoder {
         })
     }
 
+    /// An encoder compressing on `workers` threads (zstd's multi-threaded mode; still one frame).
+    pub fn with_workers(level: i32, workers: u32) -> io::Result<Self> {
+        let mut encoder = Self::new(level)?;
+        if workers > 1 {
+            encoder.zstd.multithread(workers)?;
+        }
+        Ok(encoder)
+    }
+
     fn take_header(&mut self, out: &mut Vec<u8>) {
         if std::mem::take(&mut self.header_pending) {
             out.extend_from_slice(HEADER_MAGIC);

@@ -54,25 +54,29 @@ pub struct ClusterFacts {
     pub wal_segment_size: u32,
 }
 
+/// Cheap to clone: clones share one backend (one S3 client, one SSH session).
+#[derive(Clone)]
 pub struct Repository {
-    storage: Box<dyn Storage>,
+    storage: std::sync::Arc<dyn Storage>,
     url: String,
 }
 
 impl Repository {
     pub async fn open(config: &Config) -> Result<Self, Error> {
-        let storage: Box<dyn Storage> = match &config.repo {
-            RepoUrl::Local(path) => Box::new(LocalStorage::open(path)?),
-            RepoUrl::S3 { bucket, prefix } => Box::new(S3Storage::connect(bucket, prefix, &config.s3).await?),
+        let storage: std::sync::Arc<dyn Storage> = match &config.repo {
+            RepoUrl::Local(path) => std::sync::Arc::new(LocalStorage::open(path)?),
+            RepoUrl::S3 { bucket, prefix } => {
+                std::sync::Arc::new(S3Storage::connect(bucket, prefix, &config.s3).await?)
+            }
             RepoUrl::Ssh { user, host, port, path } => {
-                Box::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
+                std::sync::Arc::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
             }
         };
         Ok(Repository { storage, url: config.repo.to_string() })
     }
 
     pub fn with_storage(storage: Box<dyn Storage>, url: impl Into<String>) -> Self {
-        Repository { storage, url: url.into() }
+        Repository { storage: storage.into(), url: url.into() }
     }
 
     pub fn storage(&self) -> &dyn Storage {

@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use super::{
     DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, is_stale_temp,
-    listing_steps, validate_key,
+    is_temp_name, listing_steps, validate_key,
 };
 
 pub use super::STALE_TEMP_AGE;
@@ -158,6 +158,28 @@ impl Storage for LocalStorage {
             }
             let dir = path.parent().expect("a key has a parent directory");
             fsync_dir(dir).map_err(|e| StorageError::io(location, "fsync directory", e))
+        })
+        .await
+    }
+
+    async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError> {
+        let dir = self.path_of(prefix.trim_end_matches('/'))?;
+        let location = self.location(prefix);
+        blocking(&location.clone(), move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(StorageError::io(&location, "read directory", e)),
+            };
+            for entry in entries.flatten() {
+                if is_temp_name(&entry.file_name().to_string_lossy()) {
+                    fs::remove_file(entry.path())
+                        .map_err(|e| StorageError::io(&location, "remove temporary file", e))?;
+                }
+            }
+            // Empty now if nothing was ever published there; otherwise the caller deletes the objects.
+            let _ = fs::remove_dir(&dir);
+            Ok(())
         })
         .await
     }

@@ -80,6 +80,11 @@ pub trait Storage: Send + Sync {
     async fn cleanup(&self) -> Result<(), StorageError> {
         Ok(())
     }
+
+    /// Removes what unfinished writes left under the directory `prefix` (temporary files, open
+    /// multipart uploads), whatever their age. Only for a prefix whose writer is known to be dead: a
+    /// killed base-push, found by the next one.
+    async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError>;
 }
 
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.
@@ -187,9 +192,13 @@ pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3
 /// writer that died (hidden, `.tmp`, older than [`STALE_TEMP_AGE`]). For backends that keep
 /// temporary files beside their objects (local, SSH).
 pub(crate) fn is_stale_temp(name: &str, modified: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
-    name.starts_with('.')
-        && name.ends_with(".tmp")
+    is_temp_name(name)
         && modified.is_some_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE)
+}
+
+/// Whether a directory entry is a temporary file of a writer (local and SSH backends).
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 /// A directory entry as a listing sees it.

@@ -440,6 +440,25 @@ impl Storage for S3Storage {
         first_error.map_or(Ok(()), Err)
     }
 
+    async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        let full_prefix = format!("{}{prefix}", inner.prefix);
+        let listed = inner.client.list_multipart_uploads().bucket(&inner.bucket).prefix(&full_prefix).send().await;
+        let output = match listed {
+            Ok(output) => output,
+            // Some S3-compatible servers (s3s-fs among them) do not list uploads; a lifecycle rule for
+            // incomplete multipart uploads covers those (README).
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 501) => return Ok(()),
+            Err(e) => return Err(inner.classify(prefix, "LIST uploads", e)),
+        };
+        for upload in output.uploads() {
+            let (Some(full_key), Some(upload_id)) = (upload.key(), upload.upload_id()) else { continue };
+            let key = full_key.strip_prefix(&inner.prefix).unwrap_or(full_key).to_owned();
+            inner.abort_multipart(&key, full_key, upload_id).await?;
+        }
+        Ok(())
+    }
+
     async fn check_root(&self) -> Result<(), StorageError> {
         let inner = &self.inner;
         match inner.client.head_bucket().bucket(&inner.bucket).send().await {

@@ -29,7 +29,7 @@ use tokio::process::{Child, Command};
 
 use super::{
     DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError,
-    is_stale_temp, listing_steps, validate_key,
+    is_stale_temp, is_temp_name, listing_steps, validate_key,
 };
 use crate::config::SshConfig;
 
@@ -463,6 +463,25 @@ impl Storage for SshStorage {
         for temp in pending {
             self.pending_temps.remove(&session, "", &temp).await;
         }
+        Ok(())
+    }
+
+    async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError> {
+        let inner = self.session().await?;
+        let dir = inner.path_of(prefix.trim_end_matches('/'))?;
+        let handle = match inner.sftp.fs().open_dir(&dir).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                let e = inner.classify(prefix, "open directory", e);
+                return if e.is_not_found() { Ok(()) } else { Err(e) };
+            }
+        };
+        let entries = read_dir_entries(handle).await.map_err(|e| inner.classify(prefix, "read directory", e))?;
+        for entry in entries.iter().filter(|entry| is_temp_name(&entry.name)) {
+            let path = dir.join(&entry.name);
+            inner.sftp.fs().remove_file(&path).await.map_err(|e| inner.classify(prefix, "remove temporary file", e))?;
+        }
+        let _ = inner.sftp.fs().remove_dir(&dir).await;
         Ok(())
     }
 

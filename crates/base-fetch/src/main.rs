@@ -1,0 +1,189 @@
+//! `base-fetch`: restores a base backup into an empty data directory, with the recovery settings
+//! that make `pg_ctl start` complete a point-in-time recovery.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{ArgGroup, Parser};
+use walship::base::{self, FetchOptions, RecoveryTarget, TargetAction};
+use walship::config::{ENV_CONFIG, ENV_REPO};
+use walship::log::Log;
+use walship::repo::Repository;
+use walship::{Config, Error};
+use walship_cli::{COMMON_HELP, CommonArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "base-fetch",
+    version,
+    about = "Restore a base backup into an empty data directory, ready for pg_ctl start",
+    long_about = "Restore a base backup into an empty data directory, ready for pg_ctl start.\n\n\
+        NAME is a backup name from base-list, or LATEST: the newest backup, or with --target-time or \
+        --target-lsn the newest one that finished before the target. DATA_DIR must be empty or \
+        absent; it is created with mode 0700. Parts are downloaded in parallel and every checksum is \
+        verified before the restore is usable: until then global/pg_control is held back, and a \
+        failure removes what was extracted. Then restore_command (this walship's wal-fetch, with the \
+        same --config/--repo) and the target are written to postgresql.auto.conf, with \
+        recovery.signal (or standby.signal with --standby), and pg_verifybackup checks the result \
+        when it is installed.\n\n\
+        Run it as the server's user (as root, files keep the owner recorded in the backup). \
+        Then: pg_ctl -D DATA_DIR start.\n\n\
+        Example:\n    base-fetch LATEST /var/lib/postgresql/15/main --target-time '2026-11-22 08:00:00+00'",
+    after_long_help = COMMON_HELP,
+    group(ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"]))
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// The backup to restore: a name from base-list, or LATEST
+    name: String,
+
+    /// The data directory to restore into (empty or absent)
+    data_dir: PathBuf,
+
+    /// Recover up to this time, with a time zone ('2026-11-22 08:00:00+00' or RFC 3339)
+    #[arg(long, value_name = "TIME")]
+    target_time: Option<String>,
+
+    /// Recover up to this WAL location (X/Y)
+    #[arg(long, value_name = "LSN")]
+    target_lsn: Option<String>,
+
+    /// Recover up to this transaction
+    #[arg(long, value_name = "XID")]
+    target_xid: Option<String>,
+
+    /// Recover up to this restore point (pg_create_restore_point)
+    #[arg(long, value_name = "NAME")]
+    target_name: Option<String>,
+
+    /// Stop as soon as the backup is consistent
+    #[arg(long)]
+    target_immediate: bool,
+
+    /// What the server does at the target [default: promote]
+    #[arg(long, value_name = "promote|pause|shutdown", requires = "target")]
+    target_action: Option<String>,
+
+    /// The timeline to follow: a number, or latest [PostgreSQL's default: latest]
+    #[arg(long, value_name = "TLI|latest")]
+    target_timeline: Option<String>,
+
+    /// Restore as a standby (standby.signal) that follows the archive
+    #[arg(long, conflicts_with = "target")]
+    standby: bool,
+}
+
+fn main() {
+    let cli: Cli = walship_cli::parse_or_exit("base-fetch", |code| code as u8);
+    let log = Log::new("base-fetch", cli.common.verbose);
+    let started = Instant::now();
+    let result = walship_cli::block_on(async {
+        let (target, action, timeline) = targets(&cli)?;
+        let config = cli.common.load_config()?;
+        let restore_command = restore_command(&cli, &config)?;
+        log.debug(format_args!("restore_command = {restore_command}"));
+        let data_dir = absolute(&cli.data_dir)?;
+        let repo = Repository::open(&config).await?;
+        let options = FetchOptions {
+            name: cli.name.clone(),
+            data_dir,
+            target,
+            action,
+            timeline,
+            standby: cli.standby,
+            restore_command,
+            pg_bin_dir: config.pg_bin_dir.clone(),
+            transfer_concurrency: config.base.transfer_concurrency,
+            deadline: config.deadline,
+        };
+        let progress = walship_cli::progress("base-fetch", config.base.progress_interval);
+        let result = base::base_fetch(&repo, &options, &progress, &log).await;
+        drop(progress);
+        result
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(report) => {
+            let record = &report.record;
+            match &report.verification {
+                base::Verification::Passed(said) => log.info(format_args!("pg_verifybackup: {said}")),
+                base::Verification::NotInstalled => {}
+            }
+            log.info(format_args!(
+                "restored backup {} ({} bytes, LSN {} to {}) into {} in {seconds:.1} s ({:.1} MB/s); start it with: \
+                 pg_ctl -D {} start",
+                record.name,
+                record.original_bytes,
+                record.start_lsn,
+                record.stop_lsn,
+                cli.data_dir.display(),
+                record.original_bytes as f64 / 1e6 / seconds.max(0.001),
+                cli.data_dir.display()
+            ));
+            println!("{}", record.name);
+            std::process::exit(0);
+        }
+        Err(e) => walship_cli::exit_with(&log, &e),
+    }
+}
+
+fn targets(cli: &Cli) -> Result<(RecoveryTarget, Option<TargetAction>, Option<String>), Error> {
+    let target = if let Some(time) = &cli.target_time {
+        RecoveryTarget::time(time)
+    } else if let Some(lsn) = &cli.target_lsn {
+        RecoveryTarget::lsn(lsn)
+    } else if let Some(xid) = &cli.target_xid {
+        RecoveryTarget::xid(xid)
+    } else if let Some(name) = &cli.target_name {
+        RecoveryTarget::name(name)
+    } else if cli.target_immediate {
+        Ok(RecoveryTarget::Immediate)
+    } else {
+        Ok(RecoveryTarget::End)
+    }
+    .map_err(Error::Usage)?;
+    let action = match (&cli.target_action, &target) {
+        (Some(text), _) => Some(TargetAction::parse(text).map_err(Error::Usage)?),
+        // Reaching the target should finish the restore; PostgreSQL's own default is to pause.
+        (None, RecoveryTarget::End) => None,
+        (None, _) => Some(TargetAction::Promote),
+    };
+    let timeline = match cli.target_timeline.as_deref() {
+        None => None,
+        Some("latest") | Some("current") => cli.target_timeline.clone(),
+        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => Some(n.to_owned()),
+        Some(other) => return Err(Error::Usage(format!("--target-timeline {other:?}: a number, latest or current"))),
+    };
+    Ok((target, action, timeline))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, Error> {
+    std::path::absolute(path).map_err(|e| Error::local_io(path, "resolve", e))
+}
+
+/// restore_command for the restored server: the wal-fetch installed beside this base-fetch, reading
+/// the same repository as this run did. The server's environment differs from ours, so settings
+/// that came from flags or the environment are written out as flags.
+fn restore_command(cli: &Cli, config: &Config) -> Result<String, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::local_io(Path::new("/proc/self/exe"), "resolve", e))?;
+    let wal_fetch = exe.with_file_name("wal-fetch");
+    if !wal_fetch.is_file() {
+        return Err(Error::Config {
+            source_name: wal_fetch.display().to_string(),
+            message: "wal-fetch is not installed beside base-fetch; install both from the same build".into(),
+        });
+    }
+    let mut arguments = Vec::new();
+    let config_named = cli.common.config.is_some() || std::env::var_os(ENV_CONFIG).is_some_and(|v| !v.is_empty());
+    if config_named && let Some(file) = &config.source_file {
+        arguments.push("--config".to_owned());
+        arguments.push(absolute(file)?.display().to_string());
+    }
+    if cli.common.repo.is_some() || std::env::var_os(ENV_REPO).is_some_and(|v| !v.is_empty()) {
+        arguments.push("--repo".to_owned());
+        arguments.push(config.repo.to_string());
+    }
+    Ok(base::restore_command(&wal_fetch, &arguments))
+}

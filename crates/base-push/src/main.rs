@@ -1,0 +1,84 @@
+//! `base-push`: takes a base backup with pg_basebackup, streamed into the repository.
+
+use std::time::Instant;
+
+use clap::Parser;
+use walship::base::{self, PushOptions};
+use walship::log::Log;
+use walship::repo::Repository;
+use walship_cli::{COMMON_HELP, CommonArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "base-push",
+    version,
+    about = "Take a base backup with pg_basebackup, streamed into a walship repository",
+    long_about = "Take a base backup with pg_basebackup, streamed into a walship repository.\n\n\
+        Runs `pg_basebackup -D - -Ft -X fetch` (from pg_bin_dir or PATH), connecting as libpq's \
+        environment (PGHOST, PGPORT, PGUSER, ~/.pgpass...) and any options after `--` say, and \
+        stores its tar stream compressed (zstd, on every core) and checksummed (SHA-256) in parts, \
+        without a local copy. The WAL that makes the backup consistent is part of it, and so is its \
+        backup_manifest. The backup's catalog record is written last: a backup cut short does not \
+        exist for base-list and base-fetch, and the next base-push removes what it left.\n\n\
+        Prints the backup's name on stdout. Progress goes to stderr: a bar on a terminal, a line \
+        every progress_interval_secs otherwise.\n\n\
+        Example (cron, as postgres):\n    \
+        0 3 * * *  base-push --config /etc/walship/walship.toml -- --checkpoint=fast",
+    after_long_help = COMMON_HELP
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Extra pg_basebackup options, after `--` (for example -h HOST -U USER --checkpoint=fast
+    /// --max-rate=100M). -D, -F, -X, -z, -Z, -R, -T, -l, -t, -P and --no-manifest are base-push's own.
+    #[arg(last = true, value_name = "PG_BASEBACKUP_ARGS")]
+    pg_basebackup_args: Vec<String>,
+}
+
+fn main() {
+    let cli: Cli = walship_cli::parse_or_exit("base-push", |code| code as u8);
+    let log = Log::new("base-push", cli.common.verbose);
+    let started = Instant::now();
+    let result = walship_cli::block_on(async {
+        let config = cli.common.load_config()?;
+        log.debug(format_args!("repository {}, {:?}", config.repo, config.base));
+        let repo = Repository::open(&config).await?;
+        let options = PushOptions {
+            pg_bin_dir: config.pg_bin_dir.clone(),
+            extra_args: cli.pg_basebackup_args.clone(),
+            part_size: config.base.part_size,
+            compression_level: config.compression_level,
+            compression_workers: config.base.compression_workers,
+            transfer_concurrency: config.base.transfer_concurrency,
+            idle_timeout: config.deadline,
+        };
+        let progress = walship_cli::progress("base-push", config.base.progress_interval);
+        let result = base::base_push(&repo, &options, progress.as_ref(), &log).await;
+        drop(progress);
+        if let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await {
+            log.debug(format_args!("cleaning up after interrupted uploads failed: {e}"));
+        }
+        result
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(record) => {
+            let parts: usize = record.archives.iter().map(|a| a.parts.len()).sum();
+            log.info(format_args!(
+                "backup {} complete: {} bytes, stored {} in {parts} parts, LSN {} to {} on timeline {}, {seconds:.1} s \
+                 ({:.1} MB/s)",
+                record.name,
+                record.original_bytes,
+                record.stored_bytes,
+                record.start_lsn,
+                record.stop_lsn,
+                record.timeline,
+                record.original_bytes as f64 / 1e6 / seconds.max(0.001)
+            ));
+            println!("{}", record.name);
+            std::process::exit(0);
+        }
+        Err(e) => walship_cli::exit_with(&log, &e),
+    }
+}

@@ -1,0 +1,520 @@
+//! Restoring a base backup into an empty data directory, ready for `pg_ctl start`.
+//!
+//! Parts are downloaded in parallel into a staging directory inside DATA_DIR (same file system;
+//! at most `transfer_concurrency` parts at a time), then decoded in order through one tar
+//! extractor. Every part is checked against its trailer and against the catalog record's SHA-256.
+//! Until all of them have passed, `global/pg_control` is held back under another name, so that a
+//! restore that fails or is killed midway leaves a directory PostgreSQL refuses to start; a failure
+//! also removes what was extracted. Only then are the recovery settings written, and
+//! pg_verifybackup, when installed, checks the result.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::push::find_tool;
+use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
+use super::{BackupRecord, PartRecord, Progress, select_backup};
+use crate::codec::Decoder;
+use crate::error::Error;
+use crate::log::Log;
+use crate::repo::Repository;
+use crate::retry;
+use crate::storage::StorageError;
+
+const STAGING_DIR: &str = ".walship-restore";
+const HELD_BACK_CONTROL: &str = "global/pg_control.walship-incomplete";
+const DOWNLOAD_CHUNK: usize = 1 << 20;
+
+pub struct FetchOptions {
+    /// A backup name or `LATEST`.
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub target: RecoveryTarget,
+    pub action: Option<TargetAction>,
+    pub timeline: Option<String>,
+    pub standby: bool,
+    /// The restore_command to write.
+    pub restore_command: String,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub transfer_concurrency: usize,
+    /// Retries of one part's download end after this long.
+    pub deadline: Duration,
+}
+
+#[derive(Debug)]
+pub enum Verification {
+    Passed(String),
+    NotInstalled,
+}
+
+#[derive(Debug)]
+pub struct FetchReport {
+    pub record: BackupRecord,
+    pub verification: Verification,
+}
+
+/// Restores a backup into `options.data_dir`.
+pub async fn base_fetch(
+    repo: &Repository,
+    options: &FetchOptions,
+    progress: &Arc<dyn Progress>,
+    log: &Log,
+) -> Result<FetchReport, Error> {
+    let data_dir = &options.data_dir;
+    // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
+    let created = prepare_data_dir(data_dir)?;
+    let record = match select_backup(repo, &options.name, &options.target).await {
+        Ok(record) => record,
+        Err(e) => {
+            undo(data_dir, created);
+            return Err(e);
+        }
+    };
+    log.info(format_args!(
+        "restoring backup {} (finished {}, {} bytes in {} parts) into {}",
+        record.name,
+        record.finished_at,
+        record.original_bytes,
+        record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
+        data_dir.display()
+    ));
+    match restore(repo, options, &record, progress, log).await {
+        Ok(verification) => Ok(FetchReport { record, verification }),
+        Err(e) => {
+            undo(data_dir, created);
+            Err(e)
+        }
+    }
+}
+
+/// Creates DATA_DIR (0700) or checks that it is empty. Returns whether it was created.
+fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
+    match fs::read_dir(data_dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::InvalidInput {
+                    file: data_dir.display().to_string(),
+                    reason: "the target directory is not empty; base-fetch restores only into an empty or new \
+                             directory, so that nothing of another cluster mixes in"
+                        .into(),
+                });
+            }
+            fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::local_io(data_dir, "chmod 0700", e))?;
+            Ok(false)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new().mode(0o700).create(data_dir).map_err(|e| Error::local_io(data_dir, "create", e))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            Err(Error::InvalidInput { file: data_dir.display().to_string(), reason: "not a directory".into() })
+        }
+        Err(e) => Err(Error::local_io(data_dir, "read", e)),
+    }
+}
+
+/// Removes what a failed restore extracted: DATA_DIR was empty or new when it started.
+fn undo(data_dir: &Path, created: bool) {
+    if created {
+        let _ = fs::remove_dir_all(data_dir);
+    } else if let Ok(entries) = fs::read_dir(data_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
+}
+
+async fn restore(
+    repo: &Repository,
+    options: &FetchOptions,
+    record: &BackupRecord,
+    progress: &Arc<dyn Progress>,
+    log: &Log,
+) -> Result<Verification, Error> {
+    let data_dir = options.data_dir.clone();
+    let staging = data_dir.join(STAGING_DIR);
+    fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| Error::local_io(&staging, "create", e))?;
+    let parts: Vec<PartRecord> = record.archives.iter().flat_map(|a| a.parts.iter().cloned()).collect();
+    let locations: Vec<String> = parts.iter().map(|p| repo.storage().location(&p.key)).collect();
+
+    // Downloads run ahead of extraction by at most `transfer_concurrency` parts: the extractor
+    // releases a part's permit once it has consumed and deleted its file.
+    let (ready_sender, ready_receiver) = mpsc::channel::<oneshot::Receiver<Downloaded>>(parts.len().max(1));
+    let downloader = tokio::spawn(download_all(
+        repo.clone(),
+        parts.clone(),
+        staging.clone(),
+        options.transfer_concurrency,
+        options.deadline,
+        log.clone(),
+        ready_sender,
+    ));
+    let extractor = {
+        let (data_dir, parts, progress) = (data_dir.clone(), parts.clone(), Arc::clone(progress));
+        tokio::task::spawn_blocking(move || {
+            extract(&data_dir, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
+        })
+    };
+    let extracted = extractor.await.map_err(|e| internal(&format!("extraction panicked: {e}")));
+    // On success every download was consumed; on failure the rest are of no use.
+    downloader.abort();
+    let _ = downloader.await;
+    extracted??;
+    let _ = fs::remove_dir_all(&staging);
+
+    progress.phase("syncing to disk");
+    syncfs(&data_dir)?;
+    finish_restore(options, record, progress.as_ref(), log)
+}
+
+/// Starts each part's download as a permit frees up, in order, handing the extractor a receiver
+/// for each.
+async fn download_all(
+    repo: Repository,
+    parts: Vec<PartRecord>,
+    staging: PathBuf,
+    concurrency: usize,
+    deadline: Duration,
+    log: Log,
+    ready: mpsc::Sender<oneshot::Receiver<Downloaded>>,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut downloads = tokio::task::JoinSet::new();
+    for (index, part) in parts.into_iter().enumerate() {
+        let permit = Arc::clone(&permits).acquire_owned().await.expect("never closed");
+        let (sender, receiver) = oneshot::channel();
+        if ready.send(receiver).await.is_err() {
+            break;
+        }
+        let path = staging.join(format!("part-{index:06}"));
+        let (repo, log) = (repo.clone(), log.clone());
+        downloads.spawn(async move {
+            let location = repo.storage().location(&part.key);
+            let result = retry::with_deadline(deadline, &log, &location, || {
+                download(&repo, &part.key, &path, part.stored_bytes)
+            })
+            .await
+            .map(|()| path);
+            let _ = sender.send(Downloaded { result, permit });
+        });
+        while downloads.try_join_next().is_some() {}
+    }
+    while downloads.join_next().await.is_some() {}
+}
+
+fn internal(what: &str) -> Error {
+    Error::LocalIo { path: "base-fetch".into(), operation: "run", source: io::Error::other(what.to_owned()) }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+struct Downloaded {
+    result: Result<PathBuf, Error>,
+    /// Held until the extractor has consumed the part.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// One attempt at downloading a part's stored bytes to `path`.
+async fn download(repo: &Repository, key: &str, path: &Path, expected: u64) -> Result<(), Error> {
+    let location = repo.storage().location(key);
+    let mut reader = repo.storage().get(key).await.map_err(|e| match e {
+        StorageError::NotFound { location } => {
+            Error::Corrupt { location, reason: "a part of the backup is missing from the repository".into() }
+        }
+        other => other.into(),
+    })?;
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| Error::local_io(path, "create", e))?;
+    let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(&location, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        tokio::io::AsyncWriteExt::write_all(&mut file, &buf[..n])
+            .await
+            .map_err(|e| Error::local_io(path, "write", e))?;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| Error::local_io(path, "write", e))?;
+    if len != expected {
+        return Err(Error::Corrupt {
+            location,
+            reason: format!("{len} bytes stored, but the catalog record says {expected}"),
+        });
+    }
+    Ok(())
+}
+
+/// The extractor thread: decodes parts in order into one tar stream and unpacks it.
+fn extract(
+    data_dir: &Path,
+    parts: &[PartRecord],
+    locations: &[String],
+    mut ready: mpsc::Receiver<oneshot::Receiver<Downloaded>>,
+    root_owned: bool,
+    progress: &dyn Progress,
+) -> Result<(), Error> {
+    let total: u64 = parts.iter().map(|p| p.original_bytes).sum();
+    let failure: Arc<Mutex<Option<Error>>> = Arc::default();
+    let stream = PartStream {
+        parts,
+        locations,
+        ready: &mut ready,
+        index: 0,
+        current: None,
+        decoded: Vec::new(),
+        offset: 0,
+        failure: Arc::clone(&failure),
+        done: 0,
+        stored_done: 0,
+        total,
+        progress,
+    };
+    let take_failure = |e: io::Error, what: &'static str| -> Error {
+        failure.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(|| Error::local_io(data_dir, what, e))
+    };
+    let mut archive = tar::Archive::new(stream);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(root_owned);
+    archive.set_overwrite(false);
+    let entries = archive.entries().map_err(|e| take_failure(e, "read tar stream"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
+        let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
+        if path == Path::new("global/pg_control") {
+            fs::create_dir_all(data_dir.join("global")).map_err(|e| Error::local_io(data_dir, "create global/", e))?;
+            entry.unpack(data_dir.join(HELD_BACK_CONTROL)).map_err(|e| take_failure(e, "extract global/pg_control"))?;
+            continue;
+        }
+        let inside = entry.unpack_in(data_dir).map_err(|e| take_failure(e, "extract"))?;
+        if !inside {
+            return Err(Error::Corrupt {
+                location: locations.first().cloned().unwrap_or_default(),
+                reason: format!("tar member {} would land outside the data directory", path.display()),
+            });
+        }
+    }
+    // The archive's end markers come before the end of the last part: read on, so that every part's
+    // trailer is checked.
+    let mut stream = archive.into_inner();
+    io::copy(&mut stream, &mut io::sink()).map_err(|e| take_failure(e, "read tar stream"))?;
+    if stream.index < parts.len() {
+        return Err(Error::Corrupt {
+            location: locations[stream.index].clone(),
+            reason: "the tar archive ended before the last part".into(),
+        });
+    }
+    if !data_dir.join(HELD_BACK_CONTROL).exists() {
+        return Err(Error::Corrupt {
+            location: locations.first().cloned().unwrap_or_default(),
+            reason: "the backup holds no global/pg_control".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The concatenated, verified original bytes of the parts, as one `Read`.
+struct PartStream<'a> {
+    parts: &'a [PartRecord],
+    locations: &'a [String],
+    ready: &'a mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
+    index: usize,
+    current: Option<(File, PathBuf, Decoder<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
+    decoded: Vec<u8>,
+    offset: usize,
+    failure: Arc<Mutex<Option<Error>>>,
+    done: u64,
+    stored_done: u64,
+    total: u64,
+    progress: &'a dyn Progress,
+}
+
+impl PartStream<'_> {
+    fn fail(&self, error: Error) -> io::Error {
+        let message = error.to_string();
+        if let Ok(mut slot) = self.failure.lock() {
+            slot.get_or_insert(error);
+        }
+        io::Error::other(message)
+    }
+
+    /// Opens the next part once its download is done. `false` at the end of the parts.
+    fn open_next(&mut self) -> io::Result<bool> {
+        if self.index >= self.parts.len() {
+            return Ok(false);
+        }
+        let location = &self.locations[self.index];
+        let Some(waiting) = self.ready.blocking_recv() else {
+            return Err(self.fail(internal("the downloads stopped early")));
+        };
+        let downloaded = waiting.blocking_recv().map_err(|_| self.fail(internal("a download was abandoned")))?;
+        let path = downloaded.result.map_err(|e| self.fail(e))?;
+        let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
+        let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;
+        let _ = location;
+        self.current = Some((file, path, decoder, downloaded.permit));
+        Ok(true)
+    }
+
+    /// Ends the current part: its trailer and the catalog's checksum must both agree.
+    fn close_current(&mut self) -> io::Result<()> {
+        let (_, path, decoder, permit) = self.current.take().expect("a part is open");
+        let part = &self.parts[self.index];
+        let location = self.locations[self.index].clone();
+        let (digest, rest) = decoder
+            .finish()
+            .map_err(|e| self.fail(Error::Corrupt { location: location.clone(), reason: e.to_string() }))?;
+        if digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes {
+            return Err(self.fail(Error::Corrupt {
+                location,
+                reason: format!(
+                    "the part decodes to {digest}, but the catalog record says sha256 {}, {} bytes",
+                    part.sha256, part.original_bytes
+                ),
+            }));
+        }
+        self.decoded = rest;
+        self.offset = 0;
+        let _ = fs::remove_file(&path);
+        drop(permit);
+        self.index += 1;
+        Ok(())
+    }
+}
+
+impl Read for PartStream<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.offset < self.decoded.len() {
+                let n = (self.decoded.len() - self.offset).min(out.len());
+                out[..n].copy_from_slice(&self.decoded[self.offset..self.offset + n]);
+                self.offset += n;
+                return Ok(n);
+            }
+            self.decoded.clear();
+            self.offset = 0;
+            if self.current.is_none() && !self.open_next()? {
+                return Ok(0);
+            }
+            let (file, path, decoder, _) = self.current.as_mut().expect("open");
+            let mut raw = vec![0u8; 256 * 1024];
+            let n = match file.read(&mut raw) {
+                Ok(n) => n,
+                Err(e) => {
+                    let path = path.clone();
+                    return Err(self.fail(Error::local_io(&path, "read", e)));
+                }
+            };
+            if n == 0 {
+                self.close_current()?;
+                continue;
+            }
+            self.stored_done += n as u64;
+            if let Err(e) = decoder.update(&raw[..n]) {
+                let location = self.locations[self.index].clone();
+                return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
+            }
+            self.decoded = std::mem::take(decoder.sink_mut());
+            self.done += self.decoded.len() as u64;
+            self.progress.update(self.done, self.stored_done, Some(self.total));
+        }
+    }
+}
+
+/// Flushes everything written under `dir` to disk, for the whole file system at once.
+fn syncfs(dir: &Path) -> Result<(), Error> {
+    let handle = File::open(dir).map_err(|e| Error::local_io(dir, "open", e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is valid for the lifetime of `handle`.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(Error::local_io(dir, "syncfs", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// After every part verified: pg_control into place, recovery settings, pg_verifybackup.
+fn finish_restore(
+    options: &FetchOptions,
+    record: &BackupRecord,
+    progress: &dyn Progress,
+    log: &Log,
+) -> Result<Verification, Error> {
+    let data_dir = &options.data_dir;
+    let held_back = data_dir.join(HELD_BACK_CONTROL);
+    let control = data_dir.join("global/pg_control");
+    fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
+    crate::storage::local::fsync_dir(&data_dir.join("global"))
+        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))?;
+    write_recovery_settings(
+        data_dir,
+        &RecoverySettings {
+            backup_name: &record.name,
+            restore_command: options.restore_command.clone(),
+            target: &options.target,
+            action: options.action,
+            timeline: options.timeline.clone(),
+            standby: options.standby,
+        },
+    )
+    .map_err(|e| Error::local_io(&data_dir.join("postgresql.auto.conf"), "write recovery settings", e))?;
+    // Running as root, the files keep the owner pg_basebackup recorded; the directory itself follows.
+    if nix_is_root()
+        && let Ok(meta) = fs::metadata(data_dir.join("PG_VERSION"))
+    {
+        let _ = std::os::unix::fs::chown(data_dir, Some(meta.uid()), Some(meta.gid()));
+        for name in ["recovery.signal", "standby.signal"] {
+            let _ = std::os::unix::fs::chown(data_dir.join(name), Some(meta.uid()), Some(meta.gid()));
+        }
+    }
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::local_io(data_dir, "chmod", e))?;
+
+    progress.phase("running pg_verifybackup");
+    let Some(tool) = find_tool(options.pg_bin_dir.as_deref(), "pg_verifybackup", Some(record.pg_version)) else {
+        log.info(format_args!(
+            "pg_verifybackup is not installed: the restored files were not checked against backup_manifest \
+             (every part's checksum was)"
+        ));
+        return Ok(Verification::NotInstalled);
+    };
+    let output = Command::new(&tool)
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::ToolFailed { tool: tool.display().to_string(), reason: format!("cannot run: {e}") })?;
+    let said = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes).lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    };
+    if output.status.success() {
+        return Ok(Verification::Passed(said(&output.stdout)));
+    }
+    let mut errors = said(&output.stderr);
+    if errors.len() > 600 {
+        errors.truncate(600);
+        errors.push_str("...");
+    }
+    let _ = io::stderr().flush();
+    Err(Error::Corrupt {
+        location: data_dir.display().to_string(),
+        reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
+    })
+}

@@ -1,0 +1,238 @@
+//! Base backups: pg_basebackup's tar stream stored in parts, a catalog record per backup, and
+//! restores that write their own recovery settings.
+//!
+//! ```text
+//! backups/<NAME>/owner.json           who is writing the backup (host, boot, pid): lets the next
+//!                                     base-push remove what a killed one left
+//! backups/<NAME>/base.tar.<NNNNNN>    the tar stream of pg_basebackup -Ft -X fetch, cut into parts,
+//!                                     each a codec object (zstd, SHA-256 trailer)
+//! backups/<NAME>/backup_manifest      a copy of the backup's manifest (codec object)
+//! catalog/<NAME>.json                 the catalog record (plain JSON), written last
+//! ```
+//!
+//! A backup exists only once its catalog record does: base-list and base-fetch read `catalog/` and
+//! nothing else, so a backup cut short can never be picked for a restore. `NAME` is the UTC time the
+//! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
+
+mod fetch;
+mod push;
+mod recovery;
+mod tar_watch;
+
+pub use fetch::{FetchOptions, FetchReport, Verification, base_fetch};
+pub use push::{PushOptions, base_push};
+pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::error::Error;
+use crate::repo::Repository;
+use crate::storage::StorageError;
+
+pub const CATALOG_PREFIX: &str = "catalog/";
+pub const BACKUPS_PREFIX: &str = "backups/";
+/// The catalog record format this build writes and reads.
+pub const CATALOG_FORMAT_VERSION: u32 = 1;
+/// A catalog record lists its parts; even a petabyte in 256 MiB parts stays far below this.
+const MAX_RECORD_LEN: u64 = 64 << 20;
+
+/// Reports how far a long transfer has got. base-push and base-fetch call it as bytes pass; the
+/// commands draw a progress bar on a terminal and log a line now and then otherwise.
+pub trait Progress: Send + Sync {
+    /// `done` bytes of the backup's original (uncompressed) stream so far, `stored` bytes on the
+    /// repository side; `total` where known (restores).
+    fn update(&self, done: u64, stored: u64, total: Option<u64>);
+    /// Says what the command is doing now ("verifying", "syncing").
+    fn phase(&self, what: &str);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _: u64, _: u64, _: Option<u64>) {}
+    fn phase(&self, _: &str) {}
+}
+
+/// One stored object of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub key: String,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+    /// SHA-256 of the original bytes, as the object's trailer also records.
+    pub sha256: String,
+}
+
+/// One tar archive of a backup: `base.tar` (the data directory) or, later, a tablespace's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRecord {
+    pub name: String,
+    pub parts: Vec<PartRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolRecord {
+    /// As `pg_basebackup --version` prints it.
+    pub version: String,
+    /// The arguments it ran with (passwords in connection strings replaced by `***`).
+    pub arguments: Vec<String>,
+}
+
+/// The catalog record of one complete backup (`catalog/<NAME>.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub format_version: u32,
+    pub name: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// When pg_basebackup finished: the backup is consistent at some point before this.
+    pub finished_at: String,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal_file: String,
+    pub timeline: u32,
+    pub stop_timeline: u32,
+    /// "primary" or "standby", from backup_label.
+    pub backup_from: String,
+    pub pg_version: u32,
+    /// A string, like the repository identity record: JSON readers elsewhere lose 64-bit precision.
+    pub system_identifier: String,
+    pub wal_segment_size: u32,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+    pub archives: Vec<ArchiveRecord>,
+    pub manifest: PartRecord,
+    pub pg_basebackup: ToolRecord,
+    pub created_by: String,
+}
+
+impl BackupRecord {
+    pub fn catalog_key(name: &str) -> String {
+        format!("{CATALOG_PREFIX}{name}.json")
+    }
+
+    pub fn finished_at_unix(&self) -> Option<i128> {
+        parse_timestamp(&self.finished_at).ok()
+    }
+}
+
+/// Checks a backup name given by a user or read from a listing: `YYYYMMDDTHHMMSSZ`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
+    let ok = bytes.len() == 16
+        && bytes[8] == b'T'
+        && bytes[15] == b'Z'
+        && bytes[..8].iter().chain(&bytes[9..15]).all(u8::is_ascii_digit);
+    if ok { Ok(()) } else { Err(format!("{name:?} is not a backup name (YYYYMMDDTHHMMSSZ, or LATEST)")) }
+}
+
+/// Calls `each` for every complete backup, oldest first, reading the catalog page by page.
+pub async fn for_each_backup(
+    repo: &Repository,
+    mut each: impl FnMut(BackupRecord) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = repo.storage().list(CATALOG_PREFIX, after.as_deref(), 1000).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = Some(last.key.clone());
+        for meta in page {
+            let Some(name) = meta.key.strip_prefix(CATALOG_PREFIX).and_then(|k| k.strip_suffix(".json")) else {
+                continue;
+            };
+            if validate_name(name).is_err() {
+                continue;
+            }
+            each(read_record(repo, name).await?)?;
+        }
+    }
+}
+
+/// Reads the catalog record of backup `name`.
+pub async fn read_record(repo: &Repository, name: &str) -> Result<BackupRecord, Error> {
+    let key = BackupRecord::catalog_key(name);
+    let location = repo.storage().location(&key);
+    let mut reader = repo.storage().get(&key).await.map_err(|e| match e {
+        StorageError::NotFound { location } => Error::NoSuchBackup(format!("{location}: no backup named {name}")),
+        other => other.into(),
+    })?;
+    let mut bytes = Vec::new();
+    (&mut reader)
+        .take(MAX_RECORD_LEN + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| StorageError::io(&location, "read", e))?;
+    let record: BackupRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        location: location.clone(),
+        reason: format!("unreadable catalog record: {e}"),
+    })?;
+    if record.format_version > CATALOG_FORMAT_VERSION {
+        return Err(Error::WrongRepository {
+            location,
+            reason: format!(
+                "catalog record format {} is newer than this walship reads ({CATALOG_FORMAT_VERSION}); upgrade walship",
+                record.format_version
+            ),
+        });
+    }
+    if record.name != name {
+        return Err(Error::Corrupt { location, reason: format!("the record is for backup {}", record.name) });
+    }
+    Ok(record)
+}
+
+/// Picks the backup to restore: `name`, or for `LATEST` the newest one, and with a target the newest
+/// one that finished before it (a recovery cannot stop before its backup's end).
+pub async fn select_backup(repo: &Repository, name: &str, target: &RecoveryTarget) -> Result<BackupRecord, Error> {
+    if name != "LATEST" {
+        validate_name(name).map_err(Error::Usage)?;
+        let record = read_record(repo, name).await?;
+        if let Some(reason) = target.excludes(&record) {
+            return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
+        }
+        return Ok(record);
+    }
+    let mut best: Option<BackupRecord> = None;
+    let mut oldest: Option<BackupRecord> = None;
+    let mut count = 0u64;
+    for_each_backup(repo, |record| {
+        count += 1;
+        if oldest.is_none() {
+            oldest = Some(record.clone());
+        }
+        if target.excludes(&record).is_none() {
+            best = Some(record);
+        }
+        Ok(())
+    })
+    .await?;
+    match (best, oldest) {
+        (Some(record), _) => Ok(record),
+        (None, None) => {
+            repo.require_identity().await?;
+            Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())))
+        }
+        (None, Some(oldest)) => Err(Error::NoSuchBackup(format!(
+            "no base backup can reach {}: the oldest of {count} backups ({}) finished at {} ({})",
+            target.describe(),
+            oldest.name,
+            oldest.finished_at,
+            target.excludes(&oldest).unwrap_or_default()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_timestamps_and_nothing_else() {
+        validate_name("20261122T080000Z").unwrap();
+        for bad in ["LATEST", "../../etc", "20261122T080000", "2026112xT080000Z", "20261122T080000Z/x"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}
