@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The disaster drill, end to end, on local disk:
 #   1. start a throwaway PostgreSQL 15 whose archive_command is wal-push,
-#   2. write data and take a base backup (plain pg_basebackup, without WAL),
+#   2. write data and take a base backup with base-push (into the same repository),
 #   3. write rows before and after a target time,
 #   4. lose the cluster (stop it and delete its data directory),
-#   5. restore the base backup with restore_command = wal-fetch and recovery_target_time,
-#   6. start it and show which rows came back.
+#   5. base-fetch LATEST --target-time: the backup, verified, with restore_command and the target
+#      written into postgresql.auto.conf,
+#   6. pg_ctl start, and show which rows came back.
 #
 # Usage: examples/drill.sh          (KEEP=1 keeps the work directory for a look afterwards)
 # Runs as root (PostgreSQL then runs as the 'postgres' user) or as any user who can run initdb.
@@ -20,15 +21,17 @@ as_server() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-say "building wal-push and wal-fetch"
-cargo build --quiet -p wal-push -p wal-fetch
+binaries="wal-push wal-fetch base-push base-fetch base-list"
+say "building $binaries"
+# shellcheck disable=SC2046
+cargo build --quiet $(printf -- '-p %s ' $binaries)
 
 work=$(mktemp -d /tmp/walship-drill.XXXXXX)
 chmod 755 "$work"
-mkdir -p "$work/bin" "$work/repo" "$work/sock" "$work/backup" "$work/logs"
+mkdir -p "$work/bin" "$work/repo" "$work/sock" "$work/logs"
 # The server user must be able to run the binaries wherever this checkout lives.
-cp target/debug/wal-push target/debug/wal-fetch "$work/bin/"
-if [ "$(id -u)" = 0 ]; then chown postgres: "$work/repo" "$work/sock" "$work/backup" "$work/logs"; fi
+for binary in $binaries; do cp "target/debug/$binary" "$work/bin/"; done
+if [ "$(id -u)" = 0 ]; then chown postgres: "$work" "$work/repo" "$work/sock" "$work/logs"; fi
 
 data="$work/data"
 restored="$work/restored"
@@ -56,16 +59,16 @@ CONF
 grep "^archive_command" "$data/postgresql.conf"
 as_server "$PG_BIN/pg_ctl" -D "$data" -l "$work/logs/primary.log" -w start >/dev/null
 
-say "write data and take a base backup"
+say "write data and take a base backup with base-push"
 psql_ -c "create table orders(id int primary key, placed_at timestamptz default clock_timestamp())"
 psql_ -c "insert into orders(id) select g from generate_series(1, 1000) g"
-as_server "$PG_BIN/pg_basebackup" -h "$work/sock" -p 5432 -D "$work/backup" -Fp -X none
-echo "base backup in $work/backup"
+as_server env PGHOST="$work/sock" PGPORT=5432 "$work/bin/base-push" --repo "$work/repo" -- --checkpoint=fast
+as_server "$work/bin/base-list" --repo "$work/repo"
 
 say "1000 more rows, then the target time, then 500 rows we will not want back"
 psql_ -c "insert into orders(id) select g from generate_series(1001, 2000) g"
 sleep 1.2
-target=$(psql_ -c "select now()")
+target=$(psql_ -c "select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
 sleep 1.2
 psql_ -c "insert into orders(id) select g from generate_series(2001, 2500) g"
 last=$(psql_ -c "select pg_walfile_name(pg_switch_wal())")
@@ -83,16 +86,9 @@ say "lose the cluster"
 as_server "$PG_BIN/pg_ctl" -D "$data" -m immediate stop >/dev/null
 rm -rf "$data"
 
-say "restore the base backup, recover to the target time with restore_command = wal-fetch"
-cp -a "$work/backup" "$restored"
-chmod 700 "$restored"
-cat >>"$restored/postgresql.auto.conf" <<CONF
-restore_command = '$work/bin/wal-fetch --repo $work/repo %f %p'
-recovery_target_time = '$target'
-recovery_target_action = 'promote'
-CONF
-grep -E 'restore_command|recovery_target' "$restored/postgresql.auto.conf"
-as_server touch "$restored/recovery.signal"
+say "base-fetch LATEST --target-time, then pg_ctl start"
+as_server "$work/bin/base-fetch" --repo "$work/repo" LATEST "$restored" --target-time "$target"
+grep -E '^(restore_command|recovery_target)' "$restored/postgresql.auto.conf"
 as_server "$PG_BIN/pg_ctl" -D "$restored" -l "$work/logs/restored.log" -w -t 300 start >/dev/null
 for _ in $(seq 1 300); do
   [ "$(psql_ -c "select pg_is_in_recovery()")" = f ] && break

@@ -84,7 +84,11 @@ impl Scratch {
     }
 }
 
-/// The directory holding freshly built `wal-push` and `wal-fetch`, executable by the server user.
+/// Every walship binary the tests run.
+pub const BINARIES: [&str; 5] = ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list"];
+
+/// The directory holding freshly built walship binaries ([`BINARIES`]), executable by the server
+/// user.
 ///
 /// The binaries are rebuilt once per test process (a plain `cargo test -p walship-tests` would
 /// otherwise test stale ones) and copied out of the target directory, which may sit somewhere the
@@ -108,7 +112,8 @@ pub fn bin_dir() -> &'static Path {
             }
         }
         let status = build
-            .args(["build", "--quiet", "-p", "wal-push", "-p", "wal-fetch"])
+            .args(["build", "--quiet"])
+            .args(BINARIES.iter().flat_map(|name| ["-p", name]))
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
@@ -129,7 +134,7 @@ pub fn bin_dir() -> &'static Path {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join(BIN_DIR_OWNER), target.as_os_str().as_encoded_bytes()).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        for name in ["wal-push", "wal-fetch"] {
+        for name in BINARIES {
             let staging = dir.join(format!(".{name}.{}", std::process::id()));
             fs::copy(target.join(name), &staging).unwrap_or_else(|e| panic!("copy {name}: {e}"));
             fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).unwrap();
