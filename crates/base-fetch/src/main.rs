@@ -25,7 +25,8 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         failure removes what was extracted. Then restore_command (this walship's wal-fetch, with the \
         same --config/--repo) and the target are written to postgresql.auto.conf, with \
         recovery.signal (or standby.signal with --standby), and pg_verifybackup checks the result \
-        when it is installed.\n\n\
+        when it is installed. Tablespaces go back to their old directories (which must be empty or \
+        absent) unless --tablespace-mapping says otherwise.\n\n\
         Run it as the server's user (as root, files keep the owner recorded in the backup). \
         Then: pg_ctl -D DATA_DIR start.\n\n\
         Example:\n    base-fetch LATEST /var/lib/postgresql/15/main --target-time '2026-11-22 08:00:00+00'",
@@ -73,6 +74,11 @@ struct Cli {
     /// Restore as a standby (standby.signal) that follows the archive
     #[arg(long, conflicts_with = "target")]
     standby: bool,
+
+    /// Restore the tablespace that lived in OLDDIR into NEWDIR instead (repeatable). Without it a
+    /// tablespace goes back where it was, which must be empty or absent.
+    #[arg(long, value_name = "OLDDIR=NEWDIR")]
+    tablespace_mapping: Vec<String>,
 }
 
 fn main() {
@@ -97,6 +103,7 @@ fn main() {
             pg_bin_dir: config.pg_bin_dir.clone(),
             transfer_concurrency: config.base.transfer_concurrency,
             deadline: config.deadline,
+            tablespace_mapping: tablespace_mapping(&cli.tablespace_mapping)?,
         };
         let progress = walship_cli::progress("base-fetch", config.base.progress_interval);
         let result = base::base_fetch(&repo, &options, &progress, &log).await;
@@ -157,6 +164,17 @@ fn targets(cli: &Cli) -> Result<(RecoveryTarget, Option<TargetAction>, Option<St
         Some(other) => return Err(Error::Usage(format!("--target-timeline {other:?}: a number, latest or current"))),
     };
     Ok((target, action, timeline))
+}
+
+fn tablespace_mapping(args: &[String]) -> Result<Vec<(String, PathBuf)>, Error> {
+    args.iter()
+        .map(|arg| match arg.split_once('=') {
+            Some((old, new)) if old.starts_with('/') && new.starts_with('/') => {
+                Ok((old.to_owned(), PathBuf::from(new)))
+            }
+            _ => Err(Error::Usage(format!("--tablespace-mapping {arg:?}: expected OLDDIR=NEWDIR, both absolute"))),
+        })
+        .collect()
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, Error> {

@@ -52,6 +52,7 @@ fn main() {
             compression_workers: config.base.compression_workers,
             transfer_concurrency: config.base.transfer_concurrency,
             idle_timeout: config.deadline,
+            spool_dir: config.base.spool_dir.clone(),
         };
         let progress = walship_cli::progress("base-push", config.base.progress_interval);
         let result = base::base_push(&repo, &options, progress.as_ref(), &log).await;

@@ -233,6 +233,8 @@ pub struct BaseConfig {
     pub transfer_concurrency: usize,
     /// How often progress is logged when stderr is not a terminal.
     pub progress_interval: Duration,
+    /// Where base-push spools a backup with extra tablespaces, which pg_basebackup cannot stream.
+    pub spool_dir: PathBuf,
 }
 
 pub const DEFAULT_BASE_PART_SIZE: u64 = 256 << 20;
@@ -246,6 +248,7 @@ impl Default for BaseConfig {
             compression_workers: 0,
             transfer_concurrency: 4,
             progress_interval: Duration::from_secs(30),
+            spool_dir: std::env::temp_dir(),
         }
     }
 }
@@ -293,6 +296,7 @@ struct BaseFile {
     compression_workers: Option<u32>,
     transfer_concurrency: Option<usize>,
     progress_interval_secs: Option<u64>,
+    spool_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -379,7 +383,14 @@ fn resolve_base(file: Option<BaseFile>, file_label: &dyn Fn() -> String) -> Resu
         Some(0) => return Err(bad("progress_interval_secs must be at least 1".into())),
         Some(secs) => Duration::from_secs(secs),
     };
-    Ok(BaseConfig { part_size, compression_workers, transfer_concurrency, progress_interval })
+    let spool_dir = match file.spool_dir {
+        Some(dir) if !dir.is_absolute() => {
+            return Err(bad(format!("spool_dir = {:?} must be an absolute path", dir.display().to_string())));
+        }
+        Some(dir) => dir,
+        None => defaults.spool_dir,
+    };
+    Ok(BaseConfig { part_size, compression_workers, transfer_concurrency, progress_interval, spool_dir })
 }
 
 fn resolve_ssh(file: Option<SshFile>, file_label: &dyn Fn() -> String) -> Result<SshConfig, Error> {

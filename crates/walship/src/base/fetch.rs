@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::push::find_tool;
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
-use super::{BackupRecord, PartRecord, Progress, select_backup};
+use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
 use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
@@ -47,6 +47,8 @@ pub struct FetchOptions {
     pub transfer_concurrency: usize,
     /// Retries of one part's download end after this long.
     pub deadline: Duration,
+    /// Tablespaces restored elsewhere than where they lived: (old location, new directory).
+    pub tablespace_mapping: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug)]
@@ -71,13 +73,33 @@ pub async fn base_fetch(
     let data_dir = &options.data_dir;
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
     let created = prepare_data_dir(data_dir)?;
+    let mut prepared = vec![(data_dir.clone(), created)];
     let record = match select_backup(repo, &options.name, &options.target).await {
         Ok(record) => record,
         Err(e) => {
-            undo(data_dir, created);
+            undo(&prepared);
             return Err(e);
         }
     };
+    // Every tablespace's directory must be as free as DATA_DIR before anything is downloaded.
+    let mut targets = Vec::new();
+    for archive in &record.archives {
+        let target = match &archive.tablespace {
+            None => data_dir.clone(),
+            Some(tablespace) => {
+                let target = tablespace_target(tablespace, &options.tablespace_mapping);
+                match prepare_data_dir(&target) {
+                    Ok(created) => prepared.push((target.clone(), created)),
+                    Err(e) => {
+                        undo(&prepared);
+                        return Err(e);
+                    }
+                }
+                target
+            }
+        };
+        targets.push(target);
+    }
     log.info(format_args!(
         "restoring backup {} (finished {}, {} bytes in {} parts) into {}",
         record.name,
@@ -86,13 +108,20 @@ pub async fn base_fetch(
         record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
         data_dir.display()
     ));
-    match restore(repo, options, &record, progress, log).await {
+    match restore(repo, options, &record, &targets, progress, log).await {
         Ok(verification) => Ok(FetchReport { record, verification }),
         Err(e) => {
-            undo(data_dir, created);
+            undo(&prepared);
             Err(e)
         }
     }
+}
+
+fn tablespace_target(tablespace: &TablespaceRecord, mapping: &[(String, PathBuf)]) -> PathBuf {
+    mapping
+        .iter()
+        .find(|(old, _)| old.trim_end_matches('/') == tablespace.location.trim_end_matches('/'))
+        .map_or_else(|| PathBuf::from(&tablespace.location), |(_, new)| new.clone())
 }
 
 /// Creates DATA_DIR (0700) or checks that it is empty. Returns whether it was created.
@@ -122,18 +151,21 @@ fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
     }
 }
 
-/// Removes what a failed restore extracted: DATA_DIR was empty or new when it started.
-fn undo(data_dir: &Path, created: bool) {
-    if created {
-        let _ = fs::remove_dir_all(data_dir);
-    } else if let Ok(entries) = fs::read_dir(data_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
+/// Removes what a failed restore extracted: each directory (DATA_DIR, tablespaces) was empty or new
+/// when it started.
+fn undo(prepared: &[(PathBuf, bool)]) {
+    for (dir, created) in prepared {
+        if *created {
+            let _ = fs::remove_dir_all(dir);
+        } else if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+            }
         }
     }
 }
@@ -142,6 +174,7 @@ async fn restore(
     repo: &Repository,
     options: &FetchOptions,
     record: &BackupRecord,
+    targets: &[PathBuf],
     progress: &Arc<dyn Progress>,
     log: &Log,
 ) -> Result<Verification, Error> {
@@ -165,8 +198,10 @@ async fn restore(
     ));
     let extractor = {
         let (data_dir, parts, progress) = (data_dir.clone(), parts.clone(), Arc::clone(progress));
+        let archives: Vec<(PathBuf, usize)> =
+            targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
         tokio::task::spawn_blocking(move || {
-            extract(&data_dir, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
+            extract(&data_dir, &archives, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
         })
     };
     let extracted = extractor.await.map_err(|e| internal(&format!("extraction panicked: {e}")));
@@ -176,8 +211,21 @@ async fn restore(
     extracted??;
     let _ = fs::remove_dir_all(&staging);
 
+    // Streamed backups carry backup_manifest inside base.tar; spooled ones (with tablespaces) beside.
+    let manifest = data_dir.join("backup_manifest");
+    if !manifest.exists() {
+        let what = repo.storage().location(&record.manifest.key);
+        retry::with_deadline(options.deadline, log, &what, || {
+            crate::repo::fetch_object(repo, &record.manifest.key, &manifest)
+        })
+        .await?;
+    }
+    link_tablespaces(&data_dir, record, targets)?;
+
     progress.phase("syncing to disk");
-    syncfs(&data_dir)?;
+    for target in targets {
+        syncfs(target)?;
+    }
     finish_restore(options, record, progress.as_ref(), log)
 }
 
@@ -263,9 +311,36 @@ async fn download(repo: &Repository, key: &str, path: &Path, expected: u64) -> R
     Ok(())
 }
 
-/// The extractor thread: decodes parts in order into one tar stream and unpacks it.
+/// Points `pg_tblspc/<OID>` at each tablespace's directory, and rewrites `tablespace_map` to match:
+/// PostgreSQL recreates the links from it at startup, and pg_verifybackup follows the links.
+fn link_tablespaces(data_dir: &Path, record: &BackupRecord, targets: &[PathBuf]) -> Result<(), Error> {
+    let mut map = String::new();
+    for (archive, target) in record.archives.iter().zip(targets) {
+        let Some(tablespace) = &archive.tablespace else { continue };
+        let link = data_dir.join("pg_tblspc").join(tablespace.oid.to_string());
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).map_err(|e| Error::local_io(&link, "create symlink", e))?;
+        let mut escaped = String::new();
+        for c in target.display().to_string().chars() {
+            if matches!(c, '\\' | '\n' | '\r') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        map.push_str(&format!("{} {escaped}\n", tablespace.oid));
+    }
+    if !map.is_empty() {
+        let path = data_dir.join("tablespace_map");
+        fs::write(&path, map).map_err(|e| Error::local_io(&path, "write", e))?;
+    }
+    Ok(())
+}
+
+/// The extractor thread: decodes each archive's parts in order into one tar stream and unpacks it
+/// into the archive's directory (`archives`: directory and number of parts, in the parts' order).
 fn extract(
     data_dir: &Path,
+    archives: &[(PathBuf, usize)],
     parts: &[PartRecord],
     locations: &[String],
     mut ready: mpsc::Receiver<oneshot::Receiver<Downloaded>>,
@@ -273,18 +348,48 @@ fn extract(
     progress: &dyn Progress,
 ) -> Result<(), Error> {
     let total: u64 = parts.iter().map(|p| p.original_bytes).sum();
+    let mut first = 0;
+    let mut done = (0u64, 0u64);
+    for (target, count) in archives {
+        let range = first..first + count;
+        first += count;
+        let is_base = target == data_dir;
+        let (parts, locations) = (&parts[range.clone()], &locations[range]);
+        done = extract_archive(target, is_base, parts, locations, &mut ready, root_owned, progress, (done, total))?;
+    }
+    if !data_dir.join(HELD_BACK_CONTROL).exists() {
+        return Err(Error::Corrupt {
+            location: locations.first().cloned().unwrap_or_default(),
+            reason: "the backup holds no global/pg_control".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Extracts one archive into `data_dir`; returns the original and stored bytes consumed so far.
+#[allow(clippy::too_many_arguments)]
+fn extract_archive(
+    data_dir: &Path,
+    is_base: bool,
+    parts: &[PartRecord],
+    locations: &[String],
+    ready: &mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
+    root_owned: bool,
+    progress: &dyn Progress,
+    ((done, stored_done), total): ((u64, u64), u64),
+) -> Result<(u64, u64), Error> {
     let failure: Arc<Mutex<Option<Error>>> = Arc::default();
     let stream = PartStream {
         parts,
         locations,
-        ready: &mut ready,
+        ready,
         index: 0,
         current: None,
         decoded: Vec::new(),
         offset: 0,
         failure: Arc::clone(&failure),
-        done: 0,
-        stored_done: 0,
+        done,
+        stored_done,
         total,
         progress,
     };
@@ -300,7 +405,7 @@ fn extract(
     for entry in entries {
         let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
         let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
-        if path == Path::new("global/pg_control") {
+        if is_base && path == Path::new("global/pg_control") {
             fs::create_dir_all(data_dir.join("global")).map_err(|e| Error::local_io(data_dir, "create global/", e))?;
             entry.unpack(data_dir.join(HELD_BACK_CONTROL)).map_err(|e| take_failure(e, "extract global/pg_control"))?;
             continue;
@@ -323,13 +428,7 @@ fn extract(
             reason: "the tar archive ended before the last part".into(),
         });
     }
-    if !data_dir.join(HELD_BACK_CONTROL).exists() {
-        return Err(Error::Corrupt {
-            location: locations.first().cloned().unwrap_or_default(),
-            reason: "the backup holds no global/pg_control".into(),
-        });
-    }
-    Ok(())
+    Ok((stream.done, stream.stored_done))
 }
 
 /// The concatenated, verified original bytes of the parts, as one `Read`.
@@ -496,7 +595,12 @@ fn finish_restore(
         ));
         return Ok(Verification::NotInstalled);
     };
-    let output = Command::new(&tool)
+    let mut command = Command::new(&tool);
+    // base-fetch rewrites tablespace_map for the directories the tablespaces went to.
+    if record.archives.iter().any(|a| a.tablespace.is_some()) {
+        command.arg("--ignore=tablespace_map");
+    }
+    let output = command
         .arg(data_dir)
         .stdin(Stdio::null())
         .output()

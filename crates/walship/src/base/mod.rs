@@ -65,11 +65,21 @@ pub struct PartRecord {
     pub sha256: String,
 }
 
-/// One tar archive of a backup: `base.tar` (the data directory) or, later, a tablespace's.
+/// One tar archive of a backup: `base.tar` (the data directory) or `<OID>.tar` (a tablespace's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveRecord {
     pub name: String,
+    /// For a tablespace's archive: which tablespace, and where it lived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace: Option<TablespaceRecord>,
     pub parts: Vec<PartRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablespaceRecord {
+    pub oid: u32,
+    /// The tablespace's directory on the backed-up server (from `tablespace_map`).
+    pub location: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

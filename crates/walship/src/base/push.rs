@@ -14,6 +14,7 @@
 //! after every part and the manifest are durable; a failure or a signal removes what was written, and
 //! a base-push killed outright is cleaned up by the next one (see [`sweep_abandoned`]).
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,7 +28,10 @@ use tokio::task::JoinSet;
 
 use super::recovery::now_rfc3339;
 use super::tar_watch::{Observed, TarWatcher};
-use super::{ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, PartRecord, Progress, ToolRecord};
+use super::{
+    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, PartRecord, Progress, TablespaceRecord,
+    ToolRecord,
+};
 use crate::codec::{ContentDigest, Encoder};
 use crate::error::Error;
 use crate::log::Log;
@@ -71,6 +75,8 @@ pub struct PushOptions {
     pub transfer_concurrency: usize,
     /// A write or completion that makes no progress for this long fails the backup.
     pub idle_timeout: Duration,
+    /// Where a backup with extra tablespaces is spooled (pg_basebackup cannot stream those).
+    pub spool_dir: PathBuf,
 }
 
 /// Who is writing a backup, so that a later base-push can tell a dead writer from a live one.
@@ -260,9 +266,23 @@ enum Message {
 
 /// What the reader thread ends with.
 struct StreamEnd {
-    observed: Result<Observed, String>,
+    /// What the watcher found; `None` for a tablespace's archive, which is only checked for being a
+    /// complete tar archive.
+    observed: Result<Option<Observed>, String>,
     original_bytes: u64,
 }
+
+/// The stored archives of one backup, and what was learnt from them.
+struct Stored {
+    archives: Vec<ArchiveRecord>,
+    observed: Observed,
+    manifest: (std::fs::File, u64),
+    original_bytes: u64,
+    arguments: Vec<String>,
+}
+
+/// pg_basebackup says this when a cluster has extra tablespaces and the output is stdout.
+const SINGLE_TABLESPACE_ONLY: &str = "can only write single tablespace to stdout";
 
 #[allow(clippy::too_many_arguments)]
 async fn take_backup(
@@ -276,85 +296,47 @@ async fn take_backup(
     written: &mut Vec<String>,
 ) -> Result<BackupRecord, Error> {
     let started_at = now_rfc3339();
-    let mut arguments: Vec<String> =
-        ["-D", "-", "-F", "t", "-X", "fetch", "-l"].iter().map(|s| (*s).to_owned()).collect();
-    arguments.push(format!("walship {name}"));
-    arguments.extend(options.extra_args.iter().cloned());
-    let mut child = Command::new(pg_basebackup)
-        .args(&arguments)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool_error(pg_basebackup, e))?;
-    let stderr_tail = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-    let stderr_thread = {
-        let stderr = child.stderr.take().expect("piped");
-        let tail = Arc::clone(&stderr_tail);
-        let log = log.clone();
-        std::thread::spawn(move || collect_stderr(stderr, &tail, &log))
-    };
-    let stdout = child.stdout.take().expect("piped");
-    let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let workers = match options.compression_workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        n => n,
-    };
-    let (part_size, level) = (options.part_size, options.compression_level);
-    let reader = std::thread::spawn(move || read_stream(stdout, &sender, part_size, level, workers));
-
-    let stored = store_parts(repo, options, progress, name, receiver, written).await;
-    // However storing went, pg_basebackup must not outlive us; a failed store has dropped the
-    // receiver, which stops the reader, which closes the pipe.
-    if stored.is_err() {
-        let _ = child.kill();
-    }
-    let stream_end = reader.join().map_err(|_| internal("the stream reader panicked"))?;
-    let status = child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
-    let _ = stderr_thread.join();
-    let tool_failure = (!status.success()).then(|| {
-        let tail: Vec<String> = stderr_tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
-        let said = if tail.is_empty() { "no message".to_owned() } else { tail.join("; ") };
-        Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason: format!("{status}: {said}") }
-    });
-    let parts = match (stored, tool_failure) {
-        (Err(e @ Error::Interrupted { .. }), _) => return Err(e),
-        (_, Some(tool_failure)) => return Err(tool_failure),
-        (Err(e), None) => return Err(e),
-        (Ok(parts), None) => parts,
+    let tool_error = |reason: String| Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason };
+    let mut stored = match stream_backup(repo, options, progress, log, pg_basebackup, name, written).await {
+        Err(Error::ToolFailed { reason, .. }) if reason.contains(SINGLE_TABLESPACE_ONLY) => {
+            log.info(format_args!(
+                "the cluster has extra tablespaces, which pg_basebackup cannot stream: spooling the backup through \
+                 {} (it needs the backup's full size free there; set [base] spool_dir)",
+                options.spool_dir.display()
+            ));
+            spool_backup(repo, options, progress, log, pg_basebackup, name, written).await?
+        }
+        other => other?,
     };
     let finished_at = now_rfc3339();
-    let mut observed = stream_end.observed.map_err(|reason| Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("its output is not a complete base backup: {reason}"),
-    })?;
-    let header = LongPageHeader::parse(&observed.first_wal_header).map_err(|reason| Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("WAL file {} in the backup: {reason}", observed.first_wal_name),
-    })?;
+    let observed = &stored.observed;
+    let header = LongPageHeader::parse(&observed.first_wal_header)
+        .map_err(|reason| tool_error(format!("WAL file {} in the backup: {reason}", observed.first_wal_name)))?;
     let facts = ClusterFacts {
         system_identifier: header.system_identifier,
         pg_version: header.pg_major().expect("parse accepts known magics only"),
         wal_segment_size: header.segment_size,
     };
+    if observed.pg_version != facts.pg_version.to_string() {
+        return Err(tool_error(format!(
+            "PG_VERSION says {} but the WAL is PostgreSQL {}",
+            observed.pg_version, facts.pg_version
+        )));
+    }
     repo.ensure_identity(&facts, &format!("base backup {name}")).await?;
+    let label =
+        parse_backup_label(&observed.backup_label).map_err(|reason| tool_error(format!("backup_label: {reason}")))?;
 
     progress.phase("storing backup_manifest");
     let manifest_key = format!("{BACKUPS_PREFIX}{name}/backup_manifest");
     written.push(manifest_key.clone());
-    let manifest = store_file(repo, &manifest_key, &mut observed.manifest, observed.manifest_len, options).await?;
-    let ranges = manifest_wal_ranges(&mut observed.manifest).map_err(|reason| Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("backup_manifest: {reason}"),
-    })?;
-    let label = parse_backup_label(&observed.backup_label).map_err(|reason| Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("backup_label: {reason}"),
-    })?;
-    let stop = ranges.last().ok_or_else(|| Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: "backup_manifest lists no WAL range".into(),
-    })?;
+    let (manifest_file, manifest_len) = &mut stored.manifest;
+    let manifest = store_file(repo, &manifest_key, manifest_file, *manifest_len, options).await?;
+    let ranges =
+        manifest_wal_ranges(manifest_file).map_err(|reason| tool_error(format!("backup_manifest: {reason}")))?;
+    let stop = ranges.last().ok_or_else(|| tool_error("backup_manifest lists no WAL range".into()))?;
+    let stored_bytes =
+        stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
     let record = BackupRecord {
         format_version: CATALOG_FORMAT_VERSION,
         name: name.to_owned(),
@@ -369,20 +351,14 @@ async fn take_backup(
         pg_version: facts.pg_version,
         system_identifier: facts.system_identifier.to_string(),
         wal_segment_size: facts.wal_segment_size,
-        original_bytes: stream_end.original_bytes,
-        stored_bytes: parts.iter().map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes,
-        archives: vec![ArchiveRecord { name: "base.tar".into(), parts }],
+        original_bytes: stored.original_bytes,
+        stored_bytes,
+        archives: stored.archives,
         manifest,
-        pg_basebackup: ToolRecord { version, arguments: redact(&arguments) },
+        pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
         created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
     };
-    if observed.pg_version != record.pg_version.to_string() {
-        return Err(Error::ToolFailed {
-            tool: pg_basebackup.display().to_string(),
-            reason: format!("PG_VERSION says {} but the WAL is PostgreSQL {}", observed.pg_version, record.pg_version),
-        });
-    }
-    log.debug(format_args!("backup {name}: {} tar members", observed.members));
+    log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
     progress.phase("writing the catalog record");
     let key = BackupRecord::catalog_key(name);
     let mut json = serde_json::to_vec_pretty(&record).expect("plain struct serializes");
@@ -393,11 +369,224 @@ async fn take_backup(
     Ok(record)
 }
 
+fn basebackup_arguments(target: &str, name: &str, extra: &[String]) -> Vec<String> {
+    let mut arguments: Vec<String> =
+        ["-D", target, "-F", "t", "-X", "fetch", "-l"].iter().map(|s| (*s).to_owned()).collect();
+    arguments.push(format!("walship {name}"));
+    arguments.extend(extra.iter().cloned());
+    arguments
+}
+
+fn tool_failure(pg_basebackup: &Path, status: std::process::ExitStatus, tail: &Mutex<VecDeque<String>>) -> Error {
+    let tail: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+    let said = if tail.is_empty() { "no message".to_owned() } else { tail.join("; ") };
+    Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason: format!("{status}: {said}") }
+}
+
+fn compression_workers(options: &PushOptions) -> u32 {
+    match options.compression_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        n => n,
+    }
+}
+
+/// The usual way: pg_basebackup's stdout straight into the repository.
+async fn stream_backup(
+    repo: &Repository,
+    options: &PushOptions,
+    progress: &dyn Progress,
+    log: &Log,
+    pg_basebackup: &Path,
+    name: &str,
+    written: &mut Vec<String>,
+) -> Result<Stored, Error> {
+    let arguments = basebackup_arguments("-", name, &options.extra_args);
+    let mut child = Command::new(pg_basebackup)
+        .args(&arguments)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| tool_error(pg_basebackup, e))?;
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr_thread = {
+        let stderr = child.stderr.take().expect("piped");
+        let tail = Arc::clone(&stderr_tail);
+        let log = log.clone();
+        std::thread::spawn(move || collect_stderr(stderr, &tail, &log))
+    };
+    let stdout = child.stdout.take().expect("piped");
+    let stored =
+        store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written).await;
+    // However storing went, pg_basebackup must not outlive us; a failed store has dropped the
+    // receiver, which stops the reader, which closes the pipe.
+    if stored.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
+    let _ = stderr_thread.join();
+    let (parts, end) = match (stored, status.success()) {
+        (Err(e @ Error::Interrupted { .. }), _) => return Err(e),
+        (_, false) => return Err(tool_failure(pg_basebackup, status, &stderr_tail)),
+        (Err(e), true) => return Err(e),
+        (Ok(stored), true) => stored,
+    };
+    let mut observed =
+        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
+    let manifest = observed.manifest.take().ok_or_else(|| {
+        tool_failure_reason(pg_basebackup, "the backup has no backup_manifest (do not pass --no-manifest)")
+    })?;
+    Ok(Stored {
+        archives: vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }],
+        observed,
+        manifest,
+        original_bytes: end.original_bytes,
+        arguments,
+    })
+}
+
+fn tool_failure_reason(pg_basebackup: &Path, reason: &str) -> Error {
+    Error::ToolFailed {
+        tool: pg_basebackup.display().to_string(),
+        reason: format!("its output is not a complete base backup: {reason}"),
+    }
+}
+
+/// With extra tablespaces pg_basebackup refuses stdout: it writes `base.tar`, one `<OID>.tar` per
+/// tablespace and `backup_manifest` into a spool directory, and each archive is stored from there.
+async fn spool_backup(
+    repo: &Repository,
+    options: &PushOptions,
+    progress: &dyn Progress,
+    log: &Log,
+    pg_basebackup: &Path,
+    name: &str,
+    written: &mut Vec<String>,
+) -> Result<Stored, Error> {
+    let spool = tempfile::Builder::new()
+        .prefix("walship-base-push.")
+        .tempdir_in(&options.spool_dir)
+        .map_err(|e| Error::local_io(&options.spool_dir, "create spool directory", e))?;
+    let target = spool.path().join("backup");
+    let arguments = basebackup_arguments(&target.display().to_string(), name, &options.extra_args);
+    let mut child = Command::new(pg_basebackup)
+        .args(&arguments)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| tool_error(pg_basebackup, e))?;
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr_thread = {
+        let stderr = child.stderr.take().expect("piped");
+        let tail = Arc::clone(&stderr_tail);
+        let log = log.clone();
+        std::thread::spawn(move || collect_stderr(stderr, &tail, &log))
+    };
+    progress.phase("pg_basebackup is writing into the spool directory");
+    let mut signals = Signals::new()?;
+    let status = loop {
+        match child.try_wait().map_err(|e| tool_error(pg_basebackup, e))? {
+            Some(status) => break status,
+            None => tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                signal = signals.recv() => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Interrupted { signal });
+                }
+            },
+        }
+    };
+    let _ = stderr_thread.join();
+    if !status.success() {
+        return Err(tool_failure(pg_basebackup, status, &stderr_tail));
+    }
+    let mut tablespace_archives: Vec<(u32, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(&target).map_err(|e| Error::local_io(&target, "read", e))? {
+        let entry = entry.map_err(|e| Error::local_io(&target, "read", e))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(oid) = file_name.strip_suffix(".tar").and_then(|stem| stem.parse::<u32>().ok()) {
+            tablespace_archives.push((oid, entry.path()));
+        }
+    }
+    tablespace_archives.sort();
+    let open = |path: &Path| std::fs::File::open(path).map_err(|e| Error::local_io(path, "open", e));
+    let base = open(&target.join("base.tar"))?;
+    let (parts, end) =
+        store_archive(repo, options, progress, name, "base.tar", Box::new(base), true, (0, 0), written).await?;
+    let observed =
+        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
+    let locations = parse_tablespace_map(observed.tablespace_map.as_deref().unwrap_or(""));
+    let mut archives = vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }];
+    let mut original_bytes = end.original_bytes;
+    let mut stored_bytes: u64 = archives[0].parts.iter().map(|p| p.stored_bytes).sum();
+    for (oid, path) in tablespace_archives {
+        let location =
+            locations.iter().find(|(o, _)| *o == oid).map(|(_, l)| l.clone()).ok_or_else(|| {
+                tool_failure_reason(pg_basebackup, &format!("tablespace {oid} is not in tablespace_map"))
+            })?;
+        let archive_name = format!("{oid}.tar");
+        let file = open(&path)?;
+        let offsets = (original_bytes, stored_bytes);
+        let (parts, end) =
+            store_archive(repo, options, progress, name, &archive_name, Box::new(file), false, offsets, written)
+                .await?;
+        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &format!("{archive_name}: {reason}")))?;
+        original_bytes += end.original_bytes;
+        stored_bytes += parts.iter().map(|p| p.stored_bytes).sum::<u64>();
+        archives.push(ArchiveRecord {
+            name: archive_name,
+            tablespace: Some(TablespaceRecord { oid, location }),
+            parts,
+        });
+        // Free the spool as it goes: the disk a backup needs is then its largest archive, not all.
+        let _ = std::fs::remove_file(&path);
+    }
+    let manifest_path = target.join("backup_manifest");
+    let manifest = open(&manifest_path)?;
+    let manifest_len = manifest.metadata().map_err(|e| Error::local_io(&manifest_path, "stat", e))?.len();
+    log.debug(format_args!("backup {name}: {} archives stored from the spool", archives.len()));
+    Ok(Stored { archives, observed, manifest: (manifest, manifest_len), original_bytes, arguments })
+}
+
+/// `tablespace_map` lines: `OID LOCATION`, the location escaped by PostgreSQL (`\\` for a backslash,
+/// `\` before a newline).
+pub(crate) fn parse_tablespace_map(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let (oid, location) = line.split_once(' ')?;
+            Some((oid.parse().ok()?, location.replace("\\\\", "\\")))
+        })
+        .collect()
+}
+
+/// Stores one tar archive from `source`: a reader thread encodes, [`store_parts`] writes.
+#[allow(clippy::too_many_arguments)]
+async fn store_archive(
+    repo: &Repository,
+    options: &PushOptions,
+    progress: &dyn Progress,
+    name: &str,
+    archive: &str,
+    source: Box<dyn Read + Send>,
+    watch: bool,
+    offsets: (u64, u64),
+    written: &mut Vec<String>,
+) -> Result<(Vec<PartRecord>, StreamEnd), Error> {
+    let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
+    let (part_size, level, workers) = (options.part_size, options.compression_level, compression_workers(options));
+    let reader = std::thread::spawn(move || read_stream(source, &sender, part_size, level, workers, watch));
+    let parts = store_parts(repo, options, progress, name, archive, receiver, offsets, written).await;
+    let end = reader.join().map_err(|_| internal("the stream reader panicked"))?;
+    Ok((parts?, end))
+}
+
 fn internal(what: &str) -> Error {
     Error::LocalIo { path: "base-push".into(), operation: "run", source: std::io::Error::other(what.to_owned()) }
 }
 
-fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<std::collections::VecDeque<String>>, log: &Log) {
+fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<VecDeque<String>>, log: &Log) {
     use std::io::BufRead;
     for line in std::io::BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
@@ -418,11 +607,12 @@ fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<std::collectio
 /// The reader thread: follows the tar stream, encodes it part by part and hands the encoded bytes
 /// to the writers. Stops early when they hang up.
 fn read_stream(
-    mut stdout: std::process::ChildStdout,
+    mut stdout: Box<dyn Read + Send>,
     sender: &mpsc::Sender<Message>,
     part_size: u64,
     level: i32,
     workers: u32,
+    watch: bool,
 ) -> StreamEnd {
     let mut watcher = TarWatcher::new(LongPageHeader::LEN);
     let mut watch_error: Option<String> = None;
@@ -492,19 +682,23 @@ fn read_stream(
     let observed = match watch_error {
         Some(e) => Err(e),
         None if total == 0 => Err("pg_basebackup wrote nothing".into()),
-        None => watcher.finish(),
+        None if watch => watcher.finish().map(Some),
+        None => watcher.finish_archive().map(|()| None),
     };
     end(observed, total)
 }
 
 /// The async side: writes each part as its encoded bytes arrive, and completes finished parts while
 /// the next one streams. Returns the parts in order, all durable.
+#[allow(clippy::too_many_arguments)]
 async fn store_parts(
     repo: &Repository,
     options: &PushOptions,
     progress: &dyn Progress,
     name: &str,
+    archive: &str,
     mut receiver: mpsc::Receiver<Message>,
+    (original_offset, stored_offset): (u64, u64),
     written: &mut Vec<String>,
 ) -> Result<Vec<PartRecord>, Error> {
     let mut signals = Signals::new()?;
@@ -534,7 +728,7 @@ async fn store_parts(
             match message {
                 Message::Chunk { bytes, original_so_far: so_far } => {
                     if current.is_none() {
-                        let key = part_key(name, "base.tar", parts.len() + 1);
+                        let key = part_key(name, archive, parts.len() + 1);
                         written.push(key.clone());
                         let options = PutOptions { attributes: Default::default(), size_hint: Some(options.part_size) };
                         let writer = tokio::time::timeout(idle, repo.storage().create(&key, options))
@@ -552,7 +746,7 @@ async fn store_parts(
                         }
                         signal = signals.recv() => return Err(Error::Interrupted { signal }),
                     }
-                    progress.update(original_so_far, stored_total, None);
+                    progress.update(original_offset + original_so_far, stored_offset + stored_total, None);
                 }
                 Message::PartEnd(digest) => {
                     let (writer, key, stored) = current.take().expect("a part ends after its chunks");
@@ -822,6 +1016,12 @@ mod tests {
         for good in ["--checkpoint=fast", "-c", "fast", "-h", "/tmp", "-U", "postgres", "--max-rate=10M", "-v"] {
             check_extra_args(&[good.to_owned()]).unwrap();
         }
+    }
+
+    #[test]
+    fn tablespace_maps_parse_with_escapes() {
+        let map = parse_tablespace_map("16384 /srv/ts one\n16390 /srv/back\\\\slash\n");
+        assert_eq!(map, [(16384, "/srv/ts one".to_owned()), (16390, "/srv/back\\slash".to_owned())]);
     }
 
     #[test]

@@ -21,9 +21,11 @@ pub struct Observed {
     /// The start of the first WAL segment in `pg_wal/`, up to a long page header.
     pub first_wal_header: Vec<u8>,
     pub first_wal_name: String,
-    /// The spooled `backup_manifest`, rewound, and its length.
-    pub manifest: File,
-    pub manifest_len: u64,
+    /// The spooled `backup_manifest`, rewound, and its length. Streamed to stdout, pg_basebackup
+    /// puts it at the end of the archive; into a directory, it writes it as a file of its own.
+    pub manifest: Option<(File, u64)>,
+    /// `tablespace_map`: one line `OID LOCATION` per extra tablespace.
+    pub tablespace_map: Option<String>,
     pub members: u64,
 }
 
@@ -42,6 +44,7 @@ enum Capture {
     Version,
     WalHeader,
     Manifest,
+    TablespaceMap,
 }
 
 pub struct TarWatcher {
@@ -51,6 +54,7 @@ pub struct TarWatcher {
     pg_version: Option<Vec<u8>>,
     first_wal: Option<(String, Vec<u8>)>,
     manifest: Option<(File, u64)>,
+    tablespace_map: Option<Vec<u8>>,
     members: u64,
     wal_header_len: usize,
 }
@@ -65,6 +69,7 @@ impl TarWatcher {
             pg_version: None,
             first_wal: None,
             manifest: None,
+            tablespace_map: None,
             members: 0,
             wal_header_len,
         }
@@ -99,6 +104,9 @@ impl TarWatcher {
                             Capture::Skip => {}
                             Capture::Label => self.backup_label.get_or_insert_with(Vec::new).extend_from_slice(data),
                             Capture::Version => self.pg_version.get_or_insert_with(Vec::new).extend_from_slice(data),
+                            Capture::TablespaceMap => {
+                                self.tablespace_map.get_or_insert_with(Vec::new).extend_from_slice(data)
+                            }
                             Capture::WalHeader => {
                                 let (_, header) = self.first_wal.as_mut().expect("set when the member began");
                                 let want = self.wal_header_len.saturating_sub(header.len()).min(data.len());
@@ -162,6 +170,11 @@ impl TarWatcher {
                 small("PG_VERSION")?;
                 Capture::Version
             }
+            "tablespace_map" if regular => {
+                small("tablespace_map")?;
+                self.tablespace_map = Some(Vec::new());
+                Capture::TablespaceMap
+            }
             "backup_manifest" if regular => {
                 let file =
                     tempfile::tempfile().map_err(|e| format!("creating a temporary file for backup_manifest: {e}"))?;
@@ -182,6 +195,14 @@ impl TarWatcher {
         Ok(State::Body { remaining: size, padding, capture })
     }
 
+    /// Ends the stream of a tablespace's archive: checks only that it was a complete tar archive.
+    pub fn finish_archive(self) -> Result<(), String> {
+        match self.state {
+            State::Ended => Ok(()),
+            _ => Err(format!("the tar stream ended early, after {} members (no end-of-archive marker)", self.members)),
+        }
+    }
+
     /// Ends the stream: checks it was a complete archive with everything a backup must hold.
     pub fn finish(self) -> Result<Observed, String> {
         if !matches!(self.state, State::Ended) {
@@ -198,16 +219,21 @@ impl TarWatcher {
         let pg_version = text(self.pg_version, "PG_VERSION")?.trim().to_owned();
         let (first_wal_name, first_wal_header) =
             self.first_wal.ok_or("the backup holds no WAL in pg_wal/ (pg_basebackup must run with -X fetch)")?;
-        let (mut manifest, manifest_len) =
-            self.manifest.ok_or("the backup has no backup_manifest (pg_basebackup must not run with --no-manifest)")?;
-        manifest.seek(SeekFrom::Start(0)).map_err(|e| format!("rewinding the spooled backup_manifest: {e}"))?;
+        let mut manifest = self.manifest;
+        if let Some((file, _)) = manifest.as_mut() {
+            file.seek(SeekFrom::Start(0)).map_err(|e| format!("rewinding the spooled backup_manifest: {e}"))?;
+        }
+        let tablespace_map = match self.tablespace_map {
+            Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| "tablespace_map is not UTF-8 text".to_owned())?),
+            None => None,
+        };
         Ok(Observed {
             backup_label,
             pg_version,
             first_wal_header,
             first_wal_name,
             manifest,
-            manifest_len,
+            tablespace_map,
             members: self.members,
         })
     }
@@ -260,8 +286,9 @@ mod tests {
             assert_eq!(observed.first_wal_header, vec![1u8; 40]);
             assert_eq!(observed.members, 6);
             let mut manifest = String::new();
-            observed.manifest.read_to_string(&mut manifest).unwrap();
-            assert_eq!(observed.manifest_len, manifest.len() as u64);
+            let (file, len) = observed.manifest.as_mut().unwrap();
+            file.read_to_string(&mut manifest).unwrap();
+            assert_eq!(*len, manifest.len() as u64);
             assert!(manifest.contains("Manifest-Version"));
         }
     }
@@ -277,13 +304,9 @@ mod tests {
         let err = watcher.feed(&[b'x'; 600]).unwrap_err();
         assert!(err.contains("not a tar stream") || err.contains("bad tar header"), "{err}");
 
-        let without_manifest = archive(&[
-            ("backup_label", b"START".to_vec()),
-            ("PG_VERSION", b"15\n".to_vec()),
-            ("pg_wal/000000010000000000000002", vec![1u8; 100]),
-        ]);
+        let without_wal = archive(&[("backup_label", b"START".to_vec()), ("PG_VERSION", b"15\n".to_vec())]);
         let mut watcher = TarWatcher::new(40);
-        watcher.feed(&without_manifest).unwrap();
-        assert!(watcher.finish().unwrap_err().contains("backup_manifest"));
+        watcher.feed(&without_wal).unwrap();
+        assert!(watcher.finish().unwrap_err().contains("no WAL"));
     }
 }

@@ -39,6 +39,27 @@ pub async fn fetch(repo: &Repository, name: &str, destination: &Path) -> Result<
         }
         Err(e) => return Err(e.into()),
     };
+    publish_verified(reader, destination, &location).await
+}
+
+/// Restores the object under `key` (any key, unlike [`fetch`]) to `destination`, verified. A missing
+/// object is an error here, not "absent": callers ask for objects a catalog says exist.
+pub async fn fetch_object(repo: &Repository, key: &str, destination: &Path) -> Result<FetchReport, Error> {
+    let reader = repo.storage().get(key).await.map_err(|e| match e {
+        StorageError::NotFound { location } => {
+            Error::Corrupt { location, reason: "missing from the repository, though the catalog lists it".into() }
+        }
+        other => other.into(),
+    })?;
+    publish_verified(reader, destination, &repo.storage().location(key)).await
+}
+
+async fn publish_verified(
+    reader: crate::storage::ObjectReader,
+    destination: &Path,
+    location: &str,
+) -> Result<FetchReport, Error> {
+    let location = location.to_owned();
     let temp = temp_path_beside(destination)?;
     match write_verified(reader, &temp, destination, &location).await {
         Ok(report) => {

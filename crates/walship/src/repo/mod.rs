@@ -14,7 +14,7 @@
 mod fetch;
 mod push;
 
-pub use fetch::{FetchReport, fetch};
+pub use fetch::{FetchReport, fetch, fetch_object};
 pub use push::{PushReport, push};
 
 use serde::{Deserialize, Serialize};
