@@ -25,6 +25,8 @@ Configuration file keys (TOML; unknown keys are an error):
   [base] transfer_concurrency = 4     parts downloaded at once (base-fetch), parts completing at
                                       once (base-push)
   [base] progress_interval_secs = 30  how often progress is logged when stderr is not a terminal
+  [base] spool_dir = \"/tmp\"           where a backup with extra tablespaces is spooled (needs its
+                                      full size free) [default: $TMPDIR or /tmp]
   [s3] and [ssh] tables: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
