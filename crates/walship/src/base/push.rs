@@ -417,12 +417,11 @@ async fn stream_backup(
     };
     let stdout = child.stdout.take().expect("piped");
     let stored =
-        store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written).await;
-    // However storing went, pg_basebackup must not outlive us; a failed store has dropped the
-    // receiver, which stops the reader, which closes the pipe.
-    if stored.is_err() {
-        let _ = child.kill();
-    }
+        store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written, || {
+            // A reader blocked on a stalled pg_basebackup only returns once its pipe closes.
+            let _ = child.kill();
+        })
+        .await;
     let status = child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
     let _ = stderr_thread.join();
     let (parts, end) = match (stored, status.success()) {
@@ -514,7 +513,7 @@ async fn spool_backup(
     let open = |path: &Path| std::fs::File::open(path).map_err(|e| Error::local_io(path, "open", e));
     let base = open(&target.join("base.tar"))?;
     let (parts, end) =
-        store_archive(repo, options, progress, name, "base.tar", Box::new(base), true, (0, 0), written).await?;
+        store_archive(repo, options, progress, name, "base.tar", Box::new(base), true, (0, 0), written, || {}).await?;
     let observed =
         end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
     let locations = parse_tablespace_map(observed.tablespace_map.as_deref().unwrap_or(""));
@@ -530,7 +529,7 @@ async fn spool_backup(
         let file = open(&path)?;
         let offsets = (original_bytes, stored_bytes);
         let (parts, end) =
-            store_archive(repo, options, progress, name, &archive_name, Box::new(file), false, offsets, written)
+            store_archive(repo, options, progress, name, &archive_name, Box::new(file), false, offsets, written, || {})
                 .await?;
         end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &format!("{archive_name}: {reason}")))?;
         original_bytes += end.original_bytes;
@@ -573,11 +572,16 @@ async fn store_archive(
     watch: bool,
     offsets: (u64, u64),
     written: &mut Vec<String>,
+    stop_source: impl FnOnce(),
 ) -> Result<(Vec<PartRecord>, StreamEnd), Error> {
     let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
     let (part_size, level, workers) = (options.part_size, options.compression_level, compression_workers(options));
     let reader = std::thread::spawn(move || read_stream(source, &sender, part_size, level, workers, watch));
     let parts = store_parts(repo, options, progress, name, archive, receiver, offsets, written).await;
+    // The writers gave up: the reader stops at its next send, or once its source is stopped.
+    if parts.is_err() {
+        stop_source();
+    }
     let end = reader.join().map_err(|_| internal("the stream reader panicked"))?;
     Ok((parts?, end))
 }
