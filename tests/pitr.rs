@@ -12,15 +12,12 @@
 //! the non-default size is exercised end to end.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use walship_tests::Scratch;
-use walship_tests::pg::{
-    Cluster, WAIT_TIMEOUT, archive_command, archive_command_with_config, restore_command, restore_command_with_config,
-};
-use walship_tests::s3::{S3Server, write_config_file};
-use walship_tests::ssh::SshServer;
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
+use walship_tests::repository::Repository;
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
 
@@ -33,98 +30,9 @@ fn wal_key(wal_name: &str) -> String {
     }
 }
 
-/// The repository the scenario archives into and restores from.
-enum Repository {
-    /// A directory, named with `--repo DIR`.
-    Local { dir: PathBuf },
-    /// `s3://BUCKET/PREFIX` on an s3s-fs server, named by the configuration file `config`.
-    S3 { server: S3Server, bucket: String, prefix: String, config: PathBuf },
-    /// `ssh://postgres@127.0.0.1:PORT/DIR` on a real sshd, named by the configuration file `config`.
-    Ssh { server: SshServer, config: PathBuf },
-}
-
-impl Repository {
-    /// A repository in `dir` (created, owned by the server user).
-    fn local(store: &Scratch) -> Repository {
-        Repository::Local { dir: store.mkdir("repo") }
-    }
-
-    /// A repository under `prefix` of a new bucket on a new s3s-fs server, with its configuration
-    /// file written into `store`, readable by the server user.
-    fn s3(store: &Scratch, bucket: &str, prefix: &str) -> Repository {
-        let server = S3Server::start();
-        server.create_bucket(bucket);
-        let url = format!("s3://{bucket}/{prefix}");
-        // Retries end well inside the test's waits, so a failing store shows up as a failed command.
-        let text = server.config_text(&url, &server.endpoint(), "deadline_secs = 60", "");
-        let config = write_config_file(store.path(), "walship.toml", &text);
-        Repository::S3 { server, bucket: bucket.to_owned(), prefix: prefix.to_owned(), config }
-    }
-
-    /// A repository in a directory of a new sshd on loopback, reached over SFTP with the client key and
-    /// `known_hosts` the harness made; the configuration file is written into `store`.
-    fn ssh(store: &Scratch) -> Repository {
-        let server = SshServer::start();
-        let text = server.config_text(&server.repo_dir(), "deadline_secs = 60", "");
-        let config = write_config_file(store.path(), "walship.toml", &text);
-        Repository::Ssh { server, config }
-    }
-
-    fn archive_command(&self) -> String {
-        match self {
-            Repository::Local { dir } => archive_command(dir),
-            Repository::S3 { config, .. } | Repository::Ssh { config, .. } => archive_command_with_config(config),
-        }
-    }
-
-    fn restore_command(&self) -> String {
-        match self {
-            Repository::Local { dir } => restore_command(dir),
-            Repository::S3 { config, .. } | Repository::Ssh { config, .. } => restore_command_with_config(config),
-        }
-    }
-
-    /// The file holding the repository's object `key`: on local disk the repository's own file, on
-    /// S3 the one in which s3s-fs keeps `PREFIX/key`.
-    fn object_file(&self, key: &str) -> PathBuf {
-        match self {
-            Repository::Local { dir } => dir.join(key),
-            Repository::S3 { server, bucket, prefix, .. } => server.object_file(bucket, &format!("{prefix}/{key}")),
-            // The ssh server is this machine: the remote directory is a local one too.
-            Repository::Ssh { server, .. } => server.repo_dir().join(key),
-        }
-    }
-
-    fn has_wal(&self, wal_name: &str) -> bool {
-        self.object_file(&wal_key(wal_name)).is_file()
-    }
-
-    /// For failure messages: where the repository is, and for S3 the end of the server's log.
-    fn describe(&self) -> String {
-        match self {
-            Repository::Local { dir } => format!("repository {dir:?}"),
-            Repository::S3 { server, bucket, prefix, config } => {
-                let log = server.log();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                format!(
-                    "repository s3://{bucket}/{prefix} at {} (config {config:?}, objects under {:?})\n\
-                     --- last lines of the s3s-fs log ---\n{tail}\n---",
-                    server.endpoint(),
-                    server.object_file(bucket, prefix)
-                )
-            }
-            Repository::Ssh { server, config } => {
-                let log = server.log();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                format!(
-                    "repository {} (config {config:?})\n--- last lines of the sshd log ---\n{tail}\n---",
-                    server.url(&server.repo_dir())
-                )
-            }
-        }
-    }
+/// Whether the repository holds the WAL file `wal_name`.
+fn has_wal(repo: &Repository, wal_name: &str) -> bool {
+    repo.object_file(&wal_key(wal_name)).is_file()
 }
 
 /// The segment number of a segment name (`TTTTTTTTLLLLLLLLSSSSSSSS`).
@@ -275,7 +183,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     // How many segments the load fills depends on the machine's speed; any number above one proves
     // that archiving went on while the load ran.
     assert!(timeline1.len() > 1, "expected several 1 MiB segments under load, got {timeline1:?}");
-    let unarchived: Vec<&String> = timeline1.iter().filter(|name| !repo.has_wal(name)).collect();
+    let unarchived: Vec<&String> = timeline1.iter().filter(|name| !has_wal(repo, name)).collect();
     assert!(unarchived.is_empty(), "segments missing from the repository: {unarchived:?}\n{}", repo.describe());
     assert!(repo.object_file("repository.json").is_file(), "no repository.json in the {}", repo.describe());
 
@@ -305,7 +213,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     // repository. (No .partial segment here: the old timeline's last segment came from the archive,
     // so PostgreSQL has nothing new to archive for it.)
     restored.wait_archived("00000002.history", WAIT_TIMEOUT);
-    assert!(repo.has_wal("00000002.history"), "00000002.history not in the {}", repo.describe());
+    assert!(has_wal(repo, "00000002.history"), "00000002.history not in the {}", repo.describe());
     let history = fs::read_to_string(restored.data_dir().join("pg_wal/00000002.history")).unwrap();
     // "1	0/1A2B3C8	before transaction 1234 at 2024-..."
     let switch_point = history
@@ -319,7 +227,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     assert!(last_on_timeline2.starts_with("00000002"), "{last_on_timeline2}");
     restored.wait_archived(&last_on_timeline2, WAIT_TIMEOUT);
     assert_no_failed_archiving(&restored);
-    assert!(repo.has_wal(&last_on_timeline2), "{last_on_timeline2} not in the {}", repo.describe());
+    assert!(has_wal(repo, &last_on_timeline2), "{last_on_timeline2} not in the {}", repo.describe());
 
     // --- Lose that one too; restore the same base backup to the end of the latest timeline. ---
     restored.crash();

@@ -22,7 +22,9 @@ use walship_tests::assertions::{
     assert_absent, assert_error, assert_no_temp_files, assert_ok, assert_one_line, sha256_hex,
 };
 use walship_tests::proxy::{Fault, Proxy, Request, Response, Rule};
-use walship_tests::s3::{ACCESS_KEY, REGION, S3Server, SECRET_KEY, free_port, write_config_file};
+use walship_tests::s3::{
+    ACCESS_KEY, REGION, S3Server, SECRET_KEY, assert_no_multipart_leftovers, free_port, write_config_file,
+};
 use walship_tests::segments::{self, Fill, Segment};
 use walship_tests::{Output, Scratch, walship};
 
@@ -267,12 +269,6 @@ fn finish(mut running: Running, limit: Duration) -> Finished {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-#[track_caller]
-fn assert_no_multipart_leftovers(server: &S3Server, what: &str) {
-    let left = server.multipart_leftovers();
-    assert!(left.is_empty(), "{what}: multipart upload files left in {:?}: {left:?}", server.data_dir());
 }
 
 /// (length, mtime, inode): changes if an object is rewritten or replaced.

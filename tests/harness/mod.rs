@@ -7,6 +7,7 @@
 pub mod assertions;
 pub mod pg;
 pub mod proxy;
+pub mod repository;
 pub mod s3;
 pub mod segments;
 pub mod ssh;

@@ -46,13 +46,7 @@ pub fn pg_bin_dir() -> PathBuf {
 /// A PostgreSQL program run as the server user, from `cwd`, with a predictable environment.
 pub fn pg_command(program: &str, cwd: &Path) -> Command {
     let mut cmd = Command::new(pg_bin_dir().join(program));
-    // PG* variables of whoever runs the tests (PGHOST, PGDATABASE, PGOPTIONS...) would redirect or
-    // alter our connections.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(&key);
-        }
-    }
+    clear_pg_env(&mut cmd);
     // The server runs archive_command and restore_command with its own environment: no walship or
     // AWS settings of whoever runs the tests may redirect them, and the AWS SDK must never ask the
     // EC2 instance metadata service (169.254.169.254) for a region or credentials.
@@ -62,6 +56,17 @@ pub fn pg_command(program: &str, cwd: &Path) -> Command {
     // The server user may not be allowed into the test's own working directory.
     cmd.current_dir(cwd);
     as_server_user(&mut cmd);
+    cmd
+}
+
+/// Removes libpq's settings of whoever runs the tests from `cmd`'s environment: PG* variables
+/// (PGHOST, PGDATABASE, PGOPTIONS...) would redirect or alter our connections.
+pub fn clear_pg_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 
@@ -177,6 +182,31 @@ impl Cluster {
         fs::write(&signal, "").unwrap();
         chown_to_server_user(&signal);
         cluster
+    }
+
+    /// A cluster whose data directory ([`data_dir`](Self::data_dir)) does not exist yet: something
+    /// else creates it there (base-fetch restoring a backup), then [`adopt_data_dir`](Self::adopt_data_dir)
+    /// makes it this cluster's. The directory goes with the cluster, like every other one's.
+    pub fn without_data_dir(name: &str) -> Cluster {
+        let cluster = Cluster::empty(name);
+        fs::remove_dir(&cluster.data).unwrap_or_else(|e| panic!("{:?}: {e}", cluster.data));
+        cluster
+    }
+
+    /// Points the data directory that someone else filled (see
+    /// [`without_data_dir`](Self::without_data_dir)) at this cluster's socket directory, with TCP
+    /// off: its postgresql.conf still names the socket directory of the cluster it was copied from.
+    /// Nothing else is changed.
+    pub fn adopt_data_dir(&self) {
+        assert!(self.data.join("PG_VERSION").is_file(), "cluster {}: no data directory at {:?}", self.name, self.data);
+        self.configure_own();
+    }
+
+    /// Sets libpq's environment on `cmd` so that a client program connects to this cluster (PGHOST,
+    /// PGPORT), with every other PG* variable of whoever runs the tests removed and English
+    /// messages (LC_ALL=C).
+    pub fn libpq_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        clear_pg_env(cmd).env("PGHOST", &self.socket_dir).env("PGPORT", PORT.to_string()).env("LC_ALL", "C")
     }
 
     /// What keeps this cluster off the network and off every other cluster's socket.
@@ -333,13 +363,15 @@ impl Cluster {
     /// Runs pgbench against the `postgres` database with `args` (`-i -s 5`, `-T 5 -c 2`...) and
     /// returns its standard output.
     pub fn pgbench(&self, args: &[&str]) -> String {
-        let out = run(pg_command("pgbench", self.scratch.path())
-            .arg("-h")
-            .arg(&self.socket_dir)
-            .args(["-p", &PORT.to_string()])
-            .args(args)
-            .arg("postgres"));
+        let out = run(&mut self.pgbench_command(args));
         check(&format!("pgbench {args:?} on cluster {}", self.name), out).stdout
+    }
+
+    /// The pgbench command [`pgbench`](Self::pgbench) runs, for running it in the background.
+    pub fn pgbench_command(&self, args: &[&str]) -> Command {
+        let mut cmd = pg_command("pgbench", self.scratch.path());
+        cmd.arg("-h").arg(&self.socket_dir).args(["-p", &PORT.to_string()]).args(args).arg("postgres");
+        cmd
     }
 
     /// Takes a base backup into `dir` (which must exist, empty and owned by the server user) with

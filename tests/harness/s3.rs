@@ -167,6 +167,13 @@ impl Drop for S3Server {
     }
 }
 
+/// Asserts that no multipart upload, finished or not, left anything in `server`'s data directory.
+#[track_caller]
+pub fn assert_no_multipart_leftovers(server: &S3Server, what: &str) {
+    let left = server.multipart_leftovers();
+    assert!(left.is_empty(), "{what}: multipart upload files left in {:?}: {left:?}", server.data_dir());
+}
+
 /// Base64, URL-safe alphabet, no padding (how s3s-fs names metadata files).
 fn base64_url(text: &str) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";

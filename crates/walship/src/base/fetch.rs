@@ -393,34 +393,60 @@ fn extract_archive(
         total,
         progress,
     };
+    // Whether an error came from the parts themselves (download, decoding, checksums).
+    let stream_failed = std::cell::Cell::new(false);
     let take_failure = |e: io::Error, what: &'static str| -> Error {
-        failure.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(|| Error::local_io(data_dir, what, e))
+        match failure.lock().ok().and_then(|mut f| f.take()) {
+            Some(error) => {
+                stream_failed.set(true);
+                error
+            }
+            None => Error::local_io(data_dir, what, e),
+        }
     };
     let mut archive = tar::Archive::new(stream);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(root_owned);
     archive.set_overwrite(false);
-    let entries = archive.entries().map_err(|e| take_failure(e, "read tar stream"))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
-        let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
-        if is_base && path == Path::new("global/pg_control") {
-            fs::create_dir_all(data_dir.join("global")).map_err(|e| Error::local_io(data_dir, "create global/", e))?;
-            entry.unpack(data_dir.join(HELD_BACK_CONTROL)).map_err(|e| take_failure(e, "extract global/pg_control"))?;
-            continue;
+    let unpacked = (|| {
+        let entries = archive.entries().map_err(|e| take_failure(e, "read tar stream"))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
+            let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
+            if is_base && path == Path::new("global/pg_control") {
+                fs::create_dir_all(data_dir.join("global"))
+                    .map_err(|e| Error::local_io(data_dir, "create global/", e))?;
+                entry
+                    .unpack(data_dir.join(HELD_BACK_CONTROL))
+                    .map_err(|e| take_failure(e, "extract global/pg_control"))?;
+                continue;
+            }
+            let inside = entry.unpack_in(data_dir).map_err(|e| take_failure(e, "extract"))?;
+            if !inside {
+                return Err(Error::Corrupt {
+                    location: locations.first().cloned().unwrap_or_default(),
+                    reason: format!("tar member {} would land outside the data directory", path.display()),
+                });
+            }
         }
-        let inside = entry.unpack_in(data_dir).map_err(|e| take_failure(e, "extract"))?;
-        if !inside {
-            return Err(Error::Corrupt {
-                location: locations.first().cloned().unwrap_or_default(),
-                reason: format!("tar member {} would land outside the data directory", path.display()),
-            });
+        Ok(())
+    })();
+    let mut stream = archive.into_inner();
+    if let Err(e) = unpacked {
+        // A part's checksums are checked at its end, but damage inside it can trip the tar reader
+        // first (a member header that no longer parses): then the damaged part is what to report,
+        // not the tar error it led to. Reading on to the end of the part tells.
+        if !stream_failed.get()
+            && stream.finish_current_part().is_err()
+            && let Some(damage @ Error::Corrupt { .. }) = failure.lock().ok().and_then(|mut f| f.take())
+        {
+            return Err(damage);
         }
+        return Err(e);
     }
     // The archive's end markers come before the end of the last part: read on, so that every part's
     // trailer is checked.
-    let mut stream = archive.into_inner();
     io::copy(&mut stream, &mut io::sink()).map_err(|e| take_failure(e, "read tar stream"))?;
     if stream.index < parts.len() {
         return Err(Error::Corrupt {
@@ -472,6 +498,31 @@ impl PartStream<'_> {
         let _ = location;
         self.current = Some((file, path, decoder, downloaded.permit));
         Ok(true)
+    }
+
+    /// Decodes the rest of the part being read, discarding the bytes, and ends it: checks its
+    /// checksums without opening the next part. Nothing to do between parts.
+    fn finish_current_part(&mut self) -> io::Result<()> {
+        let mut raw = vec![0u8; 256 * 1024];
+        loop {
+            let Some((file, path, decoder, _)) = self.current.as_mut() else { return Ok(()) };
+            let n = match file.read(&mut raw) {
+                Ok(n) => n,
+                Err(e) => {
+                    let path = path.clone();
+                    return Err(self.fail(Error::local_io(&path, "read", e)));
+                }
+            };
+            if n == 0 {
+                return self.close_current();
+            }
+            let decoded = decoder.update(&raw[..n]);
+            decoder.sink_mut().clear();
+            if let Err(e) = decoded {
+                let location = self.locations[self.index].clone();
+                return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
+            }
+        }
     }
 
     /// Ends the current part: its trailer and the catalog's checksum must both agree.

@@ -198,7 +198,14 @@ pub async fn read_record(repo: &Repository, name: &str) -> Result<BackupRecord, 
 pub async fn select_backup(repo: &Repository, name: &str, target: &RecoveryTarget) -> Result<BackupRecord, Error> {
     if name != "LATEST" {
         validate_name(name).map_err(Error::Usage)?;
-        let record = read_record(repo, name).await?;
+        let record = match read_record(repo, name).await {
+            // In a wrong directory or prefix every backup is missing; say that instead.
+            Err(e @ Error::NoSuchBackup(_)) => {
+                repo.require_identity().await?;
+                return Err(e);
+            }
+            other => other?,
+        };
         if let Some(reason) = target.excludes(&record) {
             return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
         }
