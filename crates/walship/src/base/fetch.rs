@@ -505,22 +505,31 @@ impl PartStream<'_> {
     fn finish_current_part(&mut self) -> io::Result<()> {
         let mut raw = vec![0u8; 256 * 1024];
         loop {
-            let Some((file, path, decoder, _)) = self.current.as_mut() else { return Ok(()) };
-            let n = match file.read(&mut raw) {
-                Ok(n) => n,
-                Err(e) => {
-                    let path = path.clone();
-                    return Err(self.fail(Error::local_io(&path, "read", e)));
-                }
-            };
+            if self.current.is_none() {
+                return Ok(());
+            }
+            let n = self.read_raw(&mut raw)?;
             if n == 0 {
                 return self.close_current();
             }
+            let (_, _, decoder, _) = self.current.as_mut().expect("open");
             let decoded = decoder.update(&raw[..n]);
             decoder.sink_mut().clear();
             if let Err(e) = decoded {
                 let location = self.locations[self.index].clone();
                 return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
+            }
+        }
+    }
+
+    /// Reads the open part's next stored bytes.
+    fn read_raw(&mut self, raw: &mut [u8]) -> io::Result<usize> {
+        let (file, path, _, _) = self.current.as_mut().expect("a part is open");
+        match file.read(raw) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                let path = path.clone();
+                Err(self.fail(Error::local_io(&path, "read", e)))
             }
         }
     }
@@ -565,19 +574,13 @@ impl Read for PartStream<'_> {
             if self.current.is_none() && !self.open_next()? {
                 return Ok(0);
             }
-            let (file, path, decoder, _) = self.current.as_mut().expect("open");
             let mut raw = vec![0u8; 256 * 1024];
-            let n = match file.read(&mut raw) {
-                Ok(n) => n,
-                Err(e) => {
-                    let path = path.clone();
-                    return Err(self.fail(Error::local_io(&path, "read", e)));
-                }
-            };
+            let n = self.read_raw(&mut raw)?;
             if n == 0 {
                 self.close_current()?;
                 continue;
             }
+            let (_, _, decoder, _) = self.current.as_mut().expect("open");
             self.stored_done += n as u64;
             if let Err(e) = decoder.update(&raw[..n]) {
                 let location = self.locations[self.index].clone();

@@ -377,6 +377,32 @@ fn basebackup_arguments(target: &str, name: &str, extra: &[String]) -> Vec<Strin
     arguments
 }
 
+/// The last lines pg_basebackup wrote to stderr.
+type StderrTail = Arc<Mutex<VecDeque<String>>>;
+
+/// Starts pg_basebackup with its stderr followed by a thread that keeps the last lines (for the
+/// error message) and logs them with -v.
+fn spawn_pg_basebackup(
+    pg_basebackup: &Path,
+    arguments: &[String],
+    stdout: Stdio,
+    log: &Log,
+) -> Result<(std::process::Child, StderrTail, std::thread::JoinHandle<()>), Error> {
+    let mut child = Command::new(pg_basebackup)
+        .args(arguments)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| tool_error(pg_basebackup, e))?;
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr = child.stderr.take().expect("piped");
+    let tail = Arc::clone(&stderr_tail);
+    let log = log.clone();
+    let stderr_thread = std::thread::spawn(move || collect_stderr(stderr, &tail, &log));
+    Ok((child, stderr_tail, stderr_thread))
+}
+
 fn tool_failure(pg_basebackup: &Path, status: std::process::ExitStatus, tail: &Mutex<VecDeque<String>>) -> Error {
     let tail: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
     let said = if tail.is_empty() { "no message".to_owned() } else { tail.join("; ") };
@@ -401,20 +427,7 @@ async fn stream_backup(
     written: &mut Vec<String>,
 ) -> Result<Stored, Error> {
     let arguments = basebackup_arguments("-", name, &options.extra_args);
-    let mut child = Command::new(pg_basebackup)
-        .args(&arguments)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool_error(pg_basebackup, e))?;
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr_thread = {
-        let stderr = child.stderr.take().expect("piped");
-        let tail = Arc::clone(&stderr_tail);
-        let log = log.clone();
-        std::thread::spawn(move || collect_stderr(stderr, &tail, &log))
-    };
+    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::piped(), log)?;
     let stdout = child.stdout.take().expect("piped");
     let stored =
         store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written, || {
@@ -468,20 +481,7 @@ async fn spool_backup(
         .map_err(|e| Error::local_io(&options.spool_dir, "create spool directory", e))?;
     let target = spool.path().join("backup");
     let arguments = basebackup_arguments(&target.display().to_string(), name, &options.extra_args);
-    let mut child = Command::new(pg_basebackup)
-        .args(&arguments)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool_error(pg_basebackup, e))?;
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr_thread = {
-        let stderr = child.stderr.take().expect("piped");
-        let tail = Arc::clone(&stderr_tail);
-        let log = log.clone();
-        std::thread::spawn(move || collect_stderr(stderr, &tail, &log))
-    };
+    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::null(), log)?;
     progress.phase("pg_basebackup is writing into the spool directory");
     let mut signals = Signals::new()?;
     let status = loop {
