@@ -24,7 +24,6 @@ pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 
 use crate::error::Error;
 use crate::repo::Repository;
@@ -164,16 +163,10 @@ pub async fn for_each_backup(
 pub async fn read_record(repo: &Repository, name: &str) -> Result<BackupRecord, Error> {
     let key = BackupRecord::catalog_key(name);
     let location = repo.storage().location(&key);
-    let mut reader = repo.storage().get(&key).await.map_err(|e| match e {
+    let bytes = repo.read_small(&key, MAX_RECORD_LEN).await.map_err(|e| match e {
         StorageError::NotFound { location } => Error::NoSuchBackup(format!("{location}: no backup named {name}")),
         other => other.into(),
     })?;
-    let mut bytes = Vec::new();
-    (&mut reader)
-        .take(MAX_RECORD_LEN + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| StorageError::io(&location, "read", e))?;
     let record: BackupRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
         location: location.clone(),
         reason: format!("unreadable catalog record: {e}"),

@@ -120,6 +120,9 @@ fn process_start(pid: u32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// An owner record is a few lines of JSON.
+const MAX_OWNER_LEN: u64 = 64 * 1024;
+
 fn owner_key(name: &str) -> String {
     format!("{BACKUPS_PREFIX}{name}/owner.json")
 }
@@ -972,7 +975,7 @@ pub(crate) async fn sweep_abandoned(repo: &Repository, log: &Log) -> Result<(), 
                 Err(e) => return Err(e.into()),
             }
             let owner: Option<Owner> =
-                read_small(repo, &meta.key).await.ok().and_then(|b| serde_json::from_slice(&b).ok());
+                repo.read_small(&meta.key, MAX_OWNER_LEN).await.ok().and_then(|b| serde_json::from_slice(&b).ok());
             if owner.is_some_and(|owner| owner.is_dead(&me)) {
                 abandoned.push(name.to_owned());
             }
@@ -994,18 +997,6 @@ pub(crate) async fn sweep_abandoned(repo: &Repository, log: &Log) -> Result<(), 
         remove_keys(repo, &keys, log).await;
     }
     Ok(())
-}
-
-async fn read_small(repo: &Repository, key: &str) -> Result<Vec<u8>, Error> {
-    use tokio::io::AsyncReadExt;
-    let mut reader = repo.storage().get(key).await?;
-    let mut bytes = Vec::new();
-    (&mut reader)
-        .take(64 * 1024)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| StorageError::io(repo.storage().location(key), "read", e))?;
-    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -112,20 +112,27 @@ impl Repository {
         }
     }
 
+    /// Reads a small plain object (a record, not a codec object) whole: at most `limit` bytes and one
+    /// more, so that an oversized object fails to parse rather than filling memory.
+    pub async fn read_small(&self, key: &str, limit: u64) -> Result<Vec<u8>, StorageError> {
+        let mut reader = self.storage.get(key).await?;
+        let mut bytes = Vec::new();
+        (&mut reader)
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| StorageError::io(self.storage.location(key), "read", e))?;
+        Ok(bytes)
+    }
+
     /// Reads the identity record; `None` when the repository has none yet.
     pub async fn identity(&self) -> Result<Option<Identity>, Error> {
         let location = self.storage.location(IDENTITY_KEY);
-        let mut reader = match self.storage.get(IDENTITY_KEY).await {
-            Ok(reader) => reader,
+        let bytes = match self.read_small(IDENTITY_KEY, MAX_IDENTITY_LEN).await {
+            Ok(bytes) => bytes,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let mut bytes = Vec::new();
-        (&mut reader)
-            .take(MAX_IDENTITY_LEN + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| StorageError::io(&location, "read", e))?;
         let identity: Identity = serde_json::from_slice(&bytes).map_err(|e| Error::WrongRepository {
             location: location.clone(),
             reason: format!("unreadable repository identity record: {e}"),
