@@ -9,7 +9,7 @@
 //! pg_verifybackup, when installed, checks the result.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +32,8 @@ use crate::storage::StorageError;
 const STAGING_DIR: &str = ".walship-restore";
 const HELD_BACK_CONTROL: &str = "global/pg_control.walship-incomplete";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
+/// Stored bytes read from a downloaded part at a time while extracting.
+const RAW_CHUNK: usize = 256 * 1024;
 
 pub struct FetchOptions {
     /// A backup name or `LATEST`.
@@ -386,6 +388,7 @@ fn extract_archive(
         index: 0,
         current: None,
         decoded: Vec::new(),
+        raw: vec![0u8; RAW_CHUNK],
         offset: 0,
         failure: Arc::clone(&failure),
         done,
@@ -466,6 +469,8 @@ struct PartStream<'a> {
     current: Option<(File, PathBuf, Decoder<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
     decoded: Vec<u8>,
     offset: usize,
+    /// Stored bytes read from the current part's file, before decoding.
+    raw: Vec<u8>,
     failure: Arc<Mutex<Option<Error>>>,
     done: u64,
     stored_done: u64,
@@ -487,7 +492,6 @@ impl PartStream<'_> {
         if self.index >= self.parts.len() {
             return Ok(false);
         }
-        let location = &self.locations[self.index];
         let Some(waiting) = self.ready.blocking_recv() else {
             return Err(self.fail(internal("the downloads stopped early")));
         };
@@ -495,7 +499,6 @@ impl PartStream<'_> {
         let path = downloaded.result.map_err(|e| self.fail(e))?;
         let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
         let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;
-        let _ = location;
         self.current = Some((file, path, decoder, downloaded.permit));
         Ok(true)
     }
@@ -503,35 +506,36 @@ impl PartStream<'_> {
     /// Decodes the rest of the part being read, discarding the bytes, and ends it: checks its
     /// checksums without opening the next part. Nothing to do between parts.
     fn finish_current_part(&mut self) -> io::Result<()> {
-        let mut raw = vec![0u8; 256 * 1024];
-        loop {
-            if self.current.is_none() {
-                return Ok(());
-            }
-            let n = self.read_raw(&mut raw)?;
-            if n == 0 {
+        while self.current.is_some() {
+            self.decoded.clear();
+            if self.decode_more()? == 0 {
                 return self.close_current();
             }
-            let (_, _, decoder, _) = self.current.as_mut().expect("open");
-            let decoded = decoder.update(&raw[..n]);
-            decoder.sink_mut().clear();
-            if let Err(e) = decoded {
-                let location = self.locations[self.index].clone();
-                return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
-            }
         }
+        Ok(())
     }
 
-    /// Reads the open part's next stored bytes.
-    fn read_raw(&mut self, raw: &mut [u8]) -> io::Result<usize> {
-        let (file, path, _, _) = self.current.as_mut().expect("a part is open");
-        match file.read(raw) {
-            Ok(n) => Ok(n),
+    /// Reads the open part's next stored bytes and decodes them into `decoded`, which must have
+    /// been consumed; returns how many stored bytes were read, 0 at the end of the part. The read
+    /// and decode buffers are reused from call to call.
+    fn decode_more(&mut self) -> io::Result<usize> {
+        let (file, path, decoder, _) = self.current.as_mut().expect("a part is open");
+        let n = match file.read(&mut self.raw) {
+            Ok(n) => n,
             Err(e) => {
                 let path = path.clone();
-                Err(self.fail(Error::local_io(&path, "read", e)))
+                return Err(self.fail(Error::local_io(&path, "read", e)));
             }
+        };
+        if n == 0 {
+            return Ok(0);
         }
+        if let Err(e) = decoder.update(&self.raw[..n]) {
+            let location = self.locations[self.index].clone();
+            return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
+        }
+        std::mem::swap(&mut self.decoded, decoder.sink_mut());
+        Ok(n)
     }
 
     /// Ends the current part: its trailer and the catalog's checksum must both agree.
@@ -574,19 +578,12 @@ impl Read for PartStream<'_> {
             if self.current.is_none() && !self.open_next()? {
                 return Ok(0);
             }
-            let mut raw = vec![0u8; 256 * 1024];
-            let n = self.read_raw(&mut raw)?;
+            let n = self.decode_more()?;
             if n == 0 {
                 self.close_current()?;
                 continue;
             }
-            let (_, _, decoder, _) = self.current.as_mut().expect("open");
             self.stored_done += n as u64;
-            if let Err(e) = decoder.update(&raw[..n]) {
-                let location = self.locations[self.index].clone();
-                return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
-            }
-            self.decoded = std::mem::take(decoder.sink_mut());
             self.done += self.decoded.len() as u64;
             self.progress.update(self.done, self.stored_done, Some(self.total));
         }
@@ -670,7 +667,6 @@ fn finish_restore(
         errors.truncate(600);
         errors.push_str("...");
     }
-    let _ = io::stderr().flush();
     Err(Error::Corrupt {
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
