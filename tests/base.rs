@@ -781,3 +781,37 @@ fn a_cluster_with_a_tablespace_is_backed_up_and_restored_elsewhere() {
         new_location.to_str().unwrap()
     );
 }
+
+/// Arguments base-push and base-fetch cannot use are refused with exit 2 and one line, before
+/// anything is created or any server is asked.
+#[test]
+fn bad_arguments_are_refused_before_anything_is_done() {
+    let store = Scratch::new("base-args");
+    let repo = Repository::local(&store);
+    let (repo_args, cwd) = (repo.cli_args(), store.path());
+    let dir = store.path().join("restored");
+    for (extra, needle) in [
+        (vec!["--target-time", "2026-11-22 08:00:00"], "no time zone"),
+        (vec!["--target-time", "2026-13-45 08:00:00+00"], "not a timestamp"),
+        (vec!["--target-lsn", "0/zz"], "target LSN"),
+        (vec!["--target-xid", "12a"], "target xid"),
+        (vec!["--target-name", "it's"], "target name"),
+        (vec!["--target-timeline", "tomorrow"], "--target-timeline"),
+        (vec!["--target-time", "2026-11-22 08:00:00+00", "--target-action", "explode"], "target action"),
+        (vec!["--target-action", "promote"], "--target"),
+        (vec!["--target-time", "2026-11-22 08:00:00+00", "--target-lsn", "0/1"], "cannot be used with"),
+        (vec!["--standby", "--target-immediate"], "cannot be used with"),
+        (vec!["--tablespace-mapping", "relative=/x"], "OLDDIR=NEWDIR"),
+        (vec!["--tablespace-mapping", "/old"], "OLDDIR=NEWDIR"),
+    ] {
+        // Some are refused by the argument parser, some by base-fetch's own checks: one line either way.
+        let out = base_fetch(&repo_args, cwd, "LATEST", &dir, &extra);
+        assert_error(&out, 2, &["base-fetch: error: ", needle]);
+        assert_absent(&dir);
+    }
+    for option in ["-Ft", "-D/x", "--pgdata=/x", "-Xstream", "-z", "--compress=9", "--no-manifest", "-R"] {
+        let out = run(base_command("base-push", &repo_args, cwd).args(["--", option]));
+        assert_only_error(&out, "base-push", 2, &[option, "set by base-push itself"]);
+    }
+    assert_eq!(files_below(&repo.object_file("")), Vec::<String>::new(), "nothing was written to the repository");
+}

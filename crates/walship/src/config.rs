@@ -630,6 +630,38 @@ mod tests {
     }
 
     #[test]
+    fn base_backup_keys_are_read_and_checked() {
+        let file = "repo = '/r'\npg_bin_dir = '/usr/lib/postgresql/15/bin'\n[base]\npart_size = '8MiB'\n\
+                    compression_workers = 3\ntransfer_concurrency = 2\nprogress_interval_secs = 5\nspool_dir = '/srv/spool'\n";
+        let config = load(ConfigFlags::default(), &[], Some(file)).unwrap();
+        assert_eq!(config.pg_bin_dir.as_deref(), Some(Path::new("/usr/lib/postgresql/15/bin")));
+        assert_eq!(
+            config.base,
+            BaseConfig {
+                part_size: 8 << 20,
+                compression_workers: 3,
+                transfer_concurrency: 2,
+                progress_interval: Duration::from_secs(5),
+                spool_dir: PathBuf::from("/srv/spool"),
+            }
+        );
+        assert_eq!(load(ConfigFlags::default(), &[], Some("repo = '/r'\n")).unwrap().base, BaseConfig::default());
+        for (table, needle) in [
+            ("pg_bin_dir = 'bin'", "pg_bin_dir"),
+            ("[base]\npart_size = '512KiB'", "part_size"),
+            ("[base]\ncompression_workers = 1000", "compression_workers"),
+            ("[base]\ntransfer_concurrency = 0", "transfer_concurrency"),
+            ("[base]\nprogress_interval_secs = 0", "progress_interval_secs"),
+            ("[base]\nspool_dir = 'tmp'", "spool_dir"),
+            ("[base]\nspool = '/tmp'", "spool"),
+        ] {
+            let err = load(ConfigFlags::default(), &[], Some(&format!("repo = '/r'\n{table}\n"))).unwrap_err();
+            assert!(err.to_string().contains(needle), "{table}: {err}");
+            assert_eq!(err.exit_code(), crate::error::ExitCode::Config, "{table}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (file, needle) in [
             ("repo = 'relative/path'", "not absolute"),
