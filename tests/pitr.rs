@@ -119,6 +119,58 @@ fn assert_restored_from_archive(cluster: &Cluster, expected: &[String]) {
     assert!(errors.is_empty(), "cluster {}: wal-fetch failed: {errors:#?}", cluster.name());
 }
 
+/// Asserts that wal-push answered some calls from its look-ahead: PostgreSQL asked for segments that
+/// an earlier call had already uploaded, and got its answer from the local record.
+fn assert_look_ahead_used(cluster: &Cluster) {
+    let log = cluster.log_contents();
+    let batches = log.lines().filter(|l| l.starts_with("wal-push: archived ") && l.contains(" ahead")).count();
+    let answered = log.lines().filter(|l| l.contains("was archived ahead by an earlier call")).count();
+    assert!(
+        batches >= 1 && answered >= 1,
+        "cluster {}: look-ahead unused ({batches} calls uploaded ahead, {answered} answered from records)\n{}",
+        cluster.name(),
+        cluster.log_tail()
+    );
+}
+
+/// The prefetch worker processes whose working directory is `data_dir`.
+fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
+    let data_dir = fs::canonicalize(data_dir).unwrap();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let is_worker = cmdline.split(|b| *b == 0).any(|arg| arg == b"--prefetch-worker");
+        if is_worker && fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == data_dir) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Asserts that recovery took segments from the prefetch spool, and that once recovery ended the
+/// worker exited by itself and removed its spool.
+fn assert_prefetch_used_and_gone(cluster: &Cluster) {
+    let log = cluster.log_contents();
+    let prefetched = log.lines().filter(|l| l.starts_with("wal-fetch: restored ") && l.contains("prefetched")).count();
+    assert!(prefetched >= 1, "cluster {}: no segment came from the prefetch spool\n{}", cluster.name(), cluster.log_tail());
+    let spool_root = cluster.data_dir().join("pg_wal/walship/prefetch");
+    let deadline = std::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let workers = prefetch_workers(cluster.data_dir());
+        let spools: Vec<_> = fs::read_dir(&spool_root).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        if workers.is_empty() && spools.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cluster {}: after recovery ended, prefetch workers {workers:?} still run, spools {spools:?} remain",
+            cluster.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn sleep_past_clock_tick() {
     // Commit timestamps have microsecond resolution, but a clear gap on either side of the target
     // keeps the test independent of clock granularity and of which record recovery stops at.
@@ -165,6 +217,10 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     primary.base_backup(&backup, &["-Fp", "-X", "none"]);
     let first_segment = backup_start_segment(&backup);
 
+    // Archiving pauses while the load runs, as when the archive is slow or unreachable for a
+    // while: the backlog of .ready segments it leaves is what wal-push's look-ahead works through.
+    primary.psql("alter system set archive_command = ''");
+    primary.psql("select pg_reload_conf()");
     primary.pgbench(&["-T", "5", "-c", "2", "-j", "2"]);
     primary.psql("insert into marks select 'A', g from generate_series(1, 1000) g");
     let balance_at_target = balance(&primary);
@@ -175,9 +231,12 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     let before_b = primary.psql("select pg_walfile_name(pg_current_wal_insert_lsn())");
     primary.psql("insert into marks select 'B', g from generate_series(1, 500) g");
     assert_eq!((count(&primary, "A"), count(&primary, "B")), (1000, 500));
+    primary.psql("alter system reset archive_command");
+    primary.psql("select pg_reload_conf()");
     let last_segment = primary.switch_wal();
     primary.wait_archived(&last_segment, WAIT_TIMEOUT);
     assert_no_failed_archiving(&primary);
+    assert_look_ahead_used(&primary);
 
     let timeline1 = segments_between(&first_segment, &last_segment);
     // How many segments the load fills depends on the machine's speed; any number above one proves
@@ -203,6 +262,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     assert_eq!(balance(&restored), balance_at_target, "pgbench balances at the target");
     assert_eq!(restored.checkpoint_timeline(), 2, "promoted onto a new timeline");
     assert_restored_from_archive(&restored, &segments_between(&first_segment, &before_b));
+    assert_prefetch_used_and_gone(&restored);
     assert!(
         restored.log_contents().contains("recovery stopping before commit of transaction"),
         "recovery did not stop at the target time\n{}",
@@ -250,6 +310,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratc
     let mut expected = vec!["00000002.history".to_owned()];
     expected.extend(segments_between(&segment_name(2, switch_segment), &last_on_timeline2));
     assert_restored_from_archive(&latest, &expected);
+    assert_prefetch_used_and_gone(&latest);
     latest.wait_archived("00000003.history", WAIT_TIMEOUT);
     assert_no_failed_archiving(&latest);
 }

@@ -1,12 +1,17 @@
-//! `wal-fetch`: PostgreSQL's restore_command. Restores one WAL file, verified, or says it is absent.
+//! `wal-fetch`: PostgreSQL's restore_command. Restores one WAL file, verified, or says it is absent;
+//! during a recovery it keeps the next segments prefetched by a detached worker (itself, re-run).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use clap::Parser;
-use walship::Error;
 use walship::log::Log;
+use walship::prefetch::{self, Spool};
 use walship::repo::{self, Repository};
+use walship::wal::{WalFileKind, WalFileName};
+use walship::{Config, Error};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -20,12 +25,22 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         The file is verified against its checksum before it appears at PATH. Exit 1 means the archive \
         definitely does not have it. Any other failure exits above 125 so that PostgreSQL stops a \
         point-in-time recovery instead of ending it early, or 1 on a standby (standby.signal in the \
-        working directory), which then simply retries.",
+        working directory), which then simply retries.\n\n\
+        Prefetch: during a recovery (postmaster.pid and recovery.signal or standby.signal in the \
+        working directory), after a segment is restored a detached worker (this same program) fetches \
+        the next [fetch] prefetch segments, [fetch] parallel at a time, verified, into \
+        pg_wal/walship/prefetch/<recovery>/; the next calls take their file from there by rename. \
+        The worker exits when recovery ends, when the server stops, or after [fetch] \
+        prefetch_idle_secs without a new request, and removes its spool.",
     after_long_help = COMMON_HELP
 )]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+
+    /// Run as the prefetch worker for the recovery in the working directory (started by wal-fetch)
+    #[arg(long, hide = true)]
+    prefetch_worker: bool,
 
     /// The WAL file name to restore (PostgreSQL's %f)
     name: String,
@@ -39,9 +54,31 @@ fn main() {
     let standby = Path::new("standby.signal").exists();
     let cli: Cli = walship_cli::parse_or_exit("wal-fetch", |code| code.for_restore(standby));
     let log = Log::new("wal-fetch", cli.common.verbose);
+    if cli.prefetch_worker {
+        run_prefetch_worker(&cli, &log);
+    }
     let started = Instant::now();
+    let config = match cli.common.load_config() {
+        Ok(config) => config,
+        Err(e) => fail(&log, &e, standby),
+    };
+    let spool = prefetch_spool(&config, &cli.name, &cli.path);
+    if let Some(spool) = &spool {
+        match spool.take(&cli.name, &cli.path, config.deadline) {
+            Ok(Some(bytes)) => {
+                keep_prefetching(spool, &cli, &log);
+                log.info(format_args!(
+                    "restored {} ({bytes} bytes, prefetched, {} ms)",
+                    cli.name,
+                    started.elapsed().as_millis()
+                ));
+                std::process::exit(0);
+            }
+            Ok(None) => {}
+            Err(e) => log.debug(format_args!("prefetch spool {}: {e}", spool.dir().display())),
+        }
+    }
     let result = walship_cli::block_on(async {
-        let config = cli.common.load_config()?;
         log.debug(format_args!("repository {}, deadline {} s", config.repo, config.deadline.as_secs()));
         let repo = Repository::open(&config).await?;
         let what = repo.describe_wal(&cli.name);
@@ -50,6 +87,9 @@ fn main() {
     let millis = started.elapsed().as_millis();
     match result {
         Ok(report) => {
+            if let Some(spool) = &spool {
+                keep_prefetching(spool, &cli, &log);
+            }
             log.info(format_args!(
                 "restored {} ({} bytes, stored {}, {millis} ms)",
                 cli.name, report.original_bytes, report.stored_bytes
@@ -60,12 +100,82 @@ fn main() {
             log.info(format_args!("{name} is not in the archive"));
             std::process::exit(1);
         }
+        Err(e) => fail(&log, &e, standby),
+    }
+}
+
+fn fail(log: &Log, error: &Error, standby: bool) -> ! {
+    let code = error.exit_code().for_restore(standby);
+    let consequence = if standby { "standby: PostgreSQL will retry" } else { "recovery stops rather than ending early" };
+    log.info(format_args!("error: {error} (exit {code}: {consequence})"));
+    std::process::exit(i32::from(code));
+}
+
+/// The spool of the running recovery, when prefetch is on and `name` is a segment.
+fn prefetch_spool(config: &Config, name: &str, destination: &Path) -> Option<Spool> {
+    let is_segment = WalFileName::parse(name).is_ok_and(|w| w.kind() == WalFileKind::Segment);
+    if config.fetch.prefetch == 0 || !is_segment {
+        return None;
+    }
+    let data_dir = std::env::current_dir().ok()?;
+    Spool::for_recovery(&data_dir, destination, &config.repo.to_string())
+}
+
+/// Tells the worker where recovery is, and starts one if none is running.
+fn keep_prefetching(spool: &Spool, cli: &Cli, log: &Log) {
+    if let Err(e) = spool.set_want(&cli.name) {
+        log.debug(format_args!("prefetch spool {}: {e}", spool.dir().display()));
+        return;
+    }
+    if spool.worker_alive() {
+        return;
+    }
+    spool.remove_others();
+    // The running binary itself, not whatever PATH finds: PostgreSQL's PATH may lead elsewhere,
+    // or to nothing.
+    let mut worker = Command::new("/proc/self/exe");
+    worker.arg0("wal-fetch");
+    if let Some(config) = &cli.common.config {
+        worker.arg("--config").arg(config);
+    }
+    if let Some(repo) = &cli.common.repo {
+        worker.arg("--repo").arg(repo);
+    }
+    if cli.common.verbose {
+        worker.arg("--verbose");
+    }
+    worker
+        .arg("--prefetch-worker")
+        .arg("--")
+        .arg(&cli.name)
+        .arg(&cli.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // Its own process group: a Ctrl-C meant for a foreground server must not reach it, and it
+        // watches the postmaster itself.
+        .process_group(0);
+    if let Err(e) = worker.spawn() {
+        log.info(format_args!("prefetch: cannot start the worker: {e}"));
+    }
+}
+
+fn run_prefetch_worker(cli: &Cli, log: &Log) -> ! {
+    let outcome = (|| {
+        let config = cli.common.load_config()?;
+        let data_dir = std::env::current_dir().map_err(|e| Error::local_io(Path::new("."), "getcwd", e))?;
+        let Some(spool) = Spool::for_recovery(&data_dir, &cli.path, &config.repo.to_string()) else {
+            return Ok(());
+        };
+        walship_cli::block_on_parallel(config.fetch.parallel, async {
+            let repo = Repository::open(&config).await?;
+            prefetch::run_worker(repo, spool, config.fetch.clone(), config.deadline, log.clone()).await
+        })
+    })();
+    match outcome {
+        Ok(()) => std::process::exit(0),
         Err(e) => {
-            let code = e.exit_code().for_restore(standby);
-            let consequence =
-                if standby { "standby: PostgreSQL will retry" } else { "recovery stops rather than ending early" };
-            log.info(format_args!("error: {e} (exit {code}: {consequence})"));
-            std::process::exit(i32::from(code));
+            log.info(format_args!("prefetch: worker stopped: {e}"));
+            std::process::exit(1);
         }
     }
 }

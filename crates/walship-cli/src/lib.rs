@@ -129,6 +129,20 @@ pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Er
     result
 }
 
+/// Like [`block_on`], on `workers` threads: for work that compresses or decodes several files at
+/// once (a look-ahead batch, the prefetch worker).
+pub fn block_on_parallel<T>(workers: usize, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.clamp(1, cores))
+        .enable_all()
+        .build()
+        .map_err(|e| Error::LocalIo { path: "tokio runtime".into(), operation: "start", source: e })?;
+    let result = runtime.block_on(work);
+    runtime.shutdown_background();
+    result
+}
+
 /// Progress of a long transfer: a bar on a terminal, a log line every `interval` otherwise (cron
 /// mails and log files want a few lines, not a redrawn bar).
 pub fn progress(program: &'static str, interval: std::time::Duration) -> std::sync::Arc<dyn walship::base::Progress> {

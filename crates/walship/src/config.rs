@@ -253,6 +253,46 @@ impl Default for BaseConfig {
     }
 }
 
+/// The `[push]` table: wal-push's look-ahead over segments waiting in `pg_wal/archive_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushConfig {
+    /// Segments marked `.ready` beyond the requested one that a call may upload ahead (0: off).
+    pub look_ahead: usize,
+    /// Segments uploaded at once, the requested one included.
+    pub parallel: usize,
+}
+
+pub const DEFAULT_LOOK_AHEAD: usize = 16;
+pub const DEFAULT_PUSH_PARALLEL: usize = 4;
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig { look_ahead: DEFAULT_LOOK_AHEAD, parallel: DEFAULT_PUSH_PARALLEL }
+    }
+}
+
+/// The `[fetch]` table: wal-fetch's background prefetch into a spool under `pg_wal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchConfig {
+    /// Segments kept fetched ahead of the one recovery asked for last (0: off). Also the spool's
+    /// bound: at most this many segments (plus those in flight) sit in it.
+    pub prefetch: usize,
+    /// Segments downloaded at once by the prefetch worker.
+    pub parallel: usize,
+    /// The worker exits when recovery has asked for nothing new for this long.
+    pub prefetch_idle: Duration,
+}
+
+pub const DEFAULT_PREFETCH: usize = 16;
+pub const DEFAULT_FETCH_PARALLEL: usize = 4;
+pub const DEFAULT_PREFETCH_IDLE: Duration = Duration::from_secs(30);
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig { prefetch: DEFAULT_PREFETCH, parallel: DEFAULT_FETCH_PARALLEL, prefetch_idle: DEFAULT_PREFETCH_IDLE }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub repo: RepoUrl,
@@ -262,6 +302,8 @@ pub struct Config {
     /// Where pg_basebackup and pg_verifybackup are; `None`: found on PATH.
     pub pg_bin_dir: Option<PathBuf>,
     pub base: BaseConfig,
+    pub push: PushConfig,
+    pub fetch: FetchConfig,
     /// zstd level for new objects.
     pub compression_level: i32,
     /// How long one command may keep retrying transient failures before giving up.
@@ -285,6 +327,8 @@ struct FileConfig {
     deadline_secs: Option<u64>,
     pg_bin_dir: Option<PathBuf>,
     base: Option<BaseFile>,
+    push: Option<PushFile>,
+    fetch: Option<FetchFile>,
     s3: Option<S3File>,
     ssh: Option<SshFile>,
 }
@@ -297,6 +341,21 @@ struct BaseFile {
     transfer_concurrency: Option<usize>,
     progress_interval_secs: Option<u64>,
     spool_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushFile {
+    look_ahead: Option<usize>,
+    parallel: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchFile {
+    prefetch: Option<usize>,
+    parallel: Option<usize>,
+    prefetch_idle_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +450,39 @@ fn resolve_base(file: Option<BaseFile>, file_label: &dyn Fn() -> String) -> Resu
         None => defaults.spool_dir,
     };
     Ok(BaseConfig { part_size, compression_workers, transfer_concurrency, progress_interval, spool_dir })
+}
+
+fn resolve_push(file: Option<PushFile>, file_label: &dyn Fn() -> String) -> Result<PushConfig, Error> {
+    let Some(file) = file else { return Ok(PushConfig::default()) };
+    let bad = |message: String| Error::Config { source_name: format!("{} [push]", file_label()), message };
+    let look_ahead = file.look_ahead.unwrap_or(DEFAULT_LOOK_AHEAD);
+    if look_ahead > 256 {
+        return Err(bad(format!("look_ahead = {look_ahead}: expected 0 (off) to 256")));
+    }
+    let parallel = file.parallel.unwrap_or(DEFAULT_PUSH_PARALLEL);
+    if !(1..=64).contains(&parallel) {
+        return Err(bad(format!("parallel = {parallel}: expected 1 to 64")));
+    }
+    Ok(PushConfig { look_ahead, parallel })
+}
+
+fn resolve_fetch(file: Option<FetchFile>, file_label: &dyn Fn() -> String) -> Result<FetchConfig, Error> {
+    let Some(file) = file else { return Ok(FetchConfig::default()) };
+    let bad = |message: String| Error::Config { source_name: format!("{} [fetch]", file_label()), message };
+    let prefetch = file.prefetch.unwrap_or(DEFAULT_PREFETCH);
+    if prefetch > 256 {
+        return Err(bad(format!("prefetch = {prefetch}: expected 0 (off) to 256")));
+    }
+    let parallel = file.parallel.unwrap_or(DEFAULT_FETCH_PARALLEL);
+    if !(1..=64).contains(&parallel) {
+        return Err(bad(format!("parallel = {parallel}: expected 1 to 64")));
+    }
+    let prefetch_idle = match file.prefetch_idle_secs {
+        None => DEFAULT_PREFETCH_IDLE,
+        Some(0) => return Err(bad("prefetch_idle_secs must be at least 1".into())),
+        Some(secs) => Duration::from_secs(secs),
+    };
+    Ok(FetchConfig { prefetch, parallel, prefetch_idle })
 }
 
 fn resolve_ssh(file: Option<SshFile>, file_label: &dyn Fn() -> String) -> Result<SshConfig, Error> {
@@ -547,6 +639,8 @@ impl Config {
             });
         }
         let base = resolve_base(file.base, &file_label)?;
+        let push = resolve_push(file.push, &file_label)?;
+        let fetch = resolve_fetch(file.fetch, &file_label)?;
         let s3 = resolve_s3(file.s3, &file_label)?;
         let ssh = resolve_ssh(file.ssh, &file_label)?;
         Ok(Config {
@@ -554,6 +648,8 @@ impl Config {
             source_file: file_name,
             pg_bin_dir: file.pg_bin_dir,
             base,
+            push,
+            fetch,
             compression_level,
             deadline,
             s3,
@@ -654,6 +750,30 @@ mod tests {
             ("[base]\nprogress_interval_secs = 0", "progress_interval_secs"),
             ("[base]\nspool_dir = 'tmp'", "spool_dir"),
             ("[base]\nspool = '/tmp'", "spool"),
+        ] {
+            let err = load(ConfigFlags::default(), &[], Some(&format!("repo = '/r'\n{table}\n"))).unwrap_err();
+            assert!(err.to_string().contains(needle), "{table}: {err}");
+            assert_eq!(err.exit_code(), crate::error::ExitCode::Config, "{table}");
+        }
+    }
+
+    #[test]
+    fn push_and_fetch_keys_are_read_and_checked() {
+        let file = "repo = '/r'\n[push]\nlook_ahead = 0\nparallel = 2\n[fetch]\nprefetch = 32\nparallel = 8\n\
+                    prefetch_idle_secs = 5\n";
+        let config = load(ConfigFlags::default(), &[], Some(file)).unwrap();
+        assert_eq!(config.push, PushConfig { look_ahead: 0, parallel: 2 });
+        assert_eq!(config.fetch, FetchConfig { prefetch: 32, parallel: 8, prefetch_idle: Duration::from_secs(5) });
+        let defaults = load(ConfigFlags::default(), &[], Some("repo = '/r'\n")).unwrap();
+        assert_eq!((defaults.push, defaults.fetch), (PushConfig::default(), FetchConfig::default()));
+        for (table, needle) in [
+            ("[push]\nlook_ahead = 1000", "look_ahead"),
+            ("[push]\nparallel = 0", "parallel"),
+            ("[push]\nlookahead = 4", "lookahead"),
+            ("[fetch]\nprefetch = 1000", "prefetch"),
+            ("[fetch]\nparallel = 65", "parallel"),
+            ("[fetch]\nprefetch_idle_secs = 0", "prefetch_idle_secs"),
+            ("[fetch]\nprefetch = -1", "prefetch"),
         ] {
             let err = load(ConfigFlags::default(), &[], Some(&format!("repo = '/r'\n{table}\n"))).unwrap_err();
             assert!(err.to_string().contains(needle), "{table}: {err}");

@@ -32,6 +32,7 @@ use super::{
     ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, PartRecord, Progress, TablespaceRecord,
     ToolRecord,
 };
+use crate::process::start_time as process_start;
 use crate::codec::{ContentDigest, Encoder};
 use crate::error::Error;
 use crate::log::Log;
@@ -113,12 +114,6 @@ fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name in parentheses may contain spaces; fields are counted after it.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
 
 /// An owner record is a few lines of JSON.
 const MAX_OWNER_LEN: u64 = 64 * 1024;

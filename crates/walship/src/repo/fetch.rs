@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
 
 use super::Repository;
+use crate::process::exists as process_exists;
 use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
 use crate::storage::StorageError;
@@ -118,11 +119,6 @@ fn temp_file_owner(name: &str) -> Option<libc::pid_t> {
     pid.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
 }
 
-fn process_exists(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 delivers nothing; it only asks whether the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
 
 async fn write_verified(
     mut reader: crate::storage::ObjectReader,

@@ -59,6 +59,9 @@ pub struct ClusterFacts {
 pub struct Repository {
     storage: std::sync::Arc<dyn Storage>,
     url: String,
+    /// The identity record once read: it is never rewritten, so one process (a wal-push pushing a
+    /// batch, a prefetch worker) reads it once.
+    known_identity: std::sync::Arc<std::sync::OnceLock<Identity>>,
 }
 
 impl Repository {
@@ -72,11 +75,11 @@ impl Repository {
                 std::sync::Arc::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
             }
         };
-        Ok(Repository { storage, url: config.repo.to_string() })
+        Ok(Repository { storage, url: config.repo.to_string(), known_identity: Default::default() })
     }
 
     pub fn with_storage(storage: Box<dyn Storage>, url: impl Into<String>) -> Self {
-        Repository { storage: storage.into(), url: url.into() }
+        Repository { storage: storage.into(), url: url.into(), known_identity: Default::default() }
     }
 
     pub fn storage(&self) -> &dyn Storage {
@@ -127,6 +130,9 @@ impl Repository {
 
     /// Reads the identity record; `None` when the repository has none yet.
     pub async fn identity(&self) -> Result<Option<Identity>, Error> {
+        if let Some(identity) = self.known_identity.get() {
+            return Ok(Some(identity.clone()));
+        }
         let location = self.storage.location(IDENTITY_KEY);
         let bytes = match self.read_small(IDENTITY_KEY, MAX_IDENTITY_LEN).await {
             Ok(bytes) => bytes,
@@ -147,6 +153,7 @@ impl Repository {
                 ),
             });
         }
+        let _ = self.known_identity.set(identity.clone());
         Ok(Some(identity))
     }
 

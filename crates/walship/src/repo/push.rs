@@ -32,6 +32,8 @@ pub struct PushReport {
     pub original_bytes: u64,
     /// Bytes stored; `None` when identical content was already archived and nothing was written.
     pub stored_bytes: Option<u64>,
+    /// Length and SHA-256 of the archived content.
+    pub digest: ContentDigest,
 }
 
 /// Archives `source` under `name`.
@@ -56,7 +58,7 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
     }
     let key = Repository::wal_key(&wal);
     match upload(repo, &key, source, digest, compression_level).await {
-        Ok(stored) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored) }),
+        Ok(stored) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored), digest }),
         // The name is taken (archived before, or by a racing push): decide by content.
         Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
             compare_with_archived(repo, &key, &wal, source, digest).await
@@ -224,7 +226,7 @@ async fn compare_with_archived(
     source: &Path,
     digest: ContentDigest,
 ) -> Result<PushReport, Error> {
-    let already = PushReport { original_bytes: digest.len, stored_bytes: None };
+    let already = PushReport { original_bytes: digest.len, stored_bytes: None, digest };
     let is_history = wal.kind() == WalFileKind::History;
     let attributes = repo.storage().head(key).await?.attributes;
     if let Some(existing) = attributes_digest(&attributes).filter(|_| !is_history) {
