@@ -153,12 +153,18 @@ fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
 fn assert_prefetch_used_and_gone(cluster: &Cluster) {
     let log = cluster.log_contents();
     let prefetched = log.lines().filter(|l| l.starts_with("wal-fetch: restored ") && l.contains("prefetched")).count();
-    assert!(prefetched >= 1, "cluster {}: no segment came from the prefetch spool\n{}", cluster.name(), cluster.log_tail());
+    assert!(
+        prefetched >= 1,
+        "cluster {}: no segment came from the prefetch spool\n{}",
+        cluster.name(),
+        cluster.log_tail()
+    );
     let spool_root = cluster.data_dir().join("pg_wal/walship/prefetch");
     let deadline = std::time::Instant::now() + WAIT_TIMEOUT;
     loop {
         let workers = prefetch_workers(cluster.data_dir());
-        let spools: Vec<_> = fs::read_dir(&spool_root).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        let spools: Vec<_> =
+            fs::read_dir(&spool_root).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         if workers.is_empty() && spools.is_empty() {
             return;
         }

@@ -106,7 +106,8 @@ fn main() {
 
 fn fail(log: &Log, error: &Error, standby: bool) -> ! {
     let code = error.exit_code().for_restore(standby);
-    let consequence = if standby { "standby: PostgreSQL will retry" } else { "recovery stops rather than ending early" };
+    let consequence =
+        if standby { "standby: PostgreSQL will retry" } else { "recovery stops rather than ending early" };
     log.info(format_args!("error: {error} (exit {code}: {consequence})"));
     std::process::exit(i32::from(code));
 }

@@ -27,6 +27,13 @@ Configuration file keys (TOML; unknown keys are an error):
   [base] progress_interval_secs = 30  how often progress is logged when stderr is not a terminal
   [base] spool_dir = \"/tmp\"           where a backup with extra tablespaces is spooled (needs its
                                       full size free) [default: $TMPDIR or /tmp]
+  [push] look_ahead = 16               wal-push: later .ready segments uploaded ahead per call
+                                      (0: off); later calls answer from pg_wal/walship/pushed/
+  [push] parallel = 4                 wal-push: segments uploaded at once
+  [fetch] prefetch = 16               wal-fetch: segments kept prefetched during a recovery, in
+                                      pg_wal/walship/prefetch/ (0: off)
+  [fetch] parallel = 4                wal-fetch: segments the prefetch worker downloads at once
+  [fetch] prefetch_idle_secs = 30     the prefetch worker exits after this long without a request
   [s3] and [ssh] tables: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).

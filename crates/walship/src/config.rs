@@ -289,7 +289,11 @@ pub const DEFAULT_PREFETCH_IDLE: Duration = Duration::from_secs(30);
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig { prefetch: DEFAULT_PREFETCH, parallel: DEFAULT_FETCH_PARALLEL, prefetch_idle: DEFAULT_PREFETCH_IDLE }
+        FetchConfig {
+            prefetch: DEFAULT_PREFETCH,
+            parallel: DEFAULT_FETCH_PARALLEL,
+            prefetch_idle: DEFAULT_PREFETCH_IDLE,
+        }
     }
 }
 

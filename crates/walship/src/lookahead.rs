@@ -297,8 +297,9 @@ pub async fn push_batch(
             let _permit = permits.acquire_owned().await.expect("semaphore never closed");
             let stamp = fs::metadata(&file).map(|m| FileStamp::of(&m));
             let what = repo.describe_wal(&file_name);
-            let result = crate::retry::with_deadline(deadline, &log, &what, || repo::push(&repo, &file, &file_name, level))
-                .await;
+            let result =
+                crate::retry::with_deadline(deadline, &log, &what, || repo::push(&repo, &file, &file_name, level))
+                    .await;
             (file_name, stamp, result)
         }
     };

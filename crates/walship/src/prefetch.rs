@@ -131,6 +131,11 @@ impl Spool {
         })
     }
 
+    /// Removes what a cut-off download of `name` by this process left.
+    fn remove_partial(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join(format!(".{name}.walship.{}.tmp", std::process::id())));
+    }
+
     /// Tells the worker which segment recovery asked for last.
     pub fn set_want(&self, name: &str) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
@@ -253,6 +258,7 @@ pub async fn run_worker(
                 let keep = window.contains(name);
                 if !keep {
                     handle.abort();
+                    spool.remove_partial(name);
                 }
                 keep
             });
@@ -291,6 +297,9 @@ pub async fn run_worker(
                         not_before.insert(name, Instant::now() + RETRY_AFTER);
                     }
                     Err(_) => {
+                        // A download cut off by the timeout leaves its temporary file, which would
+                        // make wal-fetch wait for a download that is no longer happening.
+                        spool.remove_partial(&name);
                         log.info(format_args!("prefetch: {name}: timed out (left to recovery's own request)"));
                         not_before.insert(name, Instant::now() + RETRY_AFTER);
                     }

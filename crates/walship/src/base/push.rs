@@ -32,10 +32,10 @@ use super::{
     ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, PartRecord, Progress, TablespaceRecord,
     ToolRecord,
 };
-use crate::process::start_time as process_start;
 use crate::codec::{ContentDigest, Encoder};
 use crate::error::Error;
 use crate::log::Log;
+use crate::process::start_time as process_start;
 use crate::repo::{ClusterFacts, Repository};
 use crate::storage::{ObjectWriter, PutOptions, StorageError};
 use crate::wal::LongPageHeader;
@@ -113,7 +113,6 @@ impl Owner {
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
-
 
 /// An owner record is a few lines of JSON.
 const MAX_OWNER_LEN: u64 = 64 * 1024;

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
 
 use super::Repository;
-use crate::process::exists as process_exists;
 use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
+use crate::process::exists as process_exists;
 use crate::storage::StorageError;
 use crate::storage::local::fsync_dir;
 use crate::wal::WalFileName;
@@ -118,7 +118,6 @@ fn temp_file_owner(name: &str) -> Option<libc::pid_t> {
     // Zero or negative would address process groups in kill(2).
     pid.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
 }
-
 
 async fn write_verified(
     mut reader: crate::storage::ObjectReader,
