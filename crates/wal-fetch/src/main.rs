@@ -119,7 +119,7 @@ fn prefetch_spool(config: &Config, name: &str, destination: &Path) -> Option<Spo
         return None;
     }
     let data_dir = std::env::current_dir().ok()?;
-    Spool::for_recovery(&data_dir, destination, &config.repo.to_string())
+    Spool::for_recovery(&data_dir, destination, &config.repository_identity())
 }
 
 /// Tells the worker where recovery is, and starts one if none is running.
@@ -164,7 +164,7 @@ fn run_prefetch_worker(cli: &Cli, log: &Log) -> ! {
     let outcome = (|| {
         let config = cli.common.load_config()?;
         let data_dir = std::env::current_dir().map_err(|e| Error::local_io(Path::new("."), "getcwd", e))?;
-        let Some(spool) = Spool::for_recovery(&data_dir, &cli.path, &config.repo.to_string()) else {
+        let Some(spool) = Spool::for_recovery(&data_dir, &cli.path, &config.repository_identity()) else {
             return Ok(());
         };
         walship_cli::block_on_parallel(config.fetch.parallel, async {

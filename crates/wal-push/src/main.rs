@@ -63,7 +63,7 @@ fn main() {
     // The cheap local check comes before anything touches the network.
     let state = StateDir::for_source(&cli.path);
     if let Some(state) = &state {
-        match state.answer(&name, &cli.path, &config.repo.to_string()) {
+        match state.answer(&name, &cli.path, &config.repository_identity()) {
             Answer::Archived { bytes, rehashed } => {
                 let how = if rehashed { "same SHA-256" } else { "same file" };
                 log.info(format_args!(

@@ -316,6 +316,28 @@ pub struct Config {
     pub ssh: SshConfig,
 }
 
+impl Config {
+    /// A string that tells this repository from any other this host might be configured with: the
+    /// URL plus what the URL leaves out (the S3 endpoint and region, the SSH port). Local state that
+    /// vouches for the repository (look-ahead records, prefetch spools) is keyed by it, so that
+    /// pointing the configuration at another store never inherits such state.
+    pub fn repository_identity(&self) -> String {
+        match &self.repo {
+            RepoUrl::Local(_) => self.repo.to_string(),
+            RepoUrl::S3 { .. } => {
+                let env_endpoint = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
+                let endpoint = self.s3.endpoint.clone().or(env_endpoint.ok()).unwrap_or_else(|| "aws".into());
+                let region = self.s3.region.clone().or(std::env::var("AWS_REGION").ok()).unwrap_or_default();
+                format!("{} endpoint={endpoint} region={region}", self.repo)
+            }
+            RepoUrl::Ssh { .. } => match self.ssh.port {
+                Some(port) => format!("{} port={port}", self.repo),
+                None => self.repo.to_string(),
+            },
+        }
+    }
+}
+
 /// What the command line says about configuration.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFlags {

@@ -303,40 +303,49 @@ pub async fn push_batch(
             (file_name, stamp, result)
         }
     };
-    // The requested file first, so it takes the first permit.
-    let requested = tokio::spawn(push_one(source.to_owned(), name.to_owned()));
-    let mut ahead_tasks = tokio::task::JoinSet::new();
+    // The requested file first, so it takes the first permit. Each look-ahead is recorded as soon as
+    // it is durable, whatever the requested file's upload is doing.
+    let mut tasks = tokio::task::JoinSet::new();
+    let requested_task = tasks.spawn(push_one(source.to_owned(), name.to_owned())).id();
     for segment in &look_ahead {
         let file = state.map(|s| s.pg_wal.join(segment)).expect("look-ahead implies a state directory");
-        ahead_tasks.spawn(push_one(file, segment.clone()));
+        tasks.spawn(push_one(file, segment.clone()));
     }
-    let requested = match requested.await {
-        Ok((_, _, result)) => result,
-        Err(e) => Err(Error::LocalIo {
-            path: source.display().to_string(),
-            operation: "archive",
-            source: std::io::Error::other(e.to_string()),
-        }),
-    };
-    let repo_url = repo.url().to_owned();
+    let repo_identity = config.repository_identity();
+    let mut requested = None;
     let mut ahead = Vec::new();
     let mut ahead_failed = Vec::new();
-    while let Some(joined) = ahead_tasks.join_next().await {
-        let Ok((segment, stamp, result)) = joined else { continue };
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, Ok(outcome)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        if id == requested_task {
+            requested = Some(match outcome {
+                Ok((_, _, result)) => result,
+                Err(e) => Err(Error::LocalIo {
+                    path: source.display().to_string(),
+                    operation: "archive",
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            });
+            continue;
+        }
+        let Ok((segment, stamp, result)) = outcome else { continue };
+        let state = state.expect("look-ahead implies a state directory");
         match (result, stamp) {
-            (Ok(report), Ok(stamp)) => {
-                let state = state.expect("look-ahead implies a state directory");
-                match state.record(&segment, &repo_url, stamp, &report.digest) {
-                    Ok(()) => ahead.push(segment),
-                    Err(e) => log.debug(format_args!("{segment}: uploaded ahead, but no record written: {e}")),
-                }
-            }
+            (Ok(report), Ok(stamp)) => match state.record(&segment, &repo_identity, stamp, &report.digest) {
+                Ok(()) => ahead.push(segment),
+                Err(e) => log.debug(format_args!("{segment}: uploaded ahead, but no record written: {e}")),
+            },
             (Err(e), _) => ahead_failed.push((segment, e)),
             (Ok(_), Err(e)) => {
-                ahead_failed.push((segment.clone(), Error::local_io(&state.unwrap().pg_wal.join(&segment), "stat", e)))
+                let file = state.pg_wal.join(&segment);
+                ahead_failed.push((segment, Error::local_io(&file, "stat", e)));
             }
         }
     }
+    let requested = requested.expect("the requested file's task was joined");
     ahead.sort();
     BatchReport { requested, ahead, ahead_failed }
 }

@@ -1,0 +1,805 @@
+//! wal-push's look-ahead (`crates/walship/src/lookahead.rs`), proven with synthetic segments in a fake
+//! data directory and no PostgreSQL server: while PostgreSQL waits for segment N, wal-push also uploads
+//! the next segments marked `.ready` in `pg_wal/archive_status`, records each durable upload in
+//! `pg_wal/walship/pushed/`, and answers PostgreSQL's later calls for them from those records after a
+//! local check, without touching the repository.
+//!
+//! What must hold, whatever happens: only `.ready` segments after the requested one go ahead, at most
+//! `[push] look_ahead` of them; `archive_status` is never written; a record exists only for an object
+//! that is durably and completely stored; a record is trusted only for the same file (or the same
+//! content) and the same repository; the requested segment's answer never depends on a look-ahead
+//! upload; and a wal-push killed at any moment loses nothing and acknowledges nothing early, so
+//! PostgreSQL's retries archive every segment.
+//!
+//! Each test runs the binaries the way PostgreSQL would: as the server's OS user, from the data
+//! directory, with `pg_wal/<name> <name>` as `%p %f`. Every command is waited for with a bound, so a
+//! hang fails the test instead of stalling the suite.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walship_tests::assertions::{assert_absent, assert_error, assert_no_temp_files, assert_ok};
+use walship_tests::proxy::{Fault, Proxy, Request, Rule, Seen};
+use walship_tests::repository::{ConfigLines, Repository};
+use walship_tests::s3::{S3Server, assert_no_multipart_leftovers, write_config_file};
+use walship_tests::segments::{self, Fill, MIN_SEGMENT_SIZE, Segment, backup_label, history_content, history_name};
+use walship_tests::{Output, Scratch, walship};
+
+const BUCKET: &str = "walship-test";
+const PREFIX: &str = "db1";
+/// The longest any single command may take before the test calls it hung.
+const HANG_LIMIT: Duration = Duration::from_secs(120);
+/// The longest a test waits for a condition (an upload, a stall) to come about.
+const CONDITION_LIMIT: Duration = Duration::from_secs(60);
+/// Settings for S3 configurations: nothing is meant to time out on its own during a test.
+const S3_TOP: &str = "deadline_secs = 60";
+const S3_SOCKETS: &str = "connect_timeout_secs = 2\nread_timeout_secs = 10";
+const ARCHIVED_AHEAD: &str = "archived ahead by an earlier call";
+
+/// Segment `n` of timeline 1 in a cluster of 1 MiB segments.
+fn seg(n: u64) -> String {
+    segments::segment_name(1, n, MIN_SEGMENT_SIZE)
+}
+
+fn segs(numbers: impl IntoIterator<Item = u64>) -> Vec<String> {
+    numbers.into_iter().map(seg).collect()
+}
+
+/// The repository key of a segment (the layout of `crates/walship/src/repo/mod.rs`).
+fn key_of(name: &str) -> String {
+    format!("wal/{}/{name}", &name[..16])
+}
+
+fn set(names: &[String]) -> BTreeSet<String> {
+    names.iter().cloned().collect()
+}
+
+/// Waits up to `limit` for `condition`; true if it came about.
+fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if started.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Running the commands.
+// ---------------------------------------------------------------------------------------------------
+
+/// A command started with stdout and stderr going to files, so that they can be read while it runs
+/// and after it was killed.
+struct Running {
+    child: Child,
+    what: String,
+    stdout: tempfile::NamedTempFile,
+    stderr: tempfile::NamedTempFile,
+    started: Instant,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        let what = format!("{:?} {:?}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
+        let stdout = tempfile::NamedTempFile::new().unwrap();
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout.reopen().unwrap()))
+            .stderr(Stdio::from(stderr.reopen().unwrap()))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Running { child, what, stdout, stderr, started: Instant::now() }
+    }
+
+    fn stderr_so_far(&self) -> String {
+        fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    fn output(&self, code: Option<i32>) -> Output {
+        Output {
+            code,
+            stdout: fs::read_to_string(self.stdout.path()).unwrap_or_default(),
+            stderr: self.stderr_so_far(),
+        }
+    }
+
+    /// Waits for the command to exit; kills it and fails the test if it takes longer than `limit`.
+    #[track_caller]
+    fn finish(mut self, limit: Duration) -> Output {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return self.output(status.code());
+            }
+            if self.started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{} hung: still running after {} s; stderr: {}",
+                    self.what,
+                    limit.as_secs(),
+                    self.stderr_so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, as the OOM killer or a crash would; returns what it wrote until then.
+    fn kill(mut self) -> Output {
+        // Child::kill sends SIGKILL.
+        self.child.kill().unwrap_or_else(|e| panic!("kill {}: {e}", self.what));
+        let status = self.child.wait().unwrap();
+        self.output(status.code())
+    }
+}
+
+fn run_bounded(cmd: &mut Command) -> Output {
+    Running::spawn(cmd).finish(HANG_LIMIT)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A fake data directory.
+// ---------------------------------------------------------------------------------------------------
+
+/// A data directory with `pg_wal/archive_status`, as PostgreSQL keeps it, and a directory to restore
+/// into that is no data directory (no postmaster.pid, so wal-fetch starts no prefetch worker).
+struct DataDir {
+    scratch: Scratch,
+    data: PathBuf,
+    wal: PathBuf,
+    status: PathBuf,
+    restore: PathBuf,
+}
+
+impl DataDir {
+    fn new(label: &str) -> DataDir {
+        let scratch = Scratch::new(label);
+        let data = scratch.mkdir("pgdata");
+        let wal = scratch.mkdir("pgdata/pg_wal");
+        let status = scratch.mkdir("pgdata/pg_wal/archive_status");
+        let restore = scratch.mkdir("restore");
+        DataDir { scratch, data, wal, status, restore }
+    }
+
+    /// Writes segments `numbers` (1 MiB, `fill`) into pg_wal; returns their names and contents.
+    fn write_segments(&self, numbers: impl IntoIterator<Item = u64>, fill: Fill) -> Vec<(String, Vec<u8>)> {
+        numbers
+            .into_iter()
+            .map(|n| {
+                let segment = Segment::new(&seg(n)).fill(fill);
+                let bytes = segment.bytes();
+                segments::write_file(&self.wal.join(segment.name()), &bytes);
+                (segment.name().to_owned(), bytes)
+            })
+            .collect()
+    }
+
+    /// PostgreSQL's status file `archive_status/<name>.<suffix>` (`ready` or `done`).
+    fn mark(&self, name: &str, suffix: &str) {
+        segments::write_file(&self.status.join(format!("{name}.{suffix}")), b"");
+    }
+
+    /// What PostgreSQL does once archive_command returned 0 for `name`.
+    fn mark_done(&self, name: &str) {
+        fs::rename(self.status.join(format!("{name}.ready")), self.status.join(format!("{name}.done")))
+            .unwrap_or_else(|e| panic!("rename {name}.ready to .done: {e}; {}", self.describe()));
+    }
+
+    /// The segments PostgreSQL still has to archive, in the order it archives them.
+    fn ready(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.status)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".ready").map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every file in `archive_status` with its content, inode and modification time: anything that
+    /// writes, renames or replaces one shows up.
+    fn status_snapshot(&self) -> Vec<(String, Vec<u8>, u64, i64, i64)> {
+        let mut files: Vec<_> = fs::read_dir(&self.status)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, fs::read(e.path()).unwrap(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn pushed_dir(&self) -> PathBuf {
+        self.wal.join("walship/pushed")
+    }
+
+    fn record(&self, name: &str) -> PathBuf {
+        self.pushed_dir().join(name)
+    }
+
+    /// The look-ahead records (hidden temporary files excluded).
+    fn records(&self) -> BTreeSet<String> {
+        let Ok(entries) = fs::read_dir(self.pushed_dir()) else { return BTreeSet::new() };
+        entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
+    }
+
+    fn push_cmd(&self, repo_args: &[OsString], name: &str) -> Command {
+        let mut cmd = walship("wal-push");
+        cmd.current_dir(&self.data).args(repo_args).arg(format!("pg_wal/{name}")).arg(name);
+        cmd
+    }
+
+    /// `wal-push REPO_ARGS pg_wal/<name> <name>` from the data directory, as archive_command.
+    fn push(&self, repo_args: &[OsString], name: &str) -> Output {
+        run_bounded(&mut self.push_cmd(repo_args, name))
+    }
+
+    /// `wal-fetch REPO_ARGS <name> <name>` in the restore directory.
+    fn fetch(&self, repo_args: &[OsString], name: &str) -> Output {
+        run_bounded(walship("wal-fetch").current_dir(&self.restore).args(repo_args).arg(name).arg(name))
+    }
+
+    /// Fetches `name` and checks that exactly `expected` comes back.
+    #[track_caller]
+    fn assert_fetches(&self, repo_args: &[OsString], name: &str, expected: &[u8]) {
+        let out = self.fetch(repo_args, name);
+        assert_ok(&out, &format!("fetch {name}"));
+        let restored = self.restore.join(name);
+        let bytes = fs::read(&restored).unwrap_or_else(|e| panic!("the restored {name}: {e}"));
+        assert!(bytes == expected, "fetch {name}: {} bytes that differ from the segment", bytes.len());
+        fs::remove_file(restored).unwrap();
+    }
+
+    /// PostgreSQL's archiver after a crash: archives every `.ready` segment in order, marking each
+    /// `.done` once archive_command returned 0. Returns every call's output.
+    #[track_caller]
+    fn archive_everything_ready(&self, repo_args: &[OsString]) -> Vec<(String, Output)> {
+        let mut calls = Vec::new();
+        while let Some(name) = self.ready().into_iter().next() {
+            let out = self.push(repo_args, &name);
+            assert_eq!(
+                out.code,
+                Some(0),
+                "PostgreSQL's retry of {name} failed: {out:#?}\nearlier calls: {calls:#?}\n{}",
+                self.describe()
+            );
+            self.mark_done(&name);
+            calls.push((name, out));
+        }
+        calls
+    }
+
+    /// For failure messages: what pg_wal, archive_status and the state directory hold.
+    fn describe(&self) -> String {
+        let list = |dir: &Path| -> Vec<String> {
+            let Ok(entries) = fs::read_dir(dir) else { return vec!["(missing)".into()] };
+            let mut names: Vec<String> =
+                entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        };
+        format!(
+            "pg_wal: {:?}\narchive_status: {:?}\nwalship/pushed: {:?}",
+            list(&self.wal),
+            list(&self.status),
+            list(&self.pushed_dir())
+        )
+    }
+}
+
+/// The segments whose objects `repo` holds.
+fn archived(repo: &Repository) -> BTreeSet<String> {
+    repo.keys_under("wal/").into_iter().map(|k| k.rsplit('/').next().unwrap().to_owned()).collect()
+}
+
+/// `--config FILE` for a configuration of `repo` with `push` as its `[push]` table.
+fn local_config(repo: &Repository, dir: &Path, file: &str, push: &str) -> Vec<OsString> {
+    let tables = format!("[push]\n{push}");
+    let config = repo.write_config(dir, file, ConfigLines { tables: &tables, ..ConfigLines::default() });
+    vec!["--config".into(), config.into()]
+}
+
+/// `--config FILE` for `s3://BUCKET/<prefix>` on `server` reached through `endpoint` (the server's, or
+/// a proxy's in front of it), with `push` as its `[push]` table.
+fn s3_config(server: &S3Server, endpoint: &str, prefix: &str, dir: &Path, file: &str, push: &str) -> Vec<OsString> {
+    let text = server.config_text(&format!("s3://{BUCKET}/{prefix}"), endpoint, S3_TOP, S3_SOCKETS);
+    let config = write_config_file(dir, file, &format!("{text}[push]\n{push}\n"));
+    vec!["--config".into(), config.into()]
+}
+
+fn s3_server(repo: &Repository) -> &S3Server {
+    match repo {
+        Repository::S3 { server, .. } => server,
+        _ => unreachable!("an S3 repository"),
+    }
+}
+
+/// Requests a proxy saw for `name`'s object (its path contains the name).
+fn requests_for<'a>(seen: &'a [Seen], method: &str, name: &str) -> Vec<&'a Seen> {
+    seen.iter().filter(|s| s.method == method && s.request.path().contains(name)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Which segments go ahead, and the answer from a record.
+// ---------------------------------------------------------------------------------------------------
+
+/// Only segments marked `.ready` go ahead (not `.done`, not those without a status file), each gets a
+/// record once stored, `archive_status` is left exactly as it was, and PostgreSQL's next call is
+/// answered from the record with the repository out of reach.
+#[test]
+fn look_ahead_uploads_only_ready_segments_and_never_touches_archive_status() {
+    let d = DataDir::new("lookahead-ready");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let originals = d.write_segments(1..=8, Fill::WalLike);
+    for n in [1, 2, 3, 5, 7] {
+        d.mark(&seg(n), "ready");
+    }
+    d.mark(&seg(4), "done");
+    let status_before = d.status_snapshot();
+
+    let out = d.push(&args, &seg(1));
+    assert_ok(&out, "push 1 with look-ahead");
+    assert!(out.stderr.contains(&format!("archived {} (", seg(1))), "{out:#?}");
+    assert!(out.stderr.contains(&format!("; uploaded 4 ahead ({} to {})", seg(2), seg(7))), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs([1, 2, 3, 5, 7])), "what the repository holds; {}", d.describe());
+    assert_eq!(d.records(), set(&segs([2, 3, 5, 7])), "the records; {}", d.describe());
+    assert_no_temp_files(&d.pushed_dir());
+    assert_eq!(d.status_snapshot(), status_before, "archive_status must only be read; {}", d.describe());
+
+    // PostgreSQL marks 1 done and asks for 2. The repository is out of reach: a call that touched it
+    // would fail (shown first with 6, which has no record).
+    d.mark_done(&seg(1));
+    let repo_dir = repo.object_file("");
+    let away = d.scratch.path().join("repo-away");
+    fs::rename(&repo_dir, &away).unwrap();
+    let control = d.push(&args, &seg(6));
+    assert_ne!(control.code, Some(0), "without its repository a normal push must fail: {control:#?}");
+    let out = d.push(&args, &seg(2));
+    fs::rename(&away, &repo_dir).unwrap();
+    assert_ok(&out, "push 2, answered from its record");
+    assert!(out.stderr.contains(&format!("{} was {ARCHIVED_AHEAD} (", seg(2))), "{out:#?}");
+    assert!(out.stderr.contains("same file"), "{out:#?}");
+    assert_absent(&d.record(&seg(2)));
+    assert_eq!(d.records(), set(&segs([3, 5, 7])), "{}", d.describe());
+
+    // The rest, as PostgreSQL would archive them: every call answered from its record.
+    d.mark_done(&seg(2));
+    let calls = d.archive_everything_ready(&args);
+    for (name, out) in &calls {
+        assert!(out.stderr.contains(ARCHIVED_AHEAD), "{name}: {out:#?}");
+    }
+    assert_eq!(calls.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), segs([3, 5, 7]));
+    assert!(d.records().is_empty(), "every record is used once: {}", d.describe());
+    assert_eq!(archived(&repo), set(&segs([1, 2, 3, 5, 7])));
+    for (name, bytes) in originals.iter().filter(|(n, _)| archived(&repo).contains(n)) {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
+/// `look_ahead` bounds the batch to the lowest `.ready` segments after the requested one: never an
+/// earlier segment, never a `.partial`, history or backup label file, and nothing at all with
+/// `look_ahead = 0`.
+#[test]
+fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
+    // Six ready segments above the requested one, look_ahead = 2.
+    let d = DataDir::new("lookahead-bound");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 2");
+    d.write_segments(1..=7, Fill::WalLike);
+    for n in 1..=7 {
+        d.mark(&seg(n), "ready");
+    }
+    let out = d.push(&args, &seg(1));
+    assert_ok(&out, "push 1");
+    assert!(out.stderr.contains(&format!("; uploaded 2 ahead ({} to {})", seg(2), seg(3))), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs([1, 2, 3])), "{}", d.describe());
+    assert_eq!(d.records(), set(&segs([2, 3])), "{}", d.describe());
+
+    // The window moves on with PostgreSQL: 2 and 3 from their records, then 4 takes 5 and 6 along.
+    for n in 1..=3 {
+        if n > 1 {
+            let out = d.push(&args, &seg(n));
+            assert_ok(&out, &format!("push {n}"));
+            assert!(out.stderr.contains(ARCHIVED_AHEAD), "{out:#?}");
+        }
+        d.mark_done(&seg(n));
+    }
+    let out = d.push(&args, &seg(4));
+    assert_ok(&out, "push 4");
+    assert!(out.stderr.contains(&format!("; uploaded 2 ahead ({} to {})", seg(5), seg(6))), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs(1..=6)), "{}", d.describe());
+    assert_eq!(d.records(), set(&segs([5, 6])), "{}", d.describe());
+
+    // Only later segments, and only segments: a call for 5 in a pg_wal where earlier segments and
+    // other kinds of WAL file are also ready (with real files, so that a wrong upload would succeed).
+    let d = DataDir::new("lookahead-kinds");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    d.write_segments(1..=7, Fill::WalLike);
+    for n in 1..=7 {
+        d.mark(&seg(n), "ready");
+    }
+    let partial = format!("{}.partial", seg(6));
+    Segment::new(&partial).write_to(&d.wal);
+    let history = history_name(2);
+    segments::write_file(&d.wal.join(&history), history_content(2, "no recovery target specified").as_bytes());
+    let (label, label_content) = backup_label(1, 6 * u64::from(MIN_SEGMENT_SIZE) + 0x28, MIN_SEGMENT_SIZE);
+    segments::write_file(&d.wal.join(&label), label_content.as_bytes());
+    for other in [&partial, &history, &label] {
+        d.mark(other, "ready");
+    }
+    let status_before = d.status_snapshot();
+    let out = d.push(&args, &seg(5));
+    assert_ok(&out, "push 5");
+    assert!(out.stderr.contains(&format!("; uploaded 2 ahead ({} to {})", seg(6), seg(7))), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs([5, 6, 7])), "{}", d.describe());
+    assert_eq!(d.records(), set(&segs([6, 7])), "{}", d.describe());
+    assert_eq!(d.status_snapshot(), status_before, "{}", d.describe());
+
+    // look_ahead = 0: the call archives its own segment and nothing else, and keeps no state.
+    let d = DataDir::new("lookahead-off");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 0");
+    d.write_segments(1..=3, Fill::WalLike);
+    for n in 1..=3 {
+        d.mark(&seg(n), "ready");
+    }
+    let out = d.push(&args, &seg(1));
+    assert_ok(&out, "push 1 with look_ahead = 0");
+    assert!(!out.stderr.contains("ahead"), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs([1])));
+    assert_absent(&d.pushed_dir());
+}
+
+/// On S3, the call answered from a record sends not a single request; a call for another repository
+/// does not trust the record and uploads there; and the batch never has more than `parallel` uploads
+/// under way.
+#[test]
+fn an_answer_from_a_record_makes_no_request() {
+    let d = DataDir::new("lookahead-s3");
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let server = s3_server(&repo);
+    let proxy = Proxy::start(server.port());
+    let args =
+        s3_config(server, &proxy.endpoint(), PREFIX, d.scratch.path(), "db1.toml", "look_ahead = 8\nparallel = 2");
+    let originals = d.write_segments(1..=6, Fill::WalLike);
+    for n in 1..=6 {
+        d.mark(&seg(n), "ready");
+    }
+    // Slow uploads overlap, so that a missing bound on parallelism would show.
+    proxy.add(
+        Rule::new(Fault::Delay(Duration::from_millis(100)))
+            .when(|r: &Request| r.method == "PUT" && r.path().contains("/wal/")),
+    );
+
+    let out = d.push(&args, &seg(1));
+    assert_ok(&out, "push 1 with look-ahead");
+    assert!(out.stderr.contains(&format!("; uploaded 5 ahead ({} to {})", seg(2), seg(6))), "{out:#?}");
+    assert_eq!(archived(&repo), set(&segs(1..=6)), "{}\n{}", d.describe(), repo.describe());
+    assert_eq!(d.records(), set(&segs(2..=6)), "{}", d.describe());
+    let uploads = proxy.max_concurrent(|s| s.method == "PUT" && s.request.path().contains("/wal/"));
+    assert!(uploads <= 2, "{uploads} uploads at once with parallel = 2: {:#?}", proxy.seen());
+    proxy.clear();
+
+    d.mark_done(&seg(1));
+    let before = proxy.seen().len();
+    let out = d.push(&args, &seg(2));
+    assert_ok(&out, "push 2, answered from its record");
+    assert!(out.stderr.contains(ARCHIVED_AHEAD), "{out:#?}");
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), before, "the answer from a record sent requests: {:#?}", &seen[before..]);
+    assert_absent(&d.record(&seg(2)));
+    d.mark_done(&seg(2));
+
+    // Another repository (another prefix on the same store): 3's record is not for it.
+    let other =
+        s3_config(server, &proxy.endpoint(), "db2", d.scratch.path(), "db2.toml", "look_ahead = 8\nparallel = 2");
+    let before = proxy.seen().len();
+    let out = d.push(&other, &seg(3));
+    assert_ok(&out, "push 3 into another repository");
+    assert!(!out.stderr.contains(ARCHIVED_AHEAD), "a record for db1 was trusted for db2: {out:#?}");
+    assert!(out.stderr.contains(&format!("archived {} (", seg(3))), "{out:#?}");
+    let seen = proxy.seen();
+    let puts = requests_for(&seen[before..], "PUT", &format!("{BUCKET}/db2/{}", key_of(&seg(3))));
+    assert_eq!(puts.len(), 1, "one upload of 3 into db2: {:#?}", &seen[before..]);
+    assert!(server.object_file(BUCKET, &format!("db2/{}", key_of(&seg(3)))).is_file());
+    let (_, three) = &originals[2];
+    d.assert_fetches(&other, &seg(3), three);
+    // The record was looked at and found wanting, so it is gone: db1's own call judges by content.
+    assert_absent(&d.record(&seg(3)));
+    let out = d.push(&args, &seg(3));
+    assert_ok(&out, "push 3 into db1 again");
+    assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(3))), "{out:#?}");
+    d.mark_done(&seg(3));
+
+    // The rest from their records, with no request at all.
+    let before = proxy.seen().len();
+    let calls = d.archive_everything_ready(&args);
+    assert_eq!(calls.len(), 3);
+    for (name, out) in &calls {
+        assert!(out.stderr.contains(ARCHIVED_AHEAD), "{name}: {out:#?}");
+    }
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), before, "answers from records sent requests: {:#?}", &seen[before..]);
+    for (name, bytes) in &originals {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
+/// A record names a repository by its URL, `s3://bucket/prefix`. Another store (another endpoint)
+/// with a bucket of the same name is another repository, and a segment uploaded ahead into the first
+/// is not in the second: trusting the record there acknowledges a segment the configured repository
+/// does not have.
+#[test]
+fn a_record_is_not_trusted_for_another_store_with_the_same_bucket_and_prefix() {
+    let d = DataDir::new("lookahead-endpoint");
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let first = s3_server(&repo);
+    let args = s3_config(first, &first.endpoint(), PREFIX, d.scratch.path(), "first.toml", "look_ahead = 8");
+    let originals = d.write_segments(1..=3, Fill::WalLike);
+    for n in 1..=3 {
+        d.mark(&seg(n), "ready");
+    }
+    assert_ok(&d.push(&args, &seg(1)), "push 1 into the first store");
+    assert_eq!(d.records(), set(&segs([2, 3])), "{}", d.describe());
+    d.mark_done(&seg(1));
+
+    // The operator moves archiving to a new store (same bucket name and prefix, another endpoint).
+    let second = S3Server::start();
+    second.create_bucket(BUCKET);
+    let moved = s3_config(&second, &second.endpoint(), PREFIX, d.scratch.path(), "second.toml", "look_ahead = 8");
+    assert_ok(&d.push(&moved, &seg(2)), "push 2 into the second store");
+    let object = second.object_file(BUCKET, &format!("{PREFIX}/{}", key_of(&seg(2))));
+    assert!(
+        object.is_file(),
+        "wal-push acknowledged {} (exit 0), but the configured repository does not hold it ({object:?} \
+         missing): the record for the first store was trusted",
+        seg(2)
+    );
+    d.assert_fetches(&moved, &seg(2), &originals[1].1);
+}
+
+/// A record is trusted only for the file it describes: a segment rewritten with other content is
+/// judged by content (a conflict: the repository keeps the original), a damaged record is ignored and
+/// the segment pushed the normal way, and a copy with the same content (a new inode) is answered
+/// after hashing.
+#[test]
+fn a_changed_or_damaged_record_is_not_trusted() {
+    let d = DataDir::new("lookahead-trust");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let originals = d.write_segments(1..=5, Fill::WalLike);
+    for n in 1..=5 {
+        d.mark(&seg(n), "ready");
+    }
+    assert_ok(&d.push(&args, &seg(1)), "push 1 with look-ahead");
+    assert_eq!(d.records(), set(&segs(2..=5)), "{}", d.describe());
+    d.mark_done(&seg(1));
+
+    // (b) 2's record damaged (one byte of its JSON): ignored and removed; the normal push finds
+    // identical content in the repository.
+    let record = d.record(&seg(2));
+    let mut text = fs::read(&record).unwrap();
+    let at = text.iter().position(|&b| b == b'"').unwrap() + 1;
+    text[at] ^= 0x01;
+    fs::write(&record, &text).unwrap();
+    let out = d.push(&args, &seg(2));
+    assert_ok(&out, "push 2 with a damaged record");
+    assert!(!out.stderr.contains(ARCHIVED_AHEAD), "a damaged record was trusted: {out:#?}");
+    assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(2))), "{out:#?}");
+    assert_absent(&record);
+    assert_eq!(d.records(), set(&segs(3..=5)), "the other records stay; {}", d.describe());
+    d.mark_done(&seg(2));
+
+    // (a) 3 rewritten in place with other content (same header, same size): its record is not
+    // trusted, and the repository, which holds the original, refuses the new content.
+    let changed = Segment::new(&seg(3)).seed(99);
+    let changed_bytes = changed.bytes();
+    assert_ne!(changed_bytes, originals[2].1);
+    segments::write_file(&d.wal.join(seg(3)), &changed_bytes);
+    let out = d.push(&args, &seg(3));
+    assert!(!out.stderr.contains(ARCHIVED_AHEAD), "a record was trusted for changed content: {out:#?}");
+    assert_error(&out, 5, &[&seg(3)]);
+    assert_absent(&d.record(&seg(3)));
+    d.assert_fetches(&args, &seg(3), &originals[2].1);
+    // PostgreSQL would retry 3 for ever; the operator restores the segment.
+    segments::write_file(&d.wal.join(seg(3)), &originals[2].1);
+    let out = d.push(&args, &seg(3));
+    assert_ok(&out, "push 3 restored");
+    assert!(out.stderr.contains("already archived with identical content"), "{out:#?}");
+    d.mark_done(&seg(3));
+
+    // (c) 4 copied to a new inode with the same content (cp, then mv over): answered after hashing.
+    let copy = d.wal.join("copy-of-4");
+    fs::copy(d.wal.join(seg(4)), &copy).unwrap();
+    walship_tests::chown_to_server_user(&copy);
+    let inode_before = fs::metadata(d.wal.join(seg(4))).unwrap().ino();
+    fs::rename(&copy, d.wal.join(seg(4))).unwrap();
+    assert_ne!(fs::metadata(d.wal.join(seg(4))).unwrap().ino(), inode_before);
+    let out = d.push(&args, &seg(4));
+    assert_ok(&out, "push 4 copied");
+    assert!(out.stderr.contains(&format!("{} was {ARCHIVED_AHEAD}", seg(4))), "{out:#?}");
+    assert!(out.stderr.contains("same SHA-256"), "{out:#?}");
+    assert_absent(&d.record(&seg(4)));
+    d.mark_done(&seg(4));
+
+    // 5, untouched: from its record, as the file it was.
+    let out = d.push(&args, &seg(5));
+    assert_ok(&out, "push 5");
+    assert!(out.stderr.contains("same file"), "{out:#?}");
+    for (name, bytes) in &originals {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
+/// A segment that cannot go ahead (the repository holds other content under its name) is reported
+/// and left for PostgreSQL's own call; the requested segment is archived and the call succeeds.
+#[test]
+fn a_failed_look_ahead_does_not_fail_the_requested_segment() {
+    let d = DataDir::new("lookahead-failed");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+
+    // Another content for 3 is archived first, from elsewhere (no archive_status there: no look-ahead).
+    let elsewhere = d.scratch.mkdir("elsewhere");
+    let foreign = Segment::new(&seg(3)).seed(7).write_to(&elsewhere);
+    let out = run_bounded(walship("wal-push").current_dir(&elsewhere).args(&args).arg(&foreign).arg(seg(3)));
+    assert_ok(&out, "push another 3");
+    assert_absent(&elsewhere.join("walship"));
+
+    let originals = d.write_segments(1..=4, Fill::WalLike);
+    for n in 1..=4 {
+        d.mark(&seg(n), "ready");
+    }
+    let status_before = d.status_snapshot();
+    let out = d.push(&args, &seg(1));
+    assert_eq!(out.code, Some(0), "the requested segment's answer: {out:#?}");
+    assert!(out.stderr.contains(&format!("look-ahead: {} not uploaded ahead", seg(3))), "{out:#?}");
+    assert!(out.stderr.contains(&format!("archived {} (", seg(1))), "{out:#?}");
+    assert!(out.stderr.contains(&format!("; uploaded 2 ahead ({} to {})", seg(2), seg(4))), "{out:#?}");
+    assert_eq!(d.records(), set(&segs([2, 4])), "no record for 3; {}", d.describe());
+    assert_eq!(d.status_snapshot(), status_before);
+    d.mark_done(&seg(1));
+
+    let out = d.push(&args, &seg(2));
+    assert_ok(&out, "push 2");
+    assert!(out.stderr.contains(ARCHIVED_AHEAD), "{out:#?}");
+    d.mark_done(&seg(2));
+    let out = d.push(&args, &seg(3));
+    assert_error(&out, 5, &[&seg(3)]);
+    for (name, bytes) in originals.iter().filter(|(n, _)| *n != seg(3)) {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Killed mid-batch.
+// ---------------------------------------------------------------------------------------------------
+
+/// wal-push for 1 with look_ahead 8 over segments 1..=8, all ready, on S3 through a proxy that
+/// stalls the uploads of `stalled`; killed once the stalls are met and everything else has stored
+/// (`wait_for_records`: and once the records of the others are written). Checks what the kill left,
+/// then lets PostgreSQL's retries archive everything.
+fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
+    let d = DataDir::new(label);
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let server = s3_server(&repo);
+    let proxy = Proxy::start(server.port());
+    let args =
+        s3_config(server, &proxy.endpoint(), PREFIX, d.scratch.path(), "walship.toml", "look_ahead = 8\nparallel = 4");
+    let originals = d.write_segments(1..=8, Fill::Random);
+    for n in 1..=8 {
+        d.mark(&seg(n), "ready");
+    }
+    let status_before = d.status_snapshot();
+    let stalled = segs(stalled.iter().copied());
+    let others: Vec<String> = segs(1..=8).into_iter().filter(|n| !stalled.contains(n)).collect();
+    let stall_these = stalled.clone();
+    proxy.add(
+        Rule::new(Fault::Stall)
+            .when(move |r: &Request| r.method == "PUT" && stall_these.iter().any(|n| r.path().contains(n.as_str()))),
+    );
+
+    let mut running = Running::spawn(&mut d.push_cmd(&args, &seg(1)));
+    let look_aheads_recorded: BTreeSet<String> = others.iter().filter(|n| **n != seg(1)).cloned().collect();
+    let reached = wait_for(CONDITION_LIMIT, || {
+        let seen = proxy.seen();
+        let stalls_met =
+            stalled.iter().all(|n| requests_for(&seen, "PUT", n).iter().any(|s| s.fault.as_deref() == Some("stall")));
+        let others_stored = others
+            .iter()
+            .all(|n| requests_for(&seen, "PUT", n).iter().any(|s| s.status.is_some_and(|c| (200..300).contains(&c))));
+        let recorded = !wait_for_records || d.records() == look_aheads_recorded;
+        stalls_met && others_stored && recorded
+    });
+    let still_running = !running.has_exited();
+    let killed = running.kill();
+    let context = format!(
+        "wal-push: {killed:#?}\n{}\nrequests: {:#?}\n{}",
+        d.describe(),
+        proxy
+            .seen()
+            .iter()
+            .map(|s| format!("{} {} {:?} {:?}", s.method, s.target, s.fault, s.status))
+            .collect::<Vec<_>>(),
+        repo.describe()
+    );
+    assert!(reached, "the stalls and the other uploads did not all come about\n{context}");
+    assert!(still_running, "wal-push answered while uploads it started were stalled\n{context}");
+
+    // Nothing recorded that is not stored, nothing half stored, nothing of PostgreSQL's touched.
+    let records = d.records();
+    for name in &stalled {
+        assert!(!records.contains(name), "a record for {name}, whose upload never finished\n{context}");
+        assert_absent(&repo.object_file(&key_of(name)));
+        assert!(!archived(&repo).contains(name), "{name} in the repository\n{context}");
+    }
+    assert!(!records.contains(&seg(1)), "a record for the requested segment\n{context}");
+    if wait_for_records {
+        assert_eq!(records, look_aheads_recorded, "{context}");
+    }
+    let check_args = s3_config(server, &server.endpoint(), PREFIX, d.scratch.path(), "direct.toml", "look_ahead = 8");
+    for name in &records {
+        assert!(repo.object_file(&key_of(name)).is_file(), "a record for {name}, which is not stored\n{context}");
+        let (_, bytes) = originals.iter().find(|(n, _)| n == name).unwrap();
+        d.assert_fetches(&check_args, name, bytes);
+    }
+    assert_eq!(d.status_snapshot(), status_before, "archive_status changed\n{context}");
+    assert_no_multipart_leftovers(server, "the killed wal-push");
+    eprintln!("{label}: killed with records {records:?}; stderr: {:?}", killed.stderr);
+
+    // PostgreSQL retries from its oldest .ready segment, with the store well again.
+    proxy.clear();
+    let calls = d.archive_everything_ready(&args);
+    assert_eq!(calls.len(), 8, "{calls:#?}");
+    // The call for 1 finishes the batch (1 itself, if it never stored, and the stalled look-aheads);
+    // every later call is answered from a record.
+    let (_, first) = &calls[0];
+    let own = if stalled.contains(&seg(1)) {
+        format!("archived {} (", seg(1))
+    } else {
+        format!("{} was already archived with identical content", seg(1))
+    };
+    assert!(first.stderr.contains(&own), "the retry of 1: {first:#?}");
+    for (name, out) in &calls[1..] {
+        assert!(out.stderr.contains(ARCHIVED_AHEAD), "the retry of {name}: {out:#?}\n{calls:#?}");
+    }
+    for (name, bytes) in &originals {
+        d.assert_fetches(&check_args, name, bytes);
+    }
+    assert!(d.records().is_empty(), "records left after every segment was archived: {}", d.describe());
+    assert_no_temp_files(&d.pushed_dir());
+    assert_no_multipart_leftovers(server, "the retries");
+}
+
+/// Killed while two look-ahead uploads stall: no record for them and no object under their names;
+/// every record that exists is for an object stored complete; PostgreSQL's retries archive all.
+#[test]
+fn killing_wal_push_mid_look_ahead_loses_nothing_and_acknowledges_nothing_early() {
+    kill_mid_batch("lookahead-kill-ahead", &[4, 5], true);
+}
+
+/// Killed while the requested segment's own upload stalls and the look-aheads have stored: the
+/// requested segment is neither stored nor acknowledged nor recorded, while each look-ahead that
+/// stored is recorded at once; PostgreSQL's retries archive all.
+#[test]
+fn killing_wal_push_while_its_own_upload_stalls_acknowledges_nothing() {
+    kill_mid_batch("lookahead-kill-own", &[1], true);
+}

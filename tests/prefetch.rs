@@ -1,0 +1,1 @@
+//! Prefetch tests: being written.
