@@ -38,9 +38,10 @@ struct Cli {
     #[command(flatten)]
     common: CommonArgs,
 
-    /// Run as the prefetch worker for the recovery in the working directory (started by wal-fetch)
-    #[arg(long, hide = true)]
-    prefetch_worker: bool,
+    /// Run as the prefetch worker for the recovery in the working directory, serving the spool
+    /// SPOOL (started by wal-fetch itself)
+    #[arg(long, hide = true, value_name = "SPOOL")]
+    prefetch_worker: Option<PathBuf>,
 
     /// The WAL file name to restore (PostgreSQL's %f)
     name: String,
@@ -54,8 +55,8 @@ fn main() {
     let standby = Path::new("standby.signal").exists();
     let cli: Cli = walship_cli::parse_or_exit("wal-fetch", |code| code.for_restore(standby));
     let log = Log::new("wal-fetch", cli.common.verbose);
-    if cli.prefetch_worker {
-        run_prefetch_worker(&cli, &log);
+    if let Some(spool_dir) = &cli.prefetch_worker {
+        run_prefetch_worker(&cli, spool_dir, &log);
     }
     let started = Instant::now();
     let config = match cli.common.load_config() {
@@ -147,6 +148,7 @@ fn keep_prefetching(spool: &Spool, cli: &Cli, log: &Log) {
     }
     worker
         .arg("--prefetch-worker")
+        .arg(spool.dir())
         .arg("--")
         .arg(&cli.name)
         .arg(&cli.path)
@@ -160,13 +162,20 @@ fn keep_prefetching(spool: &Spool, cli: &Cli, log: &Log) {
     }
 }
 
-fn run_prefetch_worker(cli: &Cli, log: &Log) -> ! {
+fn run_prefetch_worker(cli: &Cli, spool_dir: &Path, log: &Log) -> ! {
     let outcome = (|| {
-        let config = cli.common.load_config()?;
         let data_dir = std::env::current_dir().map_err(|e| Error::local_io(Path::new("."), "getcwd", e))?;
-        let Some(spool) = Spool::for_recovery(&data_dir, &cli.path, &config.repository_identity()) else {
-            return Ok(());
+        let config = cli.common.load_config();
+        let spool = config.as_ref().ok().and_then(|config| {
+            Spool::for_recovery(&data_dir, &cli.path, &config.repository_identity()).filter(|s| s.dir() == spool_dir)
+        });
+        let Some(spool) = spool else {
+            // Recovery ended (or the server went) before we started: nobody else would remove the
+            // spool our starter created.
+            prefetch::remove_unserved_spool(&data_dir, &cli.path, spool_dir);
+            return config.map(|_| ());
         };
+        let config = config?;
         walship_cli::block_on_parallel(config.fetch.parallel, async {
             let repo = Repository::open(&config).await?;
             prefetch::run_worker(repo, spool, config.fetch.clone(), config.deadline, log.clone()).await

@@ -195,6 +195,29 @@ impl Spool {
     }
 }
 
+/// Removes `dir`, the spool a worker was started for, when that worker finds no recovery to serve
+/// (it ended, or the server went, between the request and the worker's start): no other worker
+/// would ever remove it. Only a directory directly under `pg_wal/walship/prefetch/` of `data_dir`,
+/// and not while a worker holds it.
+pub fn remove_unserved_spool(data_dir: &Path, destination: &Path, dir: &Path) {
+    let pg_wal = match destination.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => data_dir.join(parent),
+        _ => data_dir.to_owned(),
+    };
+    let root = pg_wal.join(SPOOL_ROOT);
+    let inside =
+        dir.parent() == Some(root.as_path()) && dir.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'));
+    if !inside {
+        return;
+    }
+    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE));
+    if let Ok(lock) = lock
+        && lock.try_lock().is_ok()
+    {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
 fn recovery_signalled(data_dir: &Path) -> bool {
     data_dir.join("recovery.signal").exists() || data_dir.join("standby.signal").exists()
 }
