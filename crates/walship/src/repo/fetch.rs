@@ -1,7 +1,11 @@
 //! Restoring one file: the work behind `restore_command`.
 //!
 //! The object is decoded into a temporary file beside the destination, verified against its trailer,
-//! fsynced and only then renamed into place, so PostgreSQL never sees a partial or unverified file.
+//! and only then renamed into place, so PostgreSQL never sees a partial or unverified file. It is not
+//! fsynced: PostgreSQL makes a restored segment durable itself when it keeps it
+//! (`KeepFileRestoredFromArchive` fsyncs and renames it), and a crash before that makes recovery ask
+//! for the file again. Prefetch spools and base-fetch's staged parts are likewise thrown away after a
+//! crash (a spool belongs to one run of the server; base-fetch ends with `syncfs`).
 //! A missing object is reported as absent only once the repository's identity record proves we are
 //! looking at a real repository.
 
@@ -16,7 +20,6 @@ use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
 use crate::process::exists as process_exists;
 use crate::storage::StorageError;
-use crate::storage::local::fsync_dir;
 use crate::wal::WalFileName;
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -64,11 +67,8 @@ async fn publish_verified(
     let temp = temp_path_beside(destination)?;
     match write_verified(reader, &temp, destination, &location).await {
         Ok(report) => {
-            let published = fs::rename(&temp, destination)
-                .map_err(|e| Error::local_io(destination, "rename into place", e))
-                .and_then(|()| {
-                    fsync_dir(parent_dir(destination)).map_err(|e| Error::local_io(destination, "fsync directory", e))
-                });
+            let published =
+                fs::rename(&temp, destination).map_err(|e| Error::local_io(destination, "rename into place", e));
             if published.is_err() {
                 let _ = fs::remove_file(&temp);
             }
@@ -149,8 +149,7 @@ async fn write_verified(
         decoder.update(&buf[..n]).map_err(corrupt)?;
     }
     let (digest, writer) = decoder.finish().map_err(corrupt)?;
-    let file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
-    file.sync_all().map_err(|e| Error::local_io(destination, "fsync", e))?;
+    let _file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
     Ok(FetchReport { original_bytes: digest.len, stored_bytes })
 }
 

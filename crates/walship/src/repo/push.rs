@@ -3,9 +3,11 @@
 //! The file is checked before anything is written (its name, its page header against the name and the
 //! repository's cluster), hashed, and compared with whatever the repository already holds under that
 //! name: identical content is success without an upload (PostgreSQL may archive a file twice after a
-//! crash), different content is a conflict and nothing is overwritten. A new object is encoded while
-//! it streams to the backend, and the encoder's digest must equal the first pass's, so a file that
-//! changes while we read it is never acknowledged.
+//! crash), different content is a conflict and nothing is overwritten. A new object is encoded and
+//! hashed while it streams to the backend. Where the backend keeps the checksum as an attribute (S3
+//! metadata, sent before the body), a hashing pass comes first and the encoder's digest must equal
+//! it; everywhere the stored length must equal the inspected one. So a file that changes size while
+//! we read it is never acknowledged.
 
 use std::fs::File;
 use std::io::Read;
@@ -52,15 +54,29 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
             }
         }
     }
-    let digest = hash_file(source)?;
-    if digest.len != checked.len {
-        return Err(changed_while_reading(source));
-    }
+    // A backend that keeps attributes (S3) needs the checksum before the upload starts, which takes
+    // a hashing pass first; elsewhere one pass encodes and hashes at once.
+    let known = if repo.storage().keeps_attributes() {
+        let digest = hash_file(source)?;
+        if digest.len != checked.len {
+            return Err(changed_while_reading(source));
+        }
+        Some(digest)
+    } else {
+        None
+    };
     let key = Repository::wal_key(&wal);
-    match upload(repo, &key, source, digest, compression_level).await {
-        Ok(stored) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored), digest }),
+    match upload(repo, &key, source, known, checked.len, compression_level).await {
+        Ok((stored, digest)) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored), digest }),
         // The name is taken (archived before, or by a racing push): decide by content.
         Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
+            let digest = match known {
+                Some(digest) => digest,
+                None => hash_file(source)?,
+            };
+            if digest.len != checked.len {
+                return Err(changed_while_reading(source));
+            }
             compare_with_archived(repo, &key, &wal, source, digest).await
         }
         Err(e) => Err(e),
@@ -161,22 +177,24 @@ fn attributes_digest(attributes: &std::collections::BTreeMap<String, String>) ->
     Some(ContentDigest { len, sha256 })
 }
 
-/// Streams `source` through the encoder into a new object, committed only if its digest is `expected`.
+/// Streams `source` through the encoder into a new object, committed only if its digest is
+/// `expected` (when known beforehand) and its length is `expected_len` (the length inspected).
+/// Returns the stored size and the digest of what was stored.
 async fn upload(
     repo: &Repository,
     key: &str,
     source: &Path,
-    expected: ContentDigest,
+    expected: Option<ContentDigest>,
+    expected_len: u64,
     compression_level: i32,
-) -> Result<u64, Error> {
-    let options = PutOptions {
-        attributes: [
-            (ATTR_SHA256.to_owned(), expected.sha256_hex()),
-            (ATTR_LENGTH.to_owned(), expected.len.to_string()),
-        ]
-        .into(),
-        size_hint: Some(expected.len),
+) -> Result<(u64, ContentDigest), Error> {
+    let attributes = match expected {
+        Some(expected) => {
+            [(ATTR_SHA256.to_owned(), expected.sha256_hex()), (ATTR_LENGTH.to_owned(), expected.len.to_string())].into()
+        }
+        None => Default::default(),
     };
+    let options = PutOptions { attributes, size_hint: Some(expected_len) };
     let mut writer = repo.storage().create(key, options).await?;
     let streamed = async {
         let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
@@ -198,16 +216,16 @@ async fn upload(
         let digest = encoder.finish(&mut out).map_err(|e| Error::local_io(source, "compress", e))?;
         stored += out.len() as u64;
         writer.write(Bytes::from(out)).await?;
-        if digest != expected {
+        if expected.is_some_and(|expected| expected != digest) || digest.len != expected_len {
             return Err(changed_while_reading(source));
         }
-        Ok(stored)
+        Ok((stored, digest))
     }
     .await;
     match streamed {
-        Ok(stored) => {
+        Ok(done) => {
             writer.commit().await?;
-            Ok(stored)
+            Ok(done)
         }
         Err(e) => {
             let _ = writer.abort().await;

@@ -70,6 +70,12 @@ pub trait Storage: Send + Sync {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Whether [`PutOptions::attributes`] are kept (and so must be known before the write begins).
+    /// Writers to a backend that keeps none can learn an object's checksum as they write it.
+    fn keeps_attributes(&self) -> bool {
+        false
+    }
+
     /// Confirms that the repository's container (directory, bucket) exists and is accessible, with an
     /// error that says what is wrong otherwise. Used to explain why a repository looks empty.
     async fn check_root(&self) -> Result<(), StorageError>;

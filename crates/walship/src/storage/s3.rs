@@ -332,6 +332,10 @@ impl Storage for S3Storage {
         self.inner.location(key)
     }
 
+    fn keeps_attributes(&self) -> bool {
+        true
+    }
+
     async fn create(&self, key: &str, options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let full_key = self.inner.full_key(key)?;
         let part_size = part_size_for(self.inner.part_size, options.size_hint) as usize;
