@@ -27,7 +27,7 @@
 #                                                   recovery bar; fewer for a quick check)
 # Environment: WALSHIP_BENCH_DIR  scratch parent directory (default /var/tmp: not tmpfs; needs about
 #                                 SEGMENTS x 16 MiB x 4 free, 5 GB for the default)
-#              WALSHIP_BENCH_SCALE  pgbench scale (default 10)
+#              WALSHIP_BENCH_SCALE  pgbench scale (default 30)
 #              WALSHIP_BENCH_PGBR_LEVEL  pgbackrest zst level (default 1, walship's default level)
 #              WALSHIP_BENCH_KEEP=1  keep the scratch directory (logs of every call) at the end
 # Release build. Run as root (PostgreSQL and the emulators then run as the postgres user) or as a
@@ -37,7 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 segments=${1:-72}
 scratch_parent=${WALSHIP_BENCH_DIR:-/var/tmp}
-scale=${WALSHIP_BENCH_SCALE:-10}
+scale=${WALSHIP_BENCH_SCALE:-30}
 pgbr_level=${WALSHIP_BENCH_PGBR_LEVEL:-1}
 echo "Command: WALSHIP_BENCH_DIR=$scratch_parent WALSHIP_BENCH_SCALE=$scale WALSHIP_BENCH_PGBR_LEVEL=$pgbr_level benches/wal-throughput.sh $segments"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -108,6 +108,9 @@ port = 5432
 archive_mode = on
 archive_command = ''            # segments wait as .ready, none is recycled
 max_wal_size = 8GB
+# A checkpoint every 30 s, as on a busy server: the full-page images after each one are most of
+# real WAL. Without them a small pgbench database soon writes a segment every half minute.
+checkpoint_timeout = 30s
 CONF
 export PGHOST=$work/sock PGPORT=5432
 pg "$PG_BIN/pg_ctl" -D "$src" -l "$work/logs/src.log" -w start >/dev/null
