@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use walship_tests::Scratch;
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers};
 use walship_tests::repository::Repository;
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
@@ -131,21 +131,6 @@ fn assert_look_ahead_used(cluster: &Cluster) {
         cluster.name(),
         cluster.log_tail()
     );
-}
-
-/// The prefetch worker processes whose working directory is `data_dir`.
-fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
-    let data_dir = fs::canonicalize(data_dir).unwrap();
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let is_worker = cmdline.split(|b| *b == 0).any(|arg| arg == b"--prefetch-worker");
-        if is_worker && fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == data_dir) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 /// Asserts that recovery took segments from the prefetch spool, and that once recovery ended the

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT, restore_command, restore_command_with_config};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers, restore_command, restore_command_with_config};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::segments::{self, MIN_SEGMENT_SIZE, Segment, history_content, history_name};
 use walship_tests::{Scratch, chown_to_server_user, wal_push, walship};
@@ -58,21 +58,6 @@ fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Resul
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
-}
-
-/// The prefetch worker processes whose working directory is `data_dir`.
-fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
-    let Ok(data_dir) = fs::canonicalize(data_dir) else { return Vec::new() };
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let is_worker = cmdline.split(|b| *b == 0).any(|arg| arg == b"--prefetch-worker");
-        if is_worker && fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == data_dir) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 /// SIGKILLs every prefetch worker of `data_dir` and waits (bounded) until none is left.

@@ -470,3 +470,19 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The wal-fetch prefetch worker processes whose working directory is `data_dir` (the data
+/// directory of the recovery they serve).
+pub fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
+    let Ok(data_dir) = std::fs::canonicalize(data_dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let is_worker = cmdline.split(|b| *b == 0).any(|arg| arg == b"--prefetch-worker");
+        if is_worker && std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == data_dir) {
+            found.push(pid);
+        }
+    }
+    found
+}
