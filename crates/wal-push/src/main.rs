@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+use walship::Error;
 use walship::log::Log;
 use walship::lookahead::{self, Answer, StateDir};
 use walship::repo::Repository;
 use walship::wal::WalFileName;
-use walship::{Error, ExitCode};
 use walship_cli::{COMMON_HELP, CommonArgs, exit_with};
 
 #[derive(Parser, Debug)]
@@ -106,7 +106,7 @@ fn main() {
                     report.original_bytes
                 )),
             }
-            std::process::exit(i32::from(ExitCode::Success as u8));
+            std::process::exit(0);
         }
         Err(e) => exit_with(&log, &e),
     }

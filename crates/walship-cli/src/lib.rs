@@ -125,27 +125,29 @@ where
 
 /// Runs one command's work to completion on a current-thread runtime.
 pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::LocalIo {
+    run_to_completion(tokio::runtime::Builder::new_current_thread(), work)
+}
+
+/// Like [`block_on`], on `workers` threads (at most one per core): for work that compresses or
+/// decodes several files at once (a look-ahead batch, the prefetch worker).
+pub fn block_on_parallel<T>(workers: usize, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers.clamp(1, cores));
+    run_to_completion(builder, work)
+}
+
+fn run_to_completion<T>(
+    mut builder: tokio::runtime::Builder,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let runtime = builder.enable_all().build().map_err(|e| Error::LocalIo {
         path: "tokio runtime".into(),
         operation: "start",
         source: e,
     })?;
     let result = runtime.block_on(work);
     // A blocking file operation stuck on a hung file system must not keep us from exiting.
-    runtime.shutdown_background();
-    result
-}
-
-/// Like [`block_on`], on `workers` threads: for work that compresses or decodes several files at
-/// once (a look-ahead batch, the prefetch worker).
-pub fn block_on_parallel<T>(workers: usize, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.clamp(1, cores))
-        .enable_all()
-        .build()
-        .map_err(|e| Error::LocalIo { path: "tokio runtime".into(), operation: "start", source: e })?;
-    let result = runtime.block_on(work);
     runtime.shutdown_background();
     result
 }

@@ -30,10 +30,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{ContentDigest, Hasher};
+use crate::codec::ContentDigest;
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::Log;
+use crate::process;
+use crate::repo::parent_dir;
 use crate::repo::{self, PushReport, Repository};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -91,10 +93,7 @@ impl StateDir {
     /// The state directory for `source`, PostgreSQL's `%p`, when it lies in a `pg_wal` directory
     /// (one with `archive_status` beside it); `None` for a file archived by hand from elsewhere.
     pub fn for_source(source: &Path) -> Option<StateDir> {
-        let pg_wal = match source.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
+        let pg_wal = parent_dir(source).to_owned();
         pg_wal.join("archive_status").is_dir().then(|| StateDir { dir: pg_wal.join(STATE_DIR), pg_wal })
     }
 
@@ -145,7 +144,7 @@ impl StateDir {
             return Answer::Archived { bytes: record.stamp.len, rehashed: false };
         }
         // The stamp moved (a copy, a restore of pg_wal, touch): the content decides.
-        match hash_file(source) {
+        match ContentDigest::of_file(source) {
             Ok(digest) if digest.len == record.stamp.len && digest.sha256_hex() == record.sha256 => {
                 Answer::Archived { bytes: digest.len, rehashed: true }
             }
@@ -159,7 +158,7 @@ impl StateDir {
         let record = Record { name: name.to_owned(), repo: repo_url.to_owned(), stamp, sha256: digest.sha256_hex() };
         let json = serde_json::to_string(&record).expect("plain struct serializes");
         let check = ContentDigest::of(json.as_bytes()).sha256_hex();
-        let temp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let temp = self.dir.join(process::temp_name(name));
         let mut file = fs::File::create(&temp)?;
         // No fsync: losing a record costs a re-push judged by content, never a wrong answer; the
         // record is only written once the upload it vouches for is durable.
@@ -177,7 +176,7 @@ impl StateDir {
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else { continue };
             if name.starts_with('.') {
-                if temp_owner_is_dead(name) {
+                if process::is_orphaned_temp(name) {
                     let _ = fs::remove_file(entry.path());
                 }
                 continue;
@@ -234,27 +233,6 @@ fn parse_record(text: &str) -> Option<Record> {
         return None;
     }
     serde_json::from_str(json).ok()
-}
-
-fn temp_owner_is_dead(name: &str) -> bool {
-    let Some(pid) = name.strip_suffix(".tmp").and_then(|n| n.rsplit_once('.')).and_then(|(_, pid)| pid.parse().ok())
-    else {
-        return false;
-    };
-    !crate::process::exists(pid)
-}
-
-fn hash_file(path: &Path) -> std::io::Result<ContentDigest> {
-    use std::io::Read;
-    let mut file = fs::File::open(path)?;
-    let mut hasher = Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(hasher.finish()),
-            n => hasher.update(&buf[..n]),
-        }
-    }
 }
 
 /// What one wal-push call did.
@@ -442,7 +420,7 @@ mod tests {
             state.record(name, "r", stamp.clone(), &digest).unwrap();
         }
         ready(dir.path(), "000000010000000000000004");
-        fs::write(state.dir().join(".000000010000000000000005.2147483000.tmp"), b"").unwrap();
+        fs::write(state.dir().join(".000000010000000000000005.walship.2147483000.tmp"), b"").unwrap();
         let kept = state.prune();
         assert_eq!(kept, ["000000010000000000000004".to_owned()].into());
         assert_eq!(fs::read_dir(state.dir()).unwrap().count(), 1);

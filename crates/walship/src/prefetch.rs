@@ -38,6 +38,8 @@ use crate::codec::ContentDigest;
 use crate::config::FetchConfig;
 use crate::error::Error;
 use crate::log::Log;
+use crate::process;
+use crate::repo::parent_dir;
 use crate::repo::{self, Repository};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -82,10 +84,7 @@ impl Spool {
     /// data directory is `data_dir`; `None` unless a recovery is running there (a `postmaster.pid`,
     /// and `recovery.signal` or `standby.signal`).
     pub fn for_recovery(data_dir: &Path, destination: &Path, repo_url: &str) -> Option<Spool> {
-        let pg_wal = match destination.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => data_dir.join(parent),
-            _ => data_dir.to_owned(),
-        };
+        let pg_wal = data_dir.join(parent_dir(destination));
         if !pg_wal.join("archive_status").is_dir() || !recovery_signalled(data_dir) {
             return None;
         }
@@ -105,27 +104,26 @@ impl Spool {
     /// it right now, waits for that (up to `wait`) rather than downloading it a second time.
     pub fn take(&self, name: &str, destination: &Path, wait: Duration) -> std::io::Result<Option<u64>> {
         let file = self.dir.join(name);
+        let hand_over = || match fs::rename(&file, destination) {
+            Ok(()) => Ok(Some(fs::metadata(destination)?.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
         let started = Instant::now();
         loop {
-            match fs::rename(&file, destination) {
-                Ok(()) => return Ok(Some(fs::metadata(destination)?.len())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            if let Some(len) = hand_over()? {
+                return Ok(Some(len));
             }
             if started.elapsed() >= wait || !self.in_flight(name) || !self.worker_alive() {
                 // It may have landed between the rename and the check.
-                return match fs::rename(&file, destination) {
-                    Ok(()) => Ok(Some(fs::metadata(destination)?.len())),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(e),
-                };
+                return hand_over();
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
     fn in_flight(&self, name: &str) -> bool {
-        let prefix = format!(".{name}.walship.");
+        let prefix = process::temp_prefix(name);
         fs::read_dir(&self.dir).is_ok_and(|entries| {
             entries.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
         })
@@ -133,13 +131,13 @@ impl Spool {
 
     /// Removes what a cut-off download of `name` by this process left.
     fn remove_partial(&self, name: &str) {
-        let _ = fs::remove_file(self.dir.join(format!(".{name}.walship.{}.tmp", std::process::id())));
+        let _ = fs::remove_file(self.dir.join(process::temp_name(name)));
     }
 
     /// Tells the worker which segment recovery asked for last.
     pub fn set_want(&self, name: &str) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let temp = self.dir.join(format!(".{WANT_FILE}.{}", std::process::id()));
+        let temp = self.dir.join(process::temp_name(WANT_FILE));
         fs::File::create(&temp)?.write_all(name.as_bytes())?;
         fs::rename(&temp, self.dir.join(WANT_FILE))
     }
@@ -200,11 +198,7 @@ impl Spool {
 /// would ever remove it. Only a directory directly under `pg_wal/walship/prefetch/` of `data_dir`,
 /// and not while a worker holds it.
 pub fn remove_unserved_spool(data_dir: &Path, destination: &Path, dir: &Path) {
-    let pg_wal = match destination.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => data_dir.join(parent),
-        _ => data_dir.to_owned(),
-    };
-    let root = pg_wal.join(SPOOL_ROOT);
+    let root = data_dir.join(parent_dir(destination)).join(SPOOL_ROOT);
     let inside =
         dir.parent() == Some(root.as_path()) && dir.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'));
     if !inside {
@@ -272,11 +266,14 @@ pub async fn run_worker(
         }
         if let Some(want) = &want {
             let window = following_segments(want, segment_size, config.prefetch);
-            for name in spool.fetched() {
-                if !window.contains(&name) {
-                    let _ = fs::remove_file(spool.dir().join(&name));
+            let mut fetched = spool.fetched();
+            fetched.retain(|name| {
+                let keep = window.contains(name);
+                if !keep {
+                    let _ = fs::remove_file(spool.dir().join(name));
                 }
-            }
+                keep
+            });
             in_flight.retain(|name, handle| {
                 let keep = window.contains(name);
                 if !keep {
@@ -292,7 +289,7 @@ pub async fn run_worker(
                 }
                 if in_flight.contains_key(name)
                     || not_before.get(name).is_some_and(|t| *t > now)
-                    || spool.dir().join(name).exists()
+                    || fetched.contains(name)
                 {
                     continue;
                 }

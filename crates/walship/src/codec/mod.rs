@@ -75,6 +75,22 @@ impl Hasher {
     }
 }
 
+impl ContentDigest {
+    /// The digest of a file's content, read in 1 MiB chunks.
+    pub fn of_file(path: &std::path::Path) -> io::Result<Self> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Hasher::default();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf)? {
+                0 => return Ok(hasher.finish()),
+                n => hasher.update(&buf[..n]),
+            }
+        }
+    }
+}
+
 /// Why stored bytes are not a valid object. Always a sign of damage or of a foreign file.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {

@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 use super::Repository;
 use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
-use crate::process::exists as process_exists;
+use crate::process;
 use crate::storage::StorageError;
 use crate::wal::WalFileName;
 
@@ -72,7 +72,9 @@ async fn publish_verified(
             if published.is_err() {
                 let _ = fs::remove_file(&temp);
             }
-            remove_orphaned_temp_files(parent_dir(destination));
+            // Without this, every wal-fetch killed mid-transfer would leave up to a segment's worth
+            // of bytes in pg_wal for good.
+            process::remove_orphaned_temp_files(parent_dir(destination));
             published.map(|()| report)
         }
         Err(e) => {
@@ -82,7 +84,8 @@ async fn publish_verified(
     }
 }
 
-fn parent_dir(path: &Path) -> &Path {
+/// The directory `path` is in: its parent, or the working directory for a bare name.
+pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -96,27 +99,7 @@ fn temp_path_beside(destination: &Path) -> Result<PathBuf, Error> {
         file: destination.display().to_string(),
         reason: "the destination has no file name".into(),
     })?;
-    Ok(parent_dir(destination).join(format!(".{}.walship.{}.tmp", file_name.to_string_lossy(), std::process::id())))
-}
-
-/// Removes temporary files of wal-fetch processes that no longer exist. Without this, every wal-fetch
-/// killed mid-transfer would leave up to a segment's worth of bytes in pg_wal for good. Best effort.
-fn remove_orphaned_temp_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if let Some(pid) = name.to_str().and_then(temp_file_owner)
-            && !process_exists(pid)
-        {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-fn temp_file_owner(name: &str) -> Option<libc::pid_t> {
-    let (_, pid) = name.strip_prefix('.')?.strip_suffix(".tmp")?.rsplit_once(".walship.")?;
-    // Zero or negative would address process groups in kill(2).
-    pid.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
+    Ok(parent_dir(destination).join(process::temp_name(&file_name.to_string_lossy())))
 }
 
 async fn write_verified(
@@ -151,27 +134,4 @@ async fn write_verified(
     let (digest, writer) = decoder.finish().map_err(corrupt)?;
     let _file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
     Ok(FetchReport { original_bytes: digest.len, stored_bytes })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_temp_files_of_dead_processes_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ours = dir.path().join(format!(".RECOVERYXLOG.walship.{}.tmp", std::process::id()));
-        // Above the kernel's pid_max, so no such process can exist.
-        let orphan = dir.path().join(".RECOVERYXLOG.walship.2147483000.tmp");
-        let other = dir.path().join(".unrelated.tmp");
-        let segment = dir.path().join("000000010000000000000001");
-        for path in [&ours, &orphan, &other, &segment] {
-            fs::write(path, b"x").unwrap();
-        }
-        remove_orphaned_temp_files(dir.path());
-        assert!(ours.exists() && other.exists() && segment.exists());
-        assert!(!orphan.exists());
-        assert_eq!(temp_file_owner(".x.walship.0.tmp"), None);
-        assert_eq!(temp_file_owner(".x.walship.-1.tmp"), None);
-    }
 }

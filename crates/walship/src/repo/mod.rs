@@ -14,6 +14,7 @@
 mod fetch;
 mod push;
 
+pub(crate) use fetch::parent_dir;
 pub use fetch::{FetchReport, fetch, fetch_object};
 pub use push::{PushReport, push};
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
 use super::{ClusterFacts, Repository};
-use crate::codec::{self, ContentDigest, Encoder, Hasher};
+use crate::codec::{self, ContentDigest, Encoder};
 use crate::error::Error;
 use crate::storage::{PutOptions, StorageError};
 use crate::wal::{self, LongPageHeader, WalFileKind, WalFileName};
@@ -146,15 +146,7 @@ fn control_file_system_identifier() -> Option<u64> {
 }
 
 fn hash_file(source: &Path) -> Result<ContentDigest, Error> {
-    let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
-    let mut hasher = Hasher::default();
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        match file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))? {
-            0 => return Ok(hasher.finish()),
-            n => hasher.update(&buf[..n]),
-        }
-    }
+    ContentDigest::of_file(source).map_err(|e| Error::local_io(source, "read", e))
 }
 
 fn changed_while_reading(source: &Path) -> Error {
