@@ -410,6 +410,16 @@ mod tests {
     }
 
     #[test]
+    fn a_name_that_is_not_a_wal_file_never_reaches_the_file_system() {
+        let (dir, state) = pg_wal();
+        // walship/pushed/../../victim is pg_wal/victim: a record path must never be built from it.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"not ours").unwrap();
+        assert_eq!(state.answer("../../victim", &victim, "r"), Answer::NotAhead("not a WAL file name"));
+        assert_eq!(fs::read(&victim).unwrap(), b"not ours");
+    }
+
+    #[test]
     fn records_of_segments_no_longer_ready_are_pruned() {
         let (dir, state) = pg_wal();
         let digest = ContentDigest::of(b"x");

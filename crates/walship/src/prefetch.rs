@@ -383,6 +383,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unserved_spool_is_removed_only_inside_the_spool_root_and_only_without_a_worker() {
+        let dir = recovery_dir();
+        let destination = Path::new("pg_wal/RECOVERYXLOG");
+        let spool = Spool::for_recovery(dir.path(), destination, "file:///r").unwrap();
+        spool.set_want("000000010000000000000002").unwrap();
+
+        let outside = dir.path().join("pg_wal/elsewhere");
+        fs::create_dir_all(&outside).unwrap();
+        remove_unserved_spool(dir.path(), destination, &outside);
+        assert!(outside.is_dir(), "a directory outside pg_wal/walship/prefetch is never removed");
+        let nested = spool.dir().join("deeper");
+        fs::create_dir_all(&nested).unwrap();
+        remove_unserved_spool(dir.path(), destination, &nested);
+        assert!(nested.is_dir(), "only a spool directly below the root");
+
+        let lock = spool.lock().unwrap().unwrap();
+        remove_unserved_spool(dir.path(), destination, spool.dir());
+        assert!(spool.dir().is_dir(), "not while a worker holds it");
+        drop(lock);
+        remove_unserved_spool(dir.path(), destination, spool.dir());
+        assert!(!spool.dir().exists());
+    }
+
+    #[test]
     fn take_hands_over_by_rename_and_want_round_trips() {
         let dir = recovery_dir();
         let spool = Spool::for_recovery(dir.path(), Path::new("pg_wal/RECOVERYXLOG"), "file:///r").unwrap();
