@@ -6,6 +6,7 @@
 # Usage: benches/ssh-push.sh [CALLS]      (default 20; prints a Markdown table; release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/loopback-sshd.sh
 calls=${1:-20}
 scripts/install-deps.sh
 cargo build --release --quiet -p wal-push -p wal-fetch
@@ -25,23 +26,8 @@ trap cleanup EXIT
 
 cp target/release/wal-push "$work/"
 mkdir -p "$work/repo" "$work/local" "$work/home" "$work/wal"
-ssh-keygen -q -t ed25519 -N '' -f "$work/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$work/clientkey"
-cp "$work/clientkey.pub" "$work/authorized_keys"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$work/sshd_config" <<CONF
-Port $port
-ListenAddress 127.0.0.1
-HostKey $work/hostkey
-PidFile $work/sshd.pid
-AuthorizedKeysFile $work/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-Subsystem sftp /usr/lib/openssh/sftp-server
-CONF
-echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 "$work/hostkey.pub")" >"$work/known_hosts"
+sshd_files "$work" "$port"
 cat >"$work/walship.toml" <<CONF
 repo = "ssh://$user@127.0.0.1:$port$work/repo"
 [ssh]

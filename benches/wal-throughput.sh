@@ -35,6 +35,7 @@
 # (scripts/install-deps.sh), pgbackrest, barman-cli-cloud.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/loopback-sshd.sh
 segments=${1:-72}
 scratch_parent=${WALSHIP_BENCH_DIR:-/var/tmp}
 scale=${WALSHIP_BENCH_SCALE:-30}
@@ -154,23 +155,8 @@ s3s_fs=${WALSHIP_S3S_FS:-${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs}
 s3_port=$(free_port)
 "$s3s_fs" --host 127.0.0.1 --port "$s3_port" --access-key bench --secret-key benchsecret "$work/s3" >"$work/logs/s3s-fs.log" 2>&1 &
 s3s_pid=$!
-ssh-keygen -q -t ed25519 -N '' -f "$work/conf/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$work/conf/clientkey"
-cp "$work/conf/clientkey.pub" "$work/conf/authorized_keys"
 ssh_port=$(free_port)
-cat >"$work/conf/sshd_config" <<CONF
-Port $ssh_port
-ListenAddress 127.0.0.1
-HostKey $work/conf/hostkey
-PidFile $work/conf/sshd.pid
-AuthorizedKeysFile $work/conf/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-Subsystem sftp /usr/lib/openssh/sftp-server
-CONF
-echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$work/conf/hostkey.pub")" >"$work/conf/known_hosts"
+sshd_files "$work/conf" "$ssh_port"
 
 # walship configurations: push-BACKEND-{serial,ahead} write to their own repositories; the fetches
 # read the look-ahead run's repository.
