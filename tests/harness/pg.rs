@@ -105,7 +105,7 @@ pub fn restore_command_with_config(config: &Path) -> String {
 }
 
 /// Appends `name = 'value'` lines to a configuration file; later lines win, so this overrides.
-fn append_settings(file: &Path, settings: &[(&str, &str)]) {
+pub fn append_settings(file: &Path, settings: &[(&str, &str)]) {
     let mut text = String::from("\n# walship tests\n");
     for (name, value) in settings {
         text.push_str(&format!("{name} = {}\n", conf_quote(value)));

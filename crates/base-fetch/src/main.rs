@@ -82,6 +82,7 @@ struct Cli {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("base-fetch", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("base-fetch", |code| code as u8);
     let log = Log::new("base-fetch", cli.common.verbose);
     let started = Instant::now();
@@ -129,7 +130,7 @@ fn main() {
                 record.original_bytes as f64 / 1e6 / seconds.max(0.001),
                 cli.data_dir.display()
             ));
-            println!("{}", record.name);
+            walship_cli::print_result_line(&record.name);
             std::process::exit(0);
         }
         Err(e) => walship_cli::exit_with(&log, &e),

@@ -53,6 +53,7 @@ struct Cli {
 fn main() {
     // PostgreSQL runs restore_command in the data directory.
     let standby = Path::new("standby.signal").exists();
+    walship_cli::exit_on_panic("wal-fetch", move |code| code.for_restore(standby));
     let cli: Cli = walship_cli::parse_or_exit("wal-fetch", |code| code.for_restore(standby));
     let log = Log::new("wal-fetch", cli.common.verbose);
     if let Some(spool_dir) = &cli.prefetch_worker {
@@ -88,6 +89,7 @@ fn main() {
     let millis = started.elapsed().as_millis();
     match result {
         Ok(report) => {
+            walship::failpoint::hit("wal-fetch:restored");
             if let Some(spool) = &spool {
                 keep_prefetching(spool, &cli, &log);
             }

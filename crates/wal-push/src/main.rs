@@ -40,6 +40,7 @@ struct Cli {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("wal-push", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("wal-push", |code| code as u8);
     let log = Log::new("wal-push", cli.common.verbose);
     let name = cli
@@ -96,6 +97,7 @@ fn main() {
     let millis = started.elapsed().as_millis();
     match batch.requested {
         Ok(report) => {
+            walship::failpoint::hit("wal-push:archived");
             match report.stored_bytes {
                 Some(stored) => log.info(format_args!(
                     "archived {name} ({} bytes, stored {stored}, {millis} ms){ahead}",
