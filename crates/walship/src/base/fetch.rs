@@ -3,10 +3,15 @@
 //! Parts are downloaded in parallel into a staging directory inside DATA_DIR (same file system;
 //! at most `transfer_concurrency` parts at a time), then decoded in order through one tar
 //! extractor. Every part is checked against its trailer and against the catalog record's SHA-256.
-//! Until all of them have passed, `global/pg_control` is held back under another name, so that a
-//! restore that fails or is killed midway leaves a directory PostgreSQL refuses to start; a failure
-//! also removes what was extracted. Only then are the recovery settings written, and
-//! pg_verifybackup, when installed, checks the result.
+//! A failure removes what was extracted.
+//!
+//! Nothing is startable before the restore is done: `global/pg_control` is held back under another
+//! name until every other step has passed, in this order: extract everything, flush it (`syncfs`),
+//! write the recovery settings and the signal file (durably), run pg_verifybackup (against a copy
+//! of the manifest that names the held-back file, so pg_control is checked too), and only then
+//! rename pg_control into place. A kill at any point before that last rename leaves a directory
+//! PostgreSQL refuses to start ("could not find the database system"), never one that would start
+//! crash recovery without the recovery settings, or one that was not checked against the manifest.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -22,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::push::find_tool;
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
+use crate::codec::ContentDigest;
 use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
@@ -31,6 +37,9 @@ use crate::storage::StorageError;
 
 const STAGING_DIR: &str = ".walship-restore";
 const HELD_BACK_CONTROL: &str = "global/pg_control.walship-incomplete";
+/// Test-only: the suite sets this to a step's name to make base-fetch abort (as a kill would)
+/// right after that step, and checks what it leaves. Nothing else sets it.
+const TEST_ABORT_AT: &str = "WALSHIP_TEST_ABORT_AT";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 /// Stored bytes read from a downloaded part at a time while extracting.
 const RAW_CHUNK: usize = 256 * 1024;
@@ -43,6 +52,8 @@ pub struct FetchOptions {
     pub action: Option<TargetAction>,
     pub timeline: Option<String>,
     pub standby: bool,
+    /// Keep the backed-up cluster's archive settings instead of turning archiving off.
+    pub keep_archiving: bool,
     /// The restore_command to write.
     pub restore_command: String,
     pub pg_bin_dir: Option<PathBuf>,
@@ -76,7 +87,7 @@ pub async fn base_fetch(
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
     let created = prepare_data_dir(data_dir)?;
     let mut prepared = vec![(data_dir.clone(), created)];
-    let record = match select_backup(repo, &options.name, &options.target).await {
+    let record = match select_backup(repo, &options.name, &options.target, options.timeline.as_deref()).await {
         Ok(record) => record,
         Err(e) => {
             undo(&prepared);
@@ -131,12 +142,14 @@ fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
     match fs::read_dir(data_dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(Error::InvalidInput {
-                    file: data_dir.display().to_string(),
-                    reason: "the target directory is not empty; base-fetch restores only into an empty or new \
-                             directory, so that nothing of another cluster mixes in"
-                        .into(),
-                });
+                let reason = if data_dir.join(HELD_BACK_CONTROL).exists() {
+                    "the target directory holds a restore that was cut short (never startable); remove it and run \
+                     base-fetch again"
+                } else {
+                    "the target directory is not empty; base-fetch restores only into an empty or new directory, \
+                     so that nothing of another cluster mixes in"
+                };
+                return Err(Error::InvalidInput { file: data_dir.display().to_string(), reason: reason.into() });
             }
             fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::local_io(data_dir, "chmod 0700", e))?;
@@ -211,7 +224,6 @@ async fn restore(
     downloader.abort();
     let _ = downloader.await;
     extracted??;
-    let _ = fs::remove_dir_all(&staging);
 
     // Streamed backups carry backup_manifest inside base.tar; spooled ones (with tablespaces) beside.
     let manifest = data_dir.join("backup_manifest");
@@ -223,12 +235,28 @@ async fn restore(
         .await?;
     }
     link_tablespaces(&data_dir, record, targets)?;
+    abort_if_testing("extracted");
 
     progress.phase("syncing to disk");
     for target in targets {
         syncfs(target)?;
     }
-    finish_restore(options, record, progress.as_ref(), log)
+    abort_if_testing("synced");
+    write_settings(options, record, log)?;
+    abort_if_testing("configured");
+    let verification = verify(options, record, &staging, progress.as_ref(), log)?;
+    abort_if_testing("verified");
+    let _ = fs::remove_dir_all(&staging);
+    install_control(&data_dir)?;
+    abort_if_testing("installed");
+    Ok(verification)
+}
+
+/// Test-only hook (see [`TEST_ABORT_AT`]): dies here, leaving everything as a kill would.
+fn abort_if_testing(step: &str) {
+    if std::env::var_os(TEST_ABORT_AT).is_some_and(|at| at == step) {
+        std::process::abort();
+    }
 }
 
 /// Starts each part's download as a permit frees up, in order, handing the extractor a receiver
@@ -601,20 +629,11 @@ fn syncfs(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// After every part verified: pg_control into place, recovery settings, pg_verifybackup.
-fn finish_restore(
-    options: &FetchOptions,
-    record: &BackupRecord,
-    progress: &dyn Progress,
-    log: &Log,
-) -> Result<Verification, Error> {
+/// Writes the recovery settings and the signal file (durably), and says what that changed about
+/// the backed-up cluster's own settings.
+fn write_settings(options: &FetchOptions, record: &BackupRecord, log: &Log) -> Result<(), Error> {
     let data_dir = &options.data_dir;
-    let held_back = data_dir.join(HELD_BACK_CONTROL);
-    let control = data_dir.join("global/pg_control");
-    fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
-    crate::storage::local::fsync_dir(&data_dir.join("global"))
-        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))?;
-    write_recovery_settings(
+    let changes = write_recovery_settings(
         data_dir,
         &RecoverySettings {
             backup_name: &record.name,
@@ -623,6 +642,8 @@ fn finish_restore(
             action: options.action,
             timeline: options.timeline.clone(),
             standby: options.standby,
+            keep_archiving: options.keep_archiving,
+            pg_version: record.pg_version,
         },
     )
     .map_err(|e| Error::local_io(&data_dir.join("postgresql.auto.conf"), "write recovery settings", e))?;
@@ -637,7 +658,41 @@ fn finish_restore(
     }
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::local_io(data_dir, "chmod", e))?;
+    if changes.removed_standby_signal || changes.disabled.iter().any(|k| k.starts_with("primary_")) {
+        log.info(format_args!(
+            "backup {} was taken from a standby: removed its standby.signal and primary_conninfo, so that \
+             recovery reaches its target and promotes (--standby restores a standby instead)",
+            record.name
+        ));
+    }
+    if !options.keep_archiving {
+        log.info(format_args!(
+            "archiving is off in the restored cluster (archive_command = 'false' in postgresql.auto.conf), so \
+             that it cannot write into the repository it came from; if it is to become the primary, set \
+             archive_command and reload, or restore with --keep-archiving"
+        ));
+    }
+    Ok(())
+}
 
+/// Puts pg_control into place, durably: the step that makes the directory startable.
+fn install_control(data_dir: &Path) -> Result<(), Error> {
+    let held_back = data_dir.join(HELD_BACK_CONTROL);
+    let control = data_dir.join("global/pg_control");
+    fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
+    crate::storage::local::fsync_dir(&data_dir.join("global"))
+        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))
+}
+
+/// Runs pg_verifybackup, when installed, on the restored files while pg_control is still held back.
+fn verify(
+    options: &FetchOptions,
+    record: &BackupRecord,
+    staging: &Path,
+    progress: &dyn Progress,
+    log: &Log,
+) -> Result<Verification, Error> {
+    let data_dir = &options.data_dir;
     progress.phase("running pg_verifybackup");
     let Some(tool) = find_tool(options.pg_bin_dir.as_deref(), "pg_verifybackup", Some(record.pg_version)) else {
         log.info(format_args!(
@@ -646,7 +701,14 @@ fn finish_restore(
         ));
         return Ok(Verification::NotInstalled);
     };
+    let manifest = data_dir.join("backup_manifest");
+    let held_back_manifest = staging.join("backup_manifest");
+    let text = fs::read(&manifest).map_err(|e| Error::local_io(&manifest, "read", e))?;
+    let adjusted = manifest_with_held_back_control(&text)
+        .map_err(|reason| Error::Corrupt { location: manifest.display().to_string(), reason })?;
+    fs::write(&held_back_manifest, adjusted).map_err(|e| Error::local_io(&held_back_manifest, "write", e))?;
     let mut command = Command::new(&tool);
+    command.arg("--manifest-path").arg(&held_back_manifest).arg(format!("--ignore={STAGING_DIR}"));
     // base-fetch rewrites tablespace_map for the directories the tablespaces went to.
     if record.archives.iter().any(|a| a.tablespace.is_some()) {
         command.arg("--ignore=tablespace_map");
@@ -671,4 +733,52 @@ fn finish_restore(
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
     })
+}
+
+/// The backup manifest with its `global/pg_control` entry renamed to the held-back file, and its
+/// own checksum recomputed, so that pg_verifybackup checks pg_control's size and checksum before it
+/// is put into place. PostgreSQL's manifest checksum is the SHA-256 of everything up to and
+/// including the newline before the last line, `"Manifest-Checksum": "<hex>"}`.
+fn manifest_with_held_back_control(manifest: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(manifest).map_err(|_| "backup_manifest is not UTF-8".to_owned())?;
+    let entry = "\"Path\": \"global/pg_control\",";
+    if text.matches(entry).count() != 1 {
+        return Err("backup_manifest has no single entry for global/pg_control".into());
+    }
+    let renamed = text.replacen(entry, &format!("\"Path\": \"{HELD_BACK_CONTROL}\","), 1);
+    let body_end = renamed
+        .trim_end_matches('\n')
+        .rfind('\n')
+        .filter(|&i| renamed[i + 1..].starts_with("\"Manifest-Checksum\""))
+        .ok_or_else(|| "backup_manifest does not end with its Manifest-Checksum line".to_owned())?;
+    let body = &renamed[..=body_end];
+    let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
+    Ok(format!("{body}\"Manifest-Checksum\": \"{checksum}\"}}\n").into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest in PostgreSQL's layout, up to its checksum line.
+    const MANIFEST: &str = concat!(
+        "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n",
+        "\"Files\": [\n",
+        "{ \"Path\": \"global/pg_control\", \"Size\": 8192, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"43872087\" }\n",
+        "],\n",
+    );
+
+    #[test]
+    fn the_adjusted_manifest_names_the_held_back_file_and_checks_out() {
+        let original =
+            format!("{MANIFEST}\"Manifest-Checksum\": \"{}\"}}\n", ContentDigest::of(MANIFEST.as_bytes()).sha256_hex());
+        let adjusted = String::from_utf8(manifest_with_held_back_control(original.as_bytes()).unwrap()).unwrap();
+        let body = MANIFEST.replace("global/pg_control", HELD_BACK_CONTROL);
+        assert!(adjusted.starts_with(&body), "{adjusted}");
+        let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
+        assert_eq!(&adjusted[body.len()..], format!("\"Manifest-Checksum\": \"{checksum}\"}}\n"));
+        assert!(manifest_with_held_back_control(MANIFEST.as_bytes()).is_err(), "no checksum line");
+        let twice = format!("{MANIFEST}{MANIFEST}\"Manifest-Checksum\": \"00\"}}\n");
+        assert!(manifest_with_held_back_control(twice.as_bytes()).is_err(), "two entries");
+    }
 }
