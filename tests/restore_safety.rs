@@ -13,8 +13,10 @@
 //! What PostgreSQL 15 was found to do (checked with real servers, as these tests do):
 //! - `pg_basebackup -Ft` from a standby made with `pg_basebackup -R` carries `standby.signal`, and its
 //!   `postgresql.auto.conf` carries the standby's `primary_conninfo` (and `backup_label.old`).
-//!   With both `standby.signal` and `recovery.signal` present PostgreSQL runs as a standby: it never
-//!   stops at the target nor promotes, and streams from the server `primary_conninfo` names.
+//!   With both `standby.signal` and `recovery.signal` present PostgreSQL runs as a standby: it still
+//!   stops and promotes at a target time, but restored to the end of the archive it never ends
+//!   recovery (it streams from the server `primary_conninfo` names, here the live primary), and
+//!   wal-fetch, seeing standby.signal, reports every failure as "absent".
 //! - A data directory without `global/pg_control` does not start: the postmaster exits with "could
 //!   not find the database system" before it does anything else.
 //! - pg_verifybackup accepts a manifest whose pg_control entry is renamed (with the manifest's
@@ -202,11 +204,11 @@ fn tar_members(repo: &Repository, backup: &str, wanted: &str) -> (Vec<String>, O
     (names, content)
 }
 
-/// base-push from a streaming standby, then base-fetch without --standby to a target time beside the
-/// still-running primary: the restore reaches the target and promotes, with exact row counts. The
-/// standby's `standby.signal` and `primary_conninfo`, which the backup carries, are gone; without
-/// the fix the restored server comes up as a standby streaming from the primary and never promotes.
-/// With --standby it is a standby.
+/// base-push from a streaming standby, then base-fetch without --standby beside the still-running
+/// primary, to a target time and to the end of the archive: both promote, with exact row counts.
+/// The standby's `standby.signal` and `primary_conninfo`, which the backup carries, are gone;
+/// without the fix the restore to the end of the archive comes up as a standby streaming from the
+/// primary and never promotes. With --standby it is a standby.
 #[test]
 fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     let store = Scratch::new("from-standby");
@@ -244,6 +246,15 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     assert_eq!(restored.checkpoint_timeline(), 2, "promoted");
     assert!(restored.log_contents().contains("recovery stopping before commit"), "{}", restored.log_tail());
     drop(restored);
+
+    // To the end of the archive: what a standby would never reach.
+    let (mut whole, _) = restore("fs-end", &args, cwd, "LATEST", &[]);
+    assert!(!whole.data_dir().join("standby.signal").exists(), "standby.signal removed");
+    whole.start();
+    whole.wait_recovered(WAIT_TIMEOUT);
+    assert_eq!(batches(&whole), "a:100 b:200 c:300", "everything archived");
+    assert_eq!(whole.checkpoint_timeline(), 2, "promoted");
+    drop(whole);
 
     let (mut follower, _) = restore("fs-standby2", &args, cwd, "LATEST", &["--standby"]);
     assert!(follower.data_dir().join("standby.signal").is_file());

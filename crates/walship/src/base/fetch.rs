@@ -661,7 +661,7 @@ fn write_settings(options: &FetchOptions, record: &BackupRecord, log: &Log) -> R
     if changes.removed_standby_signal || changes.disabled.iter().any(|k| k.starts_with("primary_")) {
         log.info(format_args!(
             "backup {} was taken from a standby: removed its standby.signal and primary_conninfo, so that \
-             recovery reaches its target and promotes (--standby restores a standby instead)",
+             recovery ends and promotes rather than following a primary (--standby restores a standby)",
             record.name
         ));
     }

@@ -290,7 +290,8 @@ const ARCHIVING_OFF_COMMENT: &str = "# Archiving is off: a restored cluster must
 /// Writes the settings into `data_dir`'s postgresql.auto.conf (earlier ones of the same keys are
 /// commented out) and the signal file, durably. Without `standby`, a `standby.signal` the backup
 /// brought is removed: PostgreSQL prefers standby mode when both signal files exist, and a standby
-/// never reaches a target nor promotes.
+/// never ends recovery at the end of the archive (it waits for more, or streams from its
+/// primary_conninfo).
 pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>) -> std::io::Result<SettingsChanges> {
     let conf = data_dir.join("postgresql.auto.conf");
     let existing = match fs::read_to_string(&conf) {
