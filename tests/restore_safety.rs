@@ -129,7 +129,7 @@ fn a_drill_restore_archives_nothing_into_the_repository() {
     let (args, cwd) = (repo.cli_args(), store.path());
     let primary = archiving_primary("drill-primary", &repo);
     add(&primary, "before-backup", 100);
-    let name = base_push(&primary, &args, cwd);
+    let name = base_push(&primary, &args, cwd, &[]).0;
     add(&primary, "after-backup", 200);
     archive_all(&primary);
 
@@ -219,7 +219,7 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     let mut standby = Cluster::standby_of(&primary, "fs-standby");
     standby.start();
     standby.wait_replayed(&primary);
-    let name = base_push(&standby, &args, cwd);
+    let name = base_push(&standby, &args, cwd, &[]).0;
     let record: serde_json::Value =
         serde_json::from_slice(&fs::read(repo.object_file(&format!("catalog/{name}.json"))).unwrap()).unwrap();
     assert_eq!(record["backup_from"], "standby", "{record:#}");
@@ -277,13 +277,13 @@ fn latest_follows_the_timeline_not_the_newest_backup() {
     let (args, cwd) = (repo.cli_args(), store.path());
     let primary = archiving_primary("tl-primary", &repo);
     add(&primary, "a1", 100);
-    let a = base_push(&primary, &args, cwd);
+    let a = base_push(&primary, &args, cwd, &[]).0;
     add(&primary, "a2", 200);
     sleep_past_clock_tick();
     let fork = now(&primary);
     sleep_past_clock_tick();
     add(&primary, "abandoned", 300);
-    let b = base_push(&primary, &args, cwd);
+    let b = base_push(&primary, &args, cwd, &[]).0;
     assert!(b > a);
     archive_all(&primary);
 
@@ -339,7 +339,7 @@ fn a_killed_base_fetch_leaves_nothing_startable() {
     let (args, cwd) = (repo.cli_args(), store.path());
     let mut primary = archiving_primary("abort-primary", &repo);
     add(&primary, "a", 100);
-    let name = base_push(&primary, &args, cwd);
+    let name = base_push(&primary, &args, cwd, &[]).0;
     add(&primary, "b", 50);
     archive_all(&primary);
     primary.crash();

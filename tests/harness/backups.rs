@@ -27,20 +27,36 @@ pub fn base_command(program: &str, repo_args: &[OsString], cwd: &Path) -> Comman
     cmd
 }
 
-/// Runs `base-push REPO -- --checkpoint=fast` against `cluster` (a primary or a standby) and returns
-/// the name of the backup it took; panics with its output unless it succeeded.
-#[track_caller]
-pub fn base_push(cluster: &Cluster, repo_args: &[OsString], cwd: &Path) -> String {
+/// `base-push REPO -- --checkpoint=fast EXTRA` against `cluster`.
+pub fn base_push_command(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, extra: &[&str]) -> Command {
     let mut cmd = base_command("base-push", repo_args, cwd);
-    cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]);
-    let out = run(&mut cmd);
+    cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]).args(extra);
+    cmd
+}
+
+/// Runs base-push and returns the name of the backup it took; panics with its output unless it
+/// succeeded and printed exactly one well-formed name.
+#[track_caller]
+pub fn base_push(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, extra: &[&str]) -> (String, Output) {
+    let out = run(&mut base_push_command(cluster, repo_args, cwd, extra));
     assert_eq!(out.code, Some(0), "base-push failed: {out:#?}");
     let name = out.stdout.trim().to_owned();
     assert_eq!(out.stdout, format!("{name}\n"), "base-push prints the backup name and nothing else: {out:#?}");
-    name
+    assert_backup_name(&name);
+    assert!(!out.stderr.contains("error"), "base-push succeeded but logged an error: {}", out.stderr);
+    (name, out)
 }
 
-/// Runs `base-fetch REPO NAME DIR EXTRA`.
+#[track_caller]
+pub fn assert_backup_name(name: &str) {
+    let bytes = name.as_bytes();
+    let well_formed = bytes.len() == 16
+        && bytes[8] == b'T'
+        && bytes[15] == b'Z'
+        && bytes[..8].iter().chain(&bytes[9..15]).all(u8::is_ascii_digit);
+    assert!(well_formed, "{name:?} is not a backup name (YYYYMMDDTHHMMSSZ)");
+}
+
 pub fn base_fetch(repo_args: &[OsString], cwd: &Path, name: &str, dir: &Path, extra: &[&str]) -> Output {
     run(base_command("base-fetch", repo_args, cwd).arg(name).arg(dir).args(extra))
 }
