@@ -703,10 +703,7 @@ fn verify(
     };
     let manifest = data_dir.join("backup_manifest");
     let held_back_manifest = staging.join("backup_manifest");
-    let text = fs::read(&manifest).map_err(|e| Error::local_io(&manifest, "read", e))?;
-    let adjusted = manifest_with_held_back_control(&text)
-        .map_err(|reason| Error::Corrupt { location: manifest.display().to_string(), reason })?;
-    fs::write(&held_back_manifest, adjusted).map_err(|e| Error::local_io(&held_back_manifest, "write", e))?;
+    write_held_back_manifest(&manifest, &held_back_manifest)?;
     let mut command = Command::new(&tool);
     command.arg("--manifest-path").arg(&held_back_manifest).arg(format!("--ignore={STAGING_DIR}"));
     // base-fetch rewrites tablespace_map for the directories the tablespaces went to.
@@ -735,25 +732,63 @@ fn verify(
     })
 }
 
-/// The backup manifest with its `global/pg_control` entry renamed to the held-back file, and its
-/// own checksum recomputed, so that pg_verifybackup checks pg_control's size and checksum before it
-/// is put into place. PostgreSQL's manifest checksum is the SHA-256 of everything up to and
-/// including the newline before the last line, `"Manifest-Checksum": "<hex>"}`.
-fn manifest_with_held_back_control(manifest: &[u8]) -> Result<Vec<u8>, String> {
-    let text = std::str::from_utf8(manifest).map_err(|_| "backup_manifest is not UTF-8".to_owned())?;
-    let entry = "\"Path\": \"global/pg_control\",";
-    if text.matches(entry).count() != 1 {
-        return Err("backup_manifest has no single entry for global/pg_control".into());
+/// Writes a copy of the backup manifest `from` to `to` that names the held-back pg_control, so
+/// that pg_verifybackup checks pg_control's size and checksum before it is put into place.
+fn write_held_back_manifest(from: &Path, to: &Path) -> Result<(), Error> {
+    let input = File::open(from).map_err(|e| Error::local_io(from, "open", e))?;
+    let output = File::create(to).map_err(|e| Error::local_io(to, "create", e))?;
+    let mut output = io::BufWriter::new(output);
+    match manifest_with_held_back_control(io::BufReader::new(input), &mut output) {
+        Ok(()) => io::Write::flush(&mut output).map_err(|e| Error::local_io(to, "write", e)),
+        Err(ManifestError::Io(e)) => Err(Error::local_io(to, "copy the manifest", e)),
+        Err(ManifestError::Unexpected(reason)) => Err(Error::Corrupt { location: from.display().to_string(), reason }),
     }
-    let renamed = text.replacen(entry, &format!("\"Path\": \"{HELD_BACK_CONTROL}\","), 1);
-    let body_end = renamed
-        .trim_end_matches('\n')
-        .rfind('\n')
-        .filter(|&i| renamed[i + 1..].starts_with("\"Manifest-Checksum\""))
-        .ok_or_else(|| "backup_manifest does not end with its Manifest-Checksum line".to_owned())?;
-    let body = &renamed[..=body_end];
-    let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
-    Ok(format!("{body}\"Manifest-Checksum\": \"{checksum}\"}}\n").into_bytes())
+}
+
+enum ManifestError {
+    Io(io::Error),
+    Unexpected(String),
+}
+
+/// Copies a backup manifest line by line (manifests grow with the number of files), renaming its
+/// `global/pg_control` entry to the held-back file and recomputing its own checksum: PostgreSQL's is
+/// the SHA-256 of every line but the last, which is `"Manifest-Checksum": "<hex>"}`.
+fn manifest_with_held_back_control(
+    mut input: impl io::BufRead,
+    output: &mut impl io::Write,
+) -> Result<(), ManifestError> {
+    use sha2::Digest;
+    let entry = b"\"Path\": \"global/pg_control\",";
+    let renamed = format!("\"Path\": \"{HELD_BACK_CONTROL}\",");
+    let (mut hasher, mut entries) = (sha2::Sha256::new(), 0);
+    let (mut line, mut pending) = (Vec::new(), Vec::new());
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line).map_err(ManifestError::Io)? == 0 {
+            break;
+        }
+        // Every line but the last goes out (and into the checksum) once the next one is read.
+        hasher.update(&pending);
+        output.write_all(&pending).map_err(ManifestError::Io)?;
+        pending.clear();
+        match line.windows(entry.len()).position(|w| w == entry) {
+            Some(at) => {
+                entries += 1;
+                pending.extend_from_slice(&line[..at]);
+                pending.extend_from_slice(renamed.as_bytes());
+                pending.extend_from_slice(&line[at + entry.len()..]);
+            }
+            None => pending.extend_from_slice(&line),
+        }
+    }
+    if entries != 1 {
+        return Err(ManifestError::Unexpected(format!("backup_manifest has {entries} entries for global/pg_control")));
+    }
+    if !pending.starts_with(b"\"Manifest-Checksum\"") {
+        return Err(ManifestError::Unexpected("backup_manifest does not end with its Manifest-Checksum line".into()));
+    }
+    let checksum = ContentDigest { len: 0, sha256: hasher.finalize().into() }.sha256_hex();
+    writeln!(output, "\"Manifest-Checksum\": \"{checksum}\"}}").map_err(ManifestError::Io)
 }
 
 #[cfg(test)]
@@ -770,15 +805,19 @@ mod tests {
 
     #[test]
     fn the_adjusted_manifest_names_the_held_back_file_and_checks_out() {
+        let adjust = |text: &str| {
+            let mut out = Vec::new();
+            manifest_with_held_back_control(text.as_bytes(), &mut out).map(|()| String::from_utf8(out).unwrap())
+        };
         let original =
             format!("{MANIFEST}\"Manifest-Checksum\": \"{}\"}}\n", ContentDigest::of(MANIFEST.as_bytes()).sha256_hex());
-        let adjusted = String::from_utf8(manifest_with_held_back_control(original.as_bytes()).unwrap()).unwrap();
+        let adjusted = adjust(&original).ok().unwrap();
         let body = MANIFEST.replace("global/pg_control", HELD_BACK_CONTROL);
         assert!(adjusted.starts_with(&body), "{adjusted}");
         let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
         assert_eq!(&adjusted[body.len()..], format!("\"Manifest-Checksum\": \"{checksum}\"}}\n"));
-        assert!(manifest_with_held_back_control(MANIFEST.as_bytes()).is_err(), "no checksum line");
+        assert!(adjust(MANIFEST).is_err(), "no checksum line");
         let twice = format!("{MANIFEST}{MANIFEST}\"Manifest-Checksum\": \"00\"}}\n");
-        assert!(manifest_with_held_back_control(twice.as_bytes()).is_err(), "two entries");
+        assert!(adjust(&twice).is_err(), "two entries");
     }
 }
