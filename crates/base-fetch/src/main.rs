@@ -75,8 +75,9 @@ struct Cli {
     #[arg(long, value_name = "promote|pause|shutdown", requires = "target")]
     target_action: Option<String>,
 
-    /// The timeline to follow: a number, or latest [PostgreSQL's default: latest]
-    #[arg(long, value_name = "TLI|latest")]
+    /// The timeline to follow: a number, latest or current [PostgreSQL's default: latest]. LATEST
+    /// picks a backup on its history (with current: any backup, which stays on its own timeline)
+    #[arg(long, value_name = "TLI|latest|current")]
     target_timeline: Option<String>,
 
     /// Restore as a standby (standby.signal) that follows the archive
