@@ -114,8 +114,9 @@ pub async fn base_fetch(
         targets.push(target);
     }
     log.info(format_args!(
-        "restoring backup {} (finished {}, {} bytes in {} parts) into {}",
+        "restoring backup {} (timeline {}, finished {}, {} bytes in {} parts) into {}",
         record.name,
+        record.stop_timeline,
         record.finished_at,
         record.original_bytes,
         record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
