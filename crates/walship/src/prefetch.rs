@@ -245,7 +245,17 @@ pub async fn run_worker(
             let _ = fs::remove_file(entry.path());
         }
     }
-    let segment_size = repo.require_identity().await?.wal_segment_size;
+    // Bounded like every other wait of ours: a repository that stops answering must not keep a worker
+    // (and its spool) around for good. Without the segment size there is nothing to prefetch.
+    let what = repo.storage().location(crate::repo::IDENTITY_KEY);
+    let identity = crate::retry::with_deadline(deadline, &log, &what, || repo.require_identity()).await;
+    let segment_size = match identity {
+        Ok(identity) => identity.wal_segment_size,
+        Err(e) => {
+            let _ = fs::remove_dir_all(spool.dir());
+            return Err(e);
+        }
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut in_flight: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();

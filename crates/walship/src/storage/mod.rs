@@ -70,6 +70,13 @@ pub trait Storage: Send + Sync {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Makes the existing object `key` durable: its bytes and every directory entry on the way to it.
+    /// A push that finds identical content already archived calls it before reporting success, because
+    /// the push that stored the object may have been killed after publishing it and before making its
+    /// name durable; PostgreSQL recycles the segment on our success, so "identical" must also mean
+    /// "survives a crash". A failure is an error, never ignored.
+    async fn make_durable(&self, key: &str) -> Result<(), StorageError>;
+
     /// Whether [`PutOptions::attributes`] are kept (and so must be known before the write begins).
     /// Writers to a backend that keeps none can learn an object's checksum as they write it.
     fn keeps_attributes(&self) -> bool {
@@ -137,6 +144,89 @@ impl StorageError {
             _ => false,
         }
     }
+}
+
+/// What one look at a path found: `lstat` (the path itself) or `stat` (following symbolic links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathKind {
+    Missing,
+    Directory,
+    File,
+    Symlink,
+    /// A device, FIFO or socket.
+    Special,
+}
+
+impl PathKind {
+    fn label(self) -> &'static str {
+        match self {
+            PathKind::Missing => "missing",
+            PathKind::Directory => "a directory",
+            PathKind::File => "a regular file",
+            PathKind::Symlink => "a symbolic link",
+            PathKind::Special => "a device, FIFO or socket",
+        }
+    }
+}
+
+/// Looks at paths of a backend that keeps objects as files (local disk, SFTP).
+#[async_trait]
+pub(crate) trait PathProbe: Send + Sync {
+    /// `lstat` (`follow_links` false) or `stat` of `path`; [`PathKind::Missing`] only when the backend
+    /// says "no such file", any other failure is an error.
+    async fn probe(&self, path: &std::path::Path, follow_links: bool) -> Result<PathKind, StorageError>;
+}
+
+/// Decides whether `path` (`root` joined with a key) is really absent after opening it said "no such
+/// file". That answer alone is not proof: OpenSSH's sftp-server (`errno_to_portable`) reports
+/// ENOTDIR, ELOOP and EBADF with the same SSH2_FX_NO_SUCH_FILE status as ENOENT, and on any file
+/// system ENOENT also comes from a dangling symbolic link or an ancestor that is one. So the path
+/// itself must be missing (`lstat`), and the nearest ancestor that exists must be a directory: then the
+/// name is missing from a directory that could hold it. Returns [`StorageError::NotFound`] only then;
+/// otherwise an error that says what is in the way, for a person to look at.
+pub(crate) async fn confirm_absent(
+    probe: &dyn PathProbe,
+    root: &std::path::Path,
+    path: &std::path::Path,
+    location: String,
+) -> StorageError {
+    let in_the_way =
+        |message: String, retryable: bool| StorageError::Other { location: location.clone(), message, retryable };
+    match probe.probe(path, false).await {
+        Ok(PathKind::Missing) => {}
+        // Published between the open and this look (a push racing the fetch): trying again will open it.
+        Ok(PathKind::File) => return in_the_way("appeared while it was being opened".into(), true),
+        Ok(kind) => {
+            return in_the_way(
+                format!(
+                    "is {} that cannot be opened (a dangling link or a link loop?), not a missing file",
+                    kind.label()
+                ),
+                false,
+            );
+        }
+        Err(e) => return e,
+    }
+    for ancestor in path.ancestors().skip(1).filter(|a| a.starts_with(root)) {
+        let kind = match probe.probe(ancestor, false).await {
+            Ok(PathKind::Missing) => continue,
+            // A link to a directory is a directory for every lookup below it.
+            Ok(PathKind::Symlink) => match probe.probe(ancestor, true).await {
+                Ok(kind) => kind,
+                Err(e) => return e,
+            },
+            Ok(kind) => kind,
+            Err(e) => return e,
+        };
+        return match kind {
+            PathKind::Directory => StorageError::NotFound { location },
+            PathKind::Missing => in_the_way(format!("{} is a dangling symbolic link", ancestor.display()), false),
+            other => in_the_way(format!("{} is {}, not a directory", ancestor.display(), other.label()), false),
+        };
+    }
+    // Not even the repository's root is there: the file is absent, and the identity check that must
+    // precede any "absent" answer reports the missing root.
+    StorageError::NotFound { location }
 }
 
 /// A streaming read over a network connection. A connection that breaks mid-body surfaces as an I/O
