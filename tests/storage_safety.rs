@@ -309,6 +309,12 @@ fn assert_only_missing_is_absent(repo_args: &[&std::ffi::OsStr], data: &Path, re
     let missing = segments::segment_name(1, segments::segment_number(segment, MIN_SEGMENT_SIZE) + 4, MIN_SEGMENT_SIZE);
     let out = fetch(repo_args, data, &missing);
     assert_eq!(out.code, Some(1), "{missing} is really missing: {out:#?}");
+    // A listing is no different: a file where the catalog directory belongs is not "no backups".
+    segments::write_file(&repo.join("catalog"), b"not a directory");
+    let out = run(walship("base-list").args(repo_args));
+    // (base-list prints its table's header first; only the outcome matters here.)
+    assert_eq!(out.code, Some(8), "base-list with a file for catalog/: {out:#?}");
+    assert!(out.stderr.contains("catalog") && out.stderr.contains("directory"), "{out:#?}");
 }
 
 /// Over SFTP (real sshd, repository filled by PostgreSQL 15's archiver): a shard directory that is a

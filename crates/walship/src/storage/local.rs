@@ -114,7 +114,7 @@ impl Storage for LocalStorage {
             Ok(file) => Ok(Box::new(file)),
             // ENOENT also comes from a dangling symbolic link on the way.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(confirm_absent(self, &self.root, &path, location).await)
+                Err(confirm_absent(self, &self.root, &path, PathKind::File, location).await)
             }
             Err(e) => Err(StorageError::io(location, "open", e)),
         }
@@ -129,7 +129,7 @@ impl Storage for LocalStorage {
             }
             Ok(_) => Err(StorageError::Other { location, message: "not a regular file".into(), retryable: false }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(confirm_absent(self, &self.root, &path, location).await)
+                Err(confirm_absent(self, &self.root, &path, PathKind::File, location).await)
             }
             Err(e) => Err(StorageError::io(location, "stat", e)),
         }
@@ -493,6 +493,25 @@ mod tests {
         for key in ["../escape", "/etc/passwd", "wal/./x"] {
             assert!(matches!(storage.get(key).await, Err(StorageError::InvalidKey { .. })), "{key}");
             assert!(matches!(storage.create(key, PutOptions::default()).await, Err(StorageError::InvalidKey { .. })));
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_name_missing_from_a_real_directory_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        put(&storage, "wal/a/x", b"x").await.unwrap();
+        fs::write(dir.path().join("wal/b"), b"a file where a directory belongs").unwrap();
+        std::os::unix::fs::symlink("/nonexistent/walship", dir.path().join("wal/a/dangling")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/walship", dir.path().join("wal/c")).unwrap();
+        std::os::unix::fs::symlink("loop", dir.path().join("wal/a/loop")).unwrap();
+        assert!(matches!(storage.get("wal/a/missing").await, Err(e) if e.is_not_found()));
+        assert!(storage.head("wal/none/missing").await.unwrap_err().is_not_found(), "a missing shard is absence");
+        for key in ["wal/b/x", "wal/a/dangling", "wal/c/x", "wal/a/loop"] {
+            let Err(err) = storage.get(key).await else { panic!("{key} opened") };
+            assert!(!err.is_not_found() && !err.is_retryable(), "{key}: {err}");
+            let err = storage.head(key).await.unwrap_err();
+            assert!(!err.is_not_found(), "head {key}: {err}");
         }
     }
 

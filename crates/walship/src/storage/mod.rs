@@ -177,33 +177,42 @@ pub(crate) trait PathProbe: Send + Sync {
     async fn probe(&self, path: &std::path::Path, follow_links: bool) -> Result<PathKind, StorageError>;
 }
 
-/// Decides whether `path` (`root` joined with a key) is really absent after opening it said "no such
-/// file". That answer alone is not proof: OpenSSH's sftp-server (`errno_to_portable`) reports
-/// ENOTDIR, ELOOP and EBADF with the same SSH2_FX_NO_SUCH_FILE status as ENOENT, and on any file
-/// system ENOENT also comes from a dangling symbolic link or an ancestor that is one. So the path
-/// itself must be missing (`lstat`), and the nearest ancestor that exists must be a directory: then the
-/// name is missing from a directory that could hold it. Returns [`StorageError::NotFound`] only then;
-/// otherwise an error that says what is in the way, for a person to look at.
+/// Decides whether `path` (`root` joined with a key) is really absent after a lookup of it (`wanted`
+/// is [`PathKind::File`] or [`PathKind::Directory`]) said "no such file". That answer alone is not
+/// proof: OpenSSH's sftp-server (`errno_to_portable`) reports ENOTDIR, ELOOP and EBADF with the same
+/// SSH2_FX_NO_SUCH_FILE status as ENOENT, and on any file system ENOENT also comes from a dangling
+/// symbolic link or an ancestor that is one. So the path itself must be missing (`lstat`), and the
+/// nearest ancestor that exists must be a directory: then the name is missing from a directory that
+/// could hold it. Returns [`StorageError::NotFound`] only then; otherwise an error that says what is
+/// in the way, for a person to look at.
 pub(crate) async fn confirm_absent(
     probe: &dyn PathProbe,
     root: &std::path::Path,
     path: &std::path::Path,
+    wanted: PathKind,
     location: String,
 ) -> StorageError {
     let in_the_way =
         |message: String, retryable: bool| StorageError::Other { location: location.clone(), message, retryable };
     match probe.probe(path, false).await {
         Ok(PathKind::Missing) => {}
-        // Published between the open and this look (a push racing the fetch): trying again will open it.
-        Ok(PathKind::File) => return in_the_way("appeared while it was being opened".into(), true),
         Ok(kind) => {
-            return in_the_way(
-                format!(
-                    "is {} that cannot be opened (a dangling link or a link loop?), not a missing file",
-                    kind.label()
-                ),
-                false,
-            );
+            let kind = match kind {
+                PathKind::Symlink => match probe.probe(path, true).await {
+                    Ok(PathKind::Missing) => {
+                        return in_the_way("is a symbolic link that leads nowhere (dangling, or a loop)".into(), false);
+                    }
+                    Ok(target) => target,
+                    Err(e) => return e,
+                },
+                kind => kind,
+            };
+            return if kind == wanted {
+                // Created between the lookup and this look (a push racing the fetch): another try finds it.
+                in_the_way("appeared while it was being opened".into(), true)
+            } else {
+                in_the_way(format!("is {}, not {}", kind.label(), wanted.label()), false)
+            };
         }
         Err(e) => return e,
     }
@@ -220,7 +229,9 @@ pub(crate) async fn confirm_absent(
         };
         return match kind {
             PathKind::Directory => StorageError::NotFound { location },
-            PathKind::Missing => in_the_way(format!("{} is a dangling symbolic link", ancestor.display()), false),
+            PathKind::Missing => {
+                in_the_way(format!("{} is a symbolic link that leads nowhere", ancestor.display()), false)
+            }
             other => in_the_way(format!("{} is {}, not a directory", ancestor.display(), other.label()), false),
         };
     }

@@ -343,10 +343,15 @@ impl Inner {
             let dir = if dir_key.is_empty() { self.root.clone() } else { self.root.join(&dir_key) };
             let entries = match self.sftp.fs().open_dir(&dir).await {
                 Ok(handle) => read_dir_entries(handle).await.map_err(|e| self.classify(&dir_key, "list", e))?,
-                Err(e) => match self.classify(&dir_key, "list", e) {
-                    StorageError::NotFound { .. } => return Ok(()),
-                    other => return Err(other),
-                },
+                // A directory that is not there holds no keys; one that only looks absent (a file or a
+                // link loop in its place) is an error, not an empty listing.
+                Err(e) => {
+                    match self.absent_or_in_the_way(&dir, PathKind::Directory, self.classify(&dir_key, "list", e)).await
+                    {
+                        StorageError::NotFound { .. } => return Ok(()),
+                        other => return Err(other),
+                    }
+                }
             };
             for step in listing_steps(&dir_key, entries, prefix, start_after) {
                 if found.len() >= limit {
@@ -414,9 +419,9 @@ impl Inner {
     }
 
     /// What a read that got "no such file" for `path` may report: absence only once it is confirmed.
-    async fn absent_or_in_the_way(&self, path: &Path, error: StorageError) -> StorageError {
+    async fn absent_or_in_the_way(&self, path: &Path, wanted: PathKind, error: StorageError) -> StorageError {
         match error {
-            StorageError::NotFound { location } => confirm_absent(self, &self.root, path, location).await,
+            StorageError::NotFound { location } => confirm_absent(self, &self.root, path, wanted, location).await,
             other => other,
         }
     }
@@ -486,7 +491,9 @@ impl Storage for SshStorage {
         let path = inner.path_of(key)?;
         let file = match inner.sftp.open(&path).await {
             Ok(file) => file,
-            Err(e) => return Err(inner.absent_or_in_the_way(&path, inner.classify(key, "open", e)).await),
+            Err(e) => {
+                return Err(inner.absent_or_in_the_way(&path, PathKind::File, inner.classify(key, "open", e)).await);
+            }
         };
         Ok(Box::new(NetworkRead::new(TokioCompatFile::new(file), Some(Arc::clone(&inner.broken)))))
     }
@@ -496,7 +503,9 @@ impl Storage for SshStorage {
         let path = inner.path_of(key)?;
         let meta = match inner.sftp.fs().metadata(&path).await {
             Ok(meta) => meta,
-            Err(e) => return Err(inner.absent_or_in_the_way(&path, inner.classify(key, "stat", e)).await),
+            Err(e) => {
+                return Err(inner.absent_or_in_the_way(&path, PathKind::File, inner.classify(key, "stat", e)).await);
+            }
         };
         Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
     }
