@@ -331,9 +331,18 @@ fn only_a_truly_missing_file_is_absent_over_sftp() {
         &server.config_text(&server.repo_dir(), "deadline_secs = 20", ""),
     );
     let archive_command = format!("{} --config {} %p %f", bin("wal-push").display(), config.display());
-    let (_cluster, segment) = archiving_cluster("absent-sftp", &archive_command);
+    let (cluster, segment) = archiving_cluster("absent-sftp", &archive_command);
     let data = pitr_data_dir(&store, "restore");
-    assert_only_missing_is_absent(&["--config".as_ref(), config.as_os_str()], &data, &server.repo_dir(), &segment);
+    let args: [&std::ffi::OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
+    assert_only_missing_is_absent(&args, &data, &server.repo_dir(), &segment);
+    // A push into the shard that is a file names it too (rather than "not found").
+    let system_identifier = cluster.psql("select system_identifier from pg_control_system()").parse().unwrap();
+    let source = store.mkdir("source");
+    store.mkdir("source/pg_wal");
+    let name = segments::segment_name(1, 0x1000 * 7, MIN_SEGMENT_SIZE);
+    Segment::new(&name).system_identifier(system_identifier).write_to(&source.join("pg_wal"));
+    let out = run(walship("wal-push").current_dir(&source).args(args).arg(format!("pg_wal/{name}")).arg(&name));
+    assert_error(&out, 8, &[&shard(&name), "not a directory"]);
 }
 
 /// The same on local disk, where ENOTDIR and ELOOP already fail as errors but ENOENT from a dangling

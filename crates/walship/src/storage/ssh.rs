@@ -466,14 +466,14 @@ impl Storage for SshStorage {
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
-        let file = inner
-            .sftp
-            .options()
-            .write(true)
-            .create_new(true)
-            .open(&temp_path)
-            .await
-            .map_err(|e| inner.classify(key, "create temporary file", e))?;
+        let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
+            Ok(file) => file,
+            // "No such file" here is most likely a file where the directory belongs: say so.
+            Err(e) => {
+                let error = inner.classify(key, "create temporary file", e);
+                return Err(inner.absent_or_in_the_way(&dir, PathKind::Directory, error).await);
+            }
+        };
         self.pending_temps.register(&temp_path);
         Ok(Box::new(SshWriter {
             pending_temps: self.pending_temps.clone(),
