@@ -411,7 +411,7 @@ impl Inner {
         }
         let mut file = match self.sftp.options().write(true).open(path).await {
             Ok(file) => file,
-            Err(e) => return Err(self.classify(key, "open to fsync", e)),
+            Err(e) => return Err(self.classify(key, "open the archived copy for writing, to fsync it", e)),
         };
         let synced = file.sync_all().await.map_err(|e| self.classify(key, "fsync", e));
         let closed = file.close().await.map_err(|e| self.classify(key, "close", e));
