@@ -3,8 +3,11 @@
 //! - **Durable before "identical"**: a push that finds identical content already archived (PostgreSQL
 //!   archives a segment again after a crash) exits 0 only after the archived object and its directory
 //!   entries are made durable, because the push that stored it may have been killed after publishing
-//!   it and before fsyncing its directory. Proven with strace: on local disk around `wal-push`, over
-//!   SFTP around the server's sftp-server, while PostgreSQL 15's own archiver re-archives a segment.
+//!   it and before fsyncing its directory. Proven with strace while PostgreSQL 15's own archiver
+//!   re-archives a segment: on local disk around `wal-push`, over SFTP attached to the real sshd
+//!   (found: OpenSSH 9.2's sftp-server opens a directory read-only and fsyncs it through
+//!   fsync@openssh.com, but walship's SFTP client library sends fsync only on handles opened for
+//!   writing, so the old directory fsync never reached the server; see storage/ssh.rs).
 //! - **Absent means absent**: OpenSSH's sftp-server answers ENOTDIR, ELOOP and EBADF with the same
 //!   SSH2_FX_NO_SUCH_FILE as ENOENT (`errno_to_portable` in sftp-server.c:
 //!   `case ENOENT: case ENOTDIR: case EBADF: case ELOOP: ret = SSH2_FX_NO_SUCH_FILE;`), and on any file
