@@ -11,7 +11,7 @@ use walship::log::Log;
 use walship::prefetch::{self, Spool};
 use walship::repo::{self, Repository};
 use walship::wal::{WalFileKind, WalFileName};
-use walship::{Config, Error};
+use walship::{Config, Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -179,7 +179,17 @@ fn run_prefetch_worker(cli: &Cli, spool_dir: &Path, log: &Log) -> ! {
         };
         let config = config?;
         walship_cli::block_on_parallel(config.fetch.parallel, async {
-            let repo = Repository::open(&config).await?;
+            // Opening may wait on the network (S3's region and credential chain): bounded too.
+            let opened =
+                retry::with_deadline(config.deadline, log, &config.repo.to_string(), || Repository::open(&config))
+                    .await;
+            let repo = match opened {
+                Ok(repo) => repo,
+                Err(e) => {
+                    prefetch::remove_unserved_spool(&data_dir, &cli.path, spool.dir());
+                    return Err(e);
+                }
+            };
             prefetch::run_worker(repo, spool, config.fetch.clone(), config.deadline, log.clone()).await
         })
     })();
