@@ -87,8 +87,8 @@ fn parse_ssh(text: &str, rest: &str) -> Result<RepoUrl, String> {
     // `user:password@`, which may hold '/': refused before any message could echo the URL into the
     // server log. `host:22/path@x` is a port, not a password.
     let password = rest.split_once('@').and_then(|(before, _)| before.split_once(':')).is_some_and(|(user, after)| {
-        let port = after.split('/').next().unwrap_or("");
-        !user.contains('/') && !(port.bytes().all(|b| b.is_ascii_digit()) && after.contains('/'))
+        let is_port = after.split('/').next().unwrap_or("").bytes().all(|b| b.is_ascii_digit()) && after.contains('/');
+        !user.contains('/') && !is_port
     });
     if password {
         return Err("an ssh:// repository URL cannot carry a password (ssh://user@host/path; walship logs in \
