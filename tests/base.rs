@@ -17,16 +17,14 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walship_tests::assertions::{assert_absent, assert_error, files_below};
 use walship_tests::backups::{base_command, base_fetch, base_push, base_push_command};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, pg_bin_dir, pg_command};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::s3::assert_no_multipart_leftovers;
-use walship_tests::{Output, Scratch, run};
-
-const POLL: Duration = Duration::from_millis(50);
+use walship_tests::{Output, Scratch, run, wait_until};
 
 fn base_list(repo_args: &[OsString], cwd: &Path, json: bool) -> Output {
     let mut cmd = base_command("base-list", repo_args, cwd);
@@ -80,20 +78,6 @@ fn assert_failed(out: &Output, program: &str, code: i32, needles: &[&str]) {
 fn assert_only_error(out: &Output, program: &str, code: i32, needles: &[&str]) {
     assert_error(out, code, needles);
     assert_failed(out, program, code, needles);
-}
-
-/// Polls `probe` until it returns `Some`, failing with `what` after [`WAIT_TIMEOUT`] (a hang must end
-/// in a clear failure; nothing here measures speed).
-#[track_caller]
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(started.elapsed() < WAIT_TIMEOUT, "timed out after {WAIT_TIMEOUT:?} waiting until {what}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// A process the test started in the background, killed (and reaped) if the test ends first.

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers, restore_command, restore_command_with_config};
+use walship_tests::pg::{
+    Cluster, WAIT_TIMEOUT, fake_postmaster, prefetch_workers, restore_command, restore_command_with_config,
+};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::segments::{self, MIN_SEGMENT_SIZE, Segment, history_content, history_name};
 use walship_tests::{Scratch, chown_to_server_user, wal_push, walship};
@@ -151,20 +153,7 @@ impl Rig {
         scratch.mkdir("data/pg_wal");
         scratch.mkdir("data/pg_wal/archive_status");
         segments::write_file(&data.join("recovery.signal"), b"");
-        let postmaster = Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sleep as the fake postmaster");
-        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let pid_file = format!(
-            "{}\n{}\n{started}\n5432\n/tmp\n\n  5432001         0\nready   \n",
-            postmaster.id(),
-            data.display()
-        );
-        segments::write_file(&data.join("postmaster.pid"), pid_file.as_bytes());
+        let postmaster = fake_postmaster(&data);
         let config = scratch.path().join("walship.toml");
         let text = format!("repo = \"file://{}\"\ndeadline_secs = 60\n\n[fetch]\n{fetch_settings}\n", repo.display());
         segments::write_file(&config, text.as_bytes());

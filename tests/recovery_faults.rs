@@ -5,10 +5,9 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command, restore_command};
-use walship_tests::{Scratch, wal_fetch};
+use walship_tests::{Scratch, wait_until, wal_fetch};
 
 /// Stderr of both commands goes to a device whose every write fails with ENOSPC, as when the disk
 /// of the PostgreSQL log is full.
@@ -20,20 +19,13 @@ fn count(cluster: &Cluster) -> u64 {
 
 /// Waits until the server log contains `needle`.
 fn wait_for_log(cluster: &Cluster, needle: &str) {
-    let started = Instant::now();
-    while !cluster.log_contents().contains(needle) {
-        assert!(started.elapsed() < WAIT_TIMEOUT, "no {needle:?} in the server log\n{}", cluster.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let what = format!("cluster {}'s log says {needle:?}", cluster.name());
+    wait_until(&what, || cluster.log_contents().contains(needle).then_some(()));
 }
 
 /// Waits until the postmaster has exited by itself.
 fn wait_stopped(cluster: &Cluster) {
-    let started = Instant::now();
-    while cluster.is_running() {
-        assert!(started.elapsed() < WAIT_TIMEOUT, "cluster {} still runs\n{}", cluster.name(), cluster.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(&format!("cluster {} has stopped", cluster.name()), || (!cluster.is_running()).then_some(()));
 }
 
 /// A `restore_command` or `archive_command` that makes the command panic at `step` (a bug).

@@ -25,12 +25,12 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walship_tests::backups::{base_command, base_fetch, base_push};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::Repository;
-use walship_tests::{Output, Scratch, run};
+use walship_tests::{Output, Scratch, run, wait_until};
 
 /// base-fetch aborts (as a kill would) right after the step named `base-fetch:<step>:abort`.
 const ABORT_HOOK: &str = walship::failpoint::FAILPOINT_VAR;
@@ -98,19 +98,6 @@ fn auto_conf(cluster: &Cluster) -> String {
 /// Lines of postgresql.auto.conf that set `key` (comments excluded).
 fn active_settings(cluster: &Cluster, key: &str) -> Vec<String> {
     auto_conf(cluster).lines().filter(|line| line.trim_start().starts_with(key)).map(str::to_owned).collect()
-}
-
-/// Polls `probe` until it returns `Some`, failing with `what` after [`WAIT_TIMEOUT`].
-#[track_caller]
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(started.elapsed() < WAIT_TIMEOUT, "timed out after {WAIT_TIMEOUT:?} waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Whether a WAL file name (of a segment, a `.partial` segment or a history file) is on `timeline`.

@@ -25,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use walship_tests::assertions::{assert_error, assert_ok};
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT, fake_postmaster, prefetch_workers};
 use walship_tests::proxy::{Fault, Proxy, Rule};
 use walship_tests::s3::{S3Server, write_config_file};
 use walship_tests::segments::{self, MIN_SEGMENT_SIZE, Segment};
@@ -387,20 +387,7 @@ impl FakeRecovery {
     fn new(store: &Scratch) -> FakeRecovery {
         let data = pitr_data_dir(store, "recovery");
         store.mkdir("recovery/pg_wal/archive_status");
-        let postmaster = Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sleep as the fake postmaster");
-        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let pid_file = format!(
-            "{}\n{}\n{started}\n5432\n/tmp\n\n  5432001         0\nready   \n",
-            postmaster.id(),
-            data.display()
-        );
-        segments::write_file(&data.join("postmaster.pid"), pid_file.as_bytes());
+        let postmaster = fake_postmaster(&data);
         FakeRecovery { data, postmaster }
     }
 

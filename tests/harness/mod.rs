@@ -221,3 +221,17 @@ pub fn wal_push(repo: &Path, cwd: &Path, path: impl AsRef<OsStr>, name: &str) ->
 pub fn wal_fetch(repo: &Path, cwd: &Path, name: &str, path: impl AsRef<OsStr>) -> Output {
     run(walship("wal-fetch").current_dir(cwd).arg("--repo").arg(repo).arg(name).arg(path))
 }
+
+/// Polls `probe` every 50 ms until it returns `Some`, failing with `what` after
+/// [`pg::WAIT_TIMEOUT`] (a hang must end in a clear failure; nothing here measures speed).
+#[track_caller]
+pub fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(started.elapsed() < pg::WAIT_TIMEOUT, "timed out after {:?} waiting until {what}", pg::WAIT_TIMEOUT);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

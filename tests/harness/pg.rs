@@ -273,15 +273,7 @@ impl Cluster {
     /// Starts the server and waits until it accepts connections (read-only ones during archive
     /// recovery). Panics with the tail of the server log if it does not come up.
     pub fn start(&mut self) {
-        let timeout = WAIT_TIMEOUT.as_secs().to_string();
-        let out = run(pg_command("pg_ctl", self.scratch.path())
-            .args(["start", "-w", "-t", &timeout, "-D"])
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&self.log));
-        // Read the pid even after a failure: a server still starting when pg_ctl gave up must be
-        // stopped by Drop too.
-        self.postmaster = self.read_postmaster_pid();
+        let out = self.try_start();
         assert!(
             out.code == Some(0),
             "starting cluster {} failed (exit {:?})\n{}{}\n{}",
@@ -302,6 +294,8 @@ impl Cluster {
             .arg(&self.data)
             .arg("-l")
             .arg(&self.log));
+        // Read the pid even after a failure: a server still starting when pg_ctl gave up must be
+        // stopped by Drop too.
         self.postmaster = self.read_postmaster_pid();
         out
     }
@@ -520,4 +514,22 @@ pub fn prefetch_workers(data_dir: &Path) -> Vec<u32> {
         }
     }
     found
+}
+
+/// A stand-in postmaster for a recovery without a server (what wal-fetch's prefetch looks for): a
+/// `sleep` process whose pid, with the data directory and a start time, goes into
+/// `data/postmaster.pid` in PostgreSQL's layout. Kill it to make the "server" die.
+pub fn fake_postmaster(data: &Path) -> std::process::Child {
+    let postmaster = Command::new("sleep")
+        .arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sleep as the fake postmaster");
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let pid_file =
+        format!("{}\n{}\n{started}\n5432\n/tmp\n\n  5432001         0\nready   \n", postmaster.id(), data.display());
+    crate::segments::write_file(&data.join("postmaster.pid"), pid_file.as_bytes());
+    postmaster
 }
