@@ -57,7 +57,10 @@ impl Remembered {
     /// For a push of a file in `pg_wal` (the directory holding `archive_status`): the data directory
     /// is its parent, if that is one (`PG_VERSION` in it). `location` names the repository.
     pub fn for_pg_wal(pg_wal: &Path, location: &str) -> Option<Remembered> {
-        let data_dir = crate::repo::parent_dir(pg_wal).to_owned();
+        // Absolute, so that the error message names the file wherever the reader stands (the
+        // archiver runs us inside the data directory, and %p is relative to it).
+        let data_dir = crate::repo::parent_dir(pg_wal);
+        let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         if !data_dir.join("PG_VERSION").is_file() {
             return None;
         }
@@ -102,16 +105,13 @@ impl Remembered {
         let found = match &identity {
             Some(identity) if identity.repository_id == entry.repository_id => return Ok(()),
             Some(identity) => format!("it now holds another repository ({})", describe(&identity.repository_id)),
-            None => "it holds no repository identity record now (a file system that is not mounted? an emptied \
-                     directory or prefix?)"
-                .to_owned(),
+            None => "it holds no repository identity record now (not mounted? emptied?)".to_owned(),
         };
         Err(Error::WrongRepository {
             location: identity_location,
             reason: format!(
-                "this cluster archived into repository {} here, but {found}; nothing was written, so no \
-                 segment goes where a recovery would not look. To start a new repository here on purpose, \
-                 remove {}",
+                "this cluster archived into repository {} here, but {found}; nothing was written. To start \
+                 a new repository here on purpose, remove {}",
                 describe(&entry.repository_id),
                 self.file.display()
             ),
