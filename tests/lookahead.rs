@@ -817,3 +817,79 @@ fn killing_wal_push_mid_look_ahead_loses_nothing_and_acknowledges_nothing_early(
 fn killing_wal_push_while_its_own_upload_stalls_acknowledges_nothing() {
     kill_mid_batch("lookahead-kill-own", &[1], true);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// One deadline per call.
+// ---------------------------------------------------------------------------------------------------
+
+/// The deadline of the calls below: short, since it is what is measured.
+const SHORT_DEADLINE: Duration = Duration::from_secs(3);
+/// walship-cli's CLEANUP_GRACE: after its work, a call may spend this long undoing interrupted
+/// attempts on the server.
+const CLEANUP_GRACE: Duration = Duration::from_secs(10);
+/// What one call may take with a failing store: its deadline, the cleanup grace, and a generous
+/// margin for a loaded machine. One deadline per queued upload (the bug) takes many times longer.
+const ONE_CALL_BOUND: Duration = SHORT_DEADLINE.saturating_add(CLEANUP_GRACE).saturating_add(Duration::from_secs(5));
+
+/// `--config FILE` for `s3://BUCKET/PREFIX` at `endpoint`, with `deadline_secs` = [`SHORT_DEADLINE`].
+fn short_deadline_config(server: &S3Server, endpoint: &str, dir: &Path, push: &str) -> Vec<OsString> {
+    let top = format!("deadline_secs = {}", SHORT_DEADLINE.as_secs());
+    let text = server.config_text(&format!("s3://{BUCKET}/{PREFIX}"), endpoint, &top, S3_SOCKETS);
+    let config = write_config_file(dir, "short-deadline.toml", &format!("{text}[push]\n{push}\n"));
+    vec!["--config".into(), config.into()]
+}
+
+/// A store nobody answers for (a port nobody listens on), 16 segments queued behind one upload at a
+/// time: the call gives up (exit 8) after one deadline for all of them, instead of starting a fresh
+/// deadline for each upload as its turn comes (17 deadlines, 51 s, with PostgreSQL's archiver and a
+/// `pg_ctl stop` waiting on it).
+#[test]
+fn a_dead_endpoint_holds_a_call_for_one_deadline_not_one_per_queued_upload() {
+    let d = DataDir::new("lookahead-dead");
+    let server = S3Server::start();
+    let dead = format!("http://127.0.0.1:{}", walship_tests::s3::free_port());
+    let args = short_deadline_config(&server, &dead, d.scratch.path(), "look_ahead = 16\nparallel = 1");
+    d.write_segments(1..=17, Fill::WalLike);
+    for n in 1..=17 {
+        d.mark(&seg(n), "ready");
+    }
+    let started = Instant::now();
+    let out = d.push(&args, &seg(1));
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(8), "{out:#?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("gave up after {} s", SHORT_DEADLINE.as_secs())), "{out:#?}");
+    assert!(took < ONE_CALL_BOUND, "one call took {took:?} with deadline_secs = 3: {out:#?}");
+    assert!(d.records().is_empty(), "{}", d.describe());
+}
+
+/// The requested segment stores at once, but every upload ahead stalls: the call still ends after
+/// one deadline (exit 0, the stalled ones left for PostgreSQL's own calls), not after one deadline
+/// per upload ahead; and the requested segment, which took its turn first, is never starved.
+#[test]
+fn stalled_uploads_ahead_hold_a_call_for_one_deadline() {
+    let d = DataDir::new("lookahead-stalled");
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let server = s3_server(&repo);
+    let proxy = Proxy::start(server.port());
+    let args = short_deadline_config(server, &proxy.endpoint(), d.scratch.path(), "look_ahead = 16\nparallel = 1");
+    let originals = d.write_segments(1..=17, Fill::WalLike);
+    for n in 1..=17 {
+        d.mark(&seg(n), "ready");
+    }
+    let requested = seg(1);
+    proxy
+        .add(Rule::new(Fault::Stall).when(move |r: &Request| {
+            r.method == "PUT" && r.path().contains("/wal/") && !r.path().contains(&requested)
+        }));
+    let started = Instant::now();
+    let out = d.push(&args, &seg(1));
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains(&format!("archived {} (", seg(1))), "{out:#?}");
+    assert!(out.stderr.contains(&format!("look-ahead: {} not uploaded ahead", seg(2))), "{out:#?}");
+    assert!(took < ONE_CALL_BOUND, "one call took {took:?} with deadline_secs = 3: {out:#?}");
+    assert!(d.records().is_empty(), "records of stalled uploads: {}", d.describe());
+    assert_eq!(archived(&repo), set(&segs([1])), "{}", repo.describe());
+    d.assert_fetches(&args, &seg(1), &originals[0].1);
+}

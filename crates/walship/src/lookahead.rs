@@ -388,26 +388,31 @@ pub async fn push_batch(
         _ => Vec::new(),
     };
     let level = config.compression_level;
-    let permits = Arc::new(tokio::sync::Semaphore::new(config.push.parallel));
-    let push_one = |file: PathBuf, file_name: String| {
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.push.parallel.max(1)));
+    let push_one = |file: PathBuf, file_name: String, permit: Option<tokio::sync::OwnedSemaphorePermit>| {
         let repo = repo.clone();
         let log = log.clone();
         let permits = permits.clone();
         async move {
-            let _permit = permits.acquire_owned().await.expect("semaphore never closed");
+            let _permit = match permit {
+                Some(permit) => permit,
+                None => permits.acquire_owned().await.expect("semaphore never closed"),
+            };
             let stamp = fs::metadata(&file).map(|m| FileStamp::of(&m));
             let what = repo.describe_wal(&file_name);
             let result = retry::until(deadline, &log, &what, || repo::push(&repo, &file, &file_name, level)).await;
             (file_name, stamp, result)
         }
     };
-    // The requested file first, so it takes the first permit. Each look-ahead is recorded as soon as
-    // it is durable, whatever the requested file's upload is doing.
+    // The requested file takes the first permit before any look-ahead exists: with one deadline for
+    // all, an upload ahead that took its turn could otherwise spend the requested file's time. Each
+    // look-ahead is recorded as soon as it is durable, whatever the requested file's upload is doing.
+    let first = permits.clone().try_acquire_owned().expect("parallel is at least 1 and nothing holds a permit yet");
     let mut tasks = tokio::task::JoinSet::new();
-    let requested_task = tasks.spawn(push_one(source.to_owned(), name.to_owned())).id();
+    let requested_task = tasks.spawn(push_one(source.to_owned(), name.to_owned(), Some(first))).id();
     for segment in &look_ahead {
         let file = state.map(|s| s.pg_wal.join(segment)).expect("look-ahead implies a state directory");
-        tasks.spawn(push_one(file, segment.clone()));
+        tasks.spawn(push_one(file, segment.clone(), None));
     }
     let repo_identity = config.repository_identity();
     let mut requested = None;
