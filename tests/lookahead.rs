@@ -663,6 +663,37 @@ fn a_changed_or_damaged_record_is_not_trusted() {
     }
 }
 
+/// A call that fails (any error exit) removes every record: a failing call is when operators wipe,
+/// restore or replace repositories, so no record may vouch for what comes after it. PostgreSQL's
+/// next call is then judged by content.
+#[test]
+fn a_failed_call_removes_every_record() {
+    let d = DataDir::new("lookahead-fail-forgets");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let originals = d.write_segments(1..=4, Fill::WalLike);
+    for n in 1..=4 {
+        d.mark(&seg(n), "ready");
+    }
+    assert_ok(&d.push(&args, &seg(1)), "push 1 with look-ahead");
+    assert_eq!(d.records(), set(&segs(2..=4)), "{}", d.describe());
+    d.mark_done(&seg(1));
+
+    // A recycled file under the name of 9: its page header names another segment (exit 4).
+    segments::write_file(&d.wal.join(seg(9)), &Segment::new(&seg(5)).bytes());
+    assert_error(&d.push(&args, &seg(9)), 4, &[&seg(9)]);
+    assert!(d.records().is_empty(), "records outlived a failed call: {}", d.describe());
+
+    // The first is judged by content (and takes the others along again, with new records).
+    let calls = d.archive_everything_ready(&args);
+    assert_eq!(calls.len(), 3);
+    let (name, out) = &calls[0];
+    assert!(out.stderr.contains(&format!("{name} was already archived with identical content")), "{out:#?}");
+    for (name, bytes) in &originals {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
 /// A segment that cannot go ahead (the repository holds other content under its name) is reported
 /// and left for PostgreSQL's own call; the requested segment is archived and the call succeeds.
 #[test]
