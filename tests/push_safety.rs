@@ -333,3 +333,54 @@ fn an_unmounted_repository_is_refused_and_archiving_resumes_without_a_gap() {
     }
     primary.crash();
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Item 8: one deadline per call, as PostgreSQL's shutdown sees it.
+// ---------------------------------------------------------------------------------------------------
+
+/// The store is unreachable (an S3 endpoint on a port nobody listens on) and a backlog of .ready
+/// segments waits, more than one upload at a time: `pg_ctl stop` waits for the archiver. What
+/// PostgreSQL 15 does then (seen in this test's server log): after "received fast shutdown
+/// request" the archiver finishes the call under way, then makes two rounds of three tries at the
+/// oldest segment, a second apart ("failed too many times, will try again later" after each
+/// round), and only then is the server shut down: six wal-push calls. With one deadline per call
+/// (3 s here) the stop takes about 20 s; with a deadline per queued upload each call took 17 of
+/// them (51 s), and the stop ran into pg_ctl's timeout ("server does not shut down").
+#[test]
+fn a_dead_endpoint_does_not_hold_pg_ctl_stop_for_many_deadlines() {
+    const DEADLINE_SECS: u64 = 3;
+    let store = Scratch::new("push-dead");
+    let server = walship_tests::s3::S3Server::start();
+    let dead = format!("http://127.0.0.1:{}", walship_tests::s3::free_port());
+    let top = format!("deadline_secs = {DEADLINE_SECS}");
+    let text = server.config_text("s3://walship-test/db1", &dead, &top, "connect_timeout_secs = 2");
+    let config = walship_tests::s3::write_config_file(
+        store.path(),
+        "dead.toml",
+        &format!("{text}[push]\nlook_ahead = 16\nparallel = 1\n"),
+    );
+    let mut primary = Cluster::init("dead", Some(1));
+    primary.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", "")]);
+    primary.start();
+    primary.psql("create table marks(batch int, n int)");
+    for batch in 1..=17 {
+        insert_batch(&primary, batch);
+    }
+    assert!(ready(&primary).len() >= 17, "{:?}", ready(&primary));
+    let archiving = walship_tests::pg::archive_command_with_config(&config);
+    primary.psql(&format!("alter system set archive_command = {}", walship_tests::pg::conf_quote(&archiving)));
+    primary.psql("select pg_reload_conf()");
+    wait_for_log_line(&primary, "archive command failed with exit code 8");
+
+    let started = Instant::now();
+    primary.stop();
+    let took = started.elapsed();
+    let log = primary.log_contents();
+    let calls = log.lines().filter(|l| l.contains("archive command failed with exit code 8")).count();
+    eprintln!("pg_ctl stop took {took:?}; {calls} failed archive_command calls in the log");
+    // Six calls, each one deadline plus walship-cli's cleanup grace (10 s) at most, and the pauses.
+    let bound = Duration::from_secs(6 * (DEADLINE_SECS + 10) + 10);
+    assert!(took < bound, "pg_ctl stop took {took:?} with deadline_secs = {DEADLINE_SECS}\n{}", primary.log_tail());
+    let gave_up = log.lines().find(|l| l.contains("wal-push: error:")).unwrap_or_default().to_owned();
+    assert!(gave_up.contains(&format!("gave up after {DEADLINE_SECS} s")), "{gave_up}");
+}
