@@ -436,31 +436,56 @@ pub async fn push_batch(
         }
         let Ok((segment, stamp, result)) = outcome else { continue };
         let state = state.expect("look-ahead implies a state directory");
-        match (result, stamp) {
-            (Ok(report), Ok(stamp)) => {
-                // Known since the upload: each push reads (or creates) the identity record first.
-                let repository_id = match repo.identity().await {
-                    Ok(Some(identity)) => identity.repository_id,
-                    _ => {
-                        log.debug(format_args!("{segment}: uploaded ahead, but no record: repository id unknown"));
-                        continue;
-                    }
-                };
-                match state.record(&segment, &repo_identity, repository_id, stamp, &report.digest) {
-                    Ok(()) => ahead.push(segment),
-                    Err(e) => log.debug(format_args!("{segment}: uploaded ahead, but no record written: {e}")),
-                }
-            }
-            (Err(e), _) => ahead_failed.push((segment, e)),
-            (Ok(_), Err(e)) => {
-                let file = state.pg_wal.join(&segment);
-                ahead_failed.push((segment, Error::local_io(&file, "stat", e)));
-            }
+        match settle_ahead(state, repo, &repo_identity, log, segment, stamp, result).await {
+            Ahead::Recorded(segment) => ahead.push(segment),
+            Ahead::Failed(segment, e) => ahead_failed.push((segment, e)),
+            Ahead::Unrecorded => {}
         }
     }
     let requested = requested.expect("the requested file's task was joined");
     ahead.sort();
     BatchReport { requested, ahead, ahead_failed }
+}
+
+/// What became of one upload ahead.
+enum Ahead {
+    Recorded(String),
+    /// Stored, but without a record: PostgreSQL's own call judges it by content.
+    Unrecorded,
+    Failed(String, Error),
+}
+
+/// Records an upload ahead that is durable, with the id of the repository it went into.
+async fn settle_ahead(
+    state: &StateDir,
+    repo: &Repository,
+    repo_url: &str,
+    log: &Log,
+    segment: String,
+    stamp: std::io::Result<FileStamp>,
+    result: Result<PushReport, Error>,
+) -> Ahead {
+    let (report, stamp) = match (result, stamp) {
+        (Ok(report), Ok(stamp)) => (report, stamp),
+        (Err(e), _) => return Ahead::Failed(segment, e),
+        (Ok(_), Err(e)) => {
+            let file = state.pg_wal.join(&segment);
+            return Ahead::Failed(segment, Error::local_io(&file, "stat", e));
+        }
+    };
+    // Known since the upload: each push reads (or creates) the identity record first, and the
+    // repository keeps it.
+    let Ok(Some(identity)) = repo.identity().await else {
+        log.debug(format_args!("{segment}: uploaded ahead, but no record: repository id unknown"));
+        return Ahead::Unrecorded;
+    };
+    match state.record(&segment, repo_url, identity.repository_id, stamp, &report.digest) {
+        Ok(()) => Ahead::Recorded(segment),
+        Err(e) => {
+            log.debug(format_args!("{segment}: uploaded ahead, but no record written: {e}"));
+            Ahead::Unrecorded
+        }
+    }
 }
 
 #[cfg(test)]
