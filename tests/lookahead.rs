@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -330,11 +330,16 @@ fn s3_server(repo: &Repository) -> &S3Server {
     }
 }
 
-/// Asserts that `seen` is `count` GETs of the repository's identity record and nothing else.
+/// Asserts that `seen` is, for each of `answered`, one GET of the repository's identity record and
+/// one HEAD of the segment's object (the two checks of an answer from a record), and nothing else.
 #[track_caller]
-fn assert_only_identity_reads(seen: &[Seen], count: usize, what: &str) {
+fn assert_only_confirmations(seen: &[Seen], answered: &[String], what: &str) {
     let reads = seen.iter().filter(|s| s.method == "GET" && s.request.path().ends_with("/repository.json")).count();
-    assert!(reads == count && seen.len() == count, "{what}: expected {count} GETs of repository.json: {seen:#?}");
+    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &key_of(name)).len() == 1).count();
+    assert!(
+        reads == answered.len() && heads == answered.len() && seen.len() == 2 * answered.len(),
+        "{what}: expected a GET of repository.json and a HEAD of the object for each of {answered:?}: {seen:#?}"
+    );
 }
 
 /// Requests a proxy saw for `name`'s object (its path contains the name).
@@ -370,22 +375,20 @@ fn look_ahead_uploads_only_ready_segments_and_never_touches_archive_status() {
     assert_no_temp_files(&d.pushed_dir());
     assert_eq!(d.status_snapshot(), status_before, "archive_status must only be read; {}", d.describe());
 
-    // PostgreSQL marks 1 done and asks for 2. The repository's objects are out of reach (a file where
-    // `wal/` was; only the identity record, which an answer reads to know the repository, is left): a
-    // call that touched them would fail (shown first with a copy of 6, pushed from outside pg_wal: a
-    // failed call in pg_wal would remove every record).
+    // PostgreSQL marks 1 done and asks for 2. The repository cannot be written (its shard directory
+    // read-only; an answer only reads the identity record and looks the object up): a call that
+    // wrote would fail (shown first with a copy of 6, pushed from outside pg_wal: a failed call in
+    // pg_wal would remove every record).
     d.mark_done(&seg(1));
-    let wal_dir = repo.object_file("wal");
-    let away = d.scratch.path().join("wal-away");
-    fs::rename(&wal_dir, &away).unwrap();
-    segments::write_file(&wal_dir, b"not a directory");
+    let shard = repo.object_file("wal/0000000100000000");
+    let mode = fs::metadata(&shard).unwrap().permissions();
+    fs::set_permissions(&shard, fs::Permissions::from_mode(0o555)).unwrap();
     let elsewhere = d.scratch.mkdir("elsewhere");
     segments::write_file(&elsewhere.join(seg(6)), &fs::read(d.wal.join(seg(6))).unwrap());
     let control = run_bounded(walship("wal-push").current_dir(&elsewhere).args(&args).arg(seg(6)).arg(seg(6)));
     assert_ne!(control.code, Some(0), "without its objects a normal push must fail: {control:#?}");
     let out = d.push(&args, &seg(2));
-    fs::remove_file(&wal_dir).unwrap();
-    fs::rename(&away, &wal_dir).unwrap();
+    fs::set_permissions(&shard, mode).unwrap();
     assert_ok(&out, "push 2, answered from its record");
     assert!(out.stderr.contains(&format!("{} was {ARCHIVED_AHEAD} (", seg(2))), "{out:#?}");
     assert!(out.stderr.contains("same file"), "{out:#?}");
@@ -481,12 +484,12 @@ fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
     assert_absent(&d.pushed_dir());
 }
 
-/// On S3, the call answered from a record sends one request, the GET of the identity record that
-/// proves the repository is still the one the record names (no upload, no look at the segment's
-/// object); a call for another repository does not trust the record and uploads there; and the batch
-/// never has more than `parallel` uploads under way.
+/// On S3, the call answered from a record sends two small requests and no upload: the GET of the
+/// identity record that proves the repository is still the one the record names, and a HEAD that
+/// proves it still holds the object; a call for another repository does not trust the record and
+/// uploads there; and the batch never has more than `parallel` uploads under way.
 #[test]
-fn an_answer_from_a_record_reads_only_the_identity_record() {
+fn an_answer_from_a_record_only_checks_the_repository() {
     let d = DataDir::new("lookahead-s3");
     let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
     let server = s3_server(&repo);
@@ -518,7 +521,7 @@ fn an_answer_from_a_record_reads_only_the_identity_record() {
     assert_ok(&out, "push 2, answered from its record");
     assert!(out.stderr.contains(ARCHIVED_AHEAD), "{out:#?}");
     let seen = proxy.seen();
-    assert_only_identity_reads(&seen[before..], 1, "the answer from a record");
+    assert_only_confirmations(&seen[before..], &[seg(2)], "the answer from a record");
     assert_absent(&d.record(&seg(2)));
     d.mark_done(&seg(2));
 
@@ -543,7 +546,7 @@ fn an_answer_from_a_record_reads_only_the_identity_record() {
     assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(3))), "{out:#?}");
     d.mark_done(&seg(3));
 
-    // The rest from their records, each with its one read of the identity record.
+    // The rest from their records, each with its two checks.
     let before = proxy.seen().len();
     let calls = d.archive_everything_ready(&args);
     assert_eq!(calls.len(), 3);
@@ -551,7 +554,8 @@ fn an_answer_from_a_record_reads_only_the_identity_record() {
         assert!(out.stderr.contains(ARCHIVED_AHEAD), "{name}: {out:#?}");
     }
     let seen = proxy.seen();
-    assert_only_identity_reads(&seen[before..], calls.len(), "answers from records");
+    let answered: Vec<String> = calls.iter().map(|(name, _)| name.clone()).collect();
+    assert_only_confirmations(&seen[before..], &answered, "answers from records");
     for (name, bytes) in &originals {
         d.assert_fetches(&args, name, bytes);
     }

@@ -43,7 +43,7 @@ use crate::error::Error;
 use crate::log::Log;
 use crate::process;
 use crate::repo::parent_dir;
-use crate::repo::{self, IDENTITY_KEY, PushReport, Repository};
+use crate::repo::{self, IDENTITY_KEY, Identity, PushReport, Repository};
 use crate::retry::{self, Deadline};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -126,6 +126,8 @@ pub struct Candidate {
     /// The stamp had moved and the SHA-256 decided.
     pub rehashed: bool,
     repository_id: Option<String>,
+    /// The segment's key in the repository.
+    key: String,
 }
 
 /// What [`StateDir::confirm`] decided.
@@ -194,8 +196,17 @@ impl StateDir {
         if !is_fresh(record.created_at, now) {
             return Lookup::NotAhead("look-ahead record too old (or from the future); ignored");
         }
+        let key = match WalFileName::parse(name) {
+            Ok(wal) => Repository::wal_key(&wal),
+            Err(_) => return Lookup::NotAhead("not a WAL file name"),
+        };
         let candidate = |bytes, rehashed| {
-            Lookup::Candidate(Candidate { bytes, rehashed, repository_id: record.repository_id.clone() })
+            Lookup::Candidate(Candidate {
+                bytes,
+                rehashed,
+                repository_id: record.repository_id.clone(),
+                key: key.clone(),
+            })
         };
         let Ok(meta) = fs::metadata(source) else {
             return Lookup::NotAhead("cannot stat the file; not trusting its look-ahead record");
@@ -213,24 +224,35 @@ impl StateDir {
     }
 
     /// Decides a [`Candidate`] against the repository the call would write to now: its identity
-    /// record must exist and carry the record's repository id. Another id (the repository was made
-    /// anew at this location) removes every record, since none of them can be true of it.
+    /// record must exist and carry the record's repository id, and it must still hold the object.
+    /// Another id (the repository was made anew at this location) or a missing object (a snapshot
+    /// of the repository put back, objects removed by hand) removes every record, since none of
+    /// them can be trusted for that repository.
     pub async fn confirm(&self, candidate: Candidate, repo: &Repository, deadline: Deadline, log: &Log) -> Answer {
         let location = repo.storage().location(IDENTITY_KEY);
-        match retry::until(deadline, log, &location, || repo.identity()).await {
+        let now = match retry::until(deadline, log, &location, || repo.identity()).await {
             Ok(Some(identity)) if identity.repository_id == candidate.repository_id => {
-                Answer::Archived { bytes: candidate.bytes, rehashed: candidate.rehashed }
+                return self.confirm_object(candidate, repo, deadline, log).await;
             }
-            Ok(found) => {
+            Ok(Some(Identity { repository_id: Some(id), .. })) => format!("repository {id}"),
+            Ok(Some(_)) => "a repository without an id".into(),
+            Ok(None) => "no repository".into(),
+            Err(e) => return Answer::NotAhead(format!("the record cannot be checked against the repository: {e}")),
+        };
+        self.forget_all();
+        Answer::NotAhead(format!(
+            "{location} now holds {now}, not the one the look-ahead record names; every record removed"
+        ))
+    }
+
+    async fn confirm_object(&self, candidate: Candidate, repo: &Repository, deadline: Deadline, log: &Log) -> Answer {
+        let object = repo.storage().location(&candidate.key);
+        let head = || async { repo.storage().head(&candidate.key).await.map_err(Error::from) };
+        match retry::until(deadline, log, &object, head).await {
+            Ok(_) => Answer::Archived { bytes: candidate.bytes, rehashed: candidate.rehashed },
+            Err(Error::Storage(e)) if e.is_not_found() => {
                 self.forget_all();
-                let now = match found.map(|identity| identity.repository_id) {
-                    Some(Some(id)) => format!("repository {id}"),
-                    Some(None) => "a repository without an id".into(),
-                    None => "no repository".into(),
-                };
-                Answer::NotAhead(format!(
-                    "{location} now holds {now}, not the one the look-ahead record names; every record removed"
-                ))
+                Answer::NotAhead(format!("{object} is not in the repository any more; every record removed"))
             }
             Err(e) => Answer::NotAhead(format!("the record cannot be checked against the repository: {e}")),
         }
@@ -539,7 +561,9 @@ mod tests {
         let stamp = || FileStamp::of(&fs::metadata(&file).unwrap());
 
         let id = || Some("0123".to_owned());
-        let candidate = |rehashed| Lookup::Candidate(Candidate { bytes: 15, rehashed, repository_id: id() });
+        let key = format!("wal/0000000100000000/{name}");
+        let candidate =
+            |rehashed| Lookup::Candidate(Candidate { bytes: 15, rehashed, repository_id: id(), key: key.clone() });
         state.record(name, "file:///repo", id(), stamp(), &digest).unwrap();
         assert_eq!(state.lookup(name, &file, "file:///repo"), candidate(false));
         assert_eq!(state.lookup(name, &file, "file:///repo"), Lookup::NotAhead("no look-ahead record"), "used once");
@@ -669,9 +693,20 @@ mod tests {
 
         let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
         let id = repo().ensure_identity(&facts, "seg").await.unwrap().repository_id;
+        let object = store.path().join("wal/0000000100000000").join(three);
+        fs::create_dir_all(object.parent().unwrap()).unwrap();
+        fs::write(&object, b"stored").unwrap();
         let file = a_record(&state, dir.path(), three, id.as_deref(), now_unix());
         let answer = state.confirm(lookup(three, &file), &repo(), deadline, &log).await;
         assert_eq!(answer, Answer::Archived { bytes: 15, rehashed: false });
+
+        // The same repository, but the object is gone (a snapshot of the repository put back).
+        fs::remove_file(&object).unwrap();
+        let file = a_record(&state, dir.path(), three, id.as_deref(), now_unix());
+        a_record(&state, dir.path(), four, id.as_deref(), now_unix());
+        let answer = state.confirm(lookup(three, &file), &repo(), deadline, &log).await;
+        assert!(matches!(&answer, Answer::NotAhead(reason) if reason.contains("not in the repository")), "{answer:?}");
+        assert!(!state.record_path(four).exists());
 
         // Made anew at the same place: another id, and every record goes.
         fs::remove_file(store.path().join(IDENTITY_KEY)).unwrap();
