@@ -20,9 +20,9 @@
 //!   segment is pushed the normal way (which judges a re-push by content, so it costs time, never
 //!   data).
 //! - A record answers only for the repository the call would write to now: before it is used, the
-//!   identity record at the configured location is read (one small read) and must carry the
-//!   record's repository id. A repository wiped and made anew at the same location has another id,
-//!   so its segments are uploaded for real. Records older than [`MAX_RECORD_AGE`] are not used, and
+//!   identity record at the configured location is read and must carry the record's repository id,
+//!   and the segment's object must still be there (two small requests). A repository wiped and made
+//!   anew at the same location has another id, so its segments are uploaded for real. Records older than [`MAX_RECORD_AGE`] are not used, and
 //!   every record is removed when a call fails or finds another repository id: a failing call is
 //!   when operators wipe or recreate repositories.
 //! - The answer for N itself comes only from N's own durable upload (or its record).
