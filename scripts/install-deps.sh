@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what walship's drill and test suite need on a Debian/Ubuntu machine, when missing:
 # PostgreSQL 15 (server and client tools; no cluster is started by the package), the OpenSSH client
-# and server (no sshd is started by the package), and the pinned s3s-fs S3 test server.
+# and server (no sshd is started by the package), strace, and the pinned s3s-fs S3 test server.
 # Idempotent: installs nothing when everything is present.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ fi
 # The SSH backend runs the system ssh client; its tests run a real sshd on loopback.
 command -v ssh >/dev/null || missing+=(openssh-client)
 [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
+# The storage-safety tests watch fsync calls with it.
+[ -x /usr/bin/strace ] || missing+=(strace)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

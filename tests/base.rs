@@ -20,65 +20,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use walship_tests::assertions::{assert_absent, assert_error, files_below};
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT, clear_pg_env, pg_bin_dir, pg_command};
+use walship_tests::backups::{base_command, base_fetch, base_push, base_push_command};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT, pg_bin_dir, pg_command};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::s3::assert_no_multipart_leftovers;
-use walship_tests::{Output, Scratch, run, walship};
+use walship_tests::{Output, Scratch, run};
 
 const POLL: Duration = Duration::from_millis(50);
-
-/// PATH for the binaries: PostgreSQL 15's programs first, so that base-push and base-fetch find that
-/// version's pg_basebackup and pg_verifybackup rather than whatever else is installed.
-fn path_with_pg_bin() -> OsString {
-    let mut dirs = vec![pg_bin_dir()];
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    std::env::join_paths(dirs).expect("PATH entries without ':'")
-}
-
-/// A walship base-backup command (`base-push`, `base-fetch`, `base-list`) run as the server user
-/// from `cwd`, on the repository `repo_args` selects, with no libpq settings of whoever runs the
-/// tests.
-fn base_command(program: &str, repo_args: &[OsString], cwd: &Path) -> Command {
-    let mut cmd = walship(program);
-    clear_pg_env(&mut cmd).env("PATH", path_with_pg_bin()).env("LC_ALL", "C").current_dir(cwd).args(repo_args);
-    cmd
-}
-
-/// `base-push REPO -- --checkpoint=fast EXTRA` against `cluster`.
-fn base_push_command(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, extra: &[&str]) -> Command {
-    let mut cmd = base_command("base-push", repo_args, cwd);
-    cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]).args(extra);
-    cmd
-}
-
-/// Runs base-push and returns the name of the backup it took; panics with its output unless it
-/// succeeded and printed exactly one well-formed name.
-#[track_caller]
-fn base_push(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, extra: &[&str]) -> (String, Output) {
-    let out = run(&mut base_push_command(cluster, repo_args, cwd, extra));
-    assert_eq!(out.code, Some(0), "base-push failed: {out:#?}");
-    let name = out.stdout.trim().to_owned();
-    assert_eq!(out.stdout, format!("{name}\n"), "base-push prints the backup name and nothing else: {out:#?}");
-    assert_backup_name(&name);
-    assert!(!out.stderr.contains("error"), "base-push succeeded but logged an error: {}", out.stderr);
-    (name, out)
-}
-
-#[track_caller]
-fn assert_backup_name(name: &str) {
-    let bytes = name.as_bytes();
-    let well_formed = bytes.len() == 16
-        && bytes[8] == b'T'
-        && bytes[15] == b'Z'
-        && bytes[..8].iter().chain(&bytes[9..15]).all(u8::is_ascii_digit);
-    assert!(well_formed, "{name:?} is not a backup name (YYYYMMDDTHHMMSSZ)");
-}
-
-fn base_fetch(repo_args: &[OsString], cwd: &Path, name: &str, dir: &Path, extra: &[&str]) -> Output {
-    run(base_command("base-fetch", repo_args, cwd).arg(name).arg(dir).args(extra))
-}
 
 fn base_list(repo_args: &[OsString], cwd: &Path, json: bool) -> Output {
     let mut cmd = base_command("base-list", repo_args, cwd);

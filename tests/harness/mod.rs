@@ -5,6 +5,7 @@
 //! as root; otherwise they run as the current user.
 
 pub mod assertions;
+pub mod backups;
 pub mod pg;
 pub mod proxy;
 pub mod repository;

@@ -105,7 +105,7 @@ pub fn restore_command_with_config(config: &Path) -> String {
 }
 
 /// Appends `name = 'value'` lines to a configuration file; later lines win, so this overrides.
-fn append_settings(file: &Path, settings: &[(&str, &str)]) {
+pub fn append_settings(file: &Path, settings: &[(&str, &str)]) {
     let mut text = String::from("\n# walship tests\n");
     for (name, value) in settings {
         text.push_str(&format!("{name} = {}\n", conf_quote(value)));
@@ -190,6 +190,17 @@ impl Cluster {
     pub fn without_data_dir(name: &str) -> Cluster {
         let cluster = Cluster::empty(name);
         fs::remove_dir(&cluster.data).unwrap_or_else(|e| panic!("{:?}: {e}", cluster.data));
+        cluster
+    }
+
+    /// A streaming standby of `primary` (which must be running, with `wal_level = replica`): a
+    /// `pg_basebackup -R` of it, so that `standby.signal` and a `primary_conninfo` naming the
+    /// primary's socket are in place, pointed at its own socket directory. Not started.
+    pub fn standby_of(primary: &Cluster, name: &str) -> Cluster {
+        let cluster = Cluster::empty(name);
+        primary.base_backup(&cluster.data, &["-R", "-X", "stream"]);
+        assert!(cluster.data.join("standby.signal").is_file(), "pg_basebackup -R wrote no standby.signal");
+        cluster.configure_own();
         cluster
     }
 
@@ -280,6 +291,30 @@ impl Cluster {
             out.stderr,
             self.log_tail()
         );
+    }
+
+    /// Tries to start the server, as [`start`](Self::start) does, and returns what pg_ctl did
+    /// instead of panicking: for tests of directories that must not start.
+    pub fn try_start(&mut self) -> Output {
+        let timeout = WAIT_TIMEOUT.as_secs().to_string();
+        let out = run(pg_command("pg_ctl", self.scratch.path())
+            .args(["start", "-w", "-t", &timeout, "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log));
+        self.postmaster = self.read_postmaster_pid();
+        out
+    }
+
+    /// Waits until this standby has replayed everything `primary` has written so far.
+    pub fn wait_replayed(&self, primary: &Cluster) {
+        let lsn = primary.psql("select pg_current_wal_flush_lsn()");
+        self.wait_for(&format!("the standby has replayed up to {lsn}"), WAIT_TIMEOUT, || {
+            match self.try_psql(&format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"))? {
+                done if done == "t" => Ok(()),
+                _ => Err(self.try_psql("select pg_last_wal_replay_lsn()").unwrap_or_default()),
+            }
+        });
     }
 
     fn read_postmaster_pid(&self) -> Option<libc::pid_t> {

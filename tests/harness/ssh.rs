@@ -216,6 +216,12 @@ impl SshServer {
         tree_of(child.id()).into_iter().filter(|pid| comm(*pid).as_deref() == Some("sftp-server")).collect()
     }
 
+    /// The listener's process id while it runs: what a tracer attaches to (with `-f` it then sees every
+    /// session and its sftp-server).
+    pub fn listener_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether sshd is running (started and not killed).
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -24,9 +24,17 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         verified before the restore is usable: until then global/pg_control is held back, and a \
         failure removes what was extracted. Then restore_command (this walship's wal-fetch, with the \
         same --config/--repo) and the target are written to postgresql.auto.conf, with \
-        recovery.signal (or standby.signal with --standby), and pg_verifybackup checks the result \
-        when it is installed. Tablespaces go back to their old directories (which must be empty or \
-        absent) unless --tablespace-mapping says otherwise.\n\n\
+        recovery.signal (or standby.signal with --standby), pg_verifybackup checks the result when \
+        it is installed, and pg_control goes into place last. Tablespaces go back to their old \
+        directories (which must be empty or absent) unless --tablespace-mapping says otherwise.\n\n\
+        LATEST follows timelines: it picks only a backup on the target timeline (--target-timeline, \
+        else the newest one with a history file in the repository) or on one of its ancestors before \
+        the point where the target timeline branched off, never one of an abandoned branch.\n\n\
+        Archiving is turned off in the restored cluster (archive_command = 'false'; archive_mode \
+        stays, so WAL waits in pg_wal): a drill or a copy must never push its new timeline into the \
+        repository of the cluster it came from. For a restore that is to become the new primary, \
+        use --keep-archiving, or later set archive_command and reload. A backup taken from a \
+        standby loses its standby.signal and primary_conninfo unless --standby is given.\n\n\
         Run it as the server's user (as root, files keep the owner recorded in the backup). \
         Then: pg_ctl -D DATA_DIR start.\n\n\
         Example:\n    base-fetch LATEST /var/lib/postgresql/15/main --target-time '2026-11-22 08:00:00+00'",
@@ -67,13 +75,20 @@ struct Cli {
     #[arg(long, value_name = "promote|pause|shutdown", requires = "target")]
     target_action: Option<String>,
 
-    /// The timeline to follow: a number, or latest [PostgreSQL's default: latest]
-    #[arg(long, value_name = "TLI|latest")]
+    /// The timeline to follow: a number, latest or current [PostgreSQL's default: latest]. LATEST
+    /// picks a backup on its history (with current: any backup, which stays on its own timeline)
+    #[arg(long, value_name = "TLI|latest|current")]
     target_timeline: Option<String>,
 
     /// Restore as a standby (standby.signal) that follows the archive
     #[arg(long, conflicts_with = "target")]
     standby: bool,
+
+    /// Keep the backup's archive_command/archive_library: for a restore that is to become the new
+    /// primary, archiving into the same repository. Without it archiving is off in the restored
+    /// cluster.
+    #[arg(long)]
+    keep_archiving: bool,
 
     /// Restore the tablespace that lived in OLDDIR into NEWDIR instead (repeatable). Without it a
     /// tablespace goes back where it was, which must be empty or absent.
@@ -82,6 +97,7 @@ struct Cli {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("base-fetch", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("base-fetch", |code| code as u8);
     let log = Log::new("base-fetch", cli.common.verbose);
     let started = Instant::now();
@@ -99,6 +115,7 @@ fn main() {
             action,
             timeline,
             standby: cli.standby,
+            keep_archiving: cli.keep_archiving,
             restore_command,
             pg_bin_dir: config.pg_bin_dir.clone(),
             transfer_concurrency: config.base.transfer_concurrency,
@@ -129,7 +146,7 @@ fn main() {
                 record.original_bytes as f64 / 1e6 / seconds.max(0.001),
                 cli.data_dir.display()
             ));
-            println!("{}", record.name);
+            walship_cli::print_result_line(&record.name);
             std::process::exit(0);
         }
         Err(e) => walship_cli::exit_with(&log, &e),

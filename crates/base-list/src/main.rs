@@ -30,6 +30,7 @@ struct Cli {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("base-list", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("base-list", |code| code as u8);
     let log = Log::new("base-list", cli.common.verbose);
     let json = cli.json;

@@ -37,6 +37,7 @@ struct Cli {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("base-push", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("base-push", |code| code as u8);
     let log = Log::new("base-push", cli.common.verbose);
     let started = Instant::now();
@@ -77,7 +78,7 @@ fn main() {
                 record.timeline,
                 record.original_bytes as f64 / 1e6 / seconds.max(0.001)
             ));
-            println!("{}", record.name);
+            walship_cli::print_result_line(&record.name);
             std::process::exit(0);
         }
         Err(e) => walship_cli::exit_with(&log, &e),

@@ -11,7 +11,7 @@ use walship::log::Log;
 use walship::prefetch::{self, Spool};
 use walship::repo::{self, Repository};
 use walship::wal::{WalFileKind, WalFileName};
-use walship::{Config, Error};
+use walship::{Config, Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -53,6 +53,7 @@ struct Cli {
 fn main() {
     // PostgreSQL runs restore_command in the data directory.
     let standby = Path::new("standby.signal").exists();
+    walship_cli::exit_on_panic("wal-fetch", move |code| code.for_restore(standby));
     let cli: Cli = walship_cli::parse_or_exit("wal-fetch", |code| code.for_restore(standby));
     let log = Log::new("wal-fetch", cli.common.verbose);
     if let Some(spool_dir) = &cli.prefetch_worker {
@@ -88,6 +89,7 @@ fn main() {
     let millis = started.elapsed().as_millis();
     match result {
         Ok(report) => {
+            walship::failpoint::hit("wal-fetch:restored");
             if let Some(spool) = &spool {
                 keep_prefetching(spool, &cli, &log);
             }
@@ -177,7 +179,17 @@ fn run_prefetch_worker(cli: &Cli, spool_dir: &Path, log: &Log) -> ! {
         };
         let config = config?;
         walship_cli::block_on_parallel(config.fetch.parallel, async {
-            let repo = Repository::open(&config).await?;
+            // Opening may wait on the network (S3's region and credential chain): bounded too.
+            let opened =
+                retry::with_deadline(config.deadline, log, &config.repo.to_string(), || Repository::open(&config))
+                    .await;
+            let repo = match opened {
+                Ok(repo) => repo,
+                Err(e) => {
+                    prefetch::remove_unserved_spool(&data_dir, &cli.path, spool.dir());
+                    return Err(e);
+                }
+            };
             prefetch::run_worker(repo, spool, config.fetch.clone(), config.deadline, log.clone()).await
         })
     })();

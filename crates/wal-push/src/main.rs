@@ -57,6 +57,7 @@ enum Outcome {
 }
 
 fn main() {
+    walship_cli::exit_on_panic("wal-push", |code| code as u8);
     let cli: Cli = walship_cli::parse_or_exit("wal-push", |code| code as u8);
     let log = Log::new("wal-push", cli.common.verbose);
     let name = cli
@@ -162,6 +163,7 @@ impl Call {
             Ok(report) => report,
             Err(e) => self.fail(&e),
         };
+        walship::failpoint::hit("wal-push:archived");
         match report.stored_bytes {
             Some(stored) => log.info(format_args!(
                 "archived {name} ({} bytes, stored {stored}, {millis} ms){ahead}",

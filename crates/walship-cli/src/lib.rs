@@ -52,7 +52,8 @@ Exit codes (shared by all walship commands):
   9  local file: reading the file to archive or writing the restored file failed
  10  pg_basebackup or pg_verifybackup failed or could not be run
  11  interrupted by SIGINT, SIGTERM or SIGHUP (what was written was removed)
-wal-fetch adds 200 to codes 2-9 (202-209) so that PostgreSQL stops a point-in-time recovery
+ 12  internal error: a bug in walship (it panicked)
+wal-fetch adds 200 to codes 2-12 (202-212) so that PostgreSQL stops a point-in-time recovery
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
 and the standby retries.";
 
@@ -77,6 +78,22 @@ impl CommonArgs {
     }
 }
 
+/// Makes a panic (a bug) end the command with `code_of(ExitCode::Internal)` and one log line, from
+/// whichever thread it happens on. Rust's own exit code for a panic, 101, is below 126, which
+/// PostgreSQL reads from restore_command as "file not in the archive": recovery would end early
+/// and promote. Call it first thing in `main`.
+pub fn exit_on_panic(program: &'static str, code_of: impl Fn(ExitCode) -> u8 + Send + Sync + 'static) {
+    std::panic::set_hook(Box::new(move |info| {
+        let code = code_of(ExitCode::Internal);
+        let what = info.to_string().replace('\n', " ");
+        walship::log::line(
+            program,
+            format_args!("internal error (a bug in walship; please report it): {what} (exit {code})"),
+        );
+        std::process::exit(i32::from(code));
+    }));
+}
+
 /// Parses arguments; on `--help`/`--version` prints and exits 0, on a usage error prints one line and
 /// exits with `usage_exit(ExitCode::Usage)`.
 pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> u8) -> T {
@@ -92,7 +109,7 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
             let message: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
             let message = message.join(" ");
             let message = message.strip_prefix("error: ").unwrap_or(&message);
-            eprintln!("{program}: error: {message} (see {program} --help)");
+            walship::log::line(program, format_args!("error: {message} (see {program} --help)"));
             std::process::exit(i32::from(usage_exit(ExitCode::Usage)));
         }
     }
@@ -230,18 +247,29 @@ impl walship::base::Progress for LogProgress {
         *last = std::time::Instant::now();
         let seconds = self.started.elapsed().as_secs_f64().max(0.001);
         let of_total = total.map(|t| format!(" of {}", indicatif::HumanBytes(t))).unwrap_or_default();
-        eprintln!(
-            "{}: progress: {}{of_total} ({}/s), stored {}",
+        walship::log::line(
             self.program,
-            indicatif::HumanBytes(done),
-            indicatif::HumanBytes((done as f64 / seconds) as u64),
-            indicatif::HumanBytes(stored)
+            format_args!(
+                "progress: {}{of_total} ({}/s), stored {}",
+                indicatif::HumanBytes(done),
+                indicatif::HumanBytes((done as f64 / seconds) as u64),
+                indicatif::HumanBytes(stored)
+            ),
         );
     }
 
     fn phase(&self, what: &str) {
-        eprintln!("{}: {what}", self.program);
+        walship::log::line(self.program, what);
     }
+}
+
+/// Prints a command's result (a backup's name) on stdout for scripts. The work is done and durable
+/// by now, so a stdout that cannot be written (closed by the reader) does not make it a failure,
+/// and must not panic as `println!` would.
+pub fn print_result_line(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 /// Logs `error` as one line and exits with its code.

@@ -84,6 +84,17 @@ fn parse_s3(text: &str, rest: &str) -> Result<RepoUrl, String> {
 }
 
 fn parse_ssh(text: &str, rest: &str) -> Result<RepoUrl, String> {
+    // `user:password@`, which may hold '/': refused before any message could echo the URL into the
+    // server log. `host:22/path@x` is a port, not a password.
+    let password = rest.split_once('@').and_then(|(before, _)| before.split_once(':')).is_some_and(|(user, after)| {
+        let is_port = after.split('/').next().unwrap_or("").bytes().all(|b| b.is_ascii_digit()) && after.contains('/');
+        !user.contains('/') && !is_port
+    });
+    if password {
+        return Err("an ssh:// repository URL cannot carry a password (ssh://user@host/path; walship logs in \
+                    with keys or the agent)"
+            .into());
+    }
     let slash = rest.find('/').ok_or_else(|| format!("{text:?}: expected ssh://[user@]host[:port]/absolute/path"))?;
     let (authority, path) = rest.split_at(slash);
     let (user, host_port) = match authority.rsplit_once('@') {
@@ -686,21 +697,45 @@ impl Config {
 
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, Error> {
     toml::from_str(text).map_err(|e| {
-        let message = e.message().replace('\n', " ");
+        let message = without_values(&e.message().replace('\n', " "));
         let source_name = match e.span() {
             Some(span) => {
                 let line_number = text[..span.start].matches('\n').count() + 1;
-                let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
-                // serde's type errors do not name the key; the offending line does.
+                let line = text.lines().nth(line_number - 1).unwrap_or("");
+                // serde's type errors do not name the key; the offending line's key does.
                 return Error::Config {
                     source_name: format!("{}:{line_number}", path.display()),
-                    message: format!("{message} (in `{line}`)"),
+                    message: format!("{message}{}", key_of_line(line)),
                 };
             }
             None => path.display().to_string(),
         };
         Error::Config { source_name, message }
     })
+}
+
+/// The key of a configuration line, never its value: errors land in the PostgreSQL server log on
+/// every call, and the line may be a misspelt `secret_access_key` or a secret pasted without quotes.
+fn key_of_line(line: &str) -> String {
+    let line = line.trim();
+    match line.split_once('=') {
+        Some((key, _)) => format!(" (in `{} = …`)", key.trim()),
+        None if line.starts_with('[') && !line.contains(['"', '\'']) => format!(" (in `{line}`)"),
+        None => String::new(),
+    }
+}
+
+/// serde's "invalid type: string \"VALUE\", expected …" quotes the value it rejected; keep the kind
+/// of value (string, integer, …) and what was expected, drop the value itself.
+fn without_values(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: ", "invalid length "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let kind = rest.split_whitespace().next().unwrap_or("value").trim_end_matches(',');
+            let expected = rest.split_once(", expected ").map(|(_, e)| format!(", expected {e}")).unwrap_or_default();
+            return format!("{prefix}{kind}{expected}");
+        }
+    }
+    message.to_owned()
 }
 
 #[cfg(test)]
@@ -737,6 +772,32 @@ mod tests {
         let config =
             load(ConfigFlags::default(), &[], Some("repo = '/r'\ncompression_level = 5\ndeadline_secs = 9\n")).unwrap();
         assert_eq!((config.compression_level, config.deadline), (5, Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn no_value_of_a_failing_line_is_echoed() {
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        for text in [
+            format!("repo = 's3://b-1/p'\n[s3]\naccess_key_id = 'AK'\nsecret_acess_key = '{secret}'\n"),
+            format!("repo = 's3://b-1/p'\n[s3]\naccess_key_id = 'AK'\nsecret_access_key = {secret}\n"),
+            format!("repo = 's3://b-1/p'\n[s3]\nsecret_access_key = 1{}\n", &secret[..4].len()),
+            format!("repo = 's3://b-1/p'\n[s3]\naccess_key_id = 'AK'\nsecret_access_key = ['{secret}']\n"),
+            format!("repo = 's3://b-1/p'\n{secret}\n"),
+            format!("repo = 'ssh://walship:{secret}@backup/srv/r'\n"),
+        ] {
+            let err = load(ConfigFlags::default(), &[], Some(&text)).unwrap_err().to_string();
+            assert!(!err.contains(secret) && !err.contains("wJalr"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let err = load(ConfigFlags::default(), &[], Some("repo = '/r'\n[s3]\nsecret_acess_key = 'x'\n")).unwrap_err();
+        assert!(err.to_string().contains("secret_acess_key") && err.to_string().contains(":3"), "{err}");
+        let err =
+            load(ConfigFlags::default(), &[], Some("repo = '/r'\n[s3]\nsecret_access_key = 12345\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("secret_access_key = …") && text.contains("integer") && !text.contains("12345"),
+            "{text}"
+        );
     }
 
     #[test]

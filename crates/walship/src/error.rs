@@ -117,6 +117,8 @@ pub enum ExitCode {
     LocalIo = 9,
     ToolFailed = 10,
     Interrupted = 11,
+    /// A bug: walship panicked. Distinct from every failure it knows, and never "absent".
+    Internal = 12,
 }
 
 /// Added to wal-fetch's failure codes during archive recovery: PostgreSQL treats an exit above 125 as
@@ -154,6 +156,7 @@ mod tests {
             ExitCode::LocalIo,
             ExitCode::ToolFailed,
             ExitCode::Interrupted,
+            ExitCode::Internal,
         ];
         for code in all {
             assert!((code as u8) < 126, "{code:?} must be retryable for the archiver");

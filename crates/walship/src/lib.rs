@@ -8,6 +8,7 @@ pub mod base;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod log;
 pub mod lookahead;
 pub mod prefetch;

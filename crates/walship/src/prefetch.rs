@@ -25,8 +25,10 @@
 //!   fsynced; wal-fetch hands it over by rename. A segment absent from the spool is fetched from the
 //!   repository as usual, and only the repository can say "absent".
 //! - The worker exits by itself when recovery ends (no `recovery.signal` or `standby.signal` left),
-//!   when the postmaster is gone, when its spool is removed, or when recovery has asked for nothing new
-//!   for `prefetch_idle_secs`. It removes its spool on the way out.
+//!   when the postmaster is gone, when its spool is removed, when recovery has asked for nothing new
+//!   for `prefetch_idle_secs`, or when the repository does not give its identity record within the
+//!   deadline. It removes its spool on the way out. Every wait on the repository is bounded by the
+//!   deadline.
 
 use std::collections::HashMap;
 use std::fs;
@@ -226,6 +228,20 @@ pub fn following_segments(after: &WalFileName, segment_size: u32, count: usize) 
         .collect()
 }
 
+/// The repository's segment size, from its identity record, within `deadline`: a repository that stops
+/// answering must not keep a worker (and its spool) around for good, like every other wait of ours.
+/// Without it there is nothing to prefetch, and the spool goes.
+async fn segment_size(repo: &Repository, spool: &Spool, deadline: Duration, log: &Log) -> Result<u32, Error> {
+    let what = repo.storage().location(repo::IDENTITY_KEY);
+    match crate::retry::with_deadline(deadline, log, &what, || repo.require_identity()).await {
+        Ok(identity) => Ok(identity.wal_segment_size),
+        Err(e) => {
+            let _ = fs::remove_dir_all(spool.dir());
+            Err(e)
+        }
+    }
+}
+
 /// The worker: keeps the segments after `want` fetched until recovery ends, stalls or goes away.
 pub async fn run_worker(
     repo: Repository,
@@ -245,7 +261,7 @@ pub async fn run_worker(
             let _ = fs::remove_file(entry.path());
         }
     }
-    let segment_size = repo.require_identity().await?.wal_segment_size;
+    let segment_size = segment_size(&repo, &spool, deadline, &log).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut in_flight: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();

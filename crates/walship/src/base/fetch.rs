@@ -3,10 +3,15 @@
 //! Parts are downloaded in parallel into a staging directory inside DATA_DIR (same file system;
 //! at most `transfer_concurrency` parts at a time), then decoded in order through one tar
 //! extractor. Every part is checked against its trailer and against the catalog record's SHA-256.
-//! Until all of them have passed, `global/pg_control` is held back under another name, so that a
-//! restore that fails or is killed midway leaves a directory PostgreSQL refuses to start; a failure
-//! also removes what was extracted. Only then are the recovery settings written, and
-//! pg_verifybackup, when installed, checks the result.
+//! A failure removes what was extracted.
+//!
+//! Nothing is startable before the restore is done: `global/pg_control` is held back under another
+//! name until every other step has passed, in this order: extract everything, flush it (`syncfs`),
+//! write the recovery settings and the signal file (durably), run pg_verifybackup (against a copy
+//! of the manifest that names the held-back file, so pg_control is checked too), and only then
+//! rename pg_control into place. A kill at any point before that last rename leaves a directory
+//! PostgreSQL refuses to start ("could not find the database system"), never one that would start
+//! crash recovery without the recovery settings, or one that was not checked against the manifest.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -22,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::push::find_tool;
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
+use crate::codec::ContentDigest;
 use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
@@ -43,6 +49,8 @@ pub struct FetchOptions {
     pub action: Option<TargetAction>,
     pub timeline: Option<String>,
     pub standby: bool,
+    /// Keep the backed-up cluster's archive settings instead of turning archiving off.
+    pub keep_archiving: bool,
     /// The restore_command to write.
     pub restore_command: String,
     pub pg_bin_dir: Option<PathBuf>,
@@ -76,7 +84,7 @@ pub async fn base_fetch(
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
     let created = prepare_data_dir(data_dir)?;
     let mut prepared = vec![(data_dir.clone(), created)];
-    let record = match select_backup(repo, &options.name, &options.target).await {
+    let record = match select_backup(repo, &options.name, &options.target, options.timeline.as_deref()).await {
         Ok(record) => record,
         Err(e) => {
             undo(&prepared);
@@ -103,8 +111,9 @@ pub async fn base_fetch(
         targets.push(target);
     }
     log.info(format_args!(
-        "restoring backup {} (finished {}, {} bytes in {} parts) into {}",
+        "restoring backup {} (timeline {}, finished {}, {} bytes in {} parts) into {}",
         record.name,
+        record.stop_timeline,
         record.finished_at,
         record.original_bytes,
         record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
@@ -131,12 +140,14 @@ fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
     match fs::read_dir(data_dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(Error::InvalidInput {
-                    file: data_dir.display().to_string(),
-                    reason: "the target directory is not empty; base-fetch restores only into an empty or new \
-                             directory, so that nothing of another cluster mixes in"
-                        .into(),
-                });
+                let reason = if data_dir.join(HELD_BACK_CONTROL).exists() {
+                    "the target directory holds a restore that was cut short (never startable); remove it and run \
+                     base-fetch again"
+                } else {
+                    "the target directory is not empty; base-fetch restores only into an empty or new directory, \
+                     so that nothing of another cluster mixes in"
+                };
+                return Err(Error::InvalidInput { file: data_dir.display().to_string(), reason: reason.into() });
             }
             fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::local_io(data_dir, "chmod 0700", e))?;
@@ -211,7 +222,6 @@ async fn restore(
     downloader.abort();
     let _ = downloader.await;
     extracted??;
-    let _ = fs::remove_dir_all(&staging);
 
     // Streamed backups carry backup_manifest inside base.tar; spooled ones (with tablespaces) beside.
     let manifest = data_dir.join("backup_manifest");
@@ -223,12 +233,21 @@ async fn restore(
         .await?;
     }
     link_tablespaces(&data_dir, record, targets)?;
+    crate::failpoint::hit("base-fetch:extracted");
 
     progress.phase("syncing to disk");
     for target in targets {
         syncfs(target)?;
     }
-    finish_restore(options, record, progress.as_ref(), log)
+    crate::failpoint::hit("base-fetch:synced");
+    write_settings(options, record, log)?;
+    crate::failpoint::hit("base-fetch:configured");
+    let verification = verify(options, record, &staging, progress.as_ref(), log)?;
+    crate::failpoint::hit("base-fetch:verified");
+    let _ = fs::remove_dir_all(&staging);
+    install_control(&data_dir)?;
+    crate::failpoint::hit("base-fetch:installed");
+    Ok(verification)
 }
 
 /// Starts each part's download as a permit frees up, in order, handing the extractor a receiver
@@ -601,20 +620,11 @@ fn syncfs(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// After every part verified: pg_control into place, recovery settings, pg_verifybackup.
-fn finish_restore(
-    options: &FetchOptions,
-    record: &BackupRecord,
-    progress: &dyn Progress,
-    log: &Log,
-) -> Result<Verification, Error> {
+/// Writes the recovery settings and the signal file (durably), and says what that changed about
+/// the backed-up cluster's own settings.
+fn write_settings(options: &FetchOptions, record: &BackupRecord, log: &Log) -> Result<(), Error> {
     let data_dir = &options.data_dir;
-    let held_back = data_dir.join(HELD_BACK_CONTROL);
-    let control = data_dir.join("global/pg_control");
-    fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
-    crate::storage::local::fsync_dir(&data_dir.join("global"))
-        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))?;
-    write_recovery_settings(
+    let changes = write_recovery_settings(
         data_dir,
         &RecoverySettings {
             backup_name: &record.name,
@@ -623,6 +633,8 @@ fn finish_restore(
             action: options.action,
             timeline: options.timeline.clone(),
             standby: options.standby,
+            keep_archiving: options.keep_archiving,
+            pg_version: record.pg_version,
         },
     )
     .map_err(|e| Error::local_io(&data_dir.join("postgresql.auto.conf"), "write recovery settings", e))?;
@@ -637,7 +649,41 @@ fn finish_restore(
     }
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::local_io(data_dir, "chmod", e))?;
+    if changes.removed_standby_signal || changes.disabled.iter().any(|k| k.starts_with("primary_")) {
+        log.info(format_args!(
+            "backup {} was taken from a standby: removed its standby.signal and primary_conninfo, so that \
+             recovery ends and promotes rather than following a primary (--standby restores a standby)",
+            record.name
+        ));
+    }
+    if !options.keep_archiving {
+        log.info(format_args!(
+            "archiving is off in the restored cluster (archive_command = 'false' in postgresql.auto.conf), so \
+             that it cannot write into the repository it came from; if it is to become the primary, set \
+             archive_command and reload, or restore with --keep-archiving"
+        ));
+    }
+    Ok(())
+}
 
+/// Puts pg_control into place, durably: the step that makes the directory startable.
+fn install_control(data_dir: &Path) -> Result<(), Error> {
+    let held_back = data_dir.join(HELD_BACK_CONTROL);
+    let control = data_dir.join("global/pg_control");
+    fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
+    crate::storage::local::fsync_dir(&data_dir.join("global"))
+        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))
+}
+
+/// Runs pg_verifybackup, when installed, on the restored files while pg_control is still held back.
+fn verify(
+    options: &FetchOptions,
+    record: &BackupRecord,
+    staging: &Path,
+    progress: &dyn Progress,
+    log: &Log,
+) -> Result<Verification, Error> {
+    let data_dir = &options.data_dir;
     progress.phase("running pg_verifybackup");
     let Some(tool) = find_tool(options.pg_bin_dir.as_deref(), "pg_verifybackup", Some(record.pg_version)) else {
         log.info(format_args!(
@@ -646,7 +692,11 @@ fn finish_restore(
         ));
         return Ok(Verification::NotInstalled);
     };
+    let manifest = data_dir.join("backup_manifest");
+    let held_back_manifest = staging.join("backup_manifest");
+    write_held_back_manifest(&manifest, &held_back_manifest)?;
     let mut command = Command::new(&tool);
+    command.arg("--manifest-path").arg(&held_back_manifest).arg(format!("--ignore={STAGING_DIR}"));
     // base-fetch rewrites tablespace_map for the directories the tablespaces went to.
     if record.archives.iter().any(|a| a.tablespace.is_some()) {
         command.arg("--ignore=tablespace_map");
@@ -671,4 +721,94 @@ fn finish_restore(
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
     })
+}
+
+/// Writes a copy of the backup manifest `from` to `to` that names the held-back pg_control, so
+/// that pg_verifybackup checks pg_control's size and checksum before it is put into place.
+fn write_held_back_manifest(from: &Path, to: &Path) -> Result<(), Error> {
+    let input = File::open(from).map_err(|e| Error::local_io(from, "open", e))?;
+    let output = File::create(to).map_err(|e| Error::local_io(to, "create", e))?;
+    let mut output = io::BufWriter::new(output);
+    match manifest_with_held_back_control(io::BufReader::new(input), &mut output) {
+        Ok(()) => io::Write::flush(&mut output).map_err(|e| Error::local_io(to, "write", e)),
+        Err(ManifestError::Io(e)) => Err(Error::local_io(to, "copy the manifest", e)),
+        Err(ManifestError::Unexpected(reason)) => Err(Error::Corrupt { location: from.display().to_string(), reason }),
+    }
+}
+
+enum ManifestError {
+    Io(io::Error),
+    Unexpected(String),
+}
+
+/// Copies a backup manifest line by line (manifests grow with the number of files), renaming its
+/// `global/pg_control` entry to the held-back file and recomputing its own checksum: PostgreSQL's is
+/// the SHA-256 of every line but the last, which is `"Manifest-Checksum": "<hex>"}`.
+fn manifest_with_held_back_control(
+    mut input: impl io::BufRead,
+    output: &mut impl io::Write,
+) -> Result<(), ManifestError> {
+    use sha2::Digest;
+    let entry = b"\"Path\": \"global/pg_control\",";
+    let renamed = format!("\"Path\": \"{HELD_BACK_CONTROL}\",");
+    let (mut hasher, mut entries) = (sha2::Sha256::new(), 0);
+    let (mut line, mut pending) = (Vec::new(), Vec::new());
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line).map_err(ManifestError::Io)? == 0 {
+            break;
+        }
+        // Every line but the last goes out (and into the checksum) once the next one is read.
+        hasher.update(&pending);
+        output.write_all(&pending).map_err(ManifestError::Io)?;
+        pending.clear();
+        match line.windows(entry.len()).position(|w| w == entry) {
+            Some(at) => {
+                entries += 1;
+                pending.extend_from_slice(&line[..at]);
+                pending.extend_from_slice(renamed.as_bytes());
+                pending.extend_from_slice(&line[at + entry.len()..]);
+            }
+            None => pending.extend_from_slice(&line),
+        }
+    }
+    if entries != 1 {
+        return Err(ManifestError::Unexpected(format!("backup_manifest has {entries} entries for global/pg_control")));
+    }
+    if !pending.starts_with(b"\"Manifest-Checksum\"") {
+        return Err(ManifestError::Unexpected("backup_manifest does not end with its Manifest-Checksum line".into()));
+    }
+    let checksum = ContentDigest { len: 0, sha256: hasher.finalize().into() }.sha256_hex();
+    writeln!(output, "\"Manifest-Checksum\": \"{checksum}\"}}").map_err(ManifestError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest in PostgreSQL's layout, up to its checksum line.
+    const MANIFEST: &str = concat!(
+        "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n",
+        "\"Files\": [\n",
+        "{ \"Path\": \"global/pg_control\", \"Size\": 8192, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"43872087\" }\n",
+        "],\n",
+    );
+
+    #[test]
+    fn the_adjusted_manifest_names_the_held_back_file_and_checks_out() {
+        let adjust = |text: &str| {
+            let mut out = Vec::new();
+            manifest_with_held_back_control(text.as_bytes(), &mut out).map(|()| String::from_utf8(out).unwrap())
+        };
+        let original =
+            format!("{MANIFEST}\"Manifest-Checksum\": \"{}\"}}\n", ContentDigest::of(MANIFEST.as_bytes()).sha256_hex());
+        let adjusted = adjust(&original).ok().unwrap();
+        let body = MANIFEST.replace("global/pg_control", HELD_BACK_CONTROL);
+        assert!(adjusted.starts_with(&body), "{adjusted}");
+        let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
+        assert_eq!(&adjusted[body.len()..], format!("\"Manifest-Checksum\": \"{checksum}\"}}\n"));
+        assert!(adjust(MANIFEST).is_err(), "no checksum line");
+        let twice = format!("{MANIFEST}{MANIFEST}\"Manifest-Checksum\": \"00\"}}\n");
+        assert!(adjust(&twice).is_err(), "two entries");
+    }
 }

@@ -18,10 +18,12 @@ mod fetch;
 mod push;
 mod recovery;
 mod tar_watch;
+mod timeline;
 
 pub use fetch::{FetchOptions, FetchReport, Verification, base_fetch};
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
+pub use timeline::Lineage;
 
 use serde::{Deserialize, Serialize};
 
@@ -187,51 +189,83 @@ pub async fn read_record(repo: &Repository, name: &str) -> Result<BackupRecord, 
 }
 
 /// Picks the backup to restore: `name`, or for `LATEST` the newest one, and with a target the newest
-/// one that finished before it (a recovery cannot stop before its backup's end).
-pub async fn select_backup(repo: &Repository, name: &str, target: &RecoveryTarget) -> Result<BackupRecord, Error> {
+/// one that finished before it (a recovery cannot stop before its backup's end). Either way the
+/// backup must lie on the history of the timeline the recovery will follow (`timeline`, as
+/// `--target-timeline` gave it): on it, or on an ancestor before the point where it branched off.
+pub async fn select_backup(
+    repo: &Repository,
+    name: &str,
+    target: &RecoveryTarget,
+    timeline: Option<&str>,
+) -> Result<BackupRecord, Error> {
     if name != "LATEST" {
-        validate_name(name).map_err(Error::Usage)?;
-        let record = match read_record(repo, name).await {
-            // In a wrong directory or prefix every backup is missing; say that instead.
-            Err(e @ Error::NoSuchBackup(_)) => {
-                repo.require_identity().await?;
-                return Err(e);
-            }
-            other => other?,
-        };
-        if let Some(reason) = target.excludes(&record) {
-            return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
-        }
-        return Ok(record);
+        return select_named(repo, name, target, timeline).await;
     }
-    let mut best: Option<BackupRecord> = None;
-    let mut oldest: Option<BackupRecord> = None;
-    let mut count = 0u64;
+    let mut backups = Vec::new();
     for_each_backup(repo, |record| {
-        count += 1;
-        if oldest.is_none() {
-            oldest = Some(record.clone());
-        }
-        if target.excludes(&record).is_none() {
-            best = Some(record);
-        }
+        backups.push(record);
         Ok(())
     })
     .await?;
-    match (best, oldest) {
-        (Some(record), _) => Ok(record),
-        (None, None) => {
-            repo.require_identity().await?;
-            Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())))
-        }
-        (None, Some(oldest)) => Err(Error::NoSuchBackup(format!(
-            "no base backup can reach {}: the oldest of {count} backups ({}) finished at {} ({})",
-            target.describe(),
-            oldest.name,
-            oldest.finished_at,
-            target.excludes(&oldest).unwrap_or_default()
-        ))),
+    let Some(newest) = backups.last() else {
+        repo.require_identity().await?;
+        return Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())));
+    };
+    let lineage = timeline::lineage(repo, timeline, &backups).await?;
+    let on_lineage: Vec<&BackupRecord> =
+        backups.iter().filter(|b| lineage.as_ref().is_none_or(|l| l.excludes(b).is_none())).collect();
+    if let (Some(lineage), None) = (&lineage, on_lineage.first()) {
+        return Err(Error::NoSuchBackup(format!(
+            "no base backup lies on the history of timeline {} (the timeline recovery would follow): the newest, \
+             {}, cannot be used because {}; choose the timeline with --target-timeline",
+            lineage.target,
+            newest.name,
+            lineage.excludes(newest).unwrap_or_default()
+        )));
     }
+    if let Some(record) = on_lineage.iter().rev().find(|b| target.excludes(b).is_none()) {
+        return Ok((*record).clone());
+    }
+    let oldest = on_lineage[0];
+    Err(Error::NoSuchBackup(format!(
+        "no base backup can reach {}: the oldest of {} backups ({}) finished at {} ({})",
+        target.describe(),
+        on_lineage.len(),
+        oldest.name,
+        oldest.finished_at,
+        target.excludes(oldest).unwrap_or_default()
+    )))
+}
+
+async fn select_named(
+    repo: &Repository,
+    name: &str,
+    target: &RecoveryTarget,
+    timeline: Option<&str>,
+) -> Result<BackupRecord, Error> {
+    validate_name(name).map_err(Error::Usage)?;
+    let record = match read_record(repo, name).await {
+        // In a wrong directory or prefix every backup is missing; say that instead.
+        Err(e @ Error::NoSuchBackup(_)) => {
+            repo.require_identity().await?;
+            return Err(e);
+        }
+        other => other?,
+    };
+    if let Some(reason) = target.excludes(&record) {
+        return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
+    }
+    let lineage = timeline::lineage(repo, timeline, std::slice::from_ref(&record)).await?;
+    if let Some(lineage) = lineage
+        && let Some(reason) = lineage.excludes(&record)
+    {
+        return Err(Error::NoSuchBackup(format!(
+            "backup {name} cannot reach timeline {} (the timeline recovery would follow): {reason}; \
+             --target-timeline {} restores its own branch",
+            lineage.target, record.stop_timeline
+        )));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]

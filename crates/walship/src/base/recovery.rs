@@ -208,28 +208,48 @@ pub struct RecoverySettings<'a> {
     pub action: Option<TargetAction>,
     pub timeline: Option<String>,
     pub standby: bool,
+    /// Leave the backed-up cluster's archiving as it was (`--keep-archiving`); otherwise it is
+    /// turned off, so that a restore never writes into the repository it came from.
+    pub keep_archiving: bool,
+    /// The backup's PostgreSQL major version: `archive_library` exists from 15 on, and an unknown
+    /// setting in postgresql.auto.conf stops the server from starting.
+    pub pg_version: u32,
 }
 
-/// Settings earlier restores may have left in the backed-up cluster's postgresql.auto.conf; two
-/// targets at once stop PostgreSQL from starting, and an old restore_command would read elsewhere.
-fn is_ours(line: &str) -> bool {
-    let key = line.split(['=', ' ', '\t']).next().unwrap_or("").trim().to_ascii_lowercase();
-    key == "restore_command" || key.starts_with("recovery_target")
+/// What [`write_recovery_settings`] changed besides writing its own settings.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SettingsChanges {
+    /// Keys of earlier lines in postgresql.auto.conf that were commented out.
+    pub disabled: Vec<String>,
+    /// A `standby.signal` that came with the backup (taken from a standby) was removed.
+    pub removed_standby_signal: bool,
 }
 
-/// Writes the settings into `data_dir`'s postgresql.auto.conf (earlier ones of the same keys are
-/// commented out) and the signal file, durably.
-pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>) -> std::io::Result<()> {
-    let conf = data_dir.join("postgresql.auto.conf");
-    let existing = match fs::read_to_string(&conf) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    let mut text = String::with_capacity(existing.len() + 512);
+/// Whether an earlier line of postgresql.auto.conf setting `key` must go. Two targets at once stop
+/// PostgreSQL from starting, and an old restore_command would read elsewhere. Unless asked to keep
+/// it, archiving would push the restored cluster's new timeline into the repository it came from
+/// (same system identifier, so nothing refuses it) where a later restore of the original follows it.
+/// A backup taken from a standby carries the standby's primary_conninfo: a point-in-time restore
+/// must not stream from that server.
+fn is_replaced(key: &str, settings: &RecoverySettings<'_>) -> bool {
+    key == "restore_command"
+        || key.starts_with("recovery_target")
+        || (!settings.keep_archiving && (key == "archive_command" || key == "archive_library"))
+        || (!settings.standby && (key == "primary_conninfo" || key == "primary_slot_name"))
+}
+
+fn setting_key(line: &str) -> String {
+    line.split(['=', ' ', '\t']).next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// The text of postgresql.auto.conf: `existing` with replaced settings commented out, then ours.
+fn settings_text(existing: &str, settings: &RecoverySettings<'_>, changes: &mut SettingsChanges) -> String {
+    let mut text = String::with_capacity(existing.len() + 1024);
     for line in existing.lines() {
-        if is_ours(line) {
+        let key = setting_key(line);
+        if is_replaced(&key, settings) {
             text.push_str("# disabled by walship base-fetch: ");
+            changes.disabled.push(key);
         }
         text.push_str(line);
         text.push('\n');
@@ -249,6 +269,38 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     if let Some(timeline) = &settings.timeline {
         text.push_str(&format!("recovery_target_timeline = {}\n", conf_quote(timeline)));
     }
+    if !settings.keep_archiving {
+        // As Barman does: archive_mode stays, so .ready files pile up and nothing is lost if
+        // archiving is turned on later; 'false' fails every attempt, visibly (pg_stat_archiver).
+        text.push_str(ARCHIVING_OFF_COMMENT);
+        text.push_str("archive_command = 'false'\n");
+        if settings.pg_version >= 15 {
+            // From PostgreSQL 15 a configured archive_library takes precedence over archive_command.
+            text.push_str("archive_library = ''\n");
+        }
+    }
+    text
+}
+
+/// Says in postgresql.auto.conf why archiving is off and how to turn it on.
+const ARCHIVING_OFF_COMMENT: &str = "# Archiving is off: a restored cluster must not archive into the repository it came from.\n\
+    # If this cluster is to be the primary: ALTER SYSTEM SET archive_command = '...'; SELECT pg_reload_conf();\n\
+    # (or restore with base-fetch --keep-archiving)\n";
+
+/// Writes the settings into `data_dir`'s postgresql.auto.conf (earlier ones of the same keys are
+/// commented out) and the signal file, durably. Without `standby`, a `standby.signal` the backup
+/// brought is removed: PostgreSQL prefers standby mode when both signal files exist, and a standby
+/// never ends recovery at the end of the archive (it waits for more, or streams from its
+/// primary_conninfo).
+pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>) -> std::io::Result<SettingsChanges> {
+    let conf = data_dir.join("postgresql.auto.conf");
+    let existing = match fs::read_to_string(&conf) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let mut changes = SettingsChanges::default();
+    let text = settings_text(&existing, settings, &mut changes);
     let temp = data_dir.join("postgresql.auto.conf.walship.tmp");
     {
         let mut file = File::create(&temp)?;
@@ -257,9 +309,17 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     }
     copy_mode(&conf, &temp);
     fs::rename(&temp, &conf)?;
+    if !settings.standby {
+        match fs::remove_file(data_dir.join("standby.signal")) {
+            Ok(()) => changes.removed_standby_signal = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
     let signal = data_dir.join(if settings.standby { "standby.signal" } else { "recovery.signal" });
     File::create(&signal)?.sync_all()?;
-    crate::storage::local::fsync_dir(data_dir)
+    crate::storage::local::fsync_dir(data_dir)?;
+    Ok(changes)
 }
 
 /// Gives `to` the mode and owner of `from`, when `from` exists.
@@ -303,6 +363,60 @@ mod tests {
         assert_eq!(conf_quote(&command), r"'''/opt/wal ship/wal-fetch'' --config ''/etc/it''\\''''s.toml'' %f %p'");
     }
 
+    fn settings<'a>(
+        target: &'a RecoveryTarget,
+        standby: bool,
+        keep_archiving: bool,
+        pg_version: u32,
+    ) -> RecoverySettings<'a> {
+        RecoverySettings {
+            backup_name: "20261122T070000Z",
+            restore_command: "wal-fetch %f %p".into(),
+            target,
+            action: None,
+            timeline: None,
+            standby,
+            keep_archiving,
+            pg_version,
+        }
+    }
+
+    const STANDBY_AUTO_CONF: &str =
+        "archive_command = 'wal-push %p %f'\nprimary_conninfo = 'host=/run/pg'\nprimary_slot_name = 's1'\n";
+
+    #[test]
+    fn a_restore_turns_archiving_off_and_drops_what_a_standby_backup_brought() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("postgresql.auto.conf"), STANDBY_AUTO_CONF).unwrap();
+        fs::write(dir.path().join("standby.signal"), "").unwrap();
+        let changes = write_recovery_settings(dir.path(), &settings(&RecoveryTarget::End, false, false, 15)).unwrap();
+        assert_eq!(changes.disabled, ["archive_command", "primary_conninfo", "primary_slot_name"]);
+        assert!(changes.removed_standby_signal);
+        let text = fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
+        assert!(text.starts_with("# disabled by walship base-fetch: archive_command = 'wal-push"), "{text}");
+        assert!(text.contains("# disabled by walship base-fetch: primary_conninfo"), "{text}");
+        assert!(text.ends_with("archive_command = 'false'\narchive_library = ''\n"), "{text}");
+        assert!(!dir.path().join("standby.signal").exists());
+        assert!(dir.path().join("recovery.signal").exists());
+    }
+
+    #[test]
+    fn keep_archiving_and_standby_keep_what_they_say() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("postgresql.auto.conf"), STANDBY_AUTO_CONF).unwrap();
+        let changes = write_recovery_settings(dir.path(), &settings(&RecoveryTarget::End, true, true, 15)).unwrap();
+        assert_eq!(changes, SettingsChanges::default());
+        let text = fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
+        assert!(text.starts_with(STANDBY_AUTO_CONF), "{text}");
+        assert!(!text.contains("'false'") && !text.contains("archive_library"), "{text}");
+        assert!(dir.path().join("standby.signal").exists());
+        // Before PostgreSQL 15 there is no archive_library to set (and an unknown one stops the server).
+        let old = tempfile::tempdir().unwrap();
+        write_recovery_settings(old.path(), &settings(&RecoveryTarget::End, false, false, 14)).unwrap();
+        let text = fs::read_to_string(old.path().join("postgresql.auto.conf")).unwrap();
+        assert!(text.ends_with("archive_command = 'false'\n"), "{text}");
+    }
+
     #[test]
     fn settings_replace_earlier_restore_settings() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,18 +426,8 @@ mod tests {
         )
         .unwrap();
         let target = RecoveryTarget::time("2026-11-22 08:00:00+00").unwrap();
-        write_recovery_settings(
-            dir.path(),
-            &RecoverySettings {
-                backup_name: "20261122T070000Z",
-                restore_command: "wal-fetch %f %p".into(),
-                target: &target,
-                action: Some(TargetAction::Promote),
-                timeline: None,
-                standby: false,
-            },
-        )
-        .unwrap();
+        let settings = RecoverySettings { action: Some(TargetAction::Promote), ..settings(&target, false, false, 15) };
+        write_recovery_settings(dir.path(), &settings).unwrap();
         let text = fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
         assert!(text.starts_with("work_mem = '8MB'\n# disabled by walship base-fetch: restore_command"), "{text}");
         assert!(text.contains("# disabled by walship base-fetch: recovery_target_lsn"));

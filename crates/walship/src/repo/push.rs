@@ -3,7 +3,8 @@
 //! The file is checked before anything is written (its name, its page header against the name and the
 //! repository's cluster), hashed, and compared with whatever the repository already holds under that
 //! name: identical content is success without an upload (PostgreSQL may archive a file twice after a
-//! crash), different content is a conflict and nothing is overwritten. A new object is encoded and
+//! crash) once the archived copy is made durable (the push that stored it may have died before its
+//! name was), different content is a conflict and nothing is overwritten. A new object is encoded and
 //! hashed while it streams to the backend. Where the backend keeps the checksum as an attribute (S3
 //! metadata, sent before the body), a hashing pass comes first and the encoder's digest must equal
 //! it; everywhere the stored length must equal the inspected one. So a file that changes size while
@@ -77,7 +78,10 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
             if digest.len != checked.len {
                 return Err(changed_while_reading(source));
             }
-            compare_with_archived(repo, &key, &wal, source, digest).await
+            let report = compare_with_archived(repo, &key, &wal, source, digest).await?;
+            // The push that stored it may have been killed before its name was durable.
+            repo.storage().make_durable(&key).await?;
+            Ok(report)
         }
         Err(e) => Err(e),
     }

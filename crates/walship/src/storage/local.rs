@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, is_stale_temp,
-    is_temp_name, listing_steps, validate_key,
+    DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions, Storage,
+    StorageError, confirm_absent, is_stale_temp, is_temp_name, listing_steps, validate_key,
 };
 
 pub use super::STALE_TEMP_AGE;
@@ -112,7 +112,10 @@ impl Storage for LocalStorage {
         let location = self.location(key);
         match tokio::fs::File::open(&path).await {
             Ok(file) => Ok(Box::new(file)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound { location }),
+            // ENOENT also comes from a dangling symbolic link on the way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(confirm_absent(self, &self.root, &path, PathKind::File, location).await)
+            }
             Err(e) => Err(StorageError::io(location, "open", e)),
         }
     }
@@ -125,7 +128,9 @@ impl Storage for LocalStorage {
                 Ok(ObjectMeta { key: key.to_owned(), size: meta.len(), attributes: Default::default() })
             }
             Ok(_) => Err(StorageError::Other { location, message: "not a regular file".into(), retryable: false }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound { location }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(confirm_absent(self, &self.root, &path, PathKind::File, location).await)
+            }
             Err(e) => Err(StorageError::io(location, "stat", e)),
         }
     }
@@ -162,6 +167,24 @@ impl Storage for LocalStorage {
         .await
     }
 
+    async fn make_durable(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        let location = self.location(key);
+        let root = self.root.clone();
+        blocking(&location.clone(), move || {
+            // fsync works on a descriptor opened read-only, so an archive made read-only still works.
+            File::open(&path).and_then(|file| file.sync_all()).map_err(|e| StorageError::io(&location, "fsync", e))?;
+            // Every directory up to the root: a push killed between creating a directory and fsyncing
+            // its parent left an entry that only the next fsync of that parent makes durable.
+            for dir in path.ancestors().skip(1).filter(|dir| dir.starts_with(&root)) {
+                fsync_dir(dir)
+                    .map_err(|e| StorageError::io(format!("file://{}", dir.display()), "fsync directory", e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError> {
         let dir = self.path_of(prefix.trim_end_matches('/'))?;
         let location = self.location(prefix);
@@ -186,6 +209,30 @@ impl Storage for LocalStorage {
 
     async fn check_root(&self) -> Result<(), StorageError> {
         LocalStorage::open(&self.root).map(|_| ())
+    }
+}
+
+#[async_trait]
+impl PathProbe for LocalStorage {
+    async fn probe(&self, path: &Path, follow_links: bool) -> Result<PathKind, StorageError> {
+        let meta = if follow_links { tokio::fs::metadata(path).await } else { tokio::fs::symlink_metadata(path).await };
+        match meta {
+            Ok(meta) => Ok(path_kind(meta.file_type())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PathKind::Missing),
+            Err(e) => Err(StorageError::io(format!("file://{}", path.display()), "stat", e)),
+        }
+    }
+}
+
+fn path_kind(file_type: fs::FileType) -> PathKind {
+    if file_type.is_dir() {
+        PathKind::Directory
+    } else if file_type.is_file() {
+        PathKind::File
+    } else if file_type.is_symlink() {
+        PathKind::Symlink
+    } else {
+        PathKind::Special
     }
 }
 
@@ -446,6 +493,25 @@ mod tests {
         for key in ["../escape", "/etc/passwd", "wal/./x"] {
             assert!(matches!(storage.get(key).await, Err(StorageError::InvalidKey { .. })), "{key}");
             assert!(matches!(storage.create(key, PutOptions::default()).await, Err(StorageError::InvalidKey { .. })));
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_name_missing_from_a_real_directory_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        put(&storage, "wal/a/x", b"x").await.unwrap();
+        fs::write(dir.path().join("wal/b"), b"a file where a directory belongs").unwrap();
+        std::os::unix::fs::symlink("/nonexistent/walship", dir.path().join("wal/a/dangling")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/walship", dir.path().join("wal/c")).unwrap();
+        std::os::unix::fs::symlink("loop", dir.path().join("wal/a/loop")).unwrap();
+        assert!(matches!(storage.get("wal/a/missing").await, Err(e) if e.is_not_found()));
+        assert!(storage.head("wal/none/missing").await.unwrap_err().is_not_found(), "a missing shard is absence");
+        for key in ["wal/b/x", "wal/a/dangling", "wal/c/x", "wal/a/loop"] {
+            let Err(err) = storage.get(key).await else { panic!("{key} opened") };
+            assert!(!err.is_not_found() && !err.is_retryable(), "{key}: {err}");
+            let err = storage.head(key).await.unwrap_err();
+            assert!(!err.is_not_found(), "head {key}: {err}");
         }
     }
 

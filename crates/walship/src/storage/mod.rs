@@ -70,6 +70,13 @@ pub trait Storage: Send + Sync {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Makes the existing object `key` durable: its bytes and every directory entry on the way to it.
+    /// A push that finds identical content already archived calls it before reporting success, because
+    /// the push that stored the object may have been killed after publishing it and before making its
+    /// name durable; PostgreSQL recycles the segment on our success, so "identical" must also mean
+    /// "survives a crash". A failure is an error, never ignored.
+    async fn make_durable(&self, key: &str) -> Result<(), StorageError>;
+
     /// Whether [`PutOptions::attributes`] are kept (and so must be known before the write begins).
     /// Writers to a backend that keeps none can learn an object's checksum as they write it.
     fn keeps_attributes(&self) -> bool {
@@ -137,6 +144,100 @@ impl StorageError {
             _ => false,
         }
     }
+}
+
+/// What one look at a path found: `lstat` (the path itself) or `stat` (following symbolic links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathKind {
+    Missing,
+    Directory,
+    File,
+    Symlink,
+    /// A device, FIFO or socket.
+    Special,
+}
+
+impl PathKind {
+    fn label(self) -> &'static str {
+        match self {
+            PathKind::Missing => "missing",
+            PathKind::Directory => "a directory",
+            PathKind::File => "a regular file",
+            PathKind::Symlink => "a symbolic link",
+            PathKind::Special => "a device, FIFO or socket",
+        }
+    }
+}
+
+/// Looks at paths of a backend that keeps objects as files (local disk, SFTP).
+#[async_trait]
+pub(crate) trait PathProbe: Send + Sync {
+    /// `lstat` (`follow_links` false) or `stat` of `path`; [`PathKind::Missing`] only when the backend
+    /// says "no such file", any other failure is an error.
+    async fn probe(&self, path: &std::path::Path, follow_links: bool) -> Result<PathKind, StorageError>;
+}
+
+/// Decides whether `path` (`root` joined with a key) is really absent after a lookup of it (`wanted`
+/// is [`PathKind::File`] or [`PathKind::Directory`]) said "no such file". That answer alone is not
+/// proof: OpenSSH's sftp-server (`errno_to_portable`) reports ENOTDIR, ELOOP and EBADF with the same
+/// SSH2_FX_NO_SUCH_FILE status as ENOENT, and on any file system ENOENT also comes from a dangling
+/// symbolic link or an ancestor that is one. So the path itself must be missing (`lstat`), and the
+/// nearest ancestor that exists must be a directory: then the name is missing from a directory that
+/// could hold it. Returns [`StorageError::NotFound`] only then; otherwise an error that says what is
+/// in the way, for a person to look at.
+pub(crate) async fn confirm_absent(
+    probe: &dyn PathProbe,
+    root: &std::path::Path,
+    path: &std::path::Path,
+    wanted: PathKind,
+    location: String,
+) -> StorageError {
+    let in_the_way =
+        |message: String, retryable: bool| StorageError::Other { location: location.clone(), message, retryable };
+    match probe.probe(path, false).await {
+        Ok(PathKind::Missing) => {}
+        Ok(kind) => {
+            let kind = match kind {
+                PathKind::Symlink => match probe.probe(path, true).await {
+                    Ok(PathKind::Missing) => {
+                        return in_the_way("is a symbolic link that leads nowhere (dangling, or a loop)".into(), false);
+                    }
+                    Ok(target) => target,
+                    Err(e) => return e,
+                },
+                kind => kind,
+            };
+            return if kind == wanted {
+                // Created between the lookup and this look (a push racing the fetch): another try finds it.
+                in_the_way("appeared while it was being opened".into(), true)
+            } else {
+                in_the_way(format!("is {}, not {}", kind.label(), wanted.label()), false)
+            };
+        }
+        Err(e) => return e,
+    }
+    for ancestor in path.ancestors().skip(1).filter(|a| a.starts_with(root)) {
+        let kind = match probe.probe(ancestor, false).await {
+            Ok(PathKind::Missing) => continue,
+            // A link to a directory is a directory for every lookup below it.
+            Ok(PathKind::Symlink) => match probe.probe(ancestor, true).await {
+                Ok(kind) => kind,
+                Err(e) => return e,
+            },
+            Ok(kind) => kind,
+            Err(e) => return e,
+        };
+        return match kind {
+            PathKind::Directory => StorageError::NotFound { location },
+            PathKind::Missing => {
+                in_the_way(format!("{} is a symbolic link that leads nowhere", ancestor.display()), false)
+            }
+            other => in_the_way(format!("{} is {}, not a directory", ancestor.display(), other.label()), false),
+        };
+    }
+    // Not even the repository's root is there: the file is absent, and the identity check that must
+    // precede any "absent" answer reports the missing root.
+    StorageError::NotFound { location }
 }
 
 /// A streaming read over a network connection. A connection that breaks mid-body surfaces as an I/O

@@ -433,6 +433,12 @@ impl Storage for S3Storage {
             .map_err(|e| self.inner.classify(key, "DELETE", e))
     }
 
+    /// Nothing to do: S3 acknowledges a PUT (or a completed multipart upload) only once the object is
+    /// stored durably, and an object is never visible before that.
+    async fn make_durable(&self, _key: &str) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     async fn cleanup(&self) -> Result<(), StorageError> {
         let open: Vec<(String, (String, String))> = self.inner.open_uploads().drain().collect();
         let mut first_error = None;

@@ -9,8 +9,21 @@
 //! Publishing mirrors the local backend: a hidden temporary file in the object's directory, made
 //! durable with the `fsync@openssh.com` extension (a server without it is refused unless
 //! `allow_no_fsync` says otherwise), then linked to its name with `hardlink@openssh.com`, which like
-//! link(2) refuses an existing name. (SFTP's posix-rename would replace one.) The directory is fsynced
-//! too where the server lets a directory be opened.
+//! link(2) refuses an existing name. (SFTP's posix-rename would replace one.)
+//!
+//! Directories cannot be fsynced over SFTP with this client: `fsync@openssh.com` takes a file handle,
+//! OpenSSH's sftp-server (`process_extended_fsync`) fsyncs any handle that `open` made (`handle_to_fd`
+//! gives none for an `opendir` handle), and `open(dir, O_RDONLY)` works on Linux, but the client
+//! library sends fsync only on handles opened for writing, which a directory cannot be. What makes
+//! a new name durable instead is a second fsync of the object's own handle after the link: on
+//! journaling file systems (ext4, XFS, btrfs) it commits the transaction that holds the link, and with
+//! it every earlier one (the directories created for it). A file system that needs a directory fsync
+//! for that is not covered.
+//!
+//! "No such file" from the server is not taken for absence on its own word: sftp-server's
+//! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
+//! directory replaced by a file, or a link loop, would look like a missing segment. Before a read
+//! reports [`StorageError::NotFound`], [`super::confirm_absent`] looks at the path and its ancestors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,8 +41,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use super::{
-    DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError,
-    is_stale_temp, is_temp_name, listing_steps, validate_key,
+    DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
+    Storage, StorageError, confirm_absent, is_stale_temp, is_temp_name, listing_steps, validate_key,
 };
 use crate::config::SshConfig;
 
@@ -296,7 +309,8 @@ impl Inner {
         }
     }
 
-    /// Creates `dir` and its missing parents below the root.
+    /// Creates `dir` and its missing parents below the root. Their entries become durable with the
+    /// fsync after the object's link (see the module comment), not here: SFTP cannot fsync a directory.
     async fn create_dirs(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
         let relative = dir.strip_prefix(&self.root).unwrap_or(dir);
         let mut current = self.root.clone();
@@ -329,10 +343,15 @@ impl Inner {
             let dir = if dir_key.is_empty() { self.root.clone() } else { self.root.join(&dir_key) };
             let entries = match self.sftp.fs().open_dir(&dir).await {
                 Ok(handle) => read_dir_entries(handle).await.map_err(|e| self.classify(&dir_key, "list", e))?,
-                Err(e) => match self.classify(&dir_key, "list", e) {
-                    StorageError::NotFound { .. } => return Ok(()),
-                    other => return Err(other),
-                },
+                // A directory that is not there holds no keys; one that only looks absent (a file or a
+                // link loop in its place) is an error, not an empty listing.
+                Err(e) => {
+                    match self.absent_or_in_the_way(&dir, PathKind::Directory, self.classify(&dir_key, "list", e)).await
+                    {
+                        StorageError::NotFound { .. } => return Ok(()),
+                        other => return Err(other),
+                    }
+                }
             };
             for step in listing_steps(&dir_key, entries, prefix, start_after) {
                 if found.len() >= limit {
@@ -368,11 +387,66 @@ impl Inner {
         }
     }
 
-    /// fsync of a directory where the server allows opening one (OpenSSH's sftp-server does on Linux).
-    async fn fsync_dir(&self, dir: &Path) {
-        if let Ok(mut handle) = self.sftp.options().read(true).open(dir).await {
-            let _ = handle.sync_all().await;
-            let _ = handle.close().await;
+    /// Refuses to write where nothing can be made durable, unless `allow_no_fsync` accepts the risk.
+    fn require_fsync(&self, key: &str) -> Result<(), StorageError> {
+        if self.allow_no_fsync || self.sftp.support_fsync() {
+            return Ok(());
+        }
+        Err(StorageError::Other {
+            location: self.location(key),
+            message: "the SFTP server lacks the fsync@openssh.com extension, so writes cannot be made \
+                      durable; use OpenSSH's sftp-server, or set allow_no_fsync = true in [ssh] to accept the risk"
+                .into(),
+            retryable: false,
+        })
+    }
+
+    /// fsyncs the existing object at `path`: its bytes, and (on journaling file systems, see the module
+    /// comment) the entries leading to it. Opened for writing because the client library sends fsync
+    /// only on such handles; without truncation or creation, and nothing is written.
+    async fn fsync_existing(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.require_fsync(key)?;
+        if !self.sftp.support_fsync() {
+            return Ok(());
+        }
+        let mut file = match self.sftp.options().write(true).open(path).await {
+            Ok(file) => file,
+            Err(e) => return Err(self.classify(key, "open the archived copy for writing, to fsync it", e)),
+        };
+        let synced = file.sync_all().await.map_err(|e| self.classify(key, "fsync", e));
+        let closed = file.close().await.map_err(|e| self.classify(key, "close", e));
+        synced.and(closed)
+    }
+
+    /// What a read that got "no such file" for `path` may report: absence only once it is confirmed.
+    async fn absent_or_in_the_way(&self, path: &Path, wanted: PathKind, error: StorageError) -> StorageError {
+        match error {
+            StorageError::NotFound { location } => confirm_absent(self, &self.root, path, wanted, location).await,
+            other => other,
+        }
+    }
+}
+
+#[async_trait]
+impl PathProbe for Inner {
+    async fn probe(&self, path: &Path, follow_links: bool) -> Result<PathKind, StorageError> {
+        let key = path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned();
+        let meta = if follow_links {
+            self.sftp.fs().metadata(path).await
+        } else {
+            self.sftp.fs().symlink_metadata(path).await
+        };
+        match meta {
+            Ok(meta) => Ok(match meta.file_type() {
+                Some(t) if t.is_dir() => PathKind::Directory,
+                Some(t) if t.is_file() => PathKind::File,
+                Some(t) if t.is_symlink() => PathKind::Symlink,
+                _ => PathKind::Special,
+            }),
+            Err(e) => match self.classify(&key, if follow_links { "stat" } else { "lstat" }, e) {
+                StorageError::NotFound { .. } => Ok(PathKind::Missing),
+                other => Err(other),
+            },
         }
     }
 }
@@ -385,29 +459,21 @@ impl Storage for SshStorage {
 
     async fn create(&self, key: &str, _options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let inner = &self.session().await?;
-        if !inner.allow_no_fsync && !inner.sftp.support_fsync() {
-            return Err(StorageError::Other {
-                location: inner.location(key),
-                message: "the SFTP server lacks the fsync@openssh.com extension, so writes cannot be made \
-                          durable; use OpenSSH's sftp-server, or set allow_no_fsync = true in [ssh] to accept the risk"
-                    .into(),
-                retryable: false,
-            });
-        }
+        inner.require_fsync(key)?;
         let final_path = inner.path_of(key)?;
         let dir = final_path.parent().expect("a key has a parent").to_owned();
         inner.create_dirs(key, &dir).await?;
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
-        let file = inner
-            .sftp
-            .options()
-            .write(true)
-            .create_new(true)
-            .open(&temp_path)
-            .await
-            .map_err(|e| inner.classify(key, "create temporary file", e))?;
+        let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
+            Ok(file) => file,
+            // "No such file" here is most likely a file where the directory belongs: say so.
+            Err(e) => {
+                let error = inner.classify(key, "create temporary file", e);
+                return Err(inner.absent_or_in_the_way(&dir, PathKind::Directory, error).await);
+            }
+        };
         self.pending_temps.register(&temp_path);
         Ok(Box::new(SshWriter {
             pending_temps: self.pending_temps.clone(),
@@ -423,14 +489,24 @@ impl Storage for SshStorage {
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
         let inner = self.session().await?;
         let path = inner.path_of(key)?;
-        let file = inner.sftp.open(&path).await.map_err(|e| inner.classify(key, "open", e))?;
+        let file = match inner.sftp.open(&path).await {
+            Ok(file) => file,
+            Err(e) => {
+                return Err(inner.absent_or_in_the_way(&path, PathKind::File, inner.classify(key, "open", e)).await);
+            }
+        };
         Ok(Box::new(NetworkRead::new(TokioCompatFile::new(file), Some(Arc::clone(&inner.broken)))))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
         let inner = self.session().await?;
         let path = inner.path_of(key)?;
-        let meta = inner.sftp.fs().metadata(&path).await.map_err(|e| inner.classify(key, "stat", e))?;
+        let meta = match inner.sftp.fs().metadata(&path).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                return Err(inner.absent_or_in_the_way(&path, PathKind::File, inner.classify(key, "stat", e)).await);
+            }
+        };
         Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
     }
 
@@ -449,9 +525,14 @@ impl Storage for SshStorage {
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let inner = self.session().await?;
         let path = inner.path_of(key)?;
-        inner.sftp.fs().remove_file(&path).await.map_err(|e| inner.classify(key, "delete", e))?;
-        inner.fsync_dir(path.parent().expect("a key has a parent")).await;
-        Ok(())
+        // Not made durable: a removal that a crash undoes leaves an object that is deleted again later.
+        inner.sftp.fs().remove_file(&path).await.map_err(|e| inner.classify(key, "delete", e))
+    }
+
+    async fn make_durable(&self, key: &str) -> Result<(), StorageError> {
+        let inner = self.session().await?;
+        let path = inner.path_of(key)?;
+        inner.fsync_existing(key, &path).await
     }
 
     async fn cleanup(&self) -> Result<(), StorageError> {
@@ -545,11 +626,12 @@ impl SshWriter {
     async fn publish(&mut self) -> Result<(), StorageError> {
         let inner = Arc::clone(&self.inner);
         let mut file = self.file.take().expect("commit once");
-        if inner.sftp.support_fsync() {
+        let fsync = inner.sftp.support_fsync();
+        if fsync {
             file.sync_all().await.map_err(|e| inner.classify(&self.key, "fsync", e))?;
         }
-        file.close().await.map_err(|e| inner.classify(&self.key, "close", e))?;
         if let Err(e) = inner.sftp.fs().hard_link(&self.temp_path, &self.final_path).await {
+            let _ = file.close().await;
             // OpenSSH reports an existing name as a plain "failure": look before calling it a conflict.
             return Err(if inner.exists(&self.key, &self.final_path).await? {
                 StorageError::AlreadyExists { location: inner.location(&self.key) }
@@ -557,8 +639,12 @@ impl SshWriter {
                 inner.classify(&self.key, "publish (hardlink@openssh.com)", e)
             });
         }
+        // In place of a directory fsync, which SFTP cannot do here (see the module comment).
+        if fsync {
+            file.sync_all().await.map_err(|e| inner.classify(&self.key, "fsync after link", e))?;
+        }
+        file.close().await.map_err(|e| inner.classify(&self.key, "close", e))?;
         self.remove_temp().await;
-        inner.fsync_dir(&self.dir).await;
         inner.remove_stale_temp_files(&self.dir).await;
         Ok(())
     }

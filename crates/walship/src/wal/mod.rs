@@ -127,8 +127,10 @@ fn segments_per_log(segment_size: u32) -> u64 {
 
 /// XLP_LONG_HEADER: set on the first page of every segment.
 const XLP_LONG_HEADER: u16 = 0x0002;
-/// XLP_ALL_FLAGS: any other bit means the bytes are not a page header.
-const XLP_ALL_FLAGS: u16 = 0x0007;
+/// XLP_ALL_FLAGS (PostgreSQL's `xlog_internal.h`): any other bit means the bytes are not a page
+/// header. It includes 0x0008, XLP_FIRST_IS_OVERWRITE_CONTRECORD, which PostgreSQL sets on the page
+/// after a record that a crash cut short; refusing that bit would stop archiving for good.
+const XLP_ALL_FLAGS: u16 = 0x000F;
 
 /// `XLOG_PAGE_MAGIC` of each supported major version. The magic changes whenever the WAL format does,
 /// so it identifies the server version that wrote a segment.
@@ -427,6 +429,20 @@ mod tests {
         let mut b = header_bytes(3, 16 << 20, 1, 42);
         b[32..36].copy_from_slice(&12345u32.to_le_bytes());
         assert!(LongPageHeader::parse(&b).unwrap_err().contains("segment size"));
+    }
+
+    #[test]
+    fn every_flag_postgresql_sets_on_a_first_page_passes() {
+        // XLP_FIRST_IS_CONTRECORD (1), XLP_BKP_REMOVABLE (4), XLP_FIRST_IS_OVERWRITE_CONTRECORD (8),
+        // each beside XLP_LONG_HEADER (2).
+        for flags in [0x0002u16, 0x0003, 0x0006, 0x000A, 0x000F] {
+            let mut b = header_bytes(3, 16 << 20, 1, 42);
+            b[2..4].copy_from_slice(&flags.to_le_bytes());
+            assert!(LongPageHeader::parse(&b).is_ok(), "flags 0x{flags:04X}");
+        }
+        let mut b = header_bytes(3, 16 << 20, 1, 42);
+        b[2..4].copy_from_slice(&0x0012u16.to_le_bytes());
+        assert!(LongPageHeader::parse(&b).unwrap_err().contains("long header"), "an unknown bit");
     }
 
     #[test]
