@@ -28,8 +28,9 @@ use walship_cli::{COMMON_HELP, CommonArgs, exit_with};
         a time, and records each durable upload in pg_wal/walship/pushed/. PostgreSQL's later call for \
         such a segment is answered after a local check (same file, recorded less than 10 minutes ago) \
         and two small requests to the repository (its identity record: the same repository, not one \
-        made anew at its location; and the object: still there). The answer for the requested file always waits for its own durable upload. \
-        deadline_secs bounds the whole call, uploads ahead included.\n\n\
+        made anew at its location; and the object: still there). The answer for the requested file \
+        always waits for its own durable upload. deadline_secs bounds the whole call, uploads ahead \
+        included.\n\n\
         The data directory remembers the repository it archives into (walship/repositories/ in it): \
         a push into a location that held that repository and now holds none (a file system that is \
         not mounted) or another one is refused (exit 6) and writes nothing. To start a new \

@@ -22,9 +22,10 @@
 //! - A record answers only for the repository the call would write to now: before it is used, the
 //!   identity record at the configured location is read and must carry the record's repository id,
 //!   and the segment's object must still be there (two small requests). A repository wiped and made
-//!   anew at the same location has another id, so its segments are uploaded for real. Records older than [`MAX_RECORD_AGE`] are not used, and
-//!   every record is removed when a call fails or finds another repository id: a failing call is
-//!   when operators wipe or recreate repositories.
+//!   anew at the same location has another id, so its segments are uploaded for real. Records
+//!   older than [`MAX_RECORD_AGE`] are not used, and every record is removed when a call fails or
+//!   finds another repository id or a recorded object gone: a failing call is when operators wipe
+//!   or recreate repositories.
 //! - The answer for N itself comes only from N's own durable upload (or its record).
 //! - Memory is bounded: the scan of `archive_status` keeps only the `look_ahead` lowest candidates.
 
@@ -657,7 +658,10 @@ mod tests {
         a_record(&state, dir.path(), "000000010000000000000004", Some("id"), now);
         assert_eq!(state.prune(), ["000000010000000000000004".to_owned()].into());
         assert!(!state.record_path(name).exists());
-        let records_without_time = r#"{"name":"000000010000000000000004","repo":"r","stamp":{"dev":1,"ino":1,"len":1,"mtime_ns":1,"ctime_ns":1},"sha256":"00"}"#;
+        let records_without_time = concat!(
+            r#"{"name":"000000010000000000000004","repo":"r","#,
+            r#""stamp":{"dev":1,"ino":1,"len":1,"mtime_ns":1,"ctime_ns":1},"sha256":"00"}"#
+        );
         assert!(
             parse_record(&format!(
                 "{records_without_time}\n{}\n",

@@ -322,7 +322,10 @@ mod tests {
         let old = tempfile::tempdir().unwrap();
         std::fs::write(
             old.path().join(IDENTITY_KEY),
-            r#"{"format_version":1,"system_identifier":"7","pg_version":15,"wal_segment_size":16777216,"created_by":"walship 0.1.0"}"#,
+            concat!(
+                r#"{"format_version":1,"system_identifier":"7","pg_version":15,"#,
+                r#""wal_segment_size":16777216,"created_by":"walship 0.1.0"}"#
+            ),
         )
         .unwrap();
         let identity = repo(old.path()).ensure_identity(&facts, "seg").await.unwrap();
