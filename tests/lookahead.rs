@@ -688,12 +688,23 @@ fn a_failed_call_removes_every_record() {
     assert_error(&d.push(&args, &seg(9)), 4, &[&seg(9)]);
     assert!(d.records().is_empty(), "records outlived a failed call: {}", d.describe());
 
-    // The first is judged by content (and takes the others along again, with new records).
+    // The next is judged by content (and takes the others along again, with new records).
+    let out = d.push(&args, &seg(2));
+    assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(2))), "{out:#?}");
+    assert_eq!(d.records(), set(&segs(3..=4)), "{}", d.describe());
+    d.mark_done(&seg(2));
+
+    // A call that panics (a bug; here the test failpoint after its archive) removes them too.
+    let fifth = d.write_segments([5], Fill::WalLike);
+    let mut panicking = d.push_cmd(&args, &seg(5));
+    panicking.env(walship::failpoint::FAILPOINT_VAR, "wal-push:archived");
+    let out = run_bounded(&mut panicking);
+    assert_eq!(out.code, Some(12), "{out:#?}");
+    assert!(d.records().is_empty(), "records outlived a panicked call: {}", d.describe());
+
     let calls = d.archive_everything_ready(&args);
-    assert_eq!(calls.len(), 3);
-    let (name, out) = &calls[0];
-    assert!(out.stderr.contains(&format!("{name} was already archived with identical content")), "{out:#?}");
-    for (name, bytes) in &originals {
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    for (name, bytes) in originals.iter().chain(&fifth) {
         d.assert_fetches(&args, name, bytes);
     }
 }

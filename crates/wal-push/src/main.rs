@@ -83,6 +83,7 @@ fn main() {
     // requested, and every read of the repository ends by then.
     let deadline = Deadline::starting_now(config.deadline);
     let state = StateDir::for_source(&cli.path);
+    forget_records_on_panic(state.clone());
     let call = Call { log, name, path: cli.path, state, started };
     let outcome = walship_cli::block_on_parallel(config.push.parallel, call.run(&config, deadline));
     match outcome {
@@ -98,6 +99,17 @@ fn main() {
         Ok(Outcome::Pushed(batch)) => call.finish(batch),
         Err(e) => call.fail(&e),
     }
+}
+
+/// A panic (a bug, exit 12) ends a call as a failure too: no look-ahead record outlives it. Runs
+/// before the hook `exit_on_panic` installed, which logs and exits.
+fn forget_records_on_panic(state: Option<StateDir>) {
+    let Some(state) = state else { return };
+    let exit = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        state.forget_all();
+        exit(info);
+    }));
 }
 
 /// One call of archive_command.
