@@ -1,6 +1,7 @@
 //! wal-push never tells PostgreSQL that a segment is archived unless it is in the repository the
 //! call would write to now, and never starts a new repository in place of the one the cluster's
-//! history is in. Against a real PostgreSQL 15 (1 MiB segments), on local disk and on S3 (s3s-fs):
+//! history is in. Against a real PostgreSQL 15 (1 MiB segments), on local disk, on S3 (s3s-fs) and
+//! over SSH (a real sshd):
 //!
 //! - A repository wiped and made anew at the same location, while look-ahead records of the old one
 //!   exist: the next calls upload for real (the records name the old repository's id), and a
@@ -105,6 +106,13 @@ fn a_recreated_repository_on_s3_gets_the_recorded_segments_uploaded_for_real() {
     let store = Scratch::new("push-recreated-s3");
     let repo = Repository::s3(&store, "walship-test", "db1");
     recreated_repository("s3", &store, &repo);
+}
+
+#[test]
+fn a_recreated_repository_over_ssh_gets_the_recorded_segments_uploaded_for_real() {
+    let store = Scratch::new("push-recreated-ssh");
+    let repo = Repository::ssh(&store);
+    recreated_repository("ssh", &store, &repo);
 }
 
 /// The scenario: segments wait `.ready` (archiving paused), one wal-push call uploads them ahead
