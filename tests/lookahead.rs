@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -330,6 +330,18 @@ fn s3_server(repo: &Repository) -> &S3Server {
     }
 }
 
+/// Asserts that `seen` is, for each of `answered`, one GET of the repository's identity record and
+/// one HEAD of the segment's object (the two checks of an answer from a record), and nothing else.
+#[track_caller]
+fn assert_only_confirmations(seen: &[Seen], answered: &[String], what: &str) {
+    let reads = seen.iter().filter(|s| s.method == "GET" && s.request.path().ends_with("/repository.json")).count();
+    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &key_of(name)).len() == 1).count();
+    assert!(
+        reads == answered.len() && heads == answered.len() && seen.len() == 2 * answered.len(),
+        "{what}: expected a GET of repository.json and a HEAD of the object for each of {answered:?}: {seen:#?}"
+    );
+}
+
 /// Requests a proxy saw for `name`'s object (its path contains the name).
 fn requests_for<'a>(seen: &'a [Seen], method: &str, name: &str) -> Vec<&'a Seen> {
     seen.iter().filter(|s| s.method == method && s.request.path().contains(name)).collect()
@@ -363,16 +375,20 @@ fn look_ahead_uploads_only_ready_segments_and_never_touches_archive_status() {
     assert_no_temp_files(&d.pushed_dir());
     assert_eq!(d.status_snapshot(), status_before, "archive_status must only be read; {}", d.describe());
 
-    // PostgreSQL marks 1 done and asks for 2. The repository is out of reach: a call that touched it
-    // would fail (shown first with 6, which has no record).
+    // PostgreSQL marks 1 done and asks for 2. The repository cannot be written (its shard directory
+    // read-only; an answer only reads the identity record and looks the object up): a call that
+    // wrote would fail (shown first with a copy of 6, pushed from outside pg_wal: a failed call in
+    // pg_wal would remove every record).
     d.mark_done(&seg(1));
-    let repo_dir = repo.object_file("");
-    let away = d.scratch.path().join("repo-away");
-    fs::rename(&repo_dir, &away).unwrap();
-    let control = d.push(&args, &seg(6));
-    assert_ne!(control.code, Some(0), "without its repository a normal push must fail: {control:#?}");
+    let shard = repo.object_file("wal/0000000100000000");
+    let mode = fs::metadata(&shard).unwrap().permissions();
+    fs::set_permissions(&shard, fs::Permissions::from_mode(0o555)).unwrap();
+    let elsewhere = d.scratch.mkdir("elsewhere");
+    segments::write_file(&elsewhere.join(seg(6)), &fs::read(d.wal.join(seg(6))).unwrap());
+    let control = run_bounded(walship("wal-push").current_dir(&elsewhere).args(&args).arg(seg(6)).arg(seg(6)));
+    assert_ne!(control.code, Some(0), "without its objects a normal push must fail: {control:#?}");
     let out = d.push(&args, &seg(2));
-    fs::rename(&away, &repo_dir).unwrap();
+    fs::set_permissions(&shard, mode).unwrap();
     assert_ok(&out, "push 2, answered from its record");
     assert!(out.stderr.contains(&format!("{} was {ARCHIVED_AHEAD} (", seg(2))), "{out:#?}");
     assert!(out.stderr.contains("same file"), "{out:#?}");
@@ -468,11 +484,12 @@ fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
     assert_absent(&d.pushed_dir());
 }
 
-/// On S3, the call answered from a record sends not a single request; a call for another repository
-/// does not trust the record and uploads there; and the batch never has more than `parallel` uploads
-/// under way.
+/// On S3, the call answered from a record sends two small requests and no upload: the GET of the
+/// identity record that proves the repository is still the one the record names, and a HEAD that
+/// proves it still holds the object; a call for another repository does not trust the record and
+/// uploads there; and the batch never has more than `parallel` uploads under way.
 #[test]
-fn an_answer_from_a_record_makes_no_request() {
+fn an_answer_from_a_record_only_checks_the_repository() {
     let d = DataDir::new("lookahead-s3");
     let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
     let server = s3_server(&repo);
@@ -504,7 +521,7 @@ fn an_answer_from_a_record_makes_no_request() {
     assert_ok(&out, "push 2, answered from its record");
     assert!(out.stderr.contains(ARCHIVED_AHEAD), "{out:#?}");
     let seen = proxy.seen();
-    assert_eq!(seen.len(), before, "the answer from a record sent requests: {:#?}", &seen[before..]);
+    assert_only_confirmations(&seen[before..], &[seg(2)], "the answer from a record");
     assert_absent(&d.record(&seg(2)));
     d.mark_done(&seg(2));
 
@@ -529,7 +546,7 @@ fn an_answer_from_a_record_makes_no_request() {
     assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(3))), "{out:#?}");
     d.mark_done(&seg(3));
 
-    // The rest from their records, with no request at all.
+    // The rest from their records, each with its two checks.
     let before = proxy.seen().len();
     let calls = d.archive_everything_ready(&args);
     assert_eq!(calls.len(), 3);
@@ -537,7 +554,8 @@ fn an_answer_from_a_record_makes_no_request() {
         assert!(out.stderr.contains(ARCHIVED_AHEAD), "{name}: {out:#?}");
     }
     let seen = proxy.seen();
-    assert_eq!(seen.len(), before, "answers from records sent requests: {:#?}", &seen[before..]);
+    let answered: Vec<String> = calls.iter().map(|(name, _)| name.clone()).collect();
+    assert_only_confirmations(&seen[before..], &answered, "answers from records");
     for (name, bytes) in &originals {
         d.assert_fetches(&args, name, bytes);
     }
@@ -645,6 +663,48 @@ fn a_changed_or_damaged_record_is_not_trusted() {
     assert_ok(&out, "push 5");
     assert!(out.stderr.contains("same file"), "{out:#?}");
     for (name, bytes) in &originals {
+        d.assert_fetches(&args, name, bytes);
+    }
+}
+
+/// A call that fails (any error exit) removes every record: a failing call is when operators wipe,
+/// restore or replace repositories, so no record may vouch for what comes after it. PostgreSQL's
+/// next call is then judged by content.
+#[test]
+fn a_failed_call_removes_every_record() {
+    let d = DataDir::new("lookahead-fail-forgets");
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let originals = d.write_segments(1..=4, Fill::WalLike);
+    for n in 1..=4 {
+        d.mark(&seg(n), "ready");
+    }
+    assert_ok(&d.push(&args, &seg(1)), "push 1 with look-ahead");
+    assert_eq!(d.records(), set(&segs(2..=4)), "{}", d.describe());
+    d.mark_done(&seg(1));
+
+    // A recycled file under the name of 9: its page header names another segment (exit 4).
+    segments::write_file(&d.wal.join(seg(9)), &Segment::new(&seg(5)).bytes());
+    assert_error(&d.push(&args, &seg(9)), 4, &[&seg(9)]);
+    assert!(d.records().is_empty(), "records outlived a failed call: {}", d.describe());
+
+    // The next is judged by content (and takes the others along again, with new records).
+    let out = d.push(&args, &seg(2));
+    assert!(out.stderr.contains(&format!("{} was already archived with identical content", seg(2))), "{out:#?}");
+    assert_eq!(d.records(), set(&segs(3..=4)), "{}", d.describe());
+    d.mark_done(&seg(2));
+
+    // A call that panics (a bug; here the test failpoint after its archive) removes them too.
+    let fifth = d.write_segments([5], Fill::WalLike);
+    let mut panicking = d.push_cmd(&args, &seg(5));
+    panicking.env(walship::failpoint::FAILPOINT_VAR, "wal-push:archived");
+    let out = run_bounded(&mut panicking);
+    assert_eq!(out.code, Some(12), "{out:#?}");
+    assert!(d.records().is_empty(), "records outlived a panicked call: {}", d.describe());
+
+    let calls = d.archive_everything_ready(&args);
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    for (name, bytes) in originals.iter().chain(&fifth) {
         d.assert_fetches(&args, name, bytes);
     }
 }
@@ -802,4 +862,80 @@ fn killing_wal_push_mid_look_ahead_loses_nothing_and_acknowledges_nothing_early(
 #[test]
 fn killing_wal_push_while_its_own_upload_stalls_acknowledges_nothing() {
     kill_mid_batch("lookahead-kill-own", &[1], true);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One deadline per call.
+// ---------------------------------------------------------------------------------------------------
+
+/// The deadline of the calls below: short, since it is what is measured.
+const SHORT_DEADLINE: Duration = Duration::from_secs(3);
+/// walship-cli's CLEANUP_GRACE: after its work, a call may spend this long undoing interrupted
+/// attempts on the server.
+const CLEANUP_GRACE: Duration = Duration::from_secs(10);
+/// What one call may take with a failing store: its deadline, the cleanup grace, and a generous
+/// margin for a loaded machine. One deadline per queued upload (the bug) takes many times longer.
+const ONE_CALL_BOUND: Duration = SHORT_DEADLINE.saturating_add(CLEANUP_GRACE).saturating_add(Duration::from_secs(5));
+
+/// `--config FILE` for `s3://BUCKET/PREFIX` at `endpoint`, with `deadline_secs` = [`SHORT_DEADLINE`].
+fn short_deadline_config(server: &S3Server, endpoint: &str, dir: &Path, push: &str) -> Vec<OsString> {
+    let top = format!("deadline_secs = {}", SHORT_DEADLINE.as_secs());
+    let text = server.config_text(&format!("s3://{BUCKET}/{PREFIX}"), endpoint, &top, S3_SOCKETS);
+    let config = write_config_file(dir, "short-deadline.toml", &format!("{text}[push]\n{push}\n"));
+    vec!["--config".into(), config.into()]
+}
+
+/// A store nobody answers for (a port nobody listens on), 16 segments queued behind one upload at a
+/// time: the call gives up (exit 8) after one deadline for all of them, instead of starting a fresh
+/// deadline for each upload as its turn comes (17 deadlines, 51 s, with PostgreSQL's archiver and a
+/// `pg_ctl stop` waiting on it).
+#[test]
+fn a_dead_endpoint_holds_a_call_for_one_deadline_not_one_per_queued_upload() {
+    let d = DataDir::new("lookahead-dead");
+    let server = S3Server::start();
+    let dead = format!("http://127.0.0.1:{}", walship_tests::s3::free_port());
+    let args = short_deadline_config(&server, &dead, d.scratch.path(), "look_ahead = 16\nparallel = 1");
+    d.write_segments(1..=17, Fill::WalLike);
+    for n in 1..=17 {
+        d.mark(&seg(n), "ready");
+    }
+    let started = Instant::now();
+    let out = d.push(&args, &seg(1));
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(8), "{out:#?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("gave up after {} s", SHORT_DEADLINE.as_secs())), "{out:#?}");
+    assert!(took < ONE_CALL_BOUND, "one call took {took:?} with deadline_secs = 3: {out:#?}");
+    assert!(d.records().is_empty(), "{}", d.describe());
+}
+
+/// The requested segment stores at once, but every upload ahead stalls: the call still ends after
+/// one deadline (exit 0, the stalled ones left for PostgreSQL's own calls), not after one deadline
+/// per upload ahead; and the requested segment, which took its turn first, is never starved.
+#[test]
+fn stalled_uploads_ahead_hold_a_call_for_one_deadline() {
+    let d = DataDir::new("lookahead-stalled");
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let server = s3_server(&repo);
+    let proxy = Proxy::start(server.port());
+    let args = short_deadline_config(server, &proxy.endpoint(), d.scratch.path(), "look_ahead = 16\nparallel = 1");
+    let originals = d.write_segments(1..=17, Fill::WalLike);
+    for n in 1..=17 {
+        d.mark(&seg(n), "ready");
+    }
+    let requested = seg(1);
+    proxy
+        .add(Rule::new(Fault::Stall).when(move |r: &Request| {
+            r.method == "PUT" && r.path().contains("/wal/") && !r.path().contains(&requested)
+        }));
+    let started = Instant::now();
+    let out = d.push(&args, &seg(1));
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains(&format!("archived {} (", seg(1))), "{out:#?}");
+    assert!(out.stderr.contains(&format!("look-ahead: {} not uploaded ahead", seg(2))), "{out:#?}");
+    assert!(took < ONE_CALL_BOUND, "one call took {took:?} with deadline_secs = 3: {out:#?}");
+    assert!(d.records().is_empty(), "records of stalled uploads: {}", d.describe());
+    assert_eq!(archived(&repo), set(&segs([1])), "{}", repo.describe());
+    d.assert_fetches(&args, &seg(1), &originals[0].1);
 }

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use walship::Error;
 use walship::log::Log;
-use walship::lookahead::{self, Answer, StateDir};
+use walship::lookahead::{self, Answer, BatchReport, Lookup, StateDir};
+use walship::remembered::Remembered;
 use walship::repo::Repository;
+use walship::retry::Deadline;
 use walship::wal::WalFileName;
+use walship::{Config, Error};
 use walship_cli::{COMMON_HELP, CommonArgs, exit_with};
 
 #[derive(Parser, Debug)]
@@ -24,8 +26,15 @@ use walship_cli::{COMMON_HELP, CommonArgs, exit_with};
         Look-ahead: when PATH is in pg_wal, the call also uploads up to [push] look_ahead later \
         segments that PostgreSQL has marked .ready in pg_wal/archive_status, [push] parallel files at \
         a time, and records each durable upload in pg_wal/walship/pushed/. PostgreSQL's later call for \
-        such a segment is answered after a local check (same file, same repository) without touching \
-        the repository. The answer for the requested file always waits for its own durable upload.",
+        such a segment is answered after a local check (same file, recorded less than 10 minutes ago) \
+        and two small requests to the repository (its identity record: the same repository, not one \
+        made anew at its location; and the object: still there). The answer for the requested file \
+        always waits for its own durable upload. deadline_secs bounds the whole call, uploads ahead \
+        included.\n\n\
+        The data directory remembers the repository it archives into (walship/repositories/ in it): \
+        a push into a location that held that repository and now holds none (a file system that is \
+        not mounted) or another one is refused (exit 6) and writes nothing. To start a new \
+        repository there on purpose, remove the file the error names.",
     after_long_help = COMMON_HELP
 )]
 struct Cli {
@@ -37,6 +46,15 @@ struct Cli {
 
     /// Its WAL file name (PostgreSQL's %f) [default: the file name of PATH]
     name: Option<String>,
+}
+
+enum Outcome {
+    /// Answered from a look-ahead record, confirmed against the repository.
+    Answered {
+        bytes: u64,
+        rehashed: bool,
+    },
+    Pushed(BatchReport),
 }
 
 fn main() {
@@ -61,55 +79,122 @@ fn main() {
         config.push.parallel
     ));
 
-    // The cheap local check comes before anything touches the network.
+    // One deadline for the whole call, set before anything can wait: every upload, ahead or
+    // requested, and every read of the repository ends by then.
+    let deadline = Deadline::starting_now(config.deadline);
     let state = StateDir::for_source(&cli.path);
-    if let Some(state) = &state {
-        match state.answer(&name, &cli.path, &config.repository_identity()) {
-            Answer::Archived { bytes, rehashed } => {
-                let how = if rehashed { "same SHA-256" } else { "same file" };
-                log.info(format_args!(
-                    "{name} was archived ahead by an earlier call ({bytes} bytes, {how}, {} ms)",
-                    started.elapsed().as_millis()
-                ));
-                std::process::exit(0);
-            }
-            Answer::NotAhead(reason) => log.debug(format_args!("{name}: {reason}")),
+    forget_records_on_panic(state.clone());
+    let call = Call { log, name, path: cli.path, state, started };
+    let outcome = walship_cli::block_on_parallel(config.push.parallel, call.run(&config, deadline));
+    match outcome {
+        Ok(Outcome::Answered { bytes, rehashed }) => {
+            let how = if rehashed { "same SHA-256" } else { "same file" };
+            call.log.info(format_args!(
+                "{} was archived ahead by an earlier call ({bytes} bytes, {how}, {} ms)",
+                call.name,
+                call.started.elapsed().as_millis()
+            ));
+            std::process::exit(0);
         }
+        Ok(Outcome::Pushed(batch)) => call.finish(batch),
+        Err(e) => call.fail(&e),
     }
+}
 
-    let batch = walship_cli::block_on_parallel(config.push.parallel, async {
-        let repo = Repository::open(&config).await?;
-        let batch = lookahead::push_batch(&repo, &config, &log, &cli.path, &name, state.as_ref()).await;
+/// A panic (a bug, exit 12) ends a call as a failure too: no look-ahead record outlives it. Runs
+/// before the hook `exit_on_panic` installed, which logs and exits.
+fn forget_records_on_panic(state: Option<StateDir>) {
+    let Some(state) = state else { return };
+    let exit = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        state.forget_all();
+        exit(info);
+    }));
+}
+
+/// One call of archive_command.
+struct Call {
+    log: Log,
+    name: String,
+    path: PathBuf,
+    state: Option<StateDir>,
+    started: Instant,
+}
+
+impl Call {
+    async fn run(&self, config: &Config, deadline: Deadline) -> Result<Outcome, Error> {
+        let (log, name) = (&self.log, &self.name);
+        // The cheap local check first; a record that holds locally still needs the repository's id.
+        let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &config.repository_identity())) {
+            Some(Lookup::Candidate(candidate)) => Some(candidate),
+            Some(Lookup::NotAhead(reason)) => {
+                log.debug(format_args!("{name}: {reason}"));
+                None
+            }
+            None => None,
+        };
+        let repo = Repository::open(config).await?;
+        if let (Some(state), Some(candidate)) = (&self.state, candidate) {
+            match state.confirm(candidate, &repo, deadline, log).await {
+                Answer::Archived { bytes, rehashed } => return Ok(Outcome::Answered { bytes, rehashed }),
+                Answer::NotAhead(reason) => log.debug(format_args!("{name}: {reason}")),
+            }
+        }
+        let remembered =
+            self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &config.repository_identity()));
+        if let Some(remembered) = &remembered {
+            remembered.check(&repo, deadline, log).await?;
+        }
+        let batch = lookahead::push_batch(&repo, config, log, deadline, &self.path, name, self.state.as_ref()).await;
+        if let (Some(remembered), Ok(_)) = (&remembered, &batch.requested) {
+            // Read by the push just made (and kept): no request.
+            let identity = repo.identity().await.ok().flatten();
+            if let Some(Err(e)) = identity.map(|identity| remembered.remember(&identity)) {
+                log.info(format_args!("warning: {e}; this cluster cannot tell an empty location from its repository"));
+            }
+        }
         if let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await {
             log.debug(format_args!("cleaning up after interrupted attempts failed: {e}"));
         }
-        Ok(batch)
-    });
-    let batch = batch.unwrap_or_else(|e| exit_with(&log, &e));
-    for (segment, error) in &batch.ahead_failed {
-        log.info(format_args!("look-ahead: {segment} not uploaded ahead (PostgreSQL's own call will retry): {error}"));
+        Ok(Outcome::Pushed(batch))
     }
-    let ahead = match (batch.ahead.first(), batch.ahead.last()) {
-        (Some(first), Some(last)) if first == last => format!("; uploaded {first} ahead"),
-        (Some(first), Some(last)) => format!("; uploaded {} ahead ({first} to {last})", batch.ahead.len()),
-        _ => String::new(),
-    };
-    let millis = started.elapsed().as_millis();
-    match batch.requested {
-        Ok(report) => {
-            walship::failpoint::hit("wal-push:archived");
-            match report.stored_bytes {
-                Some(stored) => log.info(format_args!(
-                    "archived {name} ({} bytes, stored {stored}, {millis} ms){ahead}",
-                    report.original_bytes
-                )),
-                None => log.info(format_args!(
-                    "{name} was already archived with identical content ({} bytes, {millis} ms){ahead}",
-                    report.original_bytes
-                )),
-            }
-            std::process::exit(0);
+
+    fn finish(&self, batch: BatchReport) -> ! {
+        let (log, name) = (&self.log, &self.name);
+        for (segment, error) in &batch.ahead_failed {
+            log.info(format_args!(
+                "look-ahead: {segment} not uploaded ahead (PostgreSQL's own call will retry): {error}"
+            ));
         }
-        Err(e) => exit_with(&log, &e),
+        let ahead = match (batch.ahead.first(), batch.ahead.last()) {
+            (Some(first), Some(last)) if first == last => format!("; uploaded {first} ahead"),
+            (Some(first), Some(last)) => format!("; uploaded {} ahead ({first} to {last})", batch.ahead.len()),
+            _ => String::new(),
+        };
+        let millis = self.started.elapsed().as_millis();
+        let report = match batch.requested {
+            Ok(report) => report,
+            Err(e) => self.fail(&e),
+        };
+        walship::failpoint::hit("wal-push:archived");
+        match report.stored_bytes {
+            Some(stored) => log.info(format_args!(
+                "archived {name} ({} bytes, stored {stored}, {millis} ms){ahead}",
+                report.original_bytes
+            )),
+            None => log.info(format_args!(
+                "{name} was already archived with identical content ({} bytes, {millis} ms){ahead}",
+                report.original_bytes
+            )),
+        }
+        std::process::exit(0);
+    }
+
+    /// A failing call is when repositories get wiped or replaced: no look-ahead record outlives it.
+    fn fail(&self, error: &Error) -> ! {
+        if let Some(state) = &self.state {
+            state.forget_all();
+        }
+        exit_with(&self.log, error)
     }
 }

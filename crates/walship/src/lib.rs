@@ -13,6 +13,7 @@ pub mod log;
 pub mod lookahead;
 pub mod prefetch;
 pub mod process;
+pub mod remembered;
 pub mod repo;
 pub mod retry;
 pub mod storage;

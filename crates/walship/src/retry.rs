@@ -15,17 +15,48 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes. `what` names the object
 /// worked on (location, bucket, key, endpoint) for the message when the deadline ends it.
-pub async fn with_deadline<T, F, Fut>(deadline: Duration, log: &Log, what: &str, mut attempt: F) -> Result<T, Error>
+pub async fn with_deadline<T, F, Fut>(deadline: Duration, log: &Log, what: &str, attempt: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let started = Instant::now();
+    until(Deadline::starting_now(deadline), log, what, attempt).await
+}
+
+/// One command's deadline: the instant it ends, fixed once, and its length for messages. Work that
+/// shares it (a wal-push call's uploads, ahead and requested) ends together, however long each part
+/// waited for its turn.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// tokio's clock, which is the system's monotonic clock except in tests that pause time.
+    pub end: tokio::time::Instant,
+    pub length: Duration,
+}
+
+impl Deadline {
+    pub fn starting_now(length: Duration) -> Deadline {
+        Deadline { end: tokio::time::Instant::now() + length, length }
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.end.saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    fn exceeded(&self, what: &str, last: String) -> Error {
+        Error::DeadlineExceeded { what: what.to_owned(), seconds: self.length.as_secs(), last }
+    }
+}
+
+/// Like [`with_deadline`], ending at `deadline.end` whenever the work started.
+pub async fn until<T, F, Fut>(deadline: Deadline, log: &Log, what: &str, mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
     let mut delay = FIRST_DELAY;
     let mut last_error: Option<String> = None;
     loop {
-        let remaining = deadline.saturating_sub(started.elapsed());
-        let error = match tokio::time::timeout(remaining, attempt()).await {
+        let error = match tokio::time::timeout(deadline.remaining(), attempt()).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) if e.is_retryable() => e,
             Ok(Err(e)) => return Err(e),
@@ -34,16 +65,12 @@ where
                     Some(previous) => format!("the last attempt did not finish in time; before it: {previous}"),
                     None => "the operation did not finish in time".into(),
                 };
-                return Err(Error::DeadlineExceeded { what: what.to_owned(), seconds: deadline.as_secs(), last });
+                return Err(deadline.exceeded(what, last));
             }
         };
-        let remaining = deadline.saturating_sub(started.elapsed());
+        let remaining = deadline.remaining();
         if remaining.is_zero() {
-            return Err(Error::DeadlineExceeded {
-                what: what.to_owned(),
-                seconds: deadline.as_secs(),
-                last: error.to_string(),
-            });
+            return Err(deadline.exceeded(what, error.to_string()));
         }
         let pause = jittered(delay).min(remaining);
         log.debug(format_args!("{error}; retrying in {} ms", pause.as_millis()));
@@ -108,5 +135,17 @@ mod tests {
                 .await;
         let hang = hang.unwrap_err();
         assert!(hang.to_string().starts_with("s3://b/k: gave up after 3 s"), "names what hung: {hang}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_sharing_a_deadline_ends_at_its_instant_however_late_it_started() {
+        let deadline = Deadline::starting_now(Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = tokio::time::Instant::now();
+        let late: Result<(), _> = until(deadline, &Log::quiet(), "x", || async { Err(transient()) }).await;
+        assert!(matches!(late, Err(Error::DeadlineExceeded { seconds: 3, .. })), "{late:?}");
+        assert!(started.elapsed() <= Duration::from_secs(1), "ran {:?} past the shared end", started.elapsed());
+        let after: Result<(), _> = until(deadline, &Log::quiet(), "x", std::future::pending::<Result<(), Error>>).await;
+        assert!(matches!(after, Err(Error::DeadlineExceeded { .. })), "{after:?}");
     }
 }

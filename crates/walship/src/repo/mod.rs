@@ -9,7 +9,10 @@
 //!
 //! Every object under `wal/` is in the [`crate::codec`] format. The identity record pins the
 //! repository to one cluster: a push from another cluster (another system identifier, major version
-//! or segment size) is refused, so two clusters never mix their WAL by mistake.
+//! or segment size) is refused, so two clusters never mix their WAL by mistake. Its random
+//! `repository_id` tells this repository from any other one created later at the same location
+//! (wiped and made anew, or made on an empty mount point): what a cluster remembers about a
+//! repository holds only while the id is the same.
 
 mod fetch;
 mod push;
@@ -39,6 +42,10 @@ const MAX_IDENTITY_LEN: u64 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub format_version: u32,
+    /// Random, made with the repository (128 bits as hex). `None` in repositories created before
+    /// walship wrote one: they still open, and count as "no id" (two of them are never told apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
     /// As `pg_controldata` prints it ("Database system identifier"); a string, because JSON readers
     /// in other languages lose precision on 64-bit integers.
     pub system_identifier: String,
@@ -187,6 +194,7 @@ impl Repository {
         self.storage.check_root().await?;
         let identity = Identity {
             format_version: REPOSITORY_FORMAT_VERSION,
+            repository_id: Some(new_repository_id(&self.storage.location(IDENTITY_KEY))?),
             system_identifier: facts.system_identifier.to_string(),
             pg_version: facts.pg_version,
             wal_segment_size: facts.wal_segment_size,
@@ -244,6 +252,17 @@ impl Repository {
     }
 }
 
+/// 16 random bytes from the kernel, as hex: unique across every repository ever made, with no
+/// dependency beyond `/dev/urandom`.
+fn new_repository_id(for_location: &str) -> Result<String, Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut random| random.read_exact(&mut bytes)).map_err(|e| {
+        Error::LocalIo { path: format!("/dev/urandom (an id for {for_location})"), operation: "read", source: e }
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +305,31 @@ mod tests {
         }
         repo.check_system_identifier(7, "h").await.unwrap();
         assert!(repo.check_system_identifier(9, "h").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn every_new_repository_gets_its_own_id_and_old_ones_still_open() {
+        let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
+        let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = repo(first.path()).ensure_identity(&facts, "seg").await.unwrap().repository_id.unwrap();
+        let b = repo(second.path()).ensure_identity(&facts, "seg").await.unwrap().repository_id.unwrap();
+        assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+        let stored = std::fs::read_to_string(first.path().join(IDENTITY_KEY)).unwrap();
+        assert!(stored.contains(&format!("\"repository_id\": \"{a}\"")), "{stored}");
+        assert_eq!(repo(first.path()).identity().await.unwrap().unwrap().repository_id, Some(a));
+
+        let old = tempfile::tempdir().unwrap();
+        std::fs::write(
+            old.path().join(IDENTITY_KEY),
+            concat!(
+                r#"{"format_version":1,"system_identifier":"7","pg_version":15,"#,
+                r#""wal_segment_size":16777216,"created_by":"walship 0.1.0"}"#
+            ),
+        )
+        .unwrap();
+        let identity = repo(old.path()).ensure_identity(&facts, "seg").await.unwrap();
+        assert_eq!(identity.repository_id, None, "a repository without an id opens as one without");
     }
 
     #[tokio::test]
