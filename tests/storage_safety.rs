@@ -218,10 +218,12 @@ impl Drop for ServerTrace {
     }
 }
 
-/// The same over SFTP, seen from the server: sftp-server runs under strace. The re-push must fsync
-/// the archived object through fsync@openssh.com; a new push must fsync the object again after its
-/// link (SFTP cannot fsync a directory with walship's client, see storage/ssh.rs: on journaling file
-/// systems that second fsync commits the link). Fails without `make_durable`.
+/// The same over SFTP, seen from the server: sftp-server runs under strace. A new push must fsync
+/// the object's directory after its link, and the directories it created (their parents); the
+/// re-push must fsync the archived object and every directory up to the repository root, all
+/// through fsync@openssh.com. The client library used to refuse fsync on a handle not opened for
+/// writing, so no directory was ever fsynced (walship builds it patched, see vendor/). Fails
+/// without `make_durable` or without the directory fsyncs.
 #[test]
 fn an_identical_repush_is_made_durable_over_sftp() {
     assert_strace();
@@ -241,9 +243,18 @@ fn an_identical_repush_is_made_durable_over_sftp() {
         .position(|l| l.contains("link") && l.contains(&format!("\"{object_name}\")")))
         .unwrap_or_else(|| panic!("no session linked {object:?}\n--- trace ---\n{stored}"));
     let after_link = fsynced(&stored.lines().skip(link_at + 1).collect::<Vec<_>>().join("\n"));
+    let shard_dir = object.parent().unwrap().display().to_string();
     assert!(
-        after_link.iter().any(|p| p.contains(&format!("/.{segment}."))),
-        "the new object was not fsynced again after its link: {after_link:?}\n--- trace ---\n{stored}"
+        after_link.contains(&shard_dir),
+        "the new object's directory was not fsynced after its link: {after_link:?}\n--- trace ---\n{stored}"
+    );
+    // The shard directory and wal/ were created by this push: their parents hold the new entries.
+    let wal_dir = object.parent().unwrap().parent().unwrap().display().to_string();
+    let all_synced = fsynced(&stored);
+    assert!(
+        all_synced.contains(&wal_dir)
+            && all_synced.contains(&object.parent().unwrap().parent().unwrap().parent().unwrap().display().to_string()),
+        "the directories created for the object were not made durable: {all_synced:?}\n--- trace ---\n{stored}"
     );
 
     rearchive(&cluster, &segment);
@@ -259,6 +270,9 @@ fn an_identical_repush_is_made_durable_over_sftp() {
         synced.contains(&object_name),
         "the identical re-push never fsynced {object:?} on the server; it fsynced {synced:?}\n--- trace ---\n{repush}"
     );
+    for dir in [&shard_dir, &wal_dir] {
+        assert!(synced.contains(dir), "the identical re-push never fsynced {dir:?}; it fsynced {synced:?}");
+    }
 }
 
 /// A data directory under point-in-time recovery, as wal-fetch sees it: `recovery.signal`, `pg_wal`.

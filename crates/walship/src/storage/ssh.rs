@@ -11,14 +11,13 @@
 //! `allow_no_fsync` says otherwise), then linked to its name with `hardlink@openssh.com`, which like
 //! link(2) refuses an existing name. (SFTP's posix-rename would replace one.)
 //!
-//! Directories cannot be fsynced over SFTP with this client: `fsync@openssh.com` takes a file handle,
+//! A new name is durable once its directory is: after the link the object's directory is fsynced,
+//! and so is the parent of every directory created for it. `fsync@openssh.com` takes a file handle;
 //! OpenSSH's sftp-server (`process_extended_fsync`) fsyncs any handle that `open` made (`handle_to_fd`
-//! gives none for an `opendir` handle), and `open(dir, O_RDONLY)` works on Linux, but the client
-//! library sends fsync only on handles opened for writing, which a directory cannot be. What makes
-//! a new name durable instead is a second fsync of the object's own handle after the link: on
-//! journaling file systems (ext4, XFS, btrfs) it commits the transaction that holds the link, and with
-//! it every earlier one (the directories created for it). A file system that needs a directory fsync
-//! for that is not covered.
+//! gives none for an `opendir` handle), and `open(dir, O_RDONLY)` works on Linux. The client library
+//! sent fsync only on handles opened for writing, which a directory cannot be; the workspace builds it
+//! with that check removed (`vendor/openssh-sftp-client`, see `[patch.crates-io]`). A failed fsync,
+//! of a file or a directory, fails the write.
 //!
 //! "No such file" from the server is not taken for absence on its own word: sftp-server's
 //! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
@@ -309,8 +308,8 @@ impl Inner {
         }
     }
 
-    /// Creates `dir` and its missing parents below the root. Their entries become durable with the
-    /// fsync after the object's link (see the module comment), not here: SFTP cannot fsync a directory.
+    /// Creates `dir` and its missing parents below the root, each entry made durable by an fsync of
+    /// the directory that holds it.
     async fn create_dirs(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
         let relative = dir.strip_prefix(&self.root).unwrap_or(dir);
         let mut current = self.root.clone();
@@ -325,8 +324,25 @@ impl Inner {
                     return Err(self.classify(key, "create directory", e));
                 }
             }
+            self.fsync_dir(key, current.parent().unwrap_or(&self.root)).await?;
         }
         Ok(())
+    }
+
+    /// fsyncs the directory `dir` on the server (see the module comment), unless the server has no
+    /// fsync and `allow_no_fsync` accepted that.
+    async fn fsync_dir(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
+        self.require_fsync(key)?;
+        if !self.sftp.support_fsync() {
+            return Ok(());
+        }
+        let mut handle = match self.sftp.options().read(true).open(dir).await {
+            Ok(handle) => handle,
+            Err(e) => return Err(self.classify(key, "open its directory, to fsync it", e)),
+        };
+        let synced = handle.sync_all().await.map_err(|e| self.classify(key, "fsync its directory", e));
+        let closed = handle.close().await.map_err(|e| self.classify(key, "close its directory", e));
+        synced.and(closed)
     }
 
     /// Lists keys in key order by walking directories in sorted order, like the local backend; hidden
@@ -401,21 +417,24 @@ impl Inner {
         })
     }
 
-    /// fsyncs the existing object at `path`: its bytes, and (on journaling file systems, see the module
-    /// comment) the entries leading to it. Opened for writing because the client library sends fsync
-    /// only on such handles; without truncation or creation, and nothing is written.
+    /// fsyncs the existing object at `path` and every directory from its own up to the root: the push
+    /// that stored it may have died before any of them was durable.
     async fn fsync_existing(&self, key: &str, path: &Path) -> Result<(), StorageError> {
         self.require_fsync(key)?;
         if !self.sftp.support_fsync() {
             return Ok(());
         }
-        let mut file = match self.sftp.options().write(true).open(path).await {
+        let mut file = match self.sftp.options().read(true).open(path).await {
             Ok(file) => file,
-            Err(e) => return Err(self.classify(key, "open the archived copy for writing, to fsync it", e)),
+            Err(e) => return Err(self.classify(key, "open the archived copy, to fsync it", e)),
         };
         let synced = file.sync_all().await.map_err(|e| self.classify(key, "fsync", e));
         let closed = file.close().await.map_err(|e| self.classify(key, "close", e));
-        synced.and(closed)
+        synced.and(closed)?;
+        for dir in path.ancestors().skip(1).take_while(|dir| dir.starts_with(&self.root)) {
+            self.fsync_dir(key, dir).await?;
+        }
+        Ok(())
     }
 
     /// What a read that got "no such file" for `path` may report: absence only once it is confirmed.
@@ -639,11 +658,9 @@ impl SshWriter {
                 inner.classify(&self.key, "publish (hardlink@openssh.com)", e)
             });
         }
-        // In place of a directory fsync, which SFTP cannot do here (see the module comment).
-        if fsync {
-            file.sync_all().await.map_err(|e| inner.classify(&self.key, "fsync after link", e))?;
-        }
         file.close().await.map_err(|e| inner.classify(&self.key, "close", e))?;
+        // The new name is durable once its directory is.
+        inner.fsync_dir(&self.key, &self.dir).await?;
         self.remove_temp().await;
         inner.remove_stale_temp_files(&self.dir).await;
         Ok(())
