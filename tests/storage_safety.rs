@@ -7,7 +7,8 @@
 //!   re-archives a segment: on local disk around `wal-push`, over SFTP attached to the real sshd
 //!   (found: OpenSSH 9.2's sftp-server opens a directory read-only and fsyncs it through
 //!   fsync@openssh.com, but walship's SFTP client library sends fsync only on handles opened for
-//!   writing, so the old directory fsync never reached the server; see storage/ssh.rs).
+//!   writing, so the old directory fsync never reached the server; walship now builds that library
+//!   with the check removed, see storage/ssh.rs and vendor/).
 //! - **Absent means absent**: OpenSSH's sftp-server answers ENOTDIR, ELOOP and EBADF with the same
 //!   SSH2_FX_NO_SUCH_FILE as ENOENT (`errno_to_portable` in sftp-server.c:
 //!   `case ENOENT: case ENOTDIR: case EBADF: case ELOOP: ret = SSH2_FX_NO_SUCH_FILE;`), and on any file
