@@ -31,7 +31,7 @@ use walship_tests::pg::{
 };
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::segments::{self, MIN_SEGMENT_SIZE, Segment, history_content, history_name};
-use walship_tests::{Scratch, chown_to_server_user, wal_push, walship};
+use walship_tests::{Scratch, chown_to_server_user, poll_until, wal_push, walship};
 
 /// Where PostgreSQL asks restore_command to put most files.
 const RECOVERYXLOG: &str = "pg_wal/RECOVERYXLOG";
@@ -45,21 +45,6 @@ const OTHER_SYSTEM_IDENTIFIER: u64 = 7_299_999_999_999_999_999;
 /// Segment `n` of timeline `timeline` of a cluster with 1 MiB segments.
 fn seg(timeline: u32, n: u64) -> String {
     segments::segment_name(timeline, n, MIN_SEGMENT_SIZE)
-}
-
-/// Polls `probe` until it returns `Ok`, panicking after `timeout` with `what` and the last state.
-#[track_caller]
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let started = Instant::now();
-    loop {
-        match probe() {
-            Ok(value) => return value,
-            Err(state) if started.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting until {what} (last: {state})")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
 }
 
 /// SIGKILLs every prefetch worker of `data_dir` and waits (bounded) until none is left.
@@ -236,7 +221,7 @@ impl Rig {
     /// The one spool of this recovery, once it exists.
     #[track_caller]
     fn own_spool(&self) -> PathBuf {
-        wait_until("the recovery's spool exists", WAIT, || match self.spools().as_slice() {
+        poll_until("the recovery's spool exists", WAIT, || match self.spools().as_slice() {
             [one] => Ok(one.clone()),
             other => Err(format!("spools {other:?}")),
         })
@@ -245,7 +230,7 @@ impl Rig {
     /// Waits until a worker runs for this data directory.
     #[track_caller]
     fn wait_for_worker(&self) {
-        wait_until("a prefetch worker runs", WAIT, || {
+        poll_until("a prefetch worker runs", WAIT, || {
             if self.workers().is_empty() { Err("no worker".into()) } else { Ok(()) }
         });
     }
@@ -253,7 +238,7 @@ impl Rig {
     /// Waits until `spool` holds every one of `names`.
     #[track_caller]
     fn wait_spooled(&self, spool: &Path, names: &[String]) {
-        wait_until(&format!("{names:?} are prefetched into {spool:?}"), WAIT, || {
+        poll_until(&format!("{names:?} are prefetched into {spool:?}"), WAIT, || {
             let have = spooled_segments(spool);
             if names.iter().all(|n| have.contains(n)) { Ok(()) } else { Err(format!("spool holds {have:?}")) }
         });
@@ -262,7 +247,7 @@ impl Rig {
     /// Waits until no worker is left and every spool is gone.
     #[track_caller]
     fn wait_worker_gone_and_spool_removed(&self, why: &str) {
-        wait_until(&format!("the worker exits and removes its spool ({why})"), WAIT, || {
+        poll_until(&format!("the worker exits and removes its spool ({why})"), WAIT, || {
             let (workers, spools) = (self.workers(), self.spools());
             if workers.is_empty() && spools.is_empty() {
                 Ok(())
@@ -414,13 +399,13 @@ fn prefetched_files_of_an_abandoned_recovery_are_not_handed_to_another() {
     );
     let _x_workers = WorkerGuard(x_restore.data_dir().to_owned());
     x_restore.start();
-    wait_until("X's recovery pauses at its restore point", WAIT_TIMEOUT, || {
+    poll_until("X's recovery pauses at its restore point", WAIT_TIMEOUT, || {
         match x_restore.try_psql("select pg_get_wal_replay_pause_state()") {
             Ok(state) if state == "paused" => Ok(()),
             other => Err(format!("{other:?}\n{}", x_restore.log_tail())),
         }
     });
-    let x_spool = wait_until("X's spool holds a prefetched segment", WAIT_TIMEOUT, || {
+    let x_spool = poll_until("X's spool holds a prefetched segment", WAIT_TIMEOUT, || {
         match spool_dirs(x_restore.data_dir()).as_slice() {
             [one] if !spooled_segments(one).is_empty() => Ok(one.clone()),
             other => Err(format!("spools {other:?}\n{}", x_restore.log_tail())),
@@ -480,7 +465,7 @@ fn prefetched_files_of_an_abandoned_recovery_are_not_handed_to_another() {
     let prefetched = prefetched_in_log(&log);
     assert!(!prefetched.is_empty(), "Y's recovery took nothing from its own spool\n{}", y_restore.log_tail());
 
-    wait_until("X's spool and Y's worker are gone after Y's recovery", WAIT, || {
+    poll_until("X's spool and Y's worker are gone after Y's recovery", WAIT, || {
         let (workers, spools) = (prefetch_workers(y_restore.data_dir()), spool_dirs(y_restore.data_dir()));
         if workers.is_empty() && spools.is_empty() && !planted.exists() {
             Ok(())
@@ -513,7 +498,7 @@ fn a_planted_spool_of_another_recovery_is_never_used() {
     let watch = SpoolWatch::start(&rig.data, &planted_dir);
     let first = rig.fetch_exactly(&seg(1, 3));
     assert!(!first.log().contains("prefetched"), "segment 3 came from a spool: {}", first.log());
-    wait_until("the planted spool is removed", WAIT, || {
+    poll_until("the planted spool is removed", WAIT, || {
         if planted_dir.exists() { Err(format!("spools {:?}", rig.spools())) } else { Ok(()) }
     });
     let spool = rig.own_spool();
@@ -598,7 +583,7 @@ fn a_timeline_switch_discards_the_old_timeline() {
     let switched = rig.fetch_exactly(&seg(2, 5));
     assert!(!switched.log().contains("prefetched"), "2/5 was never prefetched: {}", switched.log());
     let timeline2: Vec<String> = (6..=8).map(|n| seg(2, n)).collect();
-    wait_until("the spool holds timeline 2's segments only", WAIT, || {
+    poll_until("the spool holds timeline 2's segments only", WAIT, || {
         let have = spooled_segments(&spool);
         if have == timeline2 { Ok(()) } else { Err(format!("spool holds {have:?}")) }
     });
@@ -644,7 +629,7 @@ fn history_files_start_no_worker() {
 fn feed_fifo(fifo: &Path, text: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut writer = wait_until(&format!("a process opens {fifo:?} to read it"), WAIT, || {
+    let mut writer = poll_until(&format!("a process opens {fifo:?} to read it"), WAIT, || {
         // Without a reader, a non-blocking open for writing fails (ENXIO) instead of waiting.
         fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo).map_err(|e| e.to_string())
     });
@@ -685,7 +670,7 @@ fn a_worker_started_as_recovery_ends_leaves_no_spool() {
         .spawn()
         .expect("start wal-fetch");
     feed_fifo(&fifo, &text);
-    let status = wait_until("wal-fetch exits", WAIT, || wal_fetch.try_wait().unwrap().ok_or("running".to_owned()));
+    let status = poll_until("wal-fetch exits", WAIT, || wal_fetch.try_wait().unwrap().ok_or("running".to_owned()));
     let log_text = || fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "wal-fetch {}: {}", seg(1, 2), log_text());
     assert_eq!(fs::read(rig.data.join(RECOVERYXLOG)).unwrap(), rig.source(&seg(1, 2)));
@@ -693,7 +678,7 @@ fn a_worker_started_as_recovery_ends_leaves_no_spool() {
     rig.wait_for_worker();
     fs::remove_file(rig.data.join("recovery.signal")).unwrap();
     feed_fifo(&fifo, &text);
-    wait_until("the worker exits", WAIT, || if rig.workers().is_empty() { Ok(()) } else { Err("running".into()) });
+    poll_until("the worker exits", WAIT, || if rig.workers().is_empty() { Ok(()) } else { Err("running".into()) });
     let left: Vec<(PathBuf, Vec<String>)> = rig
         .spools()
         .into_iter()

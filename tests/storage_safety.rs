@@ -31,27 +31,13 @@ use walship_tests::proxy::{Fault, Proxy, Rule};
 use walship_tests::s3::{S3Server, write_config_file};
 use walship_tests::segments::{self, MIN_SEGMENT_SIZE, Segment};
 use walship_tests::ssh::SshServer;
-use walship_tests::{Output, Scratch, bin, chown_to_server_user, run, walship};
+use walship_tests::{Output, Scratch, bin, chown_to_server_user, poll_until, run, walship};
 
 const STRACE: &str = "/usr/bin/strace";
 /// Where PostgreSQL asks restore_command to put most files.
 const RECOVERYXLOG: &str = "pg_wal/RECOVERYXLOG";
 /// The bound of every wait for a condition.
 const WAIT: Duration = Duration::from_secs(60);
-
-#[track_caller]
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let started = Instant::now();
-    loop {
-        match probe() {
-            Ok(value) => return value,
-            Err(state) if started.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting until {what} (last: {state})")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
 
 fn assert_strace() {
     assert!(Path::new(STRACE).is_file(), "{STRACE} is missing: apt-get install -y strace (scripts/install-deps.sh)");
@@ -104,7 +90,7 @@ fn rearchive(cluster: &Cluster, segment: &str) {
     fs::rename(&done, status.join(format!("{segment}.ready"))).unwrap();
     let archiver: i32 =
         cluster.psql("select pid from pg_stat_activity where backend_type = 'archiver'").parse().unwrap();
-    wait_until(&format!("PostgreSQL archives {segment} again"), WAIT, || {
+    poll_until(&format!("PostgreSQL archives {segment} again"), WAIT, || {
         // SAFETY: plain kill(2) of the cluster's archiver process.
         unsafe { libc::kill(archiver, libc::SIGUSR1) };
         std::thread::sleep(Duration::from_millis(200));
@@ -191,7 +177,7 @@ impl ServerTrace {
             .stderr(Stdio::null())
             .spawn()
             .expect("run strace");
-        wait_until("strace has attached to sshd", WAIT, || {
+        poll_until("strace has attached to sshd", WAIT, || {
             let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             let traced =
                 status.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
@@ -202,7 +188,7 @@ impl ServerTrace {
 
     /// What the trace holds once every session has ended (strace writes a line per call).
     fn after_sessions(&self, server: &SshServer) -> String {
-        wait_until("every sftp session has ended", WAIT, || {
+        poll_until("every sftp session has ended", WAIT, || {
             if server.sftp_sessions().is_empty() { Ok(()) } else { Err(format!("{:?}", server.sftp_sessions())) }
         });
         std::thread::sleep(Duration::from_millis(300));
@@ -466,10 +452,10 @@ fn a_prefetch_worker_whose_repository_stalls_gives_up_and_removes_its_spool() {
     let log_text = || fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(code, Some(0), "wal-fetch {}: {}", seg(1), log_text());
     fs::remove_file(recovery.data.join(RECOVERYXLOG)).unwrap();
-    wait_until("a prefetch worker runs", WAIT, || {
+    poll_until("a prefetch worker runs", WAIT, || {
         if prefetch_workers(&recovery.data).is_empty() { Err(log_text()) } else { Ok(()) }
     });
-    wait_until("the worker exits and removes its spool", Duration::from_secs(5 * DEADLINE_SECS), || {
+    poll_until("the worker exits and removes its spool", Duration::from_secs(5 * DEADLINE_SECS), || {
         let (workers, spools) = (prefetch_workers(&recovery.data), recovery.spools());
         if workers.is_empty() && spools.is_empty() {
             Ok(())

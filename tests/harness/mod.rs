@@ -226,12 +226,32 @@ pub fn wal_fetch(repo: &Path, cwd: &Path, name: &str, path: impl AsRef<OsStr>) -
 /// [`pg::WAIT_TIMEOUT`] (a hang must end in a clear failure; nothing here measures speed).
 #[track_caller]
 pub fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let interval = std::time::Duration::from_millis(50);
+    poll_every(what, pg::WAIT_TIMEOUT, interval, || probe().ok_or_else(|| "not yet".to_owned()))
+}
+
+/// Polls `probe` until it returns `Ok`, panicking after `timeout` with `what` and the last state it
+/// reported.
+#[track_caller]
+pub fn poll_until<T>(what: &str, timeout: std::time::Duration, probe: impl FnMut() -> Result<T, String>) -> T {
+    poll_every(what, timeout, std::time::Duration::from_millis(10), probe)
+}
+
+#[track_caller]
+fn poll_every<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    interval: std::time::Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
     let started = std::time::Instant::now();
     loop {
-        if let Some(value) = probe() {
-            return value;
+        match probe() {
+            Ok(value) => return value,
+            Err(state) if started.elapsed() > timeout => {
+                panic!("timed out after {timeout:?} waiting until {what} (last: {state})")
+            }
+            Err(_) => std::thread::sleep(interval),
         }
-        assert!(started.elapsed() < pg::WAIT_TIMEOUT, "timed out after {:?} waiting until {what}", pg::WAIT_TIMEOUT);
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -329,19 +329,34 @@ impl Inner {
         Ok(())
     }
 
-    /// fsyncs the directory `dir` on the server (see the module comment), unless the server has no
-    /// fsync and `allow_no_fsync` accepted that.
+    /// fsyncs the directory `dir` on the server (see the module comment).
     async fn fsync_dir(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
+        self.fsync_path(key, dir, ["open its directory, to fsync it", "fsync its directory", "close its directory"])
+            .await
+    }
+
+    /// fsyncs the existing object at `path` and every directory from its own up to the root: the push
+    /// that stored it may have died before any of them was durable.
+    async fn fsync_existing(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.fsync_path(key, path, ["open the archived copy, to fsync it", "fsync", "close"]).await?;
+        for dir in path.ancestors().skip(1).take_while(|dir| dir.starts_with(&self.root)) {
+            self.fsync_dir(key, dir).await?;
+        }
+        Ok(())
+    }
+
+    /// Opens `path` (a file or a directory) read-only and fsyncs it through `fsync@openssh.com`,
+    /// unless the server has no fsync and `allow_no_fsync` accepted that; `operations` name the open,
+    /// fsync and close in errors.
+    async fn fsync_path(&self, key: &str, path: &Path, operations: [&'static str; 3]) -> Result<(), StorageError> {
         self.require_fsync(key)?;
         if !self.sftp.support_fsync() {
             return Ok(());
         }
-        let mut handle = match self.sftp.options().read(true).open(dir).await {
-            Ok(handle) => handle,
-            Err(e) => return Err(self.classify(key, "open its directory, to fsync it", e)),
-        };
-        let synced = handle.sync_all().await.map_err(|e| self.classify(key, "fsync its directory", e));
-        let closed = handle.close().await.map_err(|e| self.classify(key, "close its directory", e));
+        let [open, fsync, close] = operations;
+        let mut handle = self.sftp.options().read(true).open(path).await.map_err(|e| self.classify(key, open, e))?;
+        let synced = handle.sync_all().await.map_err(|e| self.classify(key, fsync, e));
+        let closed = handle.close().await.map_err(|e| self.classify(key, close, e));
         synced.and(closed)
     }
 
@@ -415,26 +430,6 @@ impl Inner {
                 .into(),
             retryable: false,
         })
-    }
-
-    /// fsyncs the existing object at `path` and every directory from its own up to the root: the push
-    /// that stored it may have died before any of them was durable.
-    async fn fsync_existing(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        self.require_fsync(key)?;
-        if !self.sftp.support_fsync() {
-            return Ok(());
-        }
-        let mut file = match self.sftp.options().read(true).open(path).await {
-            Ok(file) => file,
-            Err(e) => return Err(self.classify(key, "open the archived copy, to fsync it", e)),
-        };
-        let synced = file.sync_all().await.map_err(|e| self.classify(key, "fsync", e));
-        let closed = file.close().await.map_err(|e| self.classify(key, "close", e));
-        synced.and(closed)?;
-        for dir in path.ancestors().skip(1).take_while(|dir| dir.starts_with(&self.root)) {
-            self.fsync_dir(key, dir).await?;
-        }
-        Ok(())
     }
 
     /// What a read that got "no such file" for `path` may report: absence only once it is confirmed.
