@@ -70,6 +70,12 @@ pub struct Repository {
     /// The identity record once read: it is never rewritten, so one process (a wal-push pushing a
     /// batch, a prefetch worker) reads it once.
     known_identity: std::sync::Arc<std::sync::OnceLock<Identity>>,
+    /// Held while this process creates the identity record, so that the parallel uploads of one
+    /// wal-push call into a new repository create it once. Each creation draws a new
+    /// `repository_id`; on a store that ignores `If-None-Match` (Garage) two racing creations would
+    /// both succeed, the later replacing the earlier, and records and the data directory's memory
+    /// would name an id the repository no longer has.
+    creating: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Repository {
@@ -83,11 +89,21 @@ impl Repository {
                 std::sync::Arc::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
             }
         };
-        Ok(Repository { storage, url: config.repo.to_string(), known_identity: Default::default() })
+        Ok(Repository {
+            storage,
+            url: config.repo.to_string(),
+            known_identity: Default::default(),
+            creating: Default::default(),
+        })
     }
 
     pub fn with_storage(storage: Box<dyn Storage>, url: impl Into<String>) -> Self {
-        Repository { storage: storage.into(), url: url.into(), known_identity: Default::default() }
+        Repository {
+            storage: storage.into(),
+            url: url.into(),
+            known_identity: Default::default(),
+            creating: Default::default(),
+        }
     }
 
     pub fn storage(&self) -> &dyn Storage {
@@ -189,6 +205,12 @@ impl Repository {
             self.check_facts(&identity, facts, file)?;
             return Ok(identity);
         }
+        let _creating = self.creating.lock().await;
+        // Another upload of this process may have created it while we waited.
+        if let Some(identity) = self.identity().await? {
+            self.check_facts(&identity, facts, file)?;
+            return Ok(identity);
+        }
         // A new repository: make sure its bucket or directory really exists, since some S3-compatible
         // servers quietly create a bucket on first write, hiding a mistyped name.
         self.storage.check_root().await?;
@@ -205,7 +227,10 @@ impl Repository {
         let mut writer = self.storage.create(IDENTITY_KEY, PutOptions::default()).await?;
         writer.write(json.into()).await?;
         match writer.commit().await {
-            Ok(()) => Ok(identity),
+            Ok(()) => {
+                let _ = self.known_identity.set(identity.clone());
+                Ok(identity)
+            }
             // Another push created it first; it must agree with us.
             Err(StorageError::AlreadyExists { .. }) => {
                 let identity = self.require_identity().await?;
@@ -283,6 +308,89 @@ mod tests {
 
     fn repo(dir: &std::path::Path) -> Repository {
         Repository::with_storage(Box::new(LocalStorage::open(dir).unwrap()), format!("file://{}", dir.display()))
+    }
+
+    /// Local storage that counts (and slows down) the creations of the identity record, so that
+    /// concurrent uploads all find it absent before any of them has written it.
+    struct CountingCreates {
+        inner: LocalStorage,
+        identity_creates: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Storage for CountingCreates {
+        fn location(&self, key: &str) -> String {
+            self.inner.location(key)
+        }
+        async fn create(
+            &self,
+            key: &str,
+            options: PutOptions,
+        ) -> Result<Box<dyn crate::storage::ObjectWriter>, StorageError> {
+            if key == IDENTITY_KEY {
+                self.identity_creates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            self.inner.create(key, options).await
+        }
+        async fn get(&self, key: &str) -> Result<crate::storage::ObjectReader, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn head(&self, key: &str) -> Result<crate::storage::ObjectMeta, StorageError> {
+            self.inner.head(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<crate::storage::ObjectMeta>, StorageError> {
+            self.inner.list(prefix, after, limit).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        async fn make_durable(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.make_durable(key).await
+        }
+        async fn check_root(&self) -> Result<(), StorageError> {
+            self.inner.check_root().await
+        }
+        async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError> {
+            self.inner.remove_incomplete(prefix).await
+        }
+    }
+
+    /// The uploads of one wal-push call run at once; into a new repository they must create the
+    /// identity record once, or on a store that ignores If-None-Match the later creation would
+    /// replace the earlier one's `repository_id` under the feet of those that read it.
+    #[tokio::test]
+    async fn concurrent_uploads_into_a_new_repository_create_its_identity_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(CountingCreates {
+            inner: LocalStorage::open(dir.path()).unwrap(),
+            identity_creates: Default::default(),
+        });
+        let repo = Repository {
+            storage: storage.clone(),
+            url: "test".into(),
+            known_identity: Default::default(),
+            creating: Default::default(),
+        };
+        let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
+        let uploads: Vec<_> = (0..8)
+            .map(|_| {
+                let repo = repo.clone();
+                tokio::spawn(async move { repo.ensure_identity(&facts, "seg").await.unwrap().repository_id })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for upload in uploads {
+            ids.insert(upload.await.unwrap());
+        }
+        assert_eq!(storage.identity_creates.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let stored = Repository::with_storage(Box::new(LocalStorage::open(dir.path()).unwrap()), "test");
+        assert_eq!(ids, [stored.identity().await.unwrap().unwrap().repository_id].into());
     }
 
     #[tokio::test]
