@@ -201,40 +201,71 @@ pub async fn select_backup(
     if name != "LATEST" {
         return select_named(repo, name, target, timeline).await;
     }
-    let mut backups = Vec::new();
+    // One pass, oldest first, keeping a few records whatever the catalog's size.
+    let mut lineage = timeline::lineage(repo, timeline).await?;
+    let mut pick = Pick::default();
     for_each_backup(repo, |record| {
-        backups.push(record);
+        if lineage.as_mut().is_some_and(|l| l.follow(&record)) {
+            // A newer timeline: no backup seen so far lies on it.
+            pick = Pick::default();
+        }
+        pick.offer(record, lineage.as_ref(), target);
         Ok(())
     })
     .await?;
-    let Some(newest) = backups.last() else {
+    let Some(newest) = pick.newest else {
         repo.require_identity().await?;
         return Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())));
     };
-    let lineage = timeline::lineage(repo, timeline, &backups).await?;
-    let on_lineage: Vec<&BackupRecord> =
-        backups.iter().filter(|b| lineage.as_ref().is_none_or(|l| l.excludes(b).is_none())).collect();
-    if let (Some(lineage), None) = (&lineage, on_lineage.first()) {
+    if let (Some(lineage), None) = (&lineage, &pick.oldest) {
         return Err(Error::NoSuchBackup(format!(
             "no base backup lies on the history of timeline {} (the timeline recovery would follow): the newest, \
              {}, cannot be used because {}; choose the timeline with --target-timeline",
             lineage.target,
             newest.name,
-            lineage.excludes(newest).unwrap_or_default()
+            lineage.excludes(&newest).unwrap_or_default()
         )));
     }
-    if let Some(record) = on_lineage.iter().rev().find(|b| target.excludes(b).is_none()) {
-        return Ok((*record).clone());
+    if let Some(record) = pick.best {
+        return Ok(record);
     }
-    let oldest = on_lineage[0];
+    let oldest = pick.oldest.expect("a backup on the lineage, or every backup without one");
     Err(Error::NoSuchBackup(format!(
         "no base backup can reach {}: the oldest of {} backups ({}) finished at {} ({})",
         target.describe(),
-        on_lineage.len(),
+        pick.on_lineage,
         oldest.name,
         oldest.finished_at,
-        target.excludes(oldest).unwrap_or_default()
+        target.excludes(&oldest).unwrap_or_default()
     )))
+}
+
+/// What the pass over the catalog keeps for LATEST.
+#[derive(Default)]
+struct Pick {
+    /// The newest backup on the lineage that can reach the target.
+    best: Option<BackupRecord>,
+    /// The oldest backup on the lineage, and how many there are: for the message when none reaches
+    /// the target.
+    oldest: Option<BackupRecord>,
+    on_lineage: u64,
+    /// The last backup seen, on the lineage or not.
+    newest: Option<BackupRecord>,
+}
+
+impl Pick {
+    fn offer(&mut self, record: BackupRecord, lineage: Option<&timeline::Lineage>, target: &RecoveryTarget) {
+        if lineage.is_none_or(|l| l.excludes(&record).is_none()) {
+            self.on_lineage += 1;
+            if self.oldest.is_none() {
+                self.oldest = Some(record.clone());
+            }
+            if target.excludes(&record).is_none() {
+                self.best = Some(record.clone());
+            }
+        }
+        self.newest = Some(record);
+    }
 }
 
 async fn select_named(
@@ -255,15 +286,15 @@ async fn select_named(
     if let Some(reason) = target.excludes(&record) {
         return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
     }
-    let lineage = timeline::lineage(repo, timeline, std::slice::from_ref(&record)).await?;
-    if let Some(lineage) = lineage
-        && let Some(reason) = lineage.excludes(&record)
-    {
-        return Err(Error::NoSuchBackup(format!(
-            "backup {name} cannot reach timeline {} (the timeline recovery would follow): {reason}; \
-             --target-timeline {} restores its own branch",
-            lineage.target, record.stop_timeline
-        )));
+    if let Some(mut lineage) = timeline::lineage(repo, timeline).await? {
+        lineage.follow(&record);
+        if let Some(reason) = lineage.excludes(&record) {
+            return Err(Error::NoSuchBackup(format!(
+                "backup {name} cannot reach timeline {} (the timeline recovery would follow): {reason}; \
+                 --target-timeline {} restores its own branch",
+                lineage.target, record.stop_timeline
+            )));
+        }
     }
     Ok(record)
 }

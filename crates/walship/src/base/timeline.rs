@@ -25,9 +25,23 @@ pub struct Lineage {
     pub target: u32,
     /// (ancestor timeline, the LSN at which the target's history left it), oldest first.
     pub forks: Vec<(u32, u64)>,
+    /// `latest`: the target is the newest timeline known, so a backup on a newer one than any
+    /// history file raises it (a repository started after a promotion may have no history file).
+    follows_newest: bool,
 }
 
 impl Lineage {
+    /// Raises the target to `backup`'s timeline when this lineage follows the newest timeline and the
+    /// backup's is newer; returns whether it did. Such a timeline has no history file in the
+    /// repository (the target already is the newest that has one), so only backups on it qualify.
+    pub fn follow(&mut self, backup: &BackupRecord) -> bool {
+        if !self.follows_newest || backup.stop_timeline <= self.target {
+            return false;
+        }
+        *self = Lineage { target: backup.stop_timeline, forks: Vec::new(), follows_newest: true };
+        true
+    }
+
     /// Why a recovery along this lineage cannot start from `backup`, if it cannot.
     pub fn excludes(&self, backup: &BackupRecord) -> Option<String> {
         // A backup taken from a standby across a promotion ends on a later timeline than it began.
@@ -51,29 +65,23 @@ impl Lineage {
 }
 
 /// The lineage a restore with `recovery_target_timeline = timeline` follows, or `None` when any
-/// backup will do (`current`: the recovery stays on the backup's own timeline). `backups` are the
-/// candidates: without a number, the target is the newest timeline that has a history file in the
-/// repository or a backup (a repository started after a promotion may have no history file).
-pub async fn lineage(
-    repo: &Repository,
-    timeline: Option<&str>,
-    backups: &[BackupRecord],
-) -> Result<Option<Lineage>, Error> {
-    let target = match timeline {
+/// backup will do (`current`: the recovery stays on the backup's own timeline). Without a number,
+/// the target is the newest timeline that has a history file in the repository, raised by
+/// [`Lineage::follow`] for each backup on a newer one.
+pub async fn lineage(repo: &Repository, timeline: Option<&str>) -> Result<Option<Lineage>, Error> {
+    let (target, follows_newest) = match timeline {
         Some("current") => return Ok(None),
-        None | Some("latest") => {
-            let newest_history = newest_history_timeline(repo).await?;
-            let newest_backup = backups.iter().map(|b| b.stop_timeline).max();
-            newest_history.into_iter().chain(newest_backup).max().unwrap_or(1)
+        None | Some("latest") => (newest_history_timeline(repo).await?.unwrap_or(1), true),
+        Some(number) => {
+            let number =
+                number.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    Error::Usage(format!("--target-timeline {number:?}: a number, latest or current"))
+                })?;
+            (number, false)
         }
-        Some(number) => number
-            .parse::<u32>()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| Error::Usage(format!("--target-timeline {number:?}: a number, latest or current")))?,
     };
     let forks = if target == 1 { Vec::new() } else { read_history(repo, target).await? };
-    Ok(Some(Lineage { target, forks }))
+    Ok(Some(Lineage { target, forks, follows_newest }))
 }
 
 /// The highest timeline with a history file in the repository, if any.
@@ -144,7 +152,7 @@ mod tests {
     fn backups_qualify_on_the_target_or_before_it_branched() {
         let history = "1\t0/5000000\tbefore transaction 742 at 2026-12-01 08:00:00+00\n\n\
                        2\t0/9000000\tno recovery target specified\n";
-        let lineage = Lineage { target: 3, forks: parse_history(history) };
+        let lineage = Lineage { target: 3, forks: parse_history(history), follows_newest: false };
         assert_eq!(lineage.forks, [(1, 0x500_0000), (2, 0x900_0000)]);
         assert_eq!(lineage.excludes(&backup(3, "0/A000100")), None);
         assert_eq!(lineage.excludes(&backup(1, "0/4000100")), None);
@@ -153,5 +161,16 @@ mod tests {
         assert_eq!(lineage.excludes(&backup(2, "0/8000000")), None);
         assert!(lineage.excludes(&backup(2, "0/9000100")).unwrap().contains("branched off it at 0/9000000"));
         assert!(lineage.excludes(&backup(4, "0/1")).unwrap().contains("not in the history of timeline 3"));
+    }
+
+    #[test]
+    fn latest_rises_to_a_newer_backup_timeline_and_a_number_stays() {
+        let mut latest = Lineage { target: 2, forks: vec![(1, 0x500_0000)], follows_newest: true };
+        assert!(!latest.follow(&backup(2, "0/6000000")) && !latest.follow(&backup(1, "0/4000000")));
+        assert!(latest.follow(&backup(3, "0/7000000")));
+        assert_eq!((latest.target, latest.forks.as_slice()), (3, &[][..]));
+        assert!(latest.excludes(&backup(2, "0/6000000")).is_some(), "no history links timeline 2 to 3");
+        let mut fixed = Lineage { target: 2, forks: Vec::new(), follows_newest: false };
+        assert!(!fixed.follow(&backup(3, "0/7000000")) && fixed.target == 2);
     }
 }
