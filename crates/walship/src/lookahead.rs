@@ -31,7 +31,6 @@
 
 use std::collections::{BinaryHeap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -170,25 +169,25 @@ impl StateDir {
     /// is removed: PostgreSQL marks the segment `.done` after our answer, and a bad record must not be
     /// looked at twice.
     pub fn lookup(&self, name: &str, source: &Path, repo_url: &str) -> Lookup {
-        if WalFileName::parse(name).is_err() {
+        let Ok(wal) = WalFileName::parse(name) else {
             return Lookup::NotAhead("not a WAL file name");
-        }
+        };
         let path = self.record_path(name);
         let text = match read_capped(&path) {
             Ok(Some(text)) => text,
             Ok(None) => return Lookup::NotAhead("no look-ahead record"),
             Err(_) => return Lookup::NotAhead("look-ahead record unreadable"),
         };
-        let verdict = self.judge(&text, name, source, repo_url, now_unix());
+        let verdict = self.judge(&text, &wal, source, repo_url, now_unix());
         let _ = fs::remove_file(&path);
         verdict
     }
 
-    fn judge(&self, text: &str, name: &str, source: &Path, repo_url: &str, now: u64) -> Lookup {
+    fn judge(&self, text: &str, wal: &WalFileName, source: &Path, repo_url: &str, now: u64) -> Lookup {
         let Some(record) = parse_record(text) else {
             return Lookup::NotAhead("look-ahead record damaged (checksum or format); ignored");
         };
-        if record.name != name {
+        if record.name != wal.as_str() {
             return Lookup::NotAhead("look-ahead record names another file; ignored");
         }
         if record.repo != repo_url {
@@ -197,10 +196,7 @@ impl StateDir {
         if !is_fresh(record.created_at, now) {
             return Lookup::NotAhead("look-ahead record too old (or from the future); ignored");
         }
-        let key = match WalFileName::parse(name) {
-            Ok(wal) => Repository::wal_key(&wal),
-            Err(_) => return Lookup::NotAhead("not a WAL file name"),
-        };
+        let key = Repository::wal_key(wal);
         let candidate = |bytes, rehashed| {
             Lookup::Candidate(Candidate {
                 bytes,
@@ -295,13 +291,9 @@ impl StateDir {
         fs::create_dir_all(&self.dir)?;
         let json = serde_json::to_string(record).expect("plain struct serializes");
         let check = ContentDigest::of(json.as_bytes()).sha256_hex();
-        let temp = self.dir.join(process::temp_name(name));
-        let mut file = fs::File::create(&temp)?;
         // No fsync: losing a record costs a re-push judged by content, never a wrong answer; the
         // record is only written once the upload it vouches for is durable.
-        file.write_all(format!("{json}\n{check}\n").as_bytes())?;
-        drop(file);
-        fs::rename(&temp, self.record_path(name))
+        process::replace_file(&self.record_path(name), format!("{json}\n{check}\n").as_bytes(), false)
     }
 
     /// Removes records (and temporary files of dead writers) for segments that no longer wait to be

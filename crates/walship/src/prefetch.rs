@@ -32,7 +32,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -139,9 +138,7 @@ impl Spool {
     /// Tells the worker which segment recovery asked for last.
     pub fn set_want(&self, name: &str) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let temp = self.dir.join(process::temp_name(WANT_FILE));
-        fs::File::create(&temp)?.write_all(name.as_bytes())?;
-        fs::rename(&temp, self.dir.join(WANT_FILE))
+        process::replace_file(&self.dir.join(WANT_FILE), name.as_bytes(), false)
     }
 
     fn want(&self) -> Option<WalFileName> {

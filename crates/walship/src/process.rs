@@ -43,6 +43,25 @@ fn temp_owner(name: &str) -> Option<libc::pid_t> {
     pid.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
 }
 
+/// Writes `bytes` to `path` through this process's temporary file beside it and a rename, so that a
+/// reader sees the old content or the new, never a part. `durable`: the file is fsynced before the
+/// rename and its directory after it. A temporary file that a failure (or a kill) leaves behind is
+/// recognisably ours: [`is_orphaned_temp`] once we are gone.
+pub fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let temp = dir.join(temp_name(&name));
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    if durable {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    if durable { crate::storage::local::fsync_dir(dir) } else { Ok(()) }
+}
+
 /// Whether `name` is a temporary file whose writer no longer exists.
 pub fn is_orphaned_temp(name: &str) -> bool {
     temp_owner(name).is_some_and(|pid| !exists(pid))
@@ -61,6 +80,17 @@ pub fn remove_orphaned_temp_files(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_file_has_the_new_content_and_no_temporary_file_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("want");
+        for (content, durable) in [(&b"old"[..], false), (&b"new"[..], true)] {
+            replace_file(&path, content, durable).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), content);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn only_temp_files_of_dead_processes_are_removed() {

@@ -19,7 +19,6 @@
 //! file archived by hand from elsewhere has no data directory to remember anything in.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,7 +29,7 @@ use crate::log::Log;
 use crate::process;
 use crate::repo::{IDENTITY_KEY, Identity, Repository};
 use crate::retry::{self, Deadline};
-use crate::storage::local::fsync_dir;
+use crate::storage::local::create_dirs_durably;
 
 /// The directory, relative to the data directory.
 pub const DIR: &str = "walship/repositories";
@@ -128,25 +127,10 @@ impl Remembered {
         self.write(&json).map_err(|e| Error::local_io(&self.file, "write", e))
     }
 
-    /// Temporary file, fsync, rename, fsync of the directory (and of each directory created).
+    /// Durably: each directory created is fsynced in its parent, the file is replaced durably.
     fn write(&self, json: &str) -> std::io::Result<()> {
-        let dir = self.file.parent().expect("a file in DIR");
-        let walship = dir.parent().expect("DIR has two levels");
-        for (new, parent) in [(walship, self.data_dir.as_path()), (dir, walship)] {
-            match fs::create_dir(new) {
-                Ok(()) => fsync_dir(parent)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let name = self.file.file_name().expect("a file name").to_string_lossy();
-        let temp = dir.join(process::temp_name(&name));
-        let mut file = fs::File::create(&temp)?;
-        file.write_all(format!("{json}\n").as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, &self.file)?;
-        fsync_dir(dir)
+        create_dirs_durably(&self.data_dir, self.file.parent().expect("a file in DIR"))?;
+        process::replace_file(&self.file, format!("{json}\n").as_bytes(), true)
     }
 }
 

@@ -342,7 +342,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Creates `dir` and any missing parents below `root`, fsyncing each parent that gained an entry.
-fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

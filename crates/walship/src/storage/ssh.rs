@@ -640,8 +640,7 @@ impl SshWriter {
     async fn publish(&mut self) -> Result<(), StorageError> {
         let inner = Arc::clone(&self.inner);
         let mut file = self.file.take().expect("commit once");
-        let fsync = inner.sftp.support_fsync();
-        if fsync {
+        if inner.sftp.support_fsync() {
             file.sync_all().await.map_err(|e| inner.classify(&self.key, "fsync", e))?;
         }
         if let Err(e) = inner.sftp.fs().hard_link(&self.temp_path, &self.final_path).await {
