@@ -132,9 +132,7 @@ fn recreated_repository(label: &str, store: &Scratch, repo: &Repository) {
 
     // Archiving is off from the start (an empty archive_command keeps every segment .ready), so the
     // backup carries its own WAL (-X stream) and everything after it waits for the archiver.
-    let mut primary = Cluster::init(&format!("{label}-recreated"), Some(1));
-    primary.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", "")]);
-    primary.start();
+    let mut primary = Cluster::start_archiving(&format!("{label}-recreated"), "", &[]);
     primary.psql("create table marks(batch int, n int)");
     primary.base_backup(&backup, &["-Fp", "-X", "stream"]);
     let mut last = String::new();
@@ -288,13 +286,7 @@ fn an_unmounted_repository_is_refused_and_archiving_resumes_without_a_gap() {
     mounts.mount(&["--bind".as_ref(), disk.as_os_str()], &location);
 
     // Declared after the mounts, so it is dropped (stopped) first.
-    let mut primary = Cluster::init("mount", Some(1));
-    primary.configure(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command(&location)),
-    ]);
-    primary.start();
+    let mut primary = Cluster::start_archiving("mount", &archive_command(&location), &[]);
     primary.psql("create table marks(batch int, n int)");
     let first = insert_batch(&primary, 1);
     primary.wait_archived(&first, WAIT_TIMEOUT);
@@ -367,9 +359,7 @@ fn a_dead_endpoint_does_not_hold_pg_ctl_stop_for_many_deadlines() {
         "dead.toml",
         &format!("{text}[push]\nlook_ahead = 16\nparallel = 1\n"),
     );
-    let mut primary = Cluster::init("dead", Some(1));
-    primary.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", "")]);
-    primary.start();
+    let mut primary = Cluster::start_archiving("dead", "", &[]);
     primary.psql("create table marks(batch int, n int)");
     for batch in 1..=17 {
         insert_batch(&primary, batch);

@@ -44,13 +44,8 @@ fn a_full_log_or_a_panic_never_ends_a_recovery_early() {
     let repo = store.mkdir("repo");
     let backup = store.mkdir("base");
     let archiving = format!("{}{LOG_FULL}", archive_command(&repo));
-    let mut primary = Cluster::init("log-primary", Some(1));
-    primary.configure(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "on"),
-        ("archive_command", &with_failpoint("wal-push:archived", &archive_command(&repo))),
-    ]);
-    primary.start();
+    let mut primary =
+        Cluster::start_archiving("log-primary", &with_failpoint("wal-push:archived", &archive_command(&repo)), &[]);
     primary.psql("create table marks(batch text, n int)");
     primary.switch_wal();
     wait_for_log(&primary, "internal error (a bug in walship");
@@ -131,13 +126,7 @@ fn a_segment_that_overwrites_a_cut_record_archives_and_restores() {
     let store = Scratch::new("faults-contrec");
     let repo = store.mkdir("repo");
     let backup = store.mkdir("base");
-    let mut primary = Cluster::init("contrec-primary", Some(1));
-    primary.configure(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command(&repo)),
-    ]);
-    primary.start();
+    let mut primary = Cluster::start_archiving("contrec-primary", &archive_command(&repo), &[]);
     primary.psql("create table marks(batch text, n int)");
     primary.psql("create table filler(a int, b text)");
     primary.base_backup(&backup, &["-Fp", "-X", "none"]);
@@ -186,10 +175,8 @@ fn a_configuration_error_never_writes_a_secret_into_the_server_log() {
     );
     fs::write(&config, text).unwrap();
     walship_tests::chown_to_server_user(&config);
-    let mut primary = Cluster::init("secret-primary", Some(1));
     let archiving = walship_tests::pg::archive_command_with_config(&config);
-    primary.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", &archiving)]);
-    primary.start();
+    let primary = Cluster::start_archiving("secret-primary", &archiving, &[]);
     primary.switch_wal();
     wait_for_log(&primary, "failed with exit code 3");
     let log = primary.log_contents();

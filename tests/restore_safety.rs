@@ -41,15 +41,8 @@ fn abort_after(step: &str) -> String {
 
 /// A primary with 1 MiB segments archiving into `repo`, with an empty `marks` table.
 fn archiving_primary(name: &str, repo: &Repository) -> Cluster {
-    let mut primary = Cluster::init(name, Some(1));
-    primary.configure(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "on"),
-        ("archive_command", &repo.archive_command()),
-        // pg_basebackup -X fetch collects the backup's WAL at its end.
-        ("wal_keep_size", "64MB"),
-    ]);
-    primary.start();
+    // pg_basebackup -X fetch collects the backup's WAL at its end.
+    let primary = Cluster::start_archiving(name, &repo.archive_command(), &[("wal_keep_size", "64MB")]);
     primary.psql("create table marks(batch text, n int)");
     primary
 }

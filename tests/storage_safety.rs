@@ -68,14 +68,8 @@ fn fsynced(trace: &str) -> Vec<String> {
 /// checkpoint for an hour) and has written one complete segment, which it archived: returns the
 /// cluster and the segment's name.
 fn archiving_cluster(name: &str, archive_command: &str) -> (Cluster, String) {
-    let mut cluster = Cluster::init(name, Some(1));
-    cluster.configure(&[
-        ("archive_mode", "on"),
-        ("archive_command", archive_command),
-        ("checkpoint_timeout", "1h"),
-        ("max_wal_size", "1GB"),
-    ]);
-    cluster.start();
+    let cluster =
+        Cluster::start_archiving(name, archive_command, &[("checkpoint_timeout", "1h"), ("max_wal_size", "1GB")]);
     cluster.psql("create table t as select g, md5(g::text) as h from generate_series(1, 2000) g");
     let segment = cluster.switch_wal();
     cluster.wait_archived(&segment, WAIT_TIMEOUT);

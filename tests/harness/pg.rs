@@ -163,6 +163,17 @@ impl Cluster {
         cluster
     }
 
+    /// A new cluster with 1 MiB segments (many segments from little data) that archives with
+    /// `archive_command` (`""`: archiving paused, so segments wait `.ready`), with `settings` on
+    /// top; started.
+    pub fn start_archiving(name: &str, archive_command: &str, settings: &[(&str, &str)]) -> Cluster {
+        let mut cluster = Cluster::init(name, Some(1));
+        cluster.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", archive_command)]);
+        cluster.configure(settings);
+        cluster.start();
+        cluster
+    }
+
     /// Makes a cluster from a copy of the plain-format base backup in `backup`, ready for archive
     /// recovery: `settings` (restore_command, recovery targets...) go to postgresql.auto.conf and
     /// `recovery.signal` is created. The backup itself is left untouched, so it can be restored
