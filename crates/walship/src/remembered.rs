@@ -129,7 +129,10 @@ impl Remembered {
 
     /// Durably: each directory created is fsynced in its parent, the file is replaced durably.
     fn write(&self, json: &str) -> std::io::Result<()> {
-        create_dirs_durably(&self.data_dir, self.file.parent().expect("a file in DIR"))?;
+        let dir = self.file.parent().expect("a file in DIR");
+        create_dirs_durably(&self.data_dir, dir)?;
+        // What a killed writer left: nothing else ever looks in this directory of the data directory.
+        process::remove_orphaned_temp_files(dir);
         process::replace_file(&self.file, format!("{json}\n").as_bytes(), true)
     }
 }
@@ -205,6 +208,10 @@ mod tests {
         memory.check(&repo(store.path()), deadline(), &log).await.unwrap();
         memory.remember(&second).unwrap();
         memory.check(&repo(store.path()), deadline(), &log).await.unwrap();
+        let orphan = memory.file().parent().unwrap().join(".x.walship.2147483000.tmp");
+        fs::write(&orphan, b"left by a killed wal-push").unwrap();
+        fs::remove_file(memory.file()).unwrap();
+        memory.remember(&second).unwrap();
         let leftovers: Vec<_> = fs::read_dir(memory.file().parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left: {leftovers:?}");
     }
