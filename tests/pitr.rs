@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use walship_tests::Scratch;
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers};
-use walship_tests::repository::Repository;
+use walship_tests::repository::{Backend, Repository};
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
 
@@ -168,30 +168,14 @@ fn sleep_past_clock_tick() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-#[test]
-fn pitr_on_local_disk() {
-    let store = Scratch::new("pitr-local");
-    let repo = Repository::local(&store);
-    pitr_to_target_time_then_new_timeline_then_latest("local", &store, &repo);
-}
+walship_tests::every_backend!(pitr_to_target_time_then_new_timeline_then_latest);
 
-#[test]
-fn pitr_on_s3() {
-    let store = Scratch::new("pitr-s3");
-    let repo = Repository::s3(&store, "walship-pitr", "cluster1");
-    pitr_to_target_time_then_new_timeline_then_latest("s3", &store, &repo);
-}
-
-#[test]
-fn pitr_over_ssh() {
-    let store = Scratch::new("pitr-ssh");
-    let repo = Repository::ssh(&store);
-    pitr_to_target_time_then_new_timeline_then_latest("ssh", &store, &repo);
-}
-
-/// The whole scenario against `repo`, with the base backup in `store`; `label` tells the clusters
-/// of one run from those of another in directory names and messages.
-fn pitr_to_target_time_then_new_timeline_then_latest(label: &str, store: &Scratch, repo: &Repository) {
+/// The whole scenario against a new repository of kind `backend`, with the base backup beside it;
+/// the backend's label tells the clusters of one run from those of another in names and messages.
+fn pitr_to_target_time_then_new_timeline_then_latest(backend: Backend) {
+    let label = backend.label();
+    let store = Scratch::new(&format!("pitr-{label}"));
+    let repo = &Repository::new(backend, &store);
     let backup = store.mkdir("base");
     let archiving = repo.archive_command();
     let fetching = repo.restore_command();

@@ -27,6 +27,51 @@ pub struct ConfigLines<'a> {
     pub tables: &'a str,
 }
 
+/// Which kind of store a scenario runs against; [`every_backend!`](crate::every_backend) runs one
+/// scenario body once for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    S3,
+    Ssh,
+}
+
+impl Backend {
+    /// A short name for directory names and failure messages: `local`, `s3`, `ssh`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::S3 => "s3",
+            Backend::Ssh => "ssh",
+        }
+    }
+}
+
+/// Writes one `#[test]` per backend for each named scenario function `fn NAME(Backend)`: the tests
+/// are `NAME::local`, `NAME::s3` and `NAME::ssh`, so a filter on `NAME` runs the scenario everywhere
+/// and one on `::s3` runs every scenario on one backend.
+#[macro_export]
+macro_rules! every_backend {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn local() {
+                    super::$scenario($crate::repository::Backend::Local)
+                }
+                #[test]
+                fn s3() {
+                    super::$scenario($crate::repository::Backend::S3)
+                }
+                #[test]
+                fn ssh() {
+                    super::$scenario($crate::repository::Backend::Ssh)
+                }
+            }
+        )*
+    };
+}
+
 /// The repository a scenario archives into and restores from.
 pub enum Repository {
     /// A directory, named with `--repo DIR`.
@@ -38,6 +83,25 @@ pub enum Repository {
 }
 
 impl Repository {
+    /// A new repository of kind `backend`, with its directory or configuration file in `store` (an
+    /// S3 repository is `s3://walship/cluster` on a server of its own).
+    pub fn new(backend: Backend, store: &Scratch) -> Repository {
+        match backend {
+            Backend::Local => Repository::local(store),
+            Backend::S3 => Repository::s3(store, "walship", "cluster"),
+            Backend::Ssh => Repository::ssh(store),
+        }
+    }
+
+    /// Which kind of store this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Repository::Local { .. } => Backend::Local,
+            Repository::S3 { .. } => Backend::S3,
+            Repository::Ssh { .. } => Backend::Ssh,
+        }
+    }
+
     /// A repository in `dir` (created, owned by the server user).
     pub fn local(store: &Scratch) -> Repository {
         Repository::Local { dir: store.mkdir("repo") }
