@@ -12,7 +12,7 @@
 # Runs as root (PostgreSQL then runs as the 'postgres' user) or as any user who can run initdb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh drill
 
 PG_BIN=${WALSHIP_PG_BIN:-/usr/lib/postgresql/15/bin}
 say() { printf '\n== %s\n' "$*"; }

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs what walship's drill and test suite need on a Debian/Ubuntu machine, when missing:
-# PostgreSQL 15 (server and client tools; no cluster is started by the package), the OpenSSH client
-# and server (no sshd is started by the package), strace, and the pinned s3s-fs S3 test server.
+# Installs what walship's drill or test suite needs on a Debian/Ubuntu machine, when missing.
+#   scripts/install-deps.sh drill   PostgreSQL 15 (server and client tools; the package starts no
+#                                   cluster): all that examples/drill.sh runs, on local disk.
+#   scripts/install-deps.sh [test]  that, plus the OpenSSH client and server (the package starts no
+#                                   sshd), strace, and the pinned s3s-fs S3 test server.
 # Idempotent: installs nothing when everything is present.
 set -euo pipefail
+
+case "${1:-test}" in
+  drill) with_test_servers=0 ;;
+  test) with_test_servers=1 ;;
+  *) echo "usage: scripts/install-deps.sh [drill|test]" >&2; exit 2 ;;
+esac
 
 PG_BIN=${WALSHIP_PG_BIN:-/usr/lib/postgresql/15/bin}
 
@@ -14,11 +22,13 @@ done
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   missing+=(postgresql-15)
 fi
-# The SSH backend runs the system ssh client; its tests run a real sshd on loopback.
-command -v ssh >/dev/null || missing+=(openssh-client)
-[ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
-# The storage-safety tests watch fsync calls with it.
-[ -x /usr/bin/strace ] || missing+=(strace)
+if [ "$with_test_servers" = 1 ]; then
+  # The SSH backend runs the system ssh client; its tests run a real sshd on loopback.
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
+  # The storage-safety tests watch fsync calls with it.
+  [ -x /usr/bin/strace ] || missing+=(strace)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -32,6 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "install-deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+[ "$with_test_servers" = 1 ] || exit 0
 
 # The S3-compatible server the tests run on loopback, pinned: it checks request signatures and
 # honours If-None-Match. Newer versions need a newer rustc. Building it takes a few minutes, once.
