@@ -44,6 +44,20 @@ pub fn segment_name(timeline: u32, segno: u64, segment_size: u32) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
 }
 
+/// Writes one chained setter `fn FIELD(self, value) -> Self` per field, so that each builder option
+/// is one line with its doc rather than five.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+
 /// A synthetic segment, built up with chained setters and materialised by [`Segment::bytes`] or
 /// [`Segment::write_to`].
 #[derive(Debug, Clone)]
@@ -67,26 +81,15 @@ impl Segment {
         }
     }
 
-    /// The segment size, both in the header and as the file's length.
-    pub fn segment_size(mut self, size: u32) -> Segment {
-        self.segment_size = size;
-        self
-    }
-
-    pub fn system_identifier(mut self, id: u64) -> Segment {
-        self.system_identifier = id;
-        self
-    }
-
-    pub fn fill(mut self, fill: Fill) -> Segment {
-        self.fill = fill;
-        self
-    }
-
-    /// Varies the content after the header: equal seeds give equal bytes.
-    pub fn seed(mut self, seed: u64) -> Segment {
-        self.seed = seed;
-        self
+    setters! {
+        /// The segment size, both in the header and as the file's length.
+        segment_size: u32,
+        /// The system identifier in the header (and mixed into the content).
+        system_identifier: u64,
+        /// What follows the page header.
+        fill: Fill,
+        /// Varies the content after the header: equal seeds give equal bytes.
+        seed: u64,
     }
 
     /// The same segment under another name (the header follows the new name).
