@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use walship_tests::assertions::assert_ok;
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command};
-use walship_tests::repository::{ConfigLines, Repository};
+use walship_tests::repository::{Backend, ConfigLines, Repository};
 use walship_tests::{Scratch, run, wal_fetch, walship};
 
 const SEGMENT_SIZE: u64 = 1024 * 1024;
@@ -94,33 +94,17 @@ fn wipe(repo: &Repository) {
 // Item 4: a record answers only for the repository the call would write to now.
 // ---------------------------------------------------------------------------------------------------
 
-#[test]
-fn a_recreated_repository_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated");
-    let repo = Repository::local(&store);
-    recreated_repository("local", &store, &repo);
-}
-
-#[test]
-fn a_recreated_repository_on_s3_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated-s3");
-    let repo = Repository::s3(&store, "walship-test", "db1");
-    recreated_repository("s3", &store, &repo);
-}
-
-#[test]
-fn a_recreated_repository_over_ssh_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated-ssh");
-    let repo = Repository::ssh(&store);
-    recreated_repository("ssh", &store, &repo);
-}
+walship_tests::every_backend!(a_recreated_repository_gets_the_recorded_segments_uploaded_for_real);
 
 /// The scenario: segments wait `.ready` (archiving paused), one wal-push call uploads them ahead
 /// and leaves records, the repository is wiped and made anew at the same location (the deliberate
 /// way: the cluster's memory of the old one removed too), then PostgreSQL archives the backlog.
 /// Every segment must reach the new repository, and a recovery from a base backup taken before the
 /// backlog, through the new repository, must return every row.
-fn recreated_repository(label: &str, store: &Scratch, repo: &Repository) {
+fn a_recreated_repository_gets_the_recorded_segments_uploaded_for_real(backend: Backend) {
+    let label = backend.label();
+    let store = &Scratch::new(&format!("push-recreated-{label}"));
+    let repo = &Repository::new(backend, store);
     let config = repo.write_config(
         store.path(),
         "look-ahead.toml",
