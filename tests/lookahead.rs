@@ -28,7 +28,9 @@ use walship_tests::datadir::FakeDataDir;
 use walship_tests::proxy::{Fault, Proxy, Request, Rule, Seen};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::s3::{S3Server, assert_no_multipart_leftovers, write_config_file};
-use walship_tests::segments::{self, Fill, MIN_SEGMENT_SIZE, Segment, backup_label, history_content, history_name};
+use walship_tests::segments::{
+    self, Fill, MIN_SEGMENT_SIZE, Segment, backup_label, history_content, history_name, wal_key,
+};
 use walship_tests::{Output, walship};
 
 const BUCKET: &str = "walship-test";
@@ -49,11 +51,6 @@ fn seg(n: u64) -> String {
 
 fn segs(numbers: impl IntoIterator<Item = u64>) -> Vec<String> {
     numbers.into_iter().map(seg).collect()
-}
-
-/// The repository key of a segment (the layout of `crates/walship/src/repo/mod.rs`).
-fn key_of(name: &str) -> String {
-    format!("wal/{}/{name}", &name[..16])
 }
 
 fn set(names: &[String]) -> BTreeSet<String> {
@@ -378,7 +375,7 @@ fn s3_server(repo: &Repository) -> &S3Server {
 #[track_caller]
 fn assert_only_confirmations(seen: &[Seen], answered: &[String], what: &str) {
     let reads = seen.iter().filter(|s| s.method == "GET" && s.request.path().ends_with("/repository.json")).count();
-    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &key_of(name)).len() == 1).count();
+    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &wal_key(name)).len() == 1).count();
     assert!(
         reads == answered.len() && heads == answered.len() && seen.len() == 2 * answered.len(),
         "{what}: expected a GET of repository.json and a HEAD of the object for each of {answered:?}: {seen:#?}"
@@ -555,9 +552,9 @@ fn an_answer_from_a_record_only_checks_the_repository() {
     assert!(!out.stderr.contains(ARCHIVED_AHEAD), "a record for db1 was trusted for db2: {out:#?}");
     assert!(out.stderr.contains(&format!("archived {} (", seg(3))), "{out:#?}");
     let seen = proxy.seen();
-    let puts = requests_for(&seen[before..], "PUT", &format!("{BUCKET}/db2/{}", key_of(&seg(3))));
+    let puts = requests_for(&seen[before..], "PUT", &format!("{BUCKET}/db2/{}", wal_key(&seg(3))));
     assert_eq!(puts.len(), 1, "one upload of 3 into db2: {:#?}", &seen[before..]);
-    assert!(server.object_file(BUCKET, &format!("db2/{}", key_of(&seg(3)))).is_file());
+    assert!(server.object_file(BUCKET, &format!("db2/{}", wal_key(&seg(3)))).is_file());
     let (_, three) = &originals[2];
     d.assert_fetches(&other, &seg(3), three);
     // The record was looked at and found wanting, so it is gone: db1's own call judges by content.
@@ -599,7 +596,7 @@ fn a_record_is_not_trusted_for_another_store_with_the_same_bucket_and_prefix() {
     second.create_bucket(BUCKET);
     let moved = s3_config(&second, &second.endpoint(), PREFIX, d.scratch.path(), "second.toml", "look_ahead = 8");
     assert_ok(&d.push(&moved, &seg(2)), "push 2 into the second store");
-    let object = second.object_file(BUCKET, &format!("{PREFIX}/{}", key_of(&seg(2))));
+    let object = second.object_file(BUCKET, &format!("{PREFIX}/{}", wal_key(&seg(2))));
     assert!(
         object.is_file(),
         "wal-push acknowledged {} (exit 0), but the configured repository does not hold it ({object:?} \
@@ -797,7 +794,7 @@ fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
     let records = d.records();
     for name in &stalled {
         assert!(!records.contains(name), "a record for {name}, whose upload never finished\n{context}");
-        assert_absent(&repo.object_file(&key_of(name)));
+        assert_absent(&repo.object_file(&wal_key(name)));
         assert!(!archived(&repo).contains(name), "{name} in the repository\n{context}");
     }
     assert!(!records.contains(&seg(1)), "a record for the requested segment\n{context}");
@@ -806,7 +803,7 @@ fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
     }
     let check_args = s3_config(server, &server.endpoint(), PREFIX, d.scratch.path(), "direct.toml", "look_ahead = 8");
     for name in &records {
-        assert!(repo.object_file(&key_of(name)).is_file(), "a record for {name}, which is not stored\n{context}");
+        assert!(repo.object_file(&wal_key(name)).is_file(), "a record for {name}, which is not stored\n{context}");
         let (_, bytes) = originals.iter().find(|(n, _)| n == name).unwrap();
         d.assert_fetches(&check_args, name, bytes);
     }

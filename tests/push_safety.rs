@@ -19,31 +19,18 @@ use std::time::{Duration, Instant};
 use walship_tests::assertions::assert_ok;
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command};
 use walship_tests::repository::{Backend, ConfigLines, Repository};
+use walship_tests::segments::{self, MIN_SEGMENT_SIZE, wal_key};
 use walship_tests::{Scratch, run, wal_fetch, walship};
 
-const SEGMENT_SIZE: u64 = 1024 * 1024;
 /// Where a data directory remembers its repositories (see `crates/walship/src/remembered.rs`).
 const REMEMBERED: &str = "walship/repositories";
 /// Rows per batch, and batches: each batch ends its segment, so the rows spread over several.
 const ROWS: u64 = 100;
 const BATCHES: u64 = 6;
 
-/// The repository key of a WAL segment (the layout of `crates/walship/src/repo/mod.rs`).
-fn wal_key(name: &str) -> String {
-    format!("wal/{}/{name}", &name[..16])
-}
-
-fn segment_number(name: &str) -> u64 {
-    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("segment name {name:?}"));
-    hex(&name[8..16]) * (0x1_0000_0000 / SEGMENT_SIZE) + hex(&name[16..24])
-}
-
-/// Every segment name from `first` to `last`, both included, on timeline 1.
+/// Every segment name from `first` to `last`, both included, on the timeline of `first`.
 fn segments_between(first: &str, last: &str) -> Vec<String> {
-    let per_log = 0x1_0000_0000 / SEGMENT_SIZE;
-    (segment_number(first)..=segment_number(last))
-        .map(|n| format!("00000001{:08X}{:08X}", n / per_log, n % per_log))
-        .collect()
+    segments::segments_between(first, last, MIN_SEGMENT_SIZE)
 }
 
 /// The segments PostgreSQL still has to archive, oldest first.

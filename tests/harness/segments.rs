@@ -44,6 +44,20 @@ pub fn segment_name(timeline: u32, segno: u64, segment_size: u32) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
 }
 
+/// Every segment name from `first` to `last`, both included, on the timeline of `first`.
+pub fn segments_between(first: &str, last: &str, segment_size: u32) -> Vec<String> {
+    let timeline = u32::from_str_radix(&first[..8], 16).unwrap_or_else(|_| panic!("{first:?} is not a segment name"));
+    (segment_number(first, segment_size)..=segment_number(last, segment_size))
+        .map(|segno| segment_name(timeline, segno, segment_size))
+        .collect()
+}
+
+/// The key under which a repository keeps the WAL file `name` (the layout documented in
+/// `crates/walship/src/repo/mod.rs`): history files together, segments sharded by timeline and log.
+pub fn wal_key(name: &str) -> String {
+    if name.ends_with(".history") { format!("wal/history/{name}") } else { format!("wal/{}/{name}", &name[..16]) }
+}
+
 /// Writes one chained setter `fn FIELD(self, value) -> Self` per field, so that each builder option
 /// is one line with its doc rather than five.
 macro_rules! setters {
