@@ -22,7 +22,7 @@ use std::time::Duration;
 use walship_tests::assertions::{assert_absent, assert_error, files_below};
 use walship_tests::backups::{base_command, base_fetch, base_push, base_push_command};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, pg_bin_dir, pg_command};
-use walship_tests::repository::{ConfigLines, Repository};
+use walship_tests::repository::{Backend, ConfigLines, Repository};
 use walship_tests::s3::assert_no_multipart_leftovers;
 use walship_tests::{Output, Scratch, run, wait_until};
 
@@ -223,29 +223,14 @@ fn sleep_past_clock_tick() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-#[test]
-fn backup_and_point_in_time_restore_on_local_disk() {
-    let store = Scratch::new("base-local");
-    let repo = Repository::local(&store);
-    backup_under_load_then_restore_to_target_time("local", &store, &repo);
-}
+walship_tests::every_backend!(backup_under_load_then_restore_to_target_time);
 
-#[test]
-fn backup_and_point_in_time_restore_on_s3() {
-    let store = Scratch::new("base-s3");
-    let repo = Repository::s3(&store, "walship-base", "cluster1");
-    backup_under_load_then_restore_to_target_time("s3", &store, &repo);
-}
-
-#[test]
-fn backup_and_point_in_time_restore_over_ssh() {
-    let store = Scratch::new("base-ssh");
-    let repo = Repository::ssh(&store);
-    backup_under_load_then_restore_to_target_time("ssh", &store, &repo);
-}
-
-/// The whole scenario against `repo`; `label` tells the clusters of one run from another's.
-fn backup_under_load_then_restore_to_target_time(label: &str, store: &Scratch, repo: &Repository) {
+/// The whole scenario against a new repository of kind `backend`; the backend's label tells the
+/// clusters of one run from another's.
+fn backup_under_load_then_restore_to_target_time(backend: Backend) {
+    let label = backend.label();
+    let store = &Scratch::new(&format!("base-{label}"));
+    let repo = &Repository::new(backend, store);
     // Small parts, so that the backup is many objects, downloaded several at a time on restore, and
     // progress lines once a second (stderr is not a terminal here). base-fetch hands the same
     // --config on to the restore_command it writes.
@@ -337,14 +322,7 @@ fn backup_under_load_then_restore_to_target_time(label: &str, store: &Scratch, r
         "the writes after the target change every value"
     );
     let system_identifier = primary.psql("select system_identifier from pg_control_system()");
-    let last_segment = primary.switch_wal();
-    primary.wait_archived(&last_segment, WAIT_TIMEOUT);
-
-    // --- Lose the cluster. ---
-    primary.crash();
-    let lost = primary.data_dir().to_owned();
-    drop(primary);
-    assert_absent(&lost);
+    lose(primary);
 
     // --- base-list: the table and the catalog record. ---
     let table = base_list(&repo_args, cwd, false);
@@ -403,6 +381,17 @@ fn backup_under_load_then_restore_to_target_time(label: &str, store: &Scratch, r
     );
     assert!(log.contains("restored log file \""), "no WAL came from the archive\n{}", restored.log_tail());
     assert!(!log.contains("wal-fetch: error"), "wal-fetch failed during recovery\n{}", restored.log_tail());
+}
+
+/// Archives what `cluster` has written, then loses it the way a machine is lost: crashed, its data
+/// directory gone with it.
+fn lose(mut cluster: Cluster) {
+    let last_segment = cluster.switch_wal();
+    cluster.wait_archived(&last_segment, WAIT_TIMEOUT);
+    cluster.crash();
+    let lost = cluster.data_dir().to_owned();
+    drop(cluster);
+    assert_absent(&lost);
 }
 
 /// A local repository whose configuration file adds `tables` (say `[base] part_size`).
@@ -668,7 +657,7 @@ fn a_cluster_with_a_tablespace_is_backed_up_and_restored_elsewhere() {
     let tables = format!("[base]\nspool_dir = \"{}\"", spool.display());
     let repo_args = local_config(&store, &repo, "tablespace.toml", &tables);
     let cwd = store.path();
-    let mut cluster = archiving_cluster("base-ts", &repo);
+    let cluster = archiving_cluster("base-ts", &repo);
     cluster.psql(&format!("create tablespace extra location '{}'", old_location.display()));
     cluster.psql("create table far(n int) tablespace extra");
     cluster.psql("insert into far select g from generate_series(1, 50000) g");
@@ -685,12 +674,7 @@ fn a_cluster_with_a_tablespace_is_backed_up_and_restored_elsewhere() {
     assert_eq!(archives[1]["name"], format!("{}.tar", tablespace["oid"]), "{archives:#?}");
 
     cluster.psql("insert into far select g from generate_series(50001, 50100) g");
-    let segment = cluster.switch_wal();
-    cluster.wait_archived(&segment, WAIT_TIMEOUT);
-    cluster.crash();
-    let lost = cluster.data_dir().to_owned();
-    drop(cluster);
-    assert_absent(&lost);
+    lose(cluster);
 
     // The old tablespace directory still holds the lost cluster's files: restoring over it is refused
     // before anything is written.

@@ -24,11 +24,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use walship_tests::assertions::{assert_absent, assert_error, assert_no_temp_files, assert_ok};
+use walship_tests::datadir::FakeDataDir;
 use walship_tests::proxy::{Fault, Proxy, Request, Rule, Seen};
 use walship_tests::repository::{ConfigLines, Repository};
 use walship_tests::s3::{S3Server, assert_no_multipart_leftovers, write_config_file};
-use walship_tests::segments::{self, Fill, MIN_SEGMENT_SIZE, Segment, backup_label, history_content, history_name};
-use walship_tests::{Output, Scratch, walship};
+use walship_tests::segments::{
+    self, Fill, MIN_SEGMENT_SIZE, Segment, backup_label, history_content, history_name, wal_key,
+};
+use walship_tests::{Output, walship};
 
 const BUCKET: &str = "walship-test";
 const PREFIX: &str = "db1";
@@ -48,11 +51,6 @@ fn seg(n: u64) -> String {
 
 fn segs(numbers: impl IntoIterator<Item = u64>) -> Vec<String> {
     numbers.into_iter().map(seg).collect()
-}
-
-/// The repository key of a segment (the layout of `crates/walship/src/repo/mod.rs`).
-fn key_of(name: &str) -> String {
-    format!("wal/{}/{name}", &name[..16])
 }
 
 fn set(names: &[String]) -> BTreeSet<String> {
@@ -158,21 +156,26 @@ fn run_bounded(cmd: &mut Command) -> Output {
 /// A data directory with `pg_wal/archive_status`, as PostgreSQL keeps it, and a directory to restore
 /// into that is no data directory (no postmaster.pid, so wal-fetch starts no prefetch worker).
 struct DataDir {
-    scratch: Scratch,
-    data: PathBuf,
-    wal: PathBuf,
+    dir: FakeDataDir,
     status: PathBuf,
     restore: PathBuf,
 }
 
+/// The scratch directory, `data` and `wal` are the plain data directory's.
+impl std::ops::Deref for DataDir {
+    type Target = FakeDataDir;
+
+    fn deref(&self) -> &FakeDataDir {
+        &self.dir
+    }
+}
+
 impl DataDir {
     fn new(label: &str) -> DataDir {
-        let scratch = Scratch::new(label);
-        let data = scratch.mkdir("pgdata");
-        let wal = scratch.mkdir("pgdata/pg_wal");
-        let status = scratch.mkdir("pgdata/pg_wal/archive_status");
-        let restore = scratch.mkdir("restore");
-        DataDir { scratch, data, wal, status, restore }
+        let dir = FakeDataDir::new(label);
+        let status = dir.scratch.mkdir("pgdata/pg_wal/archive_status");
+        let restore = dir.scratch.mkdir("restore");
+        DataDir { dir, status, restore }
     }
 
     /// Writes segments `numbers` (1 MiB, `fill`) into pg_wal; returns their names and contents.
@@ -181,11 +184,30 @@ impl DataDir {
             .into_iter()
             .map(|n| {
                 let segment = Segment::new(&seg(n)).fill(fill);
-                let bytes = segment.bytes();
-                segments::write_file(&self.wal.join(segment.name()), &bytes);
-                (segment.name().to_owned(), bytes)
+                (segment.name().to_owned(), self.write_segment(&segment))
             })
             .collect()
+    }
+
+    /// [`write_segments`](Self::write_segments), each marked `.ready`: a backlog PostgreSQL waits to
+    /// archive.
+    fn write_ready(&self, numbers: impl IntoIterator<Item = u64> + Clone, fill: Fill) -> Vec<(String, Vec<u8>)> {
+        let written = self.write_segments(numbers.clone(), fill);
+        for n in numbers {
+            self.mark(&seg(n), "ready");
+        }
+        written
+    }
+
+    /// Segments 1 to `last` waiting `.ready`, and PostgreSQL's call for 1 (`what`), which uploads
+    /// the others ahead and records each; 1 is then marked done. Returns every segment's content.
+    #[track_caller]
+    fn push_first_of(&self, repo_args: &[OsString], last: u64, what: &str) -> Vec<(String, Vec<u8>)> {
+        let originals = self.write_ready(1..=last, Fill::WalLike);
+        assert_ok(&self.push(repo_args, &seg(1)), what);
+        assert_eq!(self.records(), set(&segs(2..=last)), "{}", self.describe());
+        self.mark_done(&seg(1));
+        originals
     }
 
     /// PostgreSQL's status file `archive_status/<name>.<suffix>` (`ready` or `done`).
@@ -308,6 +330,15 @@ fn archived(repo: &Repository) -> BTreeSet<String> {
     repo.keys_under("wal/").into_iter().map(|k| k.rsplit('/').next().unwrap().to_owned()).collect()
 }
 
+/// A data directory beside a new repository on local disk, and `--config FILE` for that repository
+/// with `push` as its `[push]` table.
+fn local_setup(label: &str, push: &str) -> (DataDir, Repository, Vec<OsString>) {
+    let d = DataDir::new(label);
+    let repo = Repository::local(&d.scratch);
+    let args = local_config(&repo, d.scratch.path(), "walship.toml", push);
+    (d, repo, args)
+}
+
 /// `--config FILE` for a configuration of `repo` with `push` as its `[push]` table.
 fn local_config(repo: &Repository, dir: &Path, file: &str, push: &str) -> Vec<OsString> {
     let tables = format!("[push]\n{push}");
@@ -323,6 +354,15 @@ fn s3_config(server: &S3Server, endpoint: &str, prefix: &str, dir: &Path, file: 
     vec!["--config".into(), config.into()]
 }
 
+/// A data directory beside a new S3 repository (`s3://BUCKET/PREFIX`), and a proxy in front of its
+/// server for the test to watch and disturb the requests through.
+fn s3_setup(label: &str) -> (DataDir, Repository, Proxy) {
+    let d = DataDir::new(label);
+    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let proxy = Proxy::start(s3_server(&repo).port());
+    (d, repo, proxy)
+}
+
 fn s3_server(repo: &Repository) -> &S3Server {
     match repo {
         Repository::S3 { server, .. } => server,
@@ -335,7 +375,7 @@ fn s3_server(repo: &Repository) -> &S3Server {
 #[track_caller]
 fn assert_only_confirmations(seen: &[Seen], answered: &[String], what: &str) {
     let reads = seen.iter().filter(|s| s.method == "GET" && s.request.path().ends_with("/repository.json")).count();
-    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &key_of(name)).len() == 1).count();
+    let heads = answered.iter().filter(|name| requests_for(seen, "HEAD", &wal_key(name)).len() == 1).count();
     assert!(
         reads == answered.len() && heads == answered.len() && seen.len() == 2 * answered.len(),
         "{what}: expected a GET of repository.json and a HEAD of the object for each of {answered:?}: {seen:#?}"
@@ -356,9 +396,7 @@ fn requests_for<'a>(seen: &'a [Seen], method: &str, name: &str) -> Vec<&'a Seen>
 /// answered from the record with the repository out of reach.
 #[test]
 fn look_ahead_uploads_only_ready_segments_and_never_touches_archive_status() {
-    let d = DataDir::new("lookahead-ready");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let (d, repo, args) = local_setup("lookahead-ready", "look_ahead = 8");
     let originals = d.write_segments(1..=8, Fill::WalLike);
     for n in [1, 2, 3, 5, 7] {
         d.mark(&seg(n), "ready");
@@ -415,13 +453,8 @@ fn look_ahead_uploads_only_ready_segments_and_never_touches_archive_status() {
 #[test]
 fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
     // Six ready segments above the requested one, look_ahead = 2.
-    let d = DataDir::new("lookahead-bound");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 2");
-    d.write_segments(1..=7, Fill::WalLike);
-    for n in 1..=7 {
-        d.mark(&seg(n), "ready");
-    }
+    let (d, repo, args) = local_setup("lookahead-bound", "look_ahead = 2");
+    d.write_ready(1..=7, Fill::WalLike);
     let out = d.push(&args, &seg(1));
     assert_ok(&out, "push 1");
     assert!(out.stderr.contains(&format!("; uploaded 2 ahead ({} to {})", seg(2), seg(3))), "{out:#?}");
@@ -445,13 +478,8 @@ fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
 
     // Only later segments, and only segments: a call for 5 in a pg_wal where earlier segments and
     // other kinds of WAL file are also ready (with real files, so that a wrong upload would succeed).
-    let d = DataDir::new("lookahead-kinds");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
-    d.write_segments(1..=7, Fill::WalLike);
-    for n in 1..=7 {
-        d.mark(&seg(n), "ready");
-    }
+    let (d, repo, args) = local_setup("lookahead-kinds", "look_ahead = 8");
+    d.write_ready(1..=7, Fill::WalLike);
     let partial = format!("{}.partial", seg(6));
     Segment::new(&partial).write_to(&d.wal);
     let history = history_name(2);
@@ -470,13 +498,8 @@ fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
     assert_eq!(d.status_snapshot(), status_before, "{}", d.describe());
 
     // look_ahead = 0: the call archives its own segment and nothing else, and keeps no state.
-    let d = DataDir::new("lookahead-off");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 0");
-    d.write_segments(1..=3, Fill::WalLike);
-    for n in 1..=3 {
-        d.mark(&seg(n), "ready");
-    }
+    let (d, repo, args) = local_setup("lookahead-off", "look_ahead = 0");
+    d.write_ready(1..=3, Fill::WalLike);
     let out = d.push(&args, &seg(1));
     assert_ok(&out, "push 1 with look_ahead = 0");
     assert!(!out.stderr.contains("ahead"), "{out:#?}");
@@ -490,16 +513,11 @@ fn look_ahead_takes_the_lowest_later_ready_segments_up_to_its_bound() {
 /// uploads there; and the batch never has more than `parallel` uploads under way.
 #[test]
 fn an_answer_from_a_record_only_checks_the_repository() {
-    let d = DataDir::new("lookahead-s3");
-    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let (d, repo, proxy) = s3_setup("lookahead-s3");
     let server = s3_server(&repo);
-    let proxy = Proxy::start(server.port());
     let args =
         s3_config(server, &proxy.endpoint(), PREFIX, d.scratch.path(), "db1.toml", "look_ahead = 8\nparallel = 2");
-    let originals = d.write_segments(1..=6, Fill::WalLike);
-    for n in 1..=6 {
-        d.mark(&seg(n), "ready");
-    }
+    let originals = d.write_ready(1..=6, Fill::WalLike);
     // Slow uploads overlap, so that a missing bound on parallelism would show.
     proxy.add(
         Rule::new(Fault::Delay(Duration::from_millis(100)))
@@ -534,9 +552,9 @@ fn an_answer_from_a_record_only_checks_the_repository() {
     assert!(!out.stderr.contains(ARCHIVED_AHEAD), "a record for db1 was trusted for db2: {out:#?}");
     assert!(out.stderr.contains(&format!("archived {} (", seg(3))), "{out:#?}");
     let seen = proxy.seen();
-    let puts = requests_for(&seen[before..], "PUT", &format!("{BUCKET}/db2/{}", key_of(&seg(3))));
+    let puts = requests_for(&seen[before..], "PUT", &format!("{BUCKET}/db2/{}", wal_key(&seg(3))));
     assert_eq!(puts.len(), 1, "one upload of 3 into db2: {:#?}", &seen[before..]);
-    assert!(server.object_file(BUCKET, &format!("db2/{}", key_of(&seg(3)))).is_file());
+    assert!(server.object_file(BUCKET, &format!("db2/{}", wal_key(&seg(3)))).is_file());
     let (_, three) = &originals[2];
     d.assert_fetches(&other, &seg(3), three);
     // The record was looked at and found wanting, so it is gone: db1's own call judges by content.
@@ -571,20 +589,14 @@ fn a_record_is_not_trusted_for_another_store_with_the_same_bucket_and_prefix() {
     let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
     let first = s3_server(&repo);
     let args = s3_config(first, &first.endpoint(), PREFIX, d.scratch.path(), "first.toml", "look_ahead = 8");
-    let originals = d.write_segments(1..=3, Fill::WalLike);
-    for n in 1..=3 {
-        d.mark(&seg(n), "ready");
-    }
-    assert_ok(&d.push(&args, &seg(1)), "push 1 into the first store");
-    assert_eq!(d.records(), set(&segs([2, 3])), "{}", d.describe());
-    d.mark_done(&seg(1));
+    let originals = d.push_first_of(&args, 3, "push 1 into the first store");
 
     // The operator moves archiving to a new store (same bucket name and prefix, another endpoint).
     let second = S3Server::start();
     second.create_bucket(BUCKET);
     let moved = s3_config(&second, &second.endpoint(), PREFIX, d.scratch.path(), "second.toml", "look_ahead = 8");
     assert_ok(&d.push(&moved, &seg(2)), "push 2 into the second store");
-    let object = second.object_file(BUCKET, &format!("{PREFIX}/{}", key_of(&seg(2))));
+    let object = second.object_file(BUCKET, &format!("{PREFIX}/{}", wal_key(&seg(2))));
     assert!(
         object.is_file(),
         "wal-push acknowledged {} (exit 0), but the configured repository does not hold it ({object:?} \
@@ -600,16 +612,8 @@ fn a_record_is_not_trusted_for_another_store_with_the_same_bucket_and_prefix() {
 /// after hashing.
 #[test]
 fn a_changed_or_damaged_record_is_not_trusted() {
-    let d = DataDir::new("lookahead-trust");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
-    let originals = d.write_segments(1..=5, Fill::WalLike);
-    for n in 1..=5 {
-        d.mark(&seg(n), "ready");
-    }
-    assert_ok(&d.push(&args, &seg(1)), "push 1 with look-ahead");
-    assert_eq!(d.records(), set(&segs(2..=5)), "{}", d.describe());
-    d.mark_done(&seg(1));
+    let (d, _repo, args) = local_setup("lookahead-trust", "look_ahead = 8");
+    let originals = d.push_first_of(&args, 5, "push 1 with look-ahead");
 
     // (b) 2's record damaged (one byte of its JSON): ignored and removed; the normal push finds
     // identical content in the repository.
@@ -672,16 +676,8 @@ fn a_changed_or_damaged_record_is_not_trusted() {
 /// next call is then judged by content.
 #[test]
 fn a_failed_call_removes_every_record() {
-    let d = DataDir::new("lookahead-fail-forgets");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
-    let originals = d.write_segments(1..=4, Fill::WalLike);
-    for n in 1..=4 {
-        d.mark(&seg(n), "ready");
-    }
-    assert_ok(&d.push(&args, &seg(1)), "push 1 with look-ahead");
-    assert_eq!(d.records(), set(&segs(2..=4)), "{}", d.describe());
-    d.mark_done(&seg(1));
+    let (d, _repo, args) = local_setup("lookahead-fail-forgets", "look_ahead = 8");
+    let originals = d.push_first_of(&args, 4, "push 1 with look-ahead");
 
     // A recycled file under the name of 9: its page header names another segment (exit 4).
     segments::write_file(&d.wal.join(seg(9)), &Segment::new(&seg(5)).bytes());
@@ -713,9 +709,7 @@ fn a_failed_call_removes_every_record() {
 /// and left for PostgreSQL's own call; the requested segment is archived and the call succeeds.
 #[test]
 fn a_failed_look_ahead_does_not_fail_the_requested_segment() {
-    let d = DataDir::new("lookahead-failed");
-    let repo = Repository::local(&d.scratch);
-    let args = local_config(&repo, d.scratch.path(), "walship.toml", "look_ahead = 8");
+    let (d, _repo, args) = local_setup("lookahead-failed", "look_ahead = 8");
 
     // Another content for 3 is archived first, from elsewhere (no archive_status there: no look-ahead).
     let elsewhere = d.scratch.mkdir("elsewhere");
@@ -724,10 +718,7 @@ fn a_failed_look_ahead_does_not_fail_the_requested_segment() {
     assert_ok(&out, "push another 3");
     assert_absent(&elsewhere.join("walship"));
 
-    let originals = d.write_segments(1..=4, Fill::WalLike);
-    for n in 1..=4 {
-        d.mark(&seg(n), "ready");
-    }
+    let originals = d.write_ready(1..=4, Fill::WalLike);
     let status_before = d.status_snapshot();
     let out = d.push(&args, &seg(1));
     assert_eq!(out.code, Some(0), "the requested segment's answer: {out:#?}");
@@ -758,16 +749,11 @@ fn a_failed_look_ahead_does_not_fail_the_requested_segment() {
 /// (`wait_for_records`: and once the records of the others are written). Checks what the kill left,
 /// then lets PostgreSQL's retries archive everything.
 fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
-    let d = DataDir::new(label);
-    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let (d, repo, proxy) = s3_setup(label);
     let server = s3_server(&repo);
-    let proxy = Proxy::start(server.port());
     let args =
         s3_config(server, &proxy.endpoint(), PREFIX, d.scratch.path(), "walship.toml", "look_ahead = 8\nparallel = 4");
-    let originals = d.write_segments(1..=8, Fill::Random);
-    for n in 1..=8 {
-        d.mark(&seg(n), "ready");
-    }
+    let originals = d.write_ready(1..=8, Fill::Random);
     let status_before = d.status_snapshot();
     let stalled = segs(stalled.iter().copied());
     let others: Vec<String> = segs(1..=8).into_iter().filter(|n| !stalled.contains(n)).collect();
@@ -808,7 +794,7 @@ fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
     let records = d.records();
     for name in &stalled {
         assert!(!records.contains(name), "a record for {name}, whose upload never finished\n{context}");
-        assert_absent(&repo.object_file(&key_of(name)));
+        assert_absent(&repo.object_file(&wal_key(name)));
         assert!(!archived(&repo).contains(name), "{name} in the repository\n{context}");
     }
     assert!(!records.contains(&seg(1)), "a record for the requested segment\n{context}");
@@ -817,7 +803,7 @@ fn kill_mid_batch(label: &str, stalled: &[u64], wait_for_records: bool) {
     }
     let check_args = s3_config(server, &server.endpoint(), PREFIX, d.scratch.path(), "direct.toml", "look_ahead = 8");
     for name in &records {
-        assert!(repo.object_file(&key_of(name)).is_file(), "a record for {name}, which is not stored\n{context}");
+        assert!(repo.object_file(&wal_key(name)).is_file(), "a record for {name}, which is not stored\n{context}");
         let (_, bytes) = originals.iter().find(|(n, _)| n == name).unwrap();
         d.assert_fetches(&check_args, name, bytes);
     }
@@ -895,10 +881,7 @@ fn a_dead_endpoint_holds_a_call_for_one_deadline_not_one_per_queued_upload() {
     let server = S3Server::start();
     let dead = format!("http://127.0.0.1:{}", walship_tests::s3::free_port());
     let args = short_deadline_config(&server, &dead, d.scratch.path(), "look_ahead = 16\nparallel = 1");
-    d.write_segments(1..=17, Fill::WalLike);
-    for n in 1..=17 {
-        d.mark(&seg(n), "ready");
-    }
+    d.write_ready(1..=17, Fill::WalLike);
     let started = Instant::now();
     let out = d.push(&args, &seg(1));
     let took = started.elapsed();
@@ -914,15 +897,10 @@ fn a_dead_endpoint_holds_a_call_for_one_deadline_not_one_per_queued_upload() {
 /// per upload ahead; and the requested segment, which took its turn first, is never starved.
 #[test]
 fn stalled_uploads_ahead_hold_a_call_for_one_deadline() {
-    let d = DataDir::new("lookahead-stalled");
-    let repo = Repository::s3(&d.scratch, BUCKET, PREFIX);
+    let (d, repo, proxy) = s3_setup("lookahead-stalled");
     let server = s3_server(&repo);
-    let proxy = Proxy::start(server.port());
     let args = short_deadline_config(server, &proxy.endpoint(), d.scratch.path(), "look_ahead = 16\nparallel = 1");
-    let originals = d.write_segments(1..=17, Fill::WalLike);
-    for n in 1..=17 {
-        d.mark(&seg(n), "ready");
-    }
+    let originals = d.write_ready(1..=17, Fill::WalLike);
     let requested = seg(1);
     proxy
         .add(Rule::new(Fault::Stall).when(move |r: &Request| {

@@ -4,9 +4,10 @@
 //! same repository, and a second restore with `recovery_target_timeline = 'latest'` follows the
 //! history file to the end of timeline 2.
 //!
-//! The scenario runs twice: on a repository on local disk (`--repo DIR`), and on one in an S3 bucket
-//! (`--config FILE` naming `s3://bucket/prefix`) served by s3s-fs on 127.0.0.1. s3s-fs keeps every
-//! object as a plain file, so both tests look into the repository the same way.
+//! The scenario runs on every backend (`every_backend!`): a repository on local disk (`--repo DIR`),
+//! one in an S3 bucket served by s3s-fs on 127.0.0.1 and one on a real sshd (both named by
+//! `--config FILE`). Each keeps every object as a plain file on this machine, so all three tests
+//! look into the repository the same way.
 //!
 //! The WAL segment size is 1 MiB, so that many segments flow through the archive in a short run and
 //! the non-default size is exercised end to end.
@@ -18,38 +19,22 @@ use std::time::Duration;
 use walship_tests::Scratch;
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, prefetch_workers};
 use walship_tests::repository::{Backend, Repository};
+use walship_tests::segments::{self, wal_key};
 
-const SEGMENT_SIZE: u64 = 1024 * 1024;
-
-/// The key under which the repository keeps a WAL file (see `walship::repo`).
-fn wal_key(wal_name: &str) -> String {
-    if wal_name.ends_with(".history") {
-        format!("wal/history/{wal_name}")
-    } else {
-        format!("wal/{}/{wal_name}", &wal_name[..16])
-    }
-}
+const SEGMENT_SIZE: u32 = 1024 * 1024;
 
 /// Whether the repository holds the WAL file `wal_name`.
 fn has_wal(repo: &Repository, wal_name: &str) -> bool {
     repo.object_file(&wal_key(wal_name)).is_file()
 }
 
-/// The segment number of a segment name (`TTTTTTTTLLLLLLLLSSSSSSSS`).
-fn segment_number(name: &str) -> u64 {
-    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("segment name {name:?}"));
-    hex(&name[8..16]) * (0x1_0000_0000 / SEGMENT_SIZE) + hex(&name[16..24])
-}
-
 fn segment_name(timeline: u32, number: u64) -> String {
-    let per_log = 0x1_0000_0000 / SEGMENT_SIZE;
-    format!("{timeline:08X}{:08X}{:08X}", number / per_log, number % per_log)
+    segments::segment_name(timeline, number, SEGMENT_SIZE)
 }
 
 /// Every segment name from `first` to `last`, both included, on the timeline of `first`.
 fn segments_between(first: &str, last: &str) -> Vec<String> {
-    let timeline = u32::from_str_radix(&first[..8], 16).unwrap();
-    (segment_number(first)..=segment_number(last)).map(|n| segment_name(timeline, n)).collect()
+    segments::segments_between(first, last, SEGMENT_SIZE)
 }
 
 /// Parses an LSN as PostgreSQL prints it (`0/1A2B3C8`).
@@ -255,7 +240,7 @@ fn pitr_to_target_time_then_new_timeline_then_latest(backend: Backend) {
         .lines()
         .find_map(|l| l.split_whitespace().nth(1))
         .unwrap_or_else(|| panic!("unexpected 00000002.history: {history:?}"));
-    let switch_segment = parse_lsn(switch_point) / SEGMENT_SIZE;
+    let switch_segment = parse_lsn(switch_point) / u64::from(SEGMENT_SIZE);
 
     restored.psql("insert into marks select 'C', g from generate_series(1, 300) g");
     let last_on_timeline2 = restored.switch_wal();

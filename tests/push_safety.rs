@@ -18,32 +18,19 @@ use std::time::{Duration, Instant};
 
 use walship_tests::assertions::assert_ok;
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command};
-use walship_tests::repository::{ConfigLines, Repository};
+use walship_tests::repository::{Backend, ConfigLines, Repository};
+use walship_tests::segments::{self, MIN_SEGMENT_SIZE, wal_key};
 use walship_tests::{Scratch, run, wal_fetch, walship};
 
-const SEGMENT_SIZE: u64 = 1024 * 1024;
 /// Where a data directory remembers its repositories (see `crates/walship/src/remembered.rs`).
 const REMEMBERED: &str = "walship/repositories";
 /// Rows per batch, and batches: each batch ends its segment, so the rows spread over several.
 const ROWS: u64 = 100;
 const BATCHES: u64 = 6;
 
-/// The repository key of a WAL segment (the layout of `crates/walship/src/repo/mod.rs`).
-fn wal_key(name: &str) -> String {
-    format!("wal/{}/{name}", &name[..16])
-}
-
-fn segment_number(name: &str) -> u64 {
-    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("segment name {name:?}"));
-    hex(&name[8..16]) * (0x1_0000_0000 / SEGMENT_SIZE) + hex(&name[16..24])
-}
-
-/// Every segment name from `first` to `last`, both included, on timeline 1.
+/// Every segment name from `first` to `last`, both included, on the timeline of `first`.
 fn segments_between(first: &str, last: &str) -> Vec<String> {
-    let per_log = 0x1_0000_0000 / SEGMENT_SIZE;
-    (segment_number(first)..=segment_number(last))
-        .map(|n| format!("00000001{:08X}{:08X}", n / per_log, n % per_log))
-        .collect()
+    segments::segments_between(first, last, MIN_SEGMENT_SIZE)
 }
 
 /// The segments PostgreSQL still has to archive, oldest first.
@@ -94,33 +81,17 @@ fn wipe(repo: &Repository) {
 // Item 4: a record answers only for the repository the call would write to now.
 // ---------------------------------------------------------------------------------------------------
 
-#[test]
-fn a_recreated_repository_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated");
-    let repo = Repository::local(&store);
-    recreated_repository("local", &store, &repo);
-}
-
-#[test]
-fn a_recreated_repository_on_s3_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated-s3");
-    let repo = Repository::s3(&store, "walship-test", "db1");
-    recreated_repository("s3", &store, &repo);
-}
-
-#[test]
-fn a_recreated_repository_over_ssh_gets_the_recorded_segments_uploaded_for_real() {
-    let store = Scratch::new("push-recreated-ssh");
-    let repo = Repository::ssh(&store);
-    recreated_repository("ssh", &store, &repo);
-}
+walship_tests::every_backend!(a_recreated_repository_gets_the_recorded_segments_uploaded_for_real);
 
 /// The scenario: segments wait `.ready` (archiving paused), one wal-push call uploads them ahead
 /// and leaves records, the repository is wiped and made anew at the same location (the deliberate
 /// way: the cluster's memory of the old one removed too), then PostgreSQL archives the backlog.
 /// Every segment must reach the new repository, and a recovery from a base backup taken before the
 /// backlog, through the new repository, must return every row.
-fn recreated_repository(label: &str, store: &Scratch, repo: &Repository) {
+fn a_recreated_repository_gets_the_recorded_segments_uploaded_for_real(backend: Backend) {
+    let label = backend.label();
+    let store = &Scratch::new(&format!("push-recreated-{label}"));
+    let repo = &Repository::new(backend, store);
     let config = repo.write_config(
         store.path(),
         "look-ahead.toml",

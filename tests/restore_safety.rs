@@ -39,14 +39,6 @@ fn abort_after(step: &str) -> String {
     format!("base-fetch:{step}:abort")
 }
 
-/// A primary with 1 MiB segments archiving into `repo`, with an empty `marks` table.
-fn archiving_primary(name: &str, repo: &Repository) -> Cluster {
-    // pg_basebackup -X fetch collects the backup's WAL at its end.
-    let primary = Cluster::start_archiving(name, &repo.archive_command(), &[("wal_keep_size", "64MB")]);
-    primary.psql("create table marks(batch text, n int)");
-    primary
-}
-
 fn add(cluster: &Cluster, batch: &str, rows: u32) {
     cluster.psql(&format!("insert into marks select '{batch}', g from generate_series(1, {rows}) g"));
 }
@@ -72,16 +64,68 @@ fn now(cluster: &Cluster) -> String {
     cluster.psql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
 }
 
-/// Runs base-fetch into a new cluster's data directory; panics unless it succeeded. Returns the
-/// cluster (pointed at its own socket, not started) and base-fetch's output.
-#[track_caller]
-fn restore(name: &str, repo_args: &[OsString], cwd: &Path, backup: &str, extra: &[&str]) -> (Cluster, Output) {
-    let cluster = Cluster::without_data_dir(name);
-    let out = base_fetch(repo_args, cwd, backup, cluster.data_dir(), extra);
-    assert_eq!(out.code, Some(0), "base-fetch {backup} {extra:?} failed: {out:#?}");
-    assert!(out.stderr.contains("backup successfully verified"), "pg_verifybackup ran: {}", out.stderr);
-    cluster.adopt_data_dir();
-    (cluster, out)
+/// A repository on local disk in a scratch directory of its own, which is also where the binaries
+/// run from, and the command-line arguments that name it.
+struct Setup {
+    store: Scratch,
+    repo: Repository,
+    args: Vec<OsString>,
+}
+
+impl Setup {
+    fn new(label: &str) -> Setup {
+        let store = Scratch::new(label);
+        let repo = Repository::local(&store);
+        let args = repo.cli_args();
+        Setup { store, repo, args }
+    }
+
+    /// Where the binaries run from, and where restores that need no cluster go.
+    fn cwd(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// A primary with 1 MiB segments archiving into the repository, with a `marks` table holding
+    /// `rows` rows of `batch`.
+    fn primary(&self, name: &str, batch: &str, rows: u32) -> Cluster {
+        // pg_basebackup -X fetch collects the backup's WAL at its end.
+        let primary = Cluster::start_archiving(name, &self.repo.archive_command(), &[("wal_keep_size", "64MB")]);
+        primary.psql("create table marks(batch text, n int)");
+        add(&primary, batch, rows);
+        primary
+    }
+
+    /// [`primary`](Self::primary), and a base backup of it with those rows; returns the backup's name
+    /// too.
+    #[track_caller]
+    fn backed_up_primary(&self, name: &str, batch: &str, rows: u32) -> (Cluster, String) {
+        let primary = self.primary(name, batch, rows);
+        let backup = self.backup(&primary);
+        (primary, backup)
+    }
+
+    /// A base backup of `cluster` in the repository; returns its name.
+    #[track_caller]
+    fn backup(&self, cluster: &Cluster) -> String {
+        base_push(cluster, &self.args, self.cwd(), &[]).0
+    }
+
+    /// `base-fetch BACKUP DIR EXTRA`, whatever it does.
+    fn fetch(&self, backup: &str, dir: &Path, extra: &[&str]) -> Output {
+        base_fetch(&self.args, self.cwd(), backup, dir, extra)
+    }
+
+    /// Runs base-fetch into a new cluster's data directory; panics unless it succeeded. Returns the
+    /// cluster (pointed at its own socket, not started) and base-fetch's output.
+    #[track_caller]
+    fn restore(&self, name: &str, backup: &str, extra: &[&str]) -> (Cluster, Output) {
+        let cluster = Cluster::without_data_dir(name);
+        let out = self.fetch(backup, cluster.data_dir(), extra);
+        assert_eq!(out.code, Some(0), "base-fetch {backup} {extra:?} failed: {out:#?}");
+        assert!(out.stderr.contains("backup successfully verified"), "pg_verifybackup ran: {}", out.stderr);
+        cluster.adopt_data_dir();
+        (cluster, out)
+    }
 }
 
 fn auto_conf(cluster: &Cluster) -> String {
@@ -109,17 +153,13 @@ fn on_timeline(key: &str, timeline: u32) -> bool {
 /// (`recovery_target_timeline = latest`): the drill's rows appear, the primary's later rows do not.
 #[test]
 fn a_drill_restore_archives_nothing_into_the_repository() {
-    let store = Scratch::new("drill");
-    let repo = Repository::local(&store);
-    let (args, cwd) = (repo.cli_args(), store.path());
-    let primary = archiving_primary("drill-primary", &repo);
-    add(&primary, "before-backup", 100);
-    let name = base_push(&primary, &args, cwd, &[]).0;
+    let s = Setup::new("drill");
+    let (primary, name) = s.backed_up_primary("drill-primary", "before-backup", 100);
     add(&primary, "after-backup", 200);
     archive_all(&primary);
 
-    let wal_before = repo.keys_under("wal/");
-    let (mut drill, fetch) = restore("drill", &args, cwd, "LATEST", &[]);
+    let wal_before = s.repo.keys_under("wal/");
+    let (mut drill, fetch) = s.restore("drill", "LATEST", &[]);
     assert!(fetch.stderr.contains("archiving is off in the restored cluster"), "base-fetch's log: {}", fetch.stderr);
     assert_eq!(active_settings(&drill, "archive_command"), ["archive_command = 'false'"], "{}", auto_conf(&drill));
     assert_eq!(active_settings(&drill, "archive_library"), ["archive_library = ''"], "{}", auto_conf(&drill));
@@ -139,7 +179,8 @@ fn a_drill_restore_archives_nothing_into_the_repository() {
         let (failed, archived) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
         (!failed.is_empty() || archived == last).then_some(stats)
     });
-    let drill_footprint: Vec<String> = repo
+    let drill_footprint: Vec<String> = s
+        .repo
         .keys_under("wal/")
         .into_iter()
         .filter(|key| !wal_before.contains(key))
@@ -149,13 +190,13 @@ fn a_drill_restore_archives_nothing_into_the_repository() {
         .collect();
     assert_eq!(drill_footprint, Vec::<String>::new(), "the drill archived into the repository ({stats})");
     assert!(stats.starts_with("00000002.history|"), "the drill's archiver failed on its history file: {stats}");
-    assert!(!repo.object_file("wal/history/00000002.history").exists());
+    assert!(!s.repo.object_file("wal/history/00000002.history").exists());
     drill.crash();
     drop(drill);
 
     add(&primary, "later", 400);
     archive_all(&primary);
-    let (mut later, fetch) = restore("drill-later", &args, cwd, "LATEST", &[]);
+    let (mut later, fetch) = s.restore("drill-later", "LATEST", &[]);
     assert_eq!(fetch.stdout, format!("{name}\n"));
     later.start();
     later.wait_recovered(WAIT_TIMEOUT);
@@ -196,19 +237,16 @@ fn tar_members(repo: &Repository, backup: &str, wanted: &str) -> (Vec<String>, O
 /// primary and never promotes. With --standby it is a standby.
 #[test]
 fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
-    let store = Scratch::new("from-standby");
-    let repo = Repository::local(&store);
-    let (args, cwd) = (repo.cli_args(), store.path());
-    let primary = archiving_primary("fs-primary", &repo);
-    add(&primary, "a", 100);
+    let s = Setup::new("from-standby");
+    let primary = s.primary("fs-primary", "a", 100);
     let mut standby = Cluster::standby_of(&primary, "fs-standby");
     standby.start();
     standby.wait_replayed(&primary);
-    let name = base_push(&standby, &args, cwd, &[]).0;
+    let name = s.backup(&standby);
     let record: serde_json::Value =
-        serde_json::from_slice(&fs::read(repo.object_file(&format!("catalog/{name}.json"))).unwrap()).unwrap();
+        serde_json::from_slice(&fs::read(s.repo.object_file(&format!("catalog/{name}.json"))).unwrap()).unwrap();
     assert_eq!(record["backup_from"], "standby", "{record:#}");
-    let (members, auto_conf_in_tar) = tar_members(&repo, &name, "postgresql.auto.conf");
+    let (members, auto_conf_in_tar) = tar_members(&s.repo, &name, "postgresql.auto.conf");
     assert!(members.iter().any(|m| m == "standby.signal"), "the tar carries standby.signal: {members:?}");
     assert!(auto_conf_in_tar.unwrap_or_default().contains("primary_conninfo = "), "and primary_conninfo");
 
@@ -219,7 +257,7 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     add(&primary, "c", 300);
     archive_all(&primary);
 
-    let (mut restored, fetch) = restore("fs-pitr", &args, cwd, "LATEST", &["--target-time", &target]);
+    let (mut restored, fetch) = s.restore("fs-pitr", "LATEST", &["--target-time", &target]);
     assert!(fetch.stderr.contains("was taken from a standby"), "base-fetch's log: {}", fetch.stderr);
     let data = restored.data_dir();
     assert!(!data.join("standby.signal").exists(), "standby.signal removed");
@@ -233,7 +271,7 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     drop(restored);
 
     // To the end of the archive: what a standby would never reach.
-    let (mut whole, _) = restore("fs-end", &args, cwd, "LATEST", &[]);
+    let (mut whole, _) = s.restore("fs-end", "LATEST", &[]);
     assert!(!whole.data_dir().join("standby.signal").exists(), "standby.signal removed");
     whole.start();
     whole.wait_recovered(WAIT_TIMEOUT);
@@ -241,7 +279,7 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
     assert_eq!(whole.checkpoint_timeline(), 2, "promoted");
     drop(whole);
 
-    let (mut follower, _) = restore("fs-standby2", &args, cwd, "LATEST", &["--standby"]);
+    let (mut follower, _) = s.restore("fs-standby2", "LATEST", &["--standby"]);
     assert!(follower.data_dir().join("standby.signal").is_file());
     assert_eq!(active_settings(&follower, "primary_conninfo").len(), 1, "{}", auto_conf(&follower));
     follower.start();
@@ -257,23 +295,19 @@ fn a_backup_from_a_standby_restores_as_a_point_in_time_recovery() {
 /// start ("requested timeline 2 is not a child of this server's history").
 #[test]
 fn latest_follows_the_timeline_not_the_newest_backup() {
-    let store = Scratch::new("timelines");
-    let repo = Repository::local(&store);
-    let (args, cwd) = (repo.cli_args(), store.path());
-    let primary = archiving_primary("tl-primary", &repo);
-    add(&primary, "a1", 100);
-    let a = base_push(&primary, &args, cwd, &[]).0;
+    let s = Setup::new("timelines");
+    let (primary, a) = s.backed_up_primary("tl-primary", "a1", 100);
     add(&primary, "a2", 200);
     sleep_past_clock_tick();
     let fork = now(&primary);
     sleep_past_clock_tick();
     add(&primary, "abandoned", 300);
-    let b = base_push(&primary, &args, cwd, &[]).0;
+    let b = s.backup(&primary);
     assert!(b > a);
     archive_all(&primary);
 
     // The restore to the fork point, to be the new primary: it archives timeline 2.
-    let (mut tl2, fetch) = restore("tl2", &args, cwd, "LATEST", &["--target-time", &fork, "--keep-archiving"]);
+    let (mut tl2, fetch) = s.restore("tl2", "LATEST", &["--target-time", &fork, "--keep-archiving"]);
     assert_eq!(fetch.stdout, format!("{a}\n"), "B finished after the target");
     assert!(!fetch.stderr.contains("archiving is off"), "{}", fetch.stderr);
     assert_eq!(active_settings(&tl2, "archive_command"), Vec::<String>::new(), "{}", auto_conf(&tl2));
@@ -283,21 +317,21 @@ fn latest_follows_the_timeline_not_the_newest_backup() {
     add(&tl2, "c", 400);
     archive_all(&tl2);
     tl2.wait_archived("00000002.history", WAIT_TIMEOUT);
-    assert!(repo.object_file("wal/history/00000002.history").is_file(), "--keep-archiving kept archiving");
+    assert!(s.repo.object_file("wal/history/00000002.history").is_file(), "--keep-archiving kept archiving");
     tl2.crash();
     drop(tl2);
 
     // A named backup on the abandoned branch, and a timeline nothing lies on: refused before anything.
-    let nowhere = store.path().join("nowhere");
-    let out = base_fetch(&args, cwd, &b, &nowhere, &[]);
+    let nowhere = s.cwd().join("nowhere");
+    let out = s.fetch(&b, &nowhere, &[]);
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("cannot reach timeline 2") && out.stderr.contains("abandoned branch"), "{out:#?}");
-    let out = base_fetch(&args, cwd, "LATEST", &nowhere, &["--target-timeline", "5"]);
+    let out = s.fetch("LATEST", &nowhere, &["--target-timeline", "5"]);
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("history of timeline 5"), "{out:#?}");
     assert!(!nowhere.exists());
 
-    let (mut latest, fetch) = restore("tl-latest", &args, cwd, "LATEST", &[]);
+    let (mut latest, fetch) = s.restore("tl-latest", "LATEST", &[]);
     assert_eq!(fetch.stdout, format!("{a}\n"), "A lies on timeline 2's history, B does not");
     latest.start();
     latest.wait_recovered(WAIT_TIMEOUT);
@@ -306,7 +340,7 @@ fn latest_follows_the_timeline_not_the_newest_backup() {
     drop(latest);
 
     // Asked for explicitly, the old branch is still there to restore.
-    let (_, fetch) = restore("tl-one", &args, cwd, "LATEST", &["--target-timeline", "1"]);
+    let (_, fetch) = s.restore("tl-one", "LATEST", &["--target-timeline", "1"]);
     assert_eq!(fetch.stdout, format!("{b}\n"));
     drop(primary);
 }
@@ -319,12 +353,8 @@ fn latest_follows_the_timeline_not_the_newest_backup() {
 /// directories of the later steps are startable.
 #[test]
 fn a_killed_base_fetch_leaves_nothing_startable() {
-    let store = Scratch::new("fetch-abort");
-    let repo = Repository::local(&store);
-    let (args, cwd) = (repo.cli_args(), store.path());
-    let mut primary = archiving_primary("abort-primary", &repo);
-    add(&primary, "a", 100);
-    let name = base_push(&primary, &args, cwd, &[]).0;
+    let s = Setup::new("fetch-abort");
+    let (mut primary, name) = s.backed_up_primary("abort-primary", "a", 100);
     add(&primary, "b", 50);
     archive_all(&primary);
     primary.crash();
@@ -334,7 +364,8 @@ fn a_killed_base_fetch_leaves_nothing_startable() {
     {
         let mut cut = Cluster::without_data_dir(&format!("abort-{step}"));
         let data = cut.data_dir().to_owned();
-        let out = run(base_command("base-fetch", &args, cwd).env(ABORT_HOOK, abort_after(step)).arg(&name).arg(&data));
+        let out =
+            run(base_command("base-fetch", &s.args, s.cwd()).env(ABORT_HOOK, abort_after(step)).arg(&name).arg(&data));
         assert_eq!(out.code, None, "base-fetch aborted after {step}: {out:#?}");
         assert!(!data.join("global/pg_control").exists(), "after {step}: pg_control is not in place");
         assert!(data.join("global/pg_control.walship-incomplete").is_file(), "after {step}: held back");
@@ -343,14 +374,14 @@ fn a_killed_base_fetch_leaves_nothing_startable() {
         let start = cut.try_start();
         assert_ne!(start.code, Some(0), "after {step}: the directory must not start: {start:#?}");
         assert!(cut.log_contents().contains("could not find the database system"), "after {step}: {}", cut.log_tail());
-        let again = base_fetch(&args, cwd, &name, &data, &[]);
+        let again = s.fetch(&name, &data, &[]);
         assert_eq!(again.code, Some(4), "{again:#?}");
         assert!(again.stderr.contains("a restore that was cut short"), "{again:#?}");
     }
 
     // Killed after the last step: pg_control is in place, and only then.
-    let installed = store.path().join("installed");
-    let out = run(base_command("base-fetch", &args, cwd)
+    let installed = s.cwd().join("installed");
+    let out = run(base_command("base-fetch", &s.args, s.cwd())
         .env(ABORT_HOOK, abort_after("installed"))
         .arg(&name)
         .arg(&installed));
@@ -358,7 +389,7 @@ fn a_killed_base_fetch_leaves_nothing_startable() {
     assert!(installed.join("global/pg_control").is_file() && installed.join("recovery.signal").is_file());
     assert!(!installed.join("global/pg_control.walship-incomplete").exists());
 
-    let (mut fresh, _) = restore("abort-fresh", &args, cwd, &name, &[]);
+    let (mut fresh, _) = s.restore("abort-fresh", &name, &[]);
     fresh.start();
     fresh.wait_recovered(WAIT_TIMEOUT);
     assert_eq!(batches(&fresh), "a:100 b:50");

@@ -6,6 +6,7 @@
 
 pub mod assertions;
 pub mod backups;
+pub mod datadir;
 pub mod pg;
 pub mod proxy;
 pub mod repository;

@@ -285,9 +285,14 @@ impl Cluster {
     /// recovery). Panics with the tail of the server log if it does not come up.
     pub fn start(&mut self) {
         let out = self.try_start();
+        self.assert_pg_ctl_ok("starting", &out);
+    }
+
+    /// Panics unless pg_ctl succeeded at `doing` this cluster, with its output and the server log.
+    fn assert_pg_ctl_ok(&self, doing: &str, out: &Output) {
         assert!(
             out.code == Some(0),
-            "starting cluster {} failed (exit {:?})\n{}{}\n{}",
+            "{doing} cluster {} failed (exit {:?})\n{}{}\n{}",
             self.name,
             out.code,
             out.stdout,
@@ -341,29 +346,18 @@ impl Cluster {
 
     /// Clean shutdown (`-m fast`): the server switches to a new WAL file and archives the rest.
     pub fn stop(&mut self) {
-        let out = self.pg_ctl_stop("fast");
-        assert!(
-            out.code == Some(0),
-            "stopping cluster {} failed: {}{}\n{}",
-            self.name,
-            out.stdout,
-            out.stderr,
-            self.log_tail()
-        );
-        self.postmaster = None;
+        self.stop_in_mode("fast", "stopping");
     }
 
     /// Stops the server the way a crash would (`-m immediate`): nothing more is written or archived.
     pub fn crash(&mut self) {
-        let out = self.pg_ctl_stop("immediate");
-        assert!(
-            out.code == Some(0),
-            "crashing cluster {} failed: {}{}\n{}",
-            self.name,
-            out.stdout,
-            out.stderr,
-            self.log_tail()
-        );
+        self.stop_in_mode("immediate", "crashing");
+    }
+
+    /// `pg_ctl stop -m MODE`, panicking with the server log (`doing` names it) if it fails.
+    fn stop_in_mode(&mut self, mode: &str, doing: &str) {
+        let out = self.pg_ctl_stop(mode);
+        self.assert_pg_ctl_ok(doing, &out);
         self.postmaster = None;
     }
 

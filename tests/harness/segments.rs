@@ -44,6 +44,34 @@ pub fn segment_name(timeline: u32, segno: u64, segment_size: u32) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
 }
 
+/// Every segment name from `first` to `last`, both included, on the timeline of `first`.
+pub fn segments_between(first: &str, last: &str, segment_size: u32) -> Vec<String> {
+    let timeline = u32::from_str_radix(&first[..8], 16).unwrap_or_else(|_| panic!("{first:?} is not a segment name"));
+    (segment_number(first, segment_size)..=segment_number(last, segment_size))
+        .map(|segno| segment_name(timeline, segno, segment_size))
+        .collect()
+}
+
+/// The key under which a repository keeps the WAL file `name` (the layout documented in
+/// `crates/walship/src/repo/mod.rs`): history files together, segments sharded by timeline and log.
+pub fn wal_key(name: &str) -> String {
+    if name.ends_with(".history") { format!("wal/history/{name}") } else { format!("wal/{}/{name}", &name[..16]) }
+}
+
+/// Writes one chained setter `fn FIELD(self, value) -> Self` per field, so that each builder option
+/// is one line with its doc rather than five.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+
 /// A synthetic segment, built up with chained setters and materialised by [`Segment::bytes`] or
 /// [`Segment::write_to`].
 #[derive(Debug, Clone)]
@@ -67,26 +95,15 @@ impl Segment {
         }
     }
 
-    /// The segment size, both in the header and as the file's length.
-    pub fn segment_size(mut self, size: u32) -> Segment {
-        self.segment_size = size;
-        self
-    }
-
-    pub fn system_identifier(mut self, id: u64) -> Segment {
-        self.system_identifier = id;
-        self
-    }
-
-    pub fn fill(mut self, fill: Fill) -> Segment {
-        self.fill = fill;
-        self
-    }
-
-    /// Varies the content after the header: equal seeds give equal bytes.
-    pub fn seed(mut self, seed: u64) -> Segment {
-        self.seed = seed;
-        self
+    setters! {
+        /// The segment size, both in the header and as the file's length.
+        segment_size: u32,
+        /// The system identifier in the header (and mixed into the content).
+        system_identifier: u64,
+        /// What follows the page header.
+        fill: Fill,
+        /// Varies the content after the header: equal seeds give equal bytes.
+        seed: u64,
     }
 
     /// The same segment under another name (the header follows the new name).
