@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod fs;
 pub mod log;
 pub mod lookahead;
 pub mod prefetch;

@@ -40,9 +40,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec::ContentDigest;
 use crate::config::Config;
 use crate::error::Error;
+use crate::fs::{self as files, parent_dir};
 use crate::log::Log;
-use crate::process;
-use crate::repo::parent_dir;
 use crate::repo::{self, IDENTITY_KEY, Identity, PushReport, Repository};
 use crate::retry::{self, Deadline};
 use crate::wal::{WalFileKind, WalFileName};
@@ -293,7 +292,7 @@ impl StateDir {
         let check = ContentDigest::of(json.as_bytes()).sha256_hex();
         // No fsync: losing a record costs a re-push judged by content, never a wrong answer; the
         // record is only written once the upload it vouches for is durable.
-        process::replace_file(&self.record_path(name), format!("{json}\n{check}\n").as_bytes(), false)
+        files::replace_file(&self.record_path(name), format!("{json}\n{check}\n").as_bytes(), false)
     }
 
     /// Removes records (and temporary files of dead writers) for segments that no longer wait to be
@@ -307,7 +306,7 @@ impl StateDir {
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else { continue };
             if name.starts_with('.') {
-                if process::is_orphaned_temp(name) {
+                if files::is_orphaned_temp(name) {
                     let _ = fs::remove_file(entry.path());
                 }
                 continue;

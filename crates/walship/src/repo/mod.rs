@@ -17,7 +17,8 @@
 mod fetch;
 mod push;
 
-pub(crate) use fetch::parent_dir;
+// moved to fs.rs; re-exported until callers switch
+pub(crate) use crate::fs::parent_dir;
 pub use fetch::{FetchReport, fetch, fetch_object};
 pub use push::{PushReport, push};
 

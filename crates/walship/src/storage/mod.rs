@@ -299,13 +299,8 @@ pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3
 /// writer that died (hidden, `.tmp`, older than [`STALE_TEMP_AGE`]). For backends that keep
 /// temporary files beside their objects (local, SSH).
 pub(crate) fn is_stale_temp(name: &str, modified: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
-    is_temp_name(name)
+    crate::fs::is_temp_name(name)
         && modified.is_some_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE)
-}
-
-/// Whether a directory entry is a temporary file of a writer (local and SSH backends).
-pub(crate) fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 /// A directory entry as a listing sees it.
@@ -392,6 +387,35 @@ mod tests {
         for bad in ["", "/etc/passwd", "wal/../x", "..", "wal//x", "wal/", "wal/.tmp", "a\\b", "a\0b"] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// A temporary file an older walship left in a repository (`.<file>.<pid>.<nanos>.tmp` in the
+    /// backends, `.<file>.walship.<pid>.tmp` elsewhere) is skipped by listings and swept when stale,
+    /// like one of today's names.
+    #[test]
+    fn temp_files_under_old_and_new_names_are_skipped_and_swept_when_stale() {
+        let now = std::time::SystemTime::now();
+        let old = now - STALE_TEMP_AGE - std::time::Duration::from_secs(1);
+        let names = [
+            ".000000010000000000000001.123.1764590000000000000.tmp".to_owned(),
+            ".000000010000000000000001.walship.123.tmp".to_owned(),
+            crate::fs::temp_name("000000010000000000000001"),
+        ];
+        for name in &names {
+            assert!(is_stale_temp(name, Some(old), now), "{name}");
+            assert!(!is_stale_temp(name, Some(now), now), "{name}: a fresh one is being written");
+        }
+        let mut entries: Vec<DirEntryInfo> =
+            names.iter().map(|name| DirEntryInfo { name: name.clone(), is_dir: false, size: 1 }).collect();
+        entries.push(DirEntryInfo { name: "000000010000000000000001".into(), is_dir: false, size: 1 });
+        let listed: Vec<String> = listing_steps("wal/x", entries, "wal/", None)
+            .into_iter()
+            .filter_map(|step| match step {
+                ListStep::Emit(meta) => Some(meta.key),
+                ListStep::Descend(_) => None,
+            })
+            .collect();
+        assert_eq!(listed, ["wal/x/000000010000000000000001"]);
     }
 
     #[test]

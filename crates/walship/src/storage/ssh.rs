@@ -41,9 +41,10 @@ use tokio::process::{Child, Command};
 
 use super::{
     DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
-    Storage, StorageError, confirm_absent, is_stale_temp, is_temp_name, listing_steps, validate_key,
+    Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
 use crate::config::SshConfig;
+use crate::fs::{is_temp_name, temp_name};
 
 /// Connects on first use, inside the command's deadline loop, and again after the connection broke:
 /// an unreachable server or a dropped connection is retried like any transient failure.
@@ -478,8 +479,7 @@ impl Storage for SshStorage {
         let dir = final_path.parent().expect("a key has a parent").to_owned();
         inner.create_dirs(key, &dir).await?;
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+        let temp_path = dir.join(temp_name(&file_name));
         let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
             Ok(file) => file,
             // "No such file" here is most likely a file where the directory belongs: say so.
