@@ -37,7 +37,7 @@ const MAX_LEN: u64 = 4096;
 /// What is remembered of one location.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
-    /// The location (as `Config::repository_identity` names it), for whoever reads the file.
+    /// The location (as `Config::store_location` names it), for whoever reads the file.
     location: String,
     /// The repository's id; `None` for a repository made before walship wrote ids.
     repository_id: Option<String>,

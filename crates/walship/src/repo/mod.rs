@@ -25,11 +25,8 @@ pub use push::{PushReport, push};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Config, RepoUrl};
+use crate::config::Config;
 use crate::error::Error;
-use crate::storage::local::LocalStorage;
-use crate::storage::s3::S3Storage;
-use crate::storage::ssh::SshStorage;
 use crate::storage::{PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -81,15 +78,7 @@ pub struct Repository {
 
 impl Repository {
     pub async fn open(config: &Config) -> Result<Self, Error> {
-        let storage: std::sync::Arc<dyn Storage> = match &config.repo {
-            RepoUrl::Local(path) => std::sync::Arc::new(LocalStorage::open(path)?),
-            RepoUrl::S3 { bucket, prefix } => {
-                std::sync::Arc::new(S3Storage::connect(bucket, prefix, &config.s3).await?)
-            }
-            RepoUrl::Ssh { user, host, port, path } => {
-                std::sync::Arc::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
-            }
-        };
+        let storage = crate::storage::open(&config.repo, &config.storage).await?;
         Ok(Repository {
             storage,
             url: config.repo.to_string(),
@@ -293,6 +282,7 @@ fn new_repository_id(for_location: &str) -> Result<String, Error> {
 mod tests {
     use super::*;
     use crate::error::ExitCode;
+    use crate::storage::local::LocalStorage;
     use crate::wal::segment_bytes;
 
     #[test]

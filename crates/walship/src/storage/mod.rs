@@ -13,7 +13,12 @@
 
 pub mod local;
 pub mod s3;
+pub mod settings;
 pub mod ssh;
+pub mod url;
+
+pub use settings::Settings;
+pub use url::RepoUrl;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,6 +26,21 @@ use std::io;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
+
+/// Opens the store that `url` names, with its backend's `settings`: the one place that knows which
+/// backend serves which kind of URL. Nothing is sent to a remote store yet (SSH connects on first
+/// use); a local root must exist.
+pub async fn open(url: &RepoUrl, settings: &Settings) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    Ok(match url {
+        RepoUrl::Local(path) => std::sync::Arc::new(local::LocalStorage::open(path)?),
+        RepoUrl::S3 { bucket, prefix } => {
+            std::sync::Arc::new(s3::S3Storage::connect(bucket, prefix, &settings.s3).await?)
+        }
+        RepoUrl::Ssh { user, host, port, path } => {
+            std::sync::Arc::new(ssh::SshStorage::new(user.as_deref(), host, *port, path, &settings.ssh))
+        }
+    })
+}
 
 /// A streaming read of one object.
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;

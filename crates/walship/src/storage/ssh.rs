@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -39,12 +39,77 @@ use openssh_sftp_client::{Sftp, SftpOptions};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+use super::settings::seconds;
 use super::{
     DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
     Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
-use crate::config::SshConfig;
 use crate::fs::{is_temp_name, temp_name};
+use serde::Deserialize;
+
+/// The `[ssh]` table, resolved. Anything unset is left to ssh itself: the user's `~/.ssh/config`,
+/// agent, keys and `known_hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSettings {
+    /// `identity_file`: the private key to log in with (absolute), and no other.
+    pub identity_file: Option<PathBuf>,
+    /// `known_hosts_file`: where the server's host key is recorded (absolute).
+    pub known_hosts_file: Option<PathBuf>,
+    /// `port`, when the URL names none.
+    pub port: Option<u16>,
+    /// `connect_timeout_secs`.
+    pub connect_timeout: Duration,
+    /// `keepalive_secs`: how often ssh checks that the server is still there.
+    pub keepalive: Duration,
+    /// Accept a server without the fsync@openssh.com extension (no durability guarantee).
+    pub allow_no_fsync: bool,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            identity_file: None,
+            known_hosts_file: None,
+            port: None,
+            connect_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
+            allow_no_fsync: false,
+        }
+    }
+}
+
+/// The `[ssh]` table as written in the configuration file; [`SshSettings::from_table`] checks it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SshTable {
+    identity_file: Option<PathBuf>,
+    known_hosts_file: Option<PathBuf>,
+    port: Option<u16>,
+    connect_timeout_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    allow_no_fsync: Option<bool>,
+}
+
+impl SshSettings {
+    /// Resolves the `[ssh]` table (`None`: absent) with its defaults; the error names the key at fault.
+    pub(crate) fn from_table(table: Option<SshTable>) -> Result<Self, String> {
+        let Some(file) = table else { return Ok(SshSettings::default()) };
+        let defaults = SshSettings::default();
+        for (name, path) in [("identity_file", &file.identity_file), ("known_hosts_file", &file.known_hosts_file)] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!("{name} must be an absolute path"));
+            }
+        }
+        Ok(SshSettings {
+            identity_file: file.identity_file,
+            known_hosts_file: file.known_hosts_file,
+            port: file.port,
+            connect_timeout: seconds(file.connect_timeout_secs, "connect_timeout_secs", defaults.connect_timeout)?,
+            keepalive: seconds(file.keepalive_secs, "keepalive_secs", defaults.keepalive)?,
+            allow_no_fsync: file.allow_no_fsync.unwrap_or(false),
+        })
+    }
+}
 
 /// Connects on first use, inside the command's deadline loop, and again after the connection broke:
 /// an unreachable server or a dropped connection is retried like any transient failure.
@@ -53,7 +118,7 @@ pub struct SshStorage {
     host: String,
     port: Option<u16>,
     root: PathBuf,
-    config: SshConfig,
+    config: SshSettings,
     remote: String,
     session: tokio::sync::Mutex<Option<Arc<Inner>>>,
     pending_temps: PendingTemps,
@@ -76,7 +141,7 @@ struct Inner {
 
 impl SshStorage {
     /// Prepares the repository; nothing is sent until the first operation.
-    pub fn new(user: Option<&str>, host: &str, url_port: Option<u16>, root: &Path, config: &SshConfig) -> Self {
+    pub fn new(user: Option<&str>, host: &str, url_port: Option<u16>, root: &Path, config: &SshSettings) -> Self {
         let port = url_port.or(config.port);
         let remote = format!(
             "ssh://{}{host}{}",
