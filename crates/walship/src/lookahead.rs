@@ -121,6 +121,7 @@ pub enum Lookup {
 /// A record that holds locally: the file is unchanged since its upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
+    /// The segment's size, as recorded.
     pub bytes: u64,
     /// The stamp had moved and the SHA-256 decided.
     pub rehashed: bool,
@@ -133,7 +134,12 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// Uploaded ahead into the repository the call would write to now, and unchanged since.
-    Archived { bytes: u64, rehashed: bool },
+    Archived {
+        /// The segment's size.
+        bytes: u64,
+        /// The stamp had moved and the SHA-256 decided.
+        rehashed: bool,
+    },
     /// Push it the normal way. The reason is for `-v`.
     NotAhead(String),
 }
@@ -146,6 +152,7 @@ impl StateDir {
         pg_wal.join("archive_status").is_dir().then(|| StateDir { dir: pg_wal.join(STATE_DIR), pg_wal })
     }
 
+    /// The state directory itself (`pg_wal/walship/pushed`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

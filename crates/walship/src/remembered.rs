@@ -67,6 +67,7 @@ impl Remembered {
         Some(Remembered { data_dir, file, location: location.to_owned() })
     }
 
+    /// The file that holds the memory, for messages (and for an operator who means to remove it).
     pub fn file(&self) -> &Path {
         &self.file
     }

@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions, Storage,
-    StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
+    DirEntryInfo, ListResult, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
+    Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
 use crate::fs::{create_dirs_durably, is_temp_name, temp_name};
 
@@ -31,6 +31,7 @@ pub use super::STALE_TEMP_AGE;
 // moved to fs.rs; re-exported until callers switch
 pub use crate::fs::fsync_dir;
 
+/// A repository in a directory of this host's file system.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
@@ -60,6 +61,7 @@ impl LocalStorage {
         }
     }
 
+    /// The repository's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -137,12 +139,7 @@ impl Storage for LocalStorage {
         }
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let root = self.root.clone();
         let prefix = prefix.to_owned();
         let start_after = start_after.map(str::to_owned);

@@ -45,8 +45,10 @@ pub async fn open(url: &RepoUrl, settings: &Settings) -> Result<std::sync::Arc<d
 /// A streaming read of one object.
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
 
+/// What a listing or a `head` says about one object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// The object's key.
     pub key: String,
     /// Stored size in bytes.
     pub size: u64,
@@ -54,6 +56,9 @@ pub struct ObjectMeta {
     /// empty where the backend has none.
     pub attributes: BTreeMap<String, String>,
 }
+
+/// A page of [`Storage::list`]: objects in key order.
+pub type ListResult = Result<Vec<ObjectMeta>, StorageError>;
 
 /// What a writer should store besides the bytes.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +70,7 @@ pub struct PutOptions {
     pub size_hint: Option<u64>,
 }
 
+/// A repository's backend: keys and bytes, with the promises of this module's documentation.
 #[async_trait]
 pub trait Storage: Send + Sync {
     /// A human-readable name for `key` (`file:///repo/wal/...`), for messages.
@@ -76,18 +82,15 @@ pub trait Storage: Send + Sync {
     /// Opens `key` for a streaming read.
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError>;
 
+    /// The size and attributes of `key`, without its bytes.
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError>;
 
     /// Up to `limit` objects whose keys start with `prefix` and sort after `start_after`, in key order.
     /// A page may hold fewer than `limit` (S3 caps pages at 1000): call again with the last key until a
     /// page comes back empty. Memory stays bounded however large the listing.
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError>;
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult;
 
+    /// Removes `key`; [`StorageError::NotFound`] where nothing was there.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// Makes the existing object `key` durable: its bytes and every directory entry on the way to it.
@@ -123,6 +126,7 @@ pub trait Storage: Send + Sync {
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.
 #[async_trait]
 pub trait ObjectWriter: Send {
+    /// Appends `chunk`; nothing becomes visible before [`commit`](Self::commit).
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
 
     /// Publishes the object durably if nothing exists under its key, else fails with
@@ -133,25 +137,58 @@ pub trait ObjectWriter: Send {
     async fn abort(self: Box<Self>) -> Result<(), StorageError>;
 }
 
+/// Why a storage operation failed. Every variant names the object, so that a message says where.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The backend is certain that nothing is stored under the key.
     #[error("{location}: not found")]
-    NotFound { location: String },
+    NotFound {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+    },
+    /// A create-if-absent commit found the key taken.
     #[error("{location}: already exists")]
-    AlreadyExists { location: String },
+    AlreadyExists {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+    },
+    /// The key is not a relative path of plain components ([`validate_key`]).
     #[error("{location}: invalid key: {reason}")]
-    InvalidKey { location: String, reason: String },
+    InvalidKey {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file-system or network call failed.
     #[error("{location}: {operation}: {source}")]
-    Io { location: String, operation: &'static str, source: io::Error },
+    Io {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// The call, in words (`"fsync directory"`).
+        operation: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// Anything else, with the backend's judgement of whether trying again may help.
     #[error("{location}: {message}")]
-    Other { location: String, message: String, retryable: bool },
+    Other {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// What went wrong and, where known, what to do about it.
+        message: String,
+        /// Whether the same call may succeed if tried again shortly.
+        retryable: bool,
+    },
 }
 
 impl StorageError {
+    /// A [`StorageError::Io`] for the call `operation` on `location`.
     pub fn io(location: impl Into<String>, operation: &'static str, source: io::Error) -> Self {
         StorageError::Io { location: location.into(), operation, source }
     }
 
+    /// Whether the backend is certain the object is absent.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
     }

@@ -34,7 +34,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
 use super::settings::{ByteSize, seconds};
-use super::{NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
+use super::{
+    ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key,
+};
 use serde::Deserialize;
 
 /// The default `part_size`: bytes per part of a multipart upload.
@@ -83,7 +85,7 @@ pub struct S3Settings {
     pub part_size: u64,
     /// `upload_concurrency`: parts of one object uploaded at once.
     pub upload_concurrency: usize,
-    /// `connect_timeout_secs`.
+    /// `connect_timeout_secs`: how long setting up a connection to the endpoint may take.
     pub connect_timeout: Duration,
     /// `read_timeout_secs`: a download that stops moving for this long fails (and is retried).
     pub read_timeout: Duration,
@@ -145,9 +147,8 @@ pub(crate) struct S3Table {
 }
 
 impl S3Settings {
-    /// Resolves the `[s3]` table (`None`: absent) with its defaults; the error names the key at fault.
-    pub(crate) fn from_table(table: Option<S3Table>) -> Result<Self, String> {
-        let Some(file) = table else { return Ok(S3Settings::default()) };
+    /// Resolves the `[s3]` table with its defaults (an absent table is an empty one); the error names the key at fault.
+    pub(crate) fn from_table(file: S3Table) -> Result<Self, String> {
         let defaults = S3Settings::default();
         let sse = match (file.sse.as_deref(), file.sse_kms_key_id) {
             (None, None) => None,
@@ -195,11 +196,13 @@ const MAX_PARTS: u64 = 10_000;
 /// mostly ignore the region but the SDK insists on one.
 const FALLBACK_REGION: &str = "us-east-1";
 
+/// A repository under a prefix of an S3 bucket.
 pub struct S3Storage {
-    inner: Arc<Inner>,
+    inner: Arc<Bucket>,
 }
 
-struct Inner {
+/// The bucket as one client sees it, shared by the storage and its writers (and their part uploads).
+struct Bucket {
     client: Client,
     bucket: String,
     /// Prepended to every key, with its trailing `/`; empty for the bucket's root.
@@ -218,6 +221,8 @@ struct Inner {
 }
 
 impl S3Storage {
+    /// Sets up the client for `bucket` and `prefix` from `config` and the AWS SDK's own sources; no
+    /// request is sent yet.
     pub async fn connect(bucket: &str, prefix: &str, config: &S3Settings) -> Result<Self, StorageError> {
         let http_client =
             aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
@@ -260,7 +265,7 @@ impl S3Storage {
         let s3_config =
             aws_sdk_s3::config::Builder::from(&shared).region(region).force_path_style(config.force_path_style).build();
         Ok(S3Storage {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Bucket {
                 client: Client::from_conf(s3_config),
                 bucket: bucket.to_owned(),
                 prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
@@ -276,7 +281,7 @@ impl S3Storage {
     }
 }
 
-impl Inner {
+impl Bucket {
     fn full_key(&self, key: &str) -> Result<String, StorageError> {
         validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
         Ok(format!("{}{key}", self.prefix))
@@ -503,30 +508,16 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
-        let full_key = self.inner.full_key(key)?;
-        let output = self
-            .inner
-            .client
-            .get_object()
-            .bucket(&self.inner.bucket)
-            .key(&full_key)
-            .send()
-            .await
-            .map_err(|e| self.inner.classify(key, "GET", e))?;
+        let (inner, full_key) = (&self.inner, self.inner.full_key(key)?);
+        let request = inner.client.get_object().bucket(&inner.bucket).key(&full_key);
+        let output = request.send().await.map_err(|e| inner.classify(key, "GET", e))?;
         Ok(Box::new(NetworkRead::new(output.body.into_async_read(), None)))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
-        let full_key = self.inner.full_key(key)?;
-        let output = self
-            .inner
-            .client
-            .head_object()
-            .bucket(&self.inner.bucket)
-            .key(&full_key)
-            .send()
-            .await
-            .map_err(|e| self.inner.classify(key, "HEAD", e))?;
+        let (inner, full_key) = (&self.inner, self.inner.full_key(key)?);
+        let request = inner.client.head_object().bucket(&inner.bucket).key(&full_key);
+        let output = request.send().await.map_err(|e| inner.classify(key, "HEAD", e))?;
         Ok(ObjectMeta {
             key: key.to_owned(),
             size: output.content_length().unwrap_or(0).max(0) as u64,
@@ -537,12 +528,7 @@ impl Storage for S3Storage {
         })
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let inner = &self.inner;
         let output = inner
             .client
@@ -646,7 +632,7 @@ struct Multipart {
 }
 
 struct S3Writer {
-    inner: Arc<Inner>,
+    inner: Arc<Bucket>,
     key: String,
     full_key: String,
     options: PutOptions,
@@ -750,7 +736,7 @@ impl S3Writer {
 
 fn part_result(
     joined: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
-    inner: &Inner,
+    inner: &Bucket,
     key: &str,
 ) -> Result<CompletedPart, StorageError> {
     joined.unwrap_or_else(|e| {

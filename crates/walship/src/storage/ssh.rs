@@ -41,8 +41,8 @@ use tokio::process::{Child, Command};
 
 use super::settings::seconds;
 use super::{
-    DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
-    Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
+    DirEntryInfo, ListResult, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe,
+    PutOptions, Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
 use crate::fs::{is_temp_name, temp_name};
 use serde::Deserialize;
@@ -57,7 +57,7 @@ pub struct SshSettings {
     pub known_hosts_file: Option<PathBuf>,
     /// `port`, when the URL names none.
     pub port: Option<u16>,
-    /// `connect_timeout_secs`.
+    /// `connect_timeout_secs`: ssh's `ConnectTimeout`.
     pub connect_timeout: Duration,
     /// `keepalive_secs`: how often ssh checks that the server is still there.
     pub keepalive: Duration,
@@ -91,9 +91,8 @@ pub(crate) struct SshTable {
 }
 
 impl SshSettings {
-    /// Resolves the `[ssh]` table (`None`: absent) with its defaults; the error names the key at fault.
-    pub(crate) fn from_table(table: Option<SshTable>) -> Result<Self, String> {
-        let Some(file) = table else { return Ok(SshSettings::default()) };
+    /// Resolves the `[ssh]` table with its defaults (an absent table is an empty one); the error names the key at fault.
+    pub(crate) fn from_table(file: SshTable) -> Result<Self, String> {
         let defaults = SshSettings::default();
         for (name, path) in [("identity_file", &file.identity_file), ("known_hosts_file", &file.known_hosts_file)] {
             if path.as_ref().is_some_and(|p| !p.is_absolute()) {
@@ -120,12 +119,12 @@ pub struct SshStorage {
     root: PathBuf,
     config: SshSettings,
     remote: String,
-    session: tokio::sync::Mutex<Option<Arc<Inner>>>,
+    session: tokio::sync::Mutex<Option<Arc<Connection>>>,
     pending_temps: PendingTemps,
 }
 
 /// One connection: the ssh child and the SFTP channel over it.
-struct Inner {
+struct Connection {
     sftp: Sftp,
     /// Set when the channel failed; the next operation connects anew.
     broken: Arc<std::sync::atomic::AtomicBool>,
@@ -161,7 +160,7 @@ impl SshStorage {
     }
 
     /// The live connection, made (again) when there is none or the last one broke.
-    async fn session(&self) -> Result<Arc<Inner>, StorageError> {
+    async fn session(&self) -> Result<Arc<Connection>, StorageError> {
         let mut current = self.session.lock().await;
         if let Some(session) = current.as_ref()
             && !session.broken.load(std::sync::atomic::Ordering::Relaxed)
@@ -174,7 +173,7 @@ impl SshStorage {
         Ok(session)
     }
 
-    async fn connect(&self) -> Result<Inner, StorageError> {
+    async fn connect(&self) -> Result<Connection, StorageError> {
         let (user, host, port, config, remote) =
             (self.user.as_deref(), self.host.as_str(), self.port, &self.config, self.remote.clone());
         let mut command = Command::new("ssh");
@@ -223,7 +222,7 @@ impl SshStorage {
             }
         });
         match Sftp::new(stdin, stdout, SftpOptions::default()).await {
-            Ok(sftp) => Ok(Inner {
+            Ok(sftp) => Ok(Connection {
                 sftp,
                 broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 _child: Mutex::new(child),
@@ -267,7 +266,7 @@ impl PendingTemps {
     }
 
     /// Removes `path` over `session`. It stays registered unless it is gone for sure.
-    async fn remove(&self, session: &Inner, key: &str, path: &Path) {
+    async fn remove(&self, session: &Connection, key: &str, path: &Path) {
         let gone = match session.sftp.fs().remove_file(path).await {
             Ok(()) => true,
             Err(e) => session.classify(key, "remove temporary file", e).is_not_found(),
@@ -328,7 +327,7 @@ fn connection_error(remote: &str, host: &str, port: Option<u16>, said: &str) -> 
     StorageError::Other { location: remote.to_owned(), message, retryable }
 }
 
-impl Inner {
+impl Connection {
     fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
         validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
         Ok(self.root.join(key))
@@ -508,7 +507,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl PathProbe for Inner {
+impl PathProbe for Connection {
     async fn probe(&self, path: &Path, follow_links: bool) -> Result<PathKind, StorageError> {
         let key = path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned();
         let meta = if follow_links {
@@ -589,12 +588,7 @@ impl Storage for SshStorage {
         Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let base = prefix.rfind('/').map_or("", |slash| &prefix[..slash]);
         let mut found = Vec::new();
         self.session().await?.walk(base.to_owned(), prefix, start_after, limit, &mut found).await?;
@@ -688,7 +682,7 @@ async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<Di
 
 struct SshWriter {
     pending_temps: PendingTemps,
-    inner: Arc<Inner>,
+    inner: Arc<Connection>,
     key: String,
     file: Option<File>,
     temp_path: PathBuf,

@@ -132,3 +132,37 @@ impl std::fmt::Display for RepoUrl {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls() {
+        assert_eq!(
+            RepoUrl::parse("s3://my-bucket/some/prefix/").unwrap(),
+            RepoUrl::S3 { bucket: "my-bucket".into(), prefix: "some/prefix".into() }
+        );
+        assert_eq!(RepoUrl::parse("s3://my-bucket").unwrap().to_string(), "s3://my-bucket");
+        for bad in ["s3://", "s3://Upper/x", "s3://ab", "s3://b-u-c/../x", "s3://bucket/a//b"] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_urls() {
+        assert_eq!(
+            RepoUrl::parse("ssh://backup@db-archive:2222/srv/walship").unwrap(),
+            RepoUrl::Ssh {
+                user: Some("backup".into()),
+                host: "db-archive".into(),
+                port: Some(2222),
+                path: "/srv/walship".into()
+            }
+        );
+        assert_eq!(RepoUrl::parse("ssh://host/srv/w").unwrap().to_string(), "ssh://host/srv/w");
+        for bad in ["ssh://host", "ssh://host:x/p", "ssh://-oProxyCommand=x/p", "ssh://a b/p", "ssh://h/a/../b"] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
