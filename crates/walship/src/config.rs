@@ -138,10 +138,10 @@ pub struct Config {
 
 impl Config {
     /// The store this configuration points at, as a key for local state: the URL plus what the URL
-    /// leaves out (the S3 endpoint and region, the SSH port). Local state that
-    /// vouches for the repository (look-ahead records, prefetch spools, the data directory's memory)
-    /// is keyed by it, so that pointing the configuration at another store never inherits such state.
-    /// It names a place; which repository is there now is the identity record's `repository_id`.
+    /// leaves out (the S3 endpoint and region, the SSH port). Local state that vouches for the
+    /// repository (look-ahead records, prefetch spools, the data directory's memory) is keyed by it,
+    /// so that pointing the configuration at another store never inherits such state. It names a
+    /// place; which repository is there now is the identity record's `repository_id`.
     pub fn store_location(&self) -> String {
         match &self.repo {
             RepoUrl::Local(_) => self.repo.to_string(),

@@ -147,7 +147,8 @@ pub(crate) struct S3Table {
 }
 
 impl S3Settings {
-    /// Resolves the `[s3]` table with its defaults (an absent table is an empty one); the error names the key at fault.
+    /// Resolves the `[s3]` table with its defaults (an absent table is an empty one); the error
+    /// names the key at fault.
     pub(crate) fn from_table(file: S3Table) -> Result<Self, String> {
         let defaults = S3Settings::default();
         let sse = match (file.sse.as_deref(), file.sse_kms_key_id) {

@@ -22,7 +22,8 @@
 //! "No such file" from the server is not taken for absence on its own word: sftp-server's
 //! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
 //! directory replaced by a file, or a link loop, would look like a missing segment. Before a read
-//! reports [`StorageError::NotFound`], [`super::confirm_absent`] looks at the path and its ancestors.
+//! reports [`StorageError::NotFound`], `confirm_absent` (in `storage/mod.rs`) looks at the path and
+//! its ancestors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -91,7 +92,8 @@ pub(crate) struct SshTable {
 }
 
 impl SshSettings {
-    /// Resolves the `[ssh]` table with its defaults (an absent table is an empty one); the error names the key at fault.
+    /// Resolves the `[ssh]` table with its defaults (an absent table is an empty one); the error
+    /// names the key at fault.
     pub(crate) fn from_table(file: SshTable) -> Result<Self, String> {
         let defaults = SshSettings::default();
         for (name, path) in [("identity_file", &file.identity_file), ("known_hosts_file", &file.known_hosts_file)] {
