@@ -2,13 +2,16 @@
 //!
 //! Data flows one way: a command asks [`repo`] what to store where, [`codec`] turns bytes into a
 //! verifiable object, and a [`storage`] backend places it durably. A backend never learns what WAL is;
-//! the codec never learns where bytes go.
+//! the codec never learns where bytes go. [`config`] reads the settings and hands each backend its
+//! own table; [`fs`] holds the file-system helpers (durable directories, temp-and-rename, the one
+//! temporary-file name) that every layer writing local files shares.
 
 pub mod base;
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod fs;
 pub mod log;
 pub mod lookahead;
 pub mod prefetch;

@@ -40,9 +40,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec::ContentDigest;
 use crate::config::Config;
 use crate::error::Error;
+use crate::fs::{self as files, parent_dir};
 use crate::log::Log;
-use crate::process;
-use crate::repo::parent_dir;
 use crate::repo::{self, IDENTITY_KEY, Identity, PushReport, Repository};
 use crate::retry::{self, Deadline};
 use crate::wal::{WalFileKind, WalFileName};
@@ -122,6 +121,7 @@ pub enum Lookup {
 /// A record that holds locally: the file is unchanged since its upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
+    /// The segment's size, as recorded.
     pub bytes: u64,
     /// The stamp had moved and the SHA-256 decided.
     pub rehashed: bool,
@@ -134,7 +134,12 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// Uploaded ahead into the repository the call would write to now, and unchanged since.
-    Archived { bytes: u64, rehashed: bool },
+    Archived {
+        /// The segment's size.
+        bytes: u64,
+        /// The stamp had moved and the SHA-256 decided.
+        rehashed: bool,
+    },
     /// Push it the normal way. The reason is for `-v`.
     NotAhead(String),
 }
@@ -147,6 +152,7 @@ impl StateDir {
         pg_wal.join("archive_status").is_dir().then(|| StateDir { dir: pg_wal.join(STATE_DIR), pg_wal })
     }
 
+    /// The state directory itself (`pg_wal/walship/pushed`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -165,10 +171,10 @@ impl StateDir {
     }
 
     /// The cheap local check before any network: was `name` (at `source`) uploaded ahead into
-    /// `repo_url`, recently, and is the file unchanged since? A record that is used or found wanting
+    /// `store_location`, recently, and is the file unchanged since? A record that is used or found wanting
     /// is removed: PostgreSQL marks the segment `.done` after our answer, and a bad record must not be
     /// looked at twice.
-    pub fn lookup(&self, name: &str, source: &Path, repo_url: &str) -> Lookup {
+    pub fn lookup(&self, name: &str, source: &Path, store_location: &str) -> Lookup {
         let Ok(wal) = WalFileName::parse(name) else {
             return Lookup::NotAhead("not a WAL file name");
         };
@@ -178,19 +184,19 @@ impl StateDir {
             Ok(None) => return Lookup::NotAhead("no look-ahead record"),
             Err(_) => return Lookup::NotAhead("look-ahead record unreadable"),
         };
-        let verdict = self.judge(&text, &wal, source, repo_url, now_unix());
+        let verdict = self.judge(&text, &wal, source, store_location, now_unix());
         let _ = fs::remove_file(&path);
         verdict
     }
 
-    fn judge(&self, text: &str, wal: &WalFileName, source: &Path, repo_url: &str, now: u64) -> Lookup {
+    fn judge(&self, text: &str, wal: &WalFileName, source: &Path, store_location: &str, now: u64) -> Lookup {
         let Some(record) = parse_record(text) else {
             return Lookup::NotAhead("look-ahead record damaged (checksum or format); ignored");
         };
         if record.name != wal.as_str() {
             return Lookup::NotAhead("look-ahead record names another file; ignored");
         }
-        if record.repo != repo_url {
+        if record.repo != store_location {
             return Lookup::NotAhead("look-ahead record is for another repository; ignored");
         }
         if !is_fresh(record.created_at, now) {
@@ -271,14 +277,14 @@ impl StateDir {
     fn record(
         &self,
         name: &str,
-        repo_url: &str,
+        store_location: &str,
         repository_id: Option<String>,
         stamp: FileStamp,
         digest: &ContentDigest,
     ) -> std::io::Result<()> {
         self.write_record(&Record {
             name: name.to_owned(),
-            repo: repo_url.to_owned(),
+            repo: store_location.to_owned(),
             repository_id,
             created_at: now_unix(),
             stamp,
@@ -293,7 +299,7 @@ impl StateDir {
         let check = ContentDigest::of(json.as_bytes()).sha256_hex();
         // No fsync: losing a record costs a re-push judged by content, never a wrong answer; the
         // record is only written once the upload it vouches for is durable.
-        process::replace_file(&self.record_path(name), format!("{json}\n{check}\n").as_bytes(), false)
+        files::replace_file(&self.record_path(name), format!("{json}\n{check}\n").as_bytes(), false)
     }
 
     /// Removes records (and temporary files of dead writers) for segments that no longer wait to be
@@ -307,7 +313,7 @@ impl StateDir {
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else { continue };
             if name.starts_with('.') {
-                if process::is_orphaned_temp(name) {
+                if files::is_orphaned_temp(name) {
                     let _ = fs::remove_file(entry.path());
                 }
                 continue;
@@ -429,7 +435,7 @@ pub async fn push_batch(
         let file = state.map(|s| s.pg_wal.join(segment)).expect("look-ahead implies a state directory");
         tasks.spawn(push_one(file, segment.clone(), None));
     }
-    let repo_identity = config.repository_identity();
+    let store_location = config.store_location();
     let mut requested = None;
     let mut ahead = Vec::new();
     let mut ahead_failed = Vec::new();
@@ -451,7 +457,7 @@ pub async fn push_batch(
         }
         let Ok((segment, stamp, result)) = outcome else { continue };
         let state = state.expect("look-ahead implies a state directory");
-        match settle_ahead(state, repo, &repo_identity, log, segment, stamp, result).await {
+        match settle_ahead(state, repo, &store_location, log, segment, stamp, result).await {
             Ahead::Recorded(segment) => ahead.push(segment),
             Ahead::Failed(segment, e) => ahead_failed.push((segment, e)),
             Ahead::Unrecorded => {}
@@ -474,7 +480,7 @@ enum Ahead {
 async fn settle_ahead(
     state: &StateDir,
     repo: &Repository,
-    repo_url: &str,
+    store_location: &str,
     log: &Log,
     segment: String,
     stamp: std::io::Result<FileStamp>,
@@ -494,7 +500,7 @@ async fn settle_ahead(
         log.debug(format_args!("{segment}: uploaded ahead, but no record: repository id unknown"));
         return Ahead::Unrecorded;
     };
-    match state.record(&segment, repo_url, identity.repository_id, stamp, &report.digest) {
+    match state.record(&segment, store_location, identity.repository_id, stamp, &report.digest) {
         Ok(()) => Ahead::Recorded(segment),
         Err(e) => {
             log.debug(format_args!("{segment}: uploaded ahead, but no record written: {e}"));

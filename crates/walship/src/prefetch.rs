@@ -132,7 +132,7 @@ impl Spool {
 
     /// Removes what a cut-off download of `name` by this process left.
     fn remove_partial(&self, name: &str) {
-        let _ = fs::remove_file(self.dir.join(process::temp_name(name)));
+        crate::fs::remove_own_temp_files(&self.dir, name);
     }
 
     /// Tells the worker which segment recovery asked for last.

@@ -25,11 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::ContentDigest;
 use crate::error::Error;
+use crate::fs::{self as files, create_dirs_durably};
 use crate::log::Log;
-use crate::process;
 use crate::repo::{IDENTITY_KEY, Identity, Repository};
 use crate::retry::{self, Deadline};
-use crate::storage::local::create_dirs_durably;
 
 /// The directory, relative to the data directory.
 pub const DIR: &str = "walship/repositories";
@@ -38,7 +37,7 @@ const MAX_LEN: u64 = 4096;
 /// What is remembered of one location.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
-    /// The location (as `Config::repository_identity` names it), for whoever reads the file.
+    /// The location (as `Config::store_location` names it), for whoever reads the file.
     location: String,
     /// The repository's id; `None` for a repository made before walship wrote ids.
     repository_id: Option<String>,
@@ -58,7 +57,7 @@ impl Remembered {
     pub fn for_pg_wal(pg_wal: &Path, location: &str) -> Option<Remembered> {
         // Absolute, so that the error message names the file wherever the reader stands (the
         // archiver runs us inside the data directory, and %p is relative to it).
-        let data_dir = crate::repo::parent_dir(pg_wal);
+        let data_dir = files::parent_dir(pg_wal);
         let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         if !data_dir.join("PG_VERSION").is_file() {
             return None;
@@ -68,6 +67,7 @@ impl Remembered {
         Some(Remembered { data_dir, file, location: location.to_owned() })
     }
 
+    /// The file that holds the memory, for messages (and for an operator who means to remove it).
     pub fn file(&self) -> &Path {
         &self.file
     }
@@ -132,8 +132,8 @@ impl Remembered {
         let dir = self.file.parent().expect("a file in DIR");
         create_dirs_durably(&self.data_dir, dir)?;
         // What a killed writer left: nothing else ever looks in this directory of the data directory.
-        process::remove_orphaned_temp_files(dir);
-        process::replace_file(&self.file, format!("{json}\n").as_bytes(), true)
+        files::remove_orphaned_temp_files(dir);
+        files::replace_file(&self.file, format!("{json}\n").as_bytes(), true)
     }
 }
 

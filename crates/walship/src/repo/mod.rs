@@ -17,21 +17,20 @@
 mod fetch;
 mod push;
 
-pub(crate) use fetch::parent_dir;
+// moved to fs.rs; re-exported until callers switch
+pub(crate) use crate::fs::parent_dir;
 pub use fetch::{FetchReport, fetch, fetch_object};
 pub use push::{PushReport, push};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Config, RepoUrl};
+use crate::config::Config;
 use crate::error::Error;
-use crate::storage::local::LocalStorage;
-use crate::storage::s3::S3Storage;
-use crate::storage::ssh::SshStorage;
 use crate::storage::{PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
+/// The key of the identity record.
 pub const IDENTITY_KEY: &str = "repository.json";
 /// The repository layout version this build writes and reads.
 pub const REPOSITORY_FORMAT_VERSION: u32 = 1;
@@ -41,6 +40,7 @@ const MAX_IDENTITY_LEN: u64 = 64 * 1024;
 /// The repository identity record (`repository.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
+    /// The repository layout version ([`REPOSITORY_FORMAT_VERSION`] when written by this walship).
     pub format_version: u32,
     /// Random, made with the repository (128 bits as hex). `None` in repositories created before
     /// walship wrote one: they still open, and count as "no id" (two of them are never told apart).
@@ -49,16 +49,22 @@ pub struct Identity {
     /// As `pg_controldata` prints it ("Database system identifier"); a string, because JSON readers
     /// in other languages lose precision on 64-bit integers.
     pub system_identifier: String,
+    /// The cluster's PostgreSQL major version (`15`).
     pub pg_version: u32,
+    /// The cluster's WAL segment size in bytes.
     pub wal_segment_size: u32,
+    /// The walship that made the repository (`walship 0.1.0`), for people.
     pub created_by: String,
 }
 
 /// What a segment's page header says about the cluster that wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterFacts {
+    /// The cluster's system identifier.
     pub system_identifier: u64,
+    /// The PostgreSQL major version, from the page header's magic number.
     pub pg_version: u32,
+    /// The segment size the long header records.
     pub wal_segment_size: u32,
 }
 
@@ -79,37 +85,27 @@ pub struct Repository {
 }
 
 impl Repository {
+    /// The repository that `config` names, over the backend its URL calls for.
     pub async fn open(config: &Config) -> Result<Self, Error> {
-        let storage: std::sync::Arc<dyn Storage> = match &config.repo {
-            RepoUrl::Local(path) => std::sync::Arc::new(LocalStorage::open(path)?),
-            RepoUrl::S3 { bucket, prefix } => {
-                std::sync::Arc::new(S3Storage::connect(bucket, prefix, &config.s3).await?)
-            }
-            RepoUrl::Ssh { user, host, port, path } => {
-                std::sync::Arc::new(SshStorage::new(user.as_deref(), host, *port, path, &config.ssh))
-            }
-        };
-        Ok(Repository {
-            storage,
-            url: config.repo.to_string(),
-            known_identity: Default::default(),
-            creating: Default::default(),
-        })
+        let storage = crate::storage::open(&config.repo, &config.storage).await?;
+        Ok(Self::over(storage, config.repo.to_string()))
     }
 
+    /// The repository kept in `storage`; `url` names it in messages.
     pub fn with_storage(storage: Box<dyn Storage>, url: impl Into<String>) -> Self {
-        Repository {
-            storage: storage.into(),
-            url: url.into(),
-            known_identity: Default::default(),
-            creating: Default::default(),
-        }
+        Self::over(storage.into(), url.into())
     }
 
+    fn over(storage: std::sync::Arc<dyn Storage>, url: String) -> Self {
+        Repository { storage, url, known_identity: Default::default(), creating: Default::default() }
+    }
+
+    /// The backend, for the layers that place objects of their own (base backups).
     pub fn storage(&self) -> &dyn Storage {
         self.storage.as_ref()
     }
 
+    /// The repository's URL, for messages.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -292,6 +288,7 @@ fn new_repository_id(for_location: &str) -> Result<String, Error> {
 mod tests {
     use super::*;
     use crate::error::ExitCode;
+    use crate::storage::local::LocalStorage;
     use crate::wal::segment_bytes;
 
     #[test]
@@ -339,12 +336,7 @@ mod tests {
         async fn head(&self, key: &str) -> Result<crate::storage::ObjectMeta, StorageError> {
             self.inner.head(key).await
         }
-        async fn list(
-            &self,
-            prefix: &str,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<Vec<crate::storage::ObjectMeta>, StorageError> {
+        async fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> crate::storage::ListResult {
             self.inner.list(prefix, after, limit).await
         }
         async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -371,12 +363,7 @@ mod tests {
             inner: LocalStorage::open(dir.path()).unwrap(),
             identity_creates: Default::default(),
         });
-        let repo = Repository {
-            storage: storage.clone(),
-            url: "test".into(),
-            known_identity: Default::default(),
-            creating: Default::default(),
-        };
+        let repo = Repository::over(storage.clone(), "test".into());
         let facts = ClusterFacts { system_identifier: 7, pg_version: 15, wal_segment_size: 16 << 20 };
         let uploads: Vec<_> = (0..8)
             .map(|_| {
@@ -454,14 +441,25 @@ mod tests {
 
     const MIB: u32 = 1 << 20;
 
+    /// A repository in a fresh directory, and a work directory beside it.
+    fn scratch() -> (tempfile::TempDir, tempfile::TempDir, Repository) {
+        let (repo_dir, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let repo = repo(repo_dir.path());
+        (repo_dir, work, repo)
+    }
+
+    /// A 1 MiB segment `name` of cluster 7 in `dir`, its pages filled with `fill`.
+    fn segment_file(dir: &std::path::Path, name: &str, fill: u8) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, segment_bytes(name, MIB, 7, fill)).unwrap();
+        path
+    }
+
     #[tokio::test]
     async fn push_then_fetch_round_trips_and_repush_is_judged_by_content() {
-        let repo_dir = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let repo = repo(repo_dir.path());
+        let (_repo_dir, work, repo) = scratch();
         let name = "000000010000000000000003";
-        let source = work.path().join(name);
-        std::fs::write(&source, segment_bytes(name, MIB, 7, 0)).unwrap();
+        let source = segment_file(work.path(), name, 0);
 
         let first = push(&repo, &source, name, 1).await.unwrap();
         assert_eq!(first.original_bytes, u64::from(MIB));
@@ -482,9 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn history_files_are_never_replaced() {
-        let repo_dir = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let repo = repo(repo_dir.path());
+        let (_repo_dir, work, repo) = scratch();
         let source = work.path().join("00000002.history");
         std::fs::write(&source, "1\t0/3000148\tno recovery target specified\n").unwrap();
         push(&repo, &source, "00000002.history", 1).await.unwrap();
@@ -499,9 +495,7 @@ mod tests {
 
     #[tokio::test]
     async fn absent_is_claimed_only_in_a_real_repository() {
-        let repo_dir = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let repo = repo(repo_dir.path());
+        let (_repo_dir, work, repo) = scratch();
         let dest = work.path().join("x");
         let err = fetch(&repo, "000000010000000000000001", &dest).await.unwrap_err();
         assert_eq!(err.exit_code(), ExitCode::WrongRepository, "empty directory: {err}");
@@ -515,12 +509,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_damaged_object_is_never_handed_over() {
-        let repo_dir = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let repo = repo(repo_dir.path());
+        let (repo_dir, work, repo) = scratch();
         let name = "000000010000000000000001";
-        let source = work.path().join(name);
-        std::fs::write(&source, segment_bytes(name, MIB, 7, 3)).unwrap();
+        let source = segment_file(work.path(), name, 3);
         push(&repo, &source, name, 1).await.unwrap();
         let stored = repo_dir.path().join("wal/0000000100000000").join(name);
         let mut bytes = std::fs::read(&stored).unwrap();

@@ -22,12 +22,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DirEntryInfo, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions, Storage,
-    StorageError, confirm_absent, is_stale_temp, is_temp_name, listing_steps, validate_key,
+    DirEntryInfo, ListResult, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
+    Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
+use crate::fs::{create_dirs_durably, is_temp_name, temp_name};
 
 pub use super::STALE_TEMP_AGE;
+// moved to fs.rs; re-exported until callers switch
+pub use crate::fs::fsync_dir;
 
+/// A repository in a directory of this host's file system.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
@@ -57,6 +61,7 @@ impl LocalStorage {
         }
     }
 
+    /// The repository's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -94,8 +99,7 @@ impl Storage for LocalStorage {
             let dir = final_path.parent().expect("a key has a parent directory").to_owned();
             create_dirs_durably(&root, &dir).map_err(|e| StorageError::io(&location, "create directory", e))?;
             let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy();
-            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-            let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+            let temp_path = dir.join(temp_name(&file_name));
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -135,12 +139,7 @@ impl Storage for LocalStorage {
         }
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let root = self.root.clone();
         let prefix = prefix.to_owned();
         let start_after = start_after.map(str::to_owned);
@@ -334,27 +333,6 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let rc =
         unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// fsync makes a directory's entries (names created, renamed or removed in it) durable.
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Creates `dir` and any missing parents below `root`, fsyncing each parent that gained an entry.
-pub(crate) fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().expect("below the root");
-    if parent != root {
-        create_dirs_durably(root, parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => fsync_dir(parent),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// Best effort: a failure here never fails the commit that triggered it.

@@ -13,7 +13,12 @@
 
 pub mod local;
 pub mod s3;
+pub mod settings;
 pub mod ssh;
+pub mod url;
+
+pub use settings::Settings;
+pub use url::RepoUrl;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -22,11 +27,28 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
+/// Opens the store that `url` names, with its backend's `settings`: the one place that knows which
+/// backend serves which kind of URL. Nothing is sent to a remote store yet (SSH connects on first
+/// use); a local root must exist.
+pub async fn open(url: &RepoUrl, settings: &Settings) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    Ok(match url {
+        RepoUrl::Local(path) => std::sync::Arc::new(local::LocalStorage::open(path)?),
+        RepoUrl::S3 { bucket, prefix } => {
+            std::sync::Arc::new(s3::S3Storage::connect(bucket, prefix, &settings.s3).await?)
+        }
+        RepoUrl::Ssh { user, host, port, path } => {
+            std::sync::Arc::new(ssh::SshStorage::new(user.as_deref(), host, *port, path, &settings.ssh))
+        }
+    })
+}
+
 /// A streaming read of one object.
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
 
+/// What a listing or a `head` says about one object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// The object's key.
     pub key: String,
     /// Stored size in bytes.
     pub size: u64,
@@ -34,6 +56,9 @@ pub struct ObjectMeta {
     /// empty where the backend has none.
     pub attributes: BTreeMap<String, String>,
 }
+
+/// A page of [`Storage::list`]: objects in key order.
+pub type ListResult = Result<Vec<ObjectMeta>, StorageError>;
 
 /// What a writer should store besides the bytes.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +70,7 @@ pub struct PutOptions {
     pub size_hint: Option<u64>,
 }
 
+/// A repository's backend: keys and bytes, with the promises of this module's documentation.
 #[async_trait]
 pub trait Storage: Send + Sync {
     /// A human-readable name for `key` (`file:///repo/wal/...`), for messages.
@@ -56,18 +82,15 @@ pub trait Storage: Send + Sync {
     /// Opens `key` for a streaming read.
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError>;
 
+    /// The size and attributes of `key`, without its bytes.
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError>;
 
     /// Up to `limit` objects whose keys start with `prefix` and sort after `start_after`, in key order.
     /// A page may hold fewer than `limit` (S3 caps pages at 1000): call again with the last key until a
     /// page comes back empty. Memory stays bounded however large the listing.
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError>;
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult;
 
+    /// Removes `key`; [`StorageError::NotFound`] where nothing was there.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// Makes the existing object `key` durable: its bytes and every directory entry on the way to it.
@@ -103,6 +126,7 @@ pub trait Storage: Send + Sync {
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.
 #[async_trait]
 pub trait ObjectWriter: Send {
+    /// Appends `chunk`; nothing becomes visible before [`commit`](Self::commit).
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
 
     /// Publishes the object durably if nothing exists under its key, else fails with
@@ -113,25 +137,58 @@ pub trait ObjectWriter: Send {
     async fn abort(self: Box<Self>) -> Result<(), StorageError>;
 }
 
+/// Why a storage operation failed. Every variant names the object, so that a message says where.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The backend is certain that nothing is stored under the key.
     #[error("{location}: not found")]
-    NotFound { location: String },
+    NotFound {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+    },
+    /// A create-if-absent commit found the key taken.
     #[error("{location}: already exists")]
-    AlreadyExists { location: String },
+    AlreadyExists {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+    },
+    /// The key is not a relative path of plain components ([`validate_key`]).
     #[error("{location}: invalid key: {reason}")]
-    InvalidKey { location: String, reason: String },
+    InvalidKey {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file-system or network call failed.
     #[error("{location}: {operation}: {source}")]
-    Io { location: String, operation: &'static str, source: io::Error },
+    Io {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// The call, in words (`"fsync directory"`).
+        operation: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// Anything else, with the backend's judgement of whether trying again may help.
     #[error("{location}: {message}")]
-    Other { location: String, message: String, retryable: bool },
+    Other {
+        /// Where: the object as [`Storage::location`] names it.
+        location: String,
+        /// What went wrong and, where known, what to do about it.
+        message: String,
+        /// Whether the same call may succeed if tried again shortly.
+        retryable: bool,
+    },
 }
 
 impl StorageError {
+    /// A [`StorageError::Io`] for the call `operation` on `location`.
     pub fn io(location: impl Into<String>, operation: &'static str, source: io::Error) -> Self {
         StorageError::Io { location: location.into(), operation, source }
     }
 
+    /// Whether the backend is certain the object is absent.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
     }
@@ -299,13 +356,8 @@ pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3
 /// writer that died (hidden, `.tmp`, older than [`STALE_TEMP_AGE`]). For backends that keep
 /// temporary files beside their objects (local, SSH).
 pub(crate) fn is_stale_temp(name: &str, modified: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
-    is_temp_name(name)
+    crate::fs::is_temp_name(name)
         && modified.is_some_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE)
-}
-
-/// Whether a directory entry is a temporary file of a writer (local and SSH backends).
-pub(crate) fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 /// A directory entry as a listing sees it.
@@ -392,6 +444,35 @@ mod tests {
         for bad in ["", "/etc/passwd", "wal/../x", "..", "wal//x", "wal/", "wal/.tmp", "a\\b", "a\0b"] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// A temporary file an older walship left in a repository (`.<file>.<pid>.<nanos>.tmp` in the
+    /// backends, `.<file>.walship.<pid>.tmp` elsewhere) is skipped by listings and swept when stale,
+    /// like one of today's names.
+    #[test]
+    fn temp_files_under_old_and_new_names_are_skipped_and_swept_when_stale() {
+        let now = std::time::SystemTime::now();
+        let old = now - STALE_TEMP_AGE - std::time::Duration::from_secs(1);
+        let names = [
+            ".000000010000000000000001.123.1764590000000000000.tmp".to_owned(),
+            ".000000010000000000000001.walship.123.tmp".to_owned(),
+            crate::fs::temp_name("000000010000000000000001"),
+        ];
+        for name in &names {
+            assert!(is_stale_temp(name, Some(old), now), "{name}");
+            assert!(!is_stale_temp(name, Some(now), now), "{name}: a fresh one is being written");
+        }
+        let mut entries: Vec<DirEntryInfo> =
+            names.iter().map(|name| DirEntryInfo { name: name.clone(), is_dir: false, size: 1 }).collect();
+        entries.push(DirEntryInfo { name: "000000010000000000000001".into(), is_dir: false, size: 1 });
+        let listed: Vec<String> = listing_steps("wal/x", entries, "wal/", None)
+            .into_iter()
+            .filter_map(|step| match step {
+                ListStep::Emit(meta) => Some(meta.key),
+                ListStep::Descend(_) => None,
+            })
+            .collect();
+        assert_eq!(listed, ["wal/x/000000010000000000000001"]);
     }
 
     #[test]

@@ -33,8 +33,162 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
-use super::{NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key};
-use crate::config::{S3Config, ServerSideEncryption};
+use super::settings::{ByteSize, seconds};
+use super::{
+    ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key,
+};
+use serde::Deserialize;
+
+/// The default `part_size`: bytes per part of a multipart upload.
+pub const DEFAULT_S3_PART_SIZE: u64 = 16 << 20;
+/// S3's smallest part (all but the last) and largest part.
+pub const S3_PART_SIZES: std::ops::RangeInclusive<u64> = (5 << 20)..=(5 << 30);
+/// The default `upload_concurrency`: parts of one object uploaded at once.
+pub const DEFAULT_S3_UPLOAD_CONCURRENCY: usize = 4;
+/// The default `connect_timeout_secs`.
+pub const DEFAULT_S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default `read_timeout_secs`.
+pub const DEFAULT_S3_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server-side encryption requested for new objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    /// `sse = "AES256"`: keys managed by S3.
+    Aes256,
+    /// `sse = "aws:kms"`, with `sse_kms_key_id` or the account's default KMS key.
+    Kms {
+        /// `sse_kms_key_id`; `None`: the default key.
+        key_id: Option<String>,
+    },
+}
+
+/// The `[s3]` table, resolved. Everything left unset falls back to the AWS SDK's own sources: the
+/// standard environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...),
+/// the shared config and credentials files, web identity and instance metadata.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `endpoint`: an S3-compatible server's URL (`http://` or `https://`).
+    pub endpoint: Option<String>,
+    /// `region`.
+    pub region: Option<String>,
+    /// `force_path_style`: `endpoint/bucket/key` instead of `bucket.endpoint/key`.
+    pub force_path_style: bool,
+    /// `access_key_id`, given together with the secret.
+    pub access_key_id: Option<String>,
+    /// `secret_access_key`; never printed.
+    pub secret_access_key: Option<String>,
+    /// `storage_class` of new objects (`STANDARD_IA`, ...).
+    pub storage_class: Option<String>,
+    /// `sse` and `sse_kms_key_id`.
+    pub sse: Option<ServerSideEncryption>,
+    /// `part_size`, within [`S3_PART_SIZES`].
+    pub part_size: u64,
+    /// `upload_concurrency`: parts of one object uploaded at once.
+    pub upload_concurrency: usize,
+    /// `connect_timeout_secs`: how long setting up a connection to the endpoint may take.
+    pub connect_timeout: Duration,
+    /// `read_timeout_secs`: a download that stops moving for this long fails (and is retried).
+    pub read_timeout: Duration,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            endpoint: None,
+            region: None,
+            force_path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            storage_class: None,
+            sse: None,
+            part_size: DEFAULT_S3_PART_SIZE,
+            upload_concurrency: DEFAULT_S3_UPLOAD_CONCURRENCY,
+            connect_timeout: DEFAULT_S3_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_S3_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Never prints the secret, so a configuration can be logged with `-v` safely.
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("force_path_style", &self.force_path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field("storage_class", &self.storage_class)
+            .field("sse", &self.sse)
+            .field("part_size", &self.part_size)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .finish()
+    }
+}
+
+/// The `[s3]` table as written in the configuration file; [`S3Settings::from_table`] checks it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct S3Table {
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    storage_class: Option<String>,
+    sse: Option<String>,
+    sse_kms_key_id: Option<String>,
+    part_size: Option<ByteSize>,
+    upload_concurrency: Option<usize>,
+    connect_timeout_secs: Option<u64>,
+    read_timeout_secs: Option<u64>,
+}
+
+impl S3Settings {
+    /// Resolves the `[s3]` table with its defaults (an absent table is an empty one); the error
+    /// names the key at fault.
+    pub(crate) fn from_table(file: S3Table) -> Result<Self, String> {
+        let defaults = S3Settings::default();
+        let sse = match (file.sse.as_deref(), file.sse_kms_key_id) {
+            (None, None) => None,
+            (Some("AES256"), None) => Some(ServerSideEncryption::Aes256),
+            (Some("aws:kms"), key_id) => Some(ServerSideEncryption::Kms { key_id }),
+            (Some("AES256") | None, Some(_)) => return Err("sse_kms_key_id needs sse = \"aws:kms\"".into()),
+            (Some(other), _) => return Err(format!("sse = {other:?}: expected \"AES256\" or \"aws:kms\"")),
+        };
+        let part_size = file.part_size.map_or(defaults.part_size, |size| size.0);
+        if !S3_PART_SIZES.contains(&part_size) {
+            return Err(format!("part_size = {part_size} bytes: S3 takes parts from 5 MiB to 5 GiB"));
+        }
+        let upload_concurrency = file.upload_concurrency.unwrap_or(defaults.upload_concurrency);
+        if !(1..=64).contains(&upload_concurrency) {
+            return Err(format!("upload_concurrency = {upload_concurrency}: expected 1 to 64"));
+        }
+        if file.access_key_id.is_some() != file.secret_access_key.is_some() {
+            return Err("access_key_id and secret_access_key go together".into());
+        }
+        if let Some(endpoint) = &file.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!("endpoint {endpoint:?} must start with http:// or https://"));
+        }
+        Ok(S3Settings {
+            endpoint: file.endpoint,
+            region: file.region,
+            force_path_style: file.force_path_style.unwrap_or(false),
+            access_key_id: file.access_key_id,
+            secret_access_key: file.secret_access_key,
+            storage_class: file.storage_class,
+            sse,
+            part_size,
+            upload_concurrency,
+            connect_timeout: seconds(file.connect_timeout_secs, "connect_timeout_secs", defaults.connect_timeout)?,
+            read_timeout: seconds(file.read_timeout_secs, "read_timeout_secs", defaults.read_timeout)?,
+        })
+    }
+}
 
 /// S3 allows at most this many parts in one upload.
 const MAX_PARTS: u64 = 10_000;
@@ -43,11 +197,13 @@ const MAX_PARTS: u64 = 10_000;
 /// mostly ignore the region but the SDK insists on one.
 const FALLBACK_REGION: &str = "us-east-1";
 
+/// A repository under a prefix of an S3 bucket.
 pub struct S3Storage {
-    inner: Arc<Inner>,
+    inner: Arc<Bucket>,
 }
 
-struct Inner {
+/// The bucket as one client sees it, shared by the storage and its writers (and their part uploads).
+struct Bucket {
     client: Client,
     bucket: String,
     /// Prepended to every key, with its trailing `/`; empty for the bucket's root.
@@ -66,7 +222,9 @@ struct Inner {
 }
 
 impl S3Storage {
-    pub async fn connect(bucket: &str, prefix: &str, config: &S3Config) -> Result<Self, StorageError> {
+    /// Sets up the client for `bucket` and `prefix` from `config` and the AWS SDK's own sources; no
+    /// request is sent yet.
+    pub async fn connect(bucket: &str, prefix: &str, config: &S3Settings) -> Result<Self, StorageError> {
         let http_client =
             aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
         let timeouts =
@@ -108,7 +266,7 @@ impl S3Storage {
         let s3_config =
             aws_sdk_s3::config::Builder::from(&shared).region(region).force_path_style(config.force_path_style).build();
         Ok(S3Storage {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Bucket {
                 client: Client::from_conf(s3_config),
                 bucket: bucket.to_owned(),
                 prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
@@ -124,7 +282,7 @@ impl S3Storage {
     }
 }
 
-impl Inner {
+impl Bucket {
     fn full_key(&self, key: &str) -> Result<String, StorageError> {
         validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
         Ok(format!("{}{key}", self.prefix))
@@ -351,30 +509,16 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
-        let full_key = self.inner.full_key(key)?;
-        let output = self
-            .inner
-            .client
-            .get_object()
-            .bucket(&self.inner.bucket)
-            .key(&full_key)
-            .send()
-            .await
-            .map_err(|e| self.inner.classify(key, "GET", e))?;
+        let (inner, full_key) = (&self.inner, self.inner.full_key(key)?);
+        let request = inner.client.get_object().bucket(&inner.bucket).key(&full_key);
+        let output = request.send().await.map_err(|e| inner.classify(key, "GET", e))?;
         Ok(Box::new(NetworkRead::new(output.body.into_async_read(), None)))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
-        let full_key = self.inner.full_key(key)?;
-        let output = self
-            .inner
-            .client
-            .head_object()
-            .bucket(&self.inner.bucket)
-            .key(&full_key)
-            .send()
-            .await
-            .map_err(|e| self.inner.classify(key, "HEAD", e))?;
+        let (inner, full_key) = (&self.inner, self.inner.full_key(key)?);
+        let request = inner.client.head_object().bucket(&inner.bucket).key(&full_key);
+        let output = request.send().await.map_err(|e| inner.classify(key, "HEAD", e))?;
         Ok(ObjectMeta {
             key: key.to_owned(),
             size: output.content_length().unwrap_or(0).max(0) as u64,
@@ -385,12 +529,7 @@ impl Storage for S3Storage {
         })
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let inner = &self.inner;
         let output = inner
             .client
@@ -494,7 +633,7 @@ struct Multipart {
 }
 
 struct S3Writer {
-    inner: Arc<Inner>,
+    inner: Arc<Bucket>,
     key: String,
     full_key: String,
     options: PutOptions,
@@ -598,7 +737,7 @@ impl S3Writer {
 
 fn part_result(
     joined: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
-    inner: &Inner,
+    inner: &Bucket,
     key: &str,
 ) -> Result<CompletedPart, StorageError> {
     joined.unwrap_or_else(|e| {

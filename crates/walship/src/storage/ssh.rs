@@ -22,13 +22,14 @@
 //! "No such file" from the server is not taken for absence on its own word: sftp-server's
 //! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
 //! directory replaced by a file, or a link loop, would look like a missing segment. Before a read
-//! reports [`StorageError::NotFound`], [`super::confirm_absent`] looks at the path and its ancestors.
+//! reports [`StorageError::NotFound`], `confirm_absent` (in `storage/mod.rs`) looks at the path and
+//! its ancestors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -39,11 +40,77 @@ use openssh_sftp_client::{Sftp, SftpOptions};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+use super::settings::seconds;
 use super::{
-    DirEntryInfo, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
-    Storage, StorageError, confirm_absent, is_stale_temp, is_temp_name, listing_steps, validate_key,
+    DirEntryInfo, ListResult, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe,
+    PutOptions, Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
-use crate::config::SshConfig;
+use crate::fs::{is_temp_name, temp_name};
+use serde::Deserialize;
+
+/// The `[ssh]` table, resolved. Anything unset is left to ssh itself: the user's `~/.ssh/config`,
+/// agent, keys and `known_hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSettings {
+    /// `identity_file`: the private key to log in with (absolute), and no other.
+    pub identity_file: Option<PathBuf>,
+    /// `known_hosts_file`: where the server's host key is recorded (absolute).
+    pub known_hosts_file: Option<PathBuf>,
+    /// `port`, when the URL names none.
+    pub port: Option<u16>,
+    /// `connect_timeout_secs`: ssh's `ConnectTimeout`.
+    pub connect_timeout: Duration,
+    /// `keepalive_secs`: how often ssh checks that the server is still there.
+    pub keepalive: Duration,
+    /// Accept a server without the fsync@openssh.com extension (no durability guarantee).
+    pub allow_no_fsync: bool,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            identity_file: None,
+            known_hosts_file: None,
+            port: None,
+            connect_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
+            allow_no_fsync: false,
+        }
+    }
+}
+
+/// The `[ssh]` table as written in the configuration file; [`SshSettings::from_table`] checks it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SshTable {
+    identity_file: Option<PathBuf>,
+    known_hosts_file: Option<PathBuf>,
+    port: Option<u16>,
+    connect_timeout_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    allow_no_fsync: Option<bool>,
+}
+
+impl SshSettings {
+    /// Resolves the `[ssh]` table with its defaults (an absent table is an empty one); the error
+    /// names the key at fault.
+    pub(crate) fn from_table(file: SshTable) -> Result<Self, String> {
+        let defaults = SshSettings::default();
+        for (name, path) in [("identity_file", &file.identity_file), ("known_hosts_file", &file.known_hosts_file)] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!("{name} must be an absolute path"));
+            }
+        }
+        Ok(SshSettings {
+            identity_file: file.identity_file,
+            known_hosts_file: file.known_hosts_file,
+            port: file.port,
+            connect_timeout: seconds(file.connect_timeout_secs, "connect_timeout_secs", defaults.connect_timeout)?,
+            keepalive: seconds(file.keepalive_secs, "keepalive_secs", defaults.keepalive)?,
+            allow_no_fsync: file.allow_no_fsync.unwrap_or(false),
+        })
+    }
+}
 
 /// Connects on first use, inside the command's deadline loop, and again after the connection broke:
 /// an unreachable server or a dropped connection is retried like any transient failure.
@@ -52,14 +119,14 @@ pub struct SshStorage {
     host: String,
     port: Option<u16>,
     root: PathBuf,
-    config: SshConfig,
+    config: SshSettings,
     remote: String,
-    session: tokio::sync::Mutex<Option<Arc<Inner>>>,
+    session: tokio::sync::Mutex<Option<Arc<Connection>>>,
     pending_temps: PendingTemps,
 }
 
 /// One connection: the ssh child and the SFTP channel over it.
-struct Inner {
+struct Connection {
     sftp: Sftp,
     /// Set when the channel failed; the next operation connects anew.
     broken: Arc<std::sync::atomic::AtomicBool>,
@@ -75,7 +142,7 @@ struct Inner {
 
 impl SshStorage {
     /// Prepares the repository; nothing is sent until the first operation.
-    pub fn new(user: Option<&str>, host: &str, url_port: Option<u16>, root: &Path, config: &SshConfig) -> Self {
+    pub fn new(user: Option<&str>, host: &str, url_port: Option<u16>, root: &Path, config: &SshSettings) -> Self {
         let port = url_port.or(config.port);
         let remote = format!(
             "ssh://{}{host}{}",
@@ -95,7 +162,7 @@ impl SshStorage {
     }
 
     /// The live connection, made (again) when there is none or the last one broke.
-    async fn session(&self) -> Result<Arc<Inner>, StorageError> {
+    async fn session(&self) -> Result<Arc<Connection>, StorageError> {
         let mut current = self.session.lock().await;
         if let Some(session) = current.as_ref()
             && !session.broken.load(std::sync::atomic::Ordering::Relaxed)
@@ -108,7 +175,7 @@ impl SshStorage {
         Ok(session)
     }
 
-    async fn connect(&self) -> Result<Inner, StorageError> {
+    async fn connect(&self) -> Result<Connection, StorageError> {
         let (user, host, port, config, remote) =
             (self.user.as_deref(), self.host.as_str(), self.port, &self.config, self.remote.clone());
         let mut command = Command::new("ssh");
@@ -157,7 +224,7 @@ impl SshStorage {
             }
         });
         match Sftp::new(stdin, stdout, SftpOptions::default()).await {
-            Ok(sftp) => Ok(Inner {
+            Ok(sftp) => Ok(Connection {
                 sftp,
                 broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 _child: Mutex::new(child),
@@ -201,7 +268,7 @@ impl PendingTemps {
     }
 
     /// Removes `path` over `session`. It stays registered unless it is gone for sure.
-    async fn remove(&self, session: &Inner, key: &str, path: &Path) {
+    async fn remove(&self, session: &Connection, key: &str, path: &Path) {
         let gone = match session.sftp.fs().remove_file(path).await {
             Ok(()) => true,
             Err(e) => session.classify(key, "remove temporary file", e).is_not_found(),
@@ -262,7 +329,7 @@ fn connection_error(remote: &str, host: &str, port: Option<u16>, said: &str) -> 
     StorageError::Other { location: remote.to_owned(), message, retryable }
 }
 
-impl Inner {
+impl Connection {
     fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
         validate_key(key).map_err(|reason| StorageError::InvalidKey { location: self.location(key), reason })?;
         Ok(self.root.join(key))
@@ -442,7 +509,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl PathProbe for Inner {
+impl PathProbe for Connection {
     async fn probe(&self, path: &Path, follow_links: bool) -> Result<PathKind, StorageError> {
         let key = path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned();
         let meta = if follow_links {
@@ -478,8 +545,7 @@ impl Storage for SshStorage {
         let dir = final_path.parent().expect("a key has a parent").to_owned();
         inner.create_dirs(key, &dir).await?;
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let temp_path = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+        let temp_path = dir.join(temp_name(&file_name));
         let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
             Ok(file) => file,
             // "No such file" here is most likely a file where the directory belongs: say so.
@@ -524,12 +590,7 @@ impl Storage for SshStorage {
         Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ObjectMeta>, StorageError> {
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
         let base = prefix.rfind('/').map_or("", |slash| &prefix[..slash]);
         let mut found = Vec::new();
         self.session().await?.walk(base.to_owned(), prefix, start_after, limit, &mut found).await?;
@@ -623,7 +684,7 @@ async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<Di
 
 struct SshWriter {
     pending_temps: PendingTemps,
-    inner: Arc<Inner>,
+    inner: Arc<Connection>,
     key: String,
     file: Option<File>,
     temp_path: PathBuf,
