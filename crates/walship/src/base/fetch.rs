@@ -217,7 +217,7 @@ async fn restore(
             extract(&data_dir, &archives, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
         })
     };
-    let extracted = extractor.await.map_err(|e| internal(&format!("extraction panicked: {e}")));
+    let extracted = extractor.await.map_err(|e| Error::Internal(format!("extraction panicked: {e}")));
     // On success every download was consumed; on failure the rest are of no use.
     downloader.abort();
     let _ = downloader.await;
@@ -283,10 +283,6 @@ async fn download_all(
         while downloads.try_join_next().is_some() {}
     }
     while downloads.join_next().await.is_some() {}
-}
-
-fn internal(what: &str) -> Error {
-    Error::LocalIo { path: "base-fetch".into(), operation: "run", source: io::Error::other(what.to_owned()) }
 }
 
 fn nix_is_root() -> bool {
@@ -512,9 +508,10 @@ impl PartStream<'_> {
             return Ok(false);
         }
         let Some(waiting) = self.ready.blocking_recv() else {
-            return Err(self.fail(internal("the downloads stopped early")));
+            return Err(self.fail(Error::Internal("the downloads stopped early".into())));
         };
-        let downloaded = waiting.blocking_recv().map_err(|_| self.fail(internal("a download was abandoned")))?;
+        let downloaded =
+            waiting.blocking_recv().map_err(|_| self.fail(Error::Internal("a download was abandoned".into())))?;
         let path = downloaded.result.map_err(|e| self.fail(e))?;
         let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
         let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;

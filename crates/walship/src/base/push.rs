@@ -579,12 +579,8 @@ async fn store_archive(
     if parts.is_err() {
         stop_source();
     }
-    let end = reader.join().map_err(|_| internal("the stream reader panicked"))?;
+    let end = reader.join().map_err(|_| Error::Internal("the stream reader panicked".into()))?;
     Ok((parts?, end))
-}
-
-fn internal(what: &str) -> Error {
-    Error::LocalIo { path: "base-push".into(), operation: "run", source: std::io::Error::other(what.to_owned()) }
 }
 
 fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<VecDeque<String>>, log: &Log) {
@@ -721,7 +717,7 @@ async fn store_parts(
                 message = receiver.recv() => message,
                 signal = signals.recv() => return Err(Error::Interrupted { signal }),
                 Some(done) = completing.join_next(), if !completing.is_empty() => {
-                    done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
+                    done.map_err(|e| Error::Internal(format!("completing a part panicked: {e}")))??;
                     continue;
                 }
             };
@@ -761,7 +757,7 @@ async fn store_parts(
                     part_start = original_so_far;
                     while completing.len() >= options.transfer_concurrency {
                         let done = completing.join_next().await.expect("not empty");
-                        done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
+                        done.map_err(|e| Error::Internal(format!("completing a part panicked: {e}")))??;
                     }
                     completing.spawn(async move {
                         tokio::time::timeout(idle, writer.commit()).await.unwrap_or_else(|_| {
@@ -787,10 +783,10 @@ async fn store_parts(
         return Err(e);
     }
     while let Some(done) = completing.join_next().await {
-        done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
+        done.map_err(|e| Error::Internal(format!("completing a part panicked: {e}")))??;
     }
     if current.is_some() {
-        return Err(internal("the stream ended inside a part"));
+        return Err(Error::Internal("the stream ended inside a part".into()));
     }
     Ok(parts)
 }
