@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::BackupRecord;
+use crate::wal::parse_lsn;
 
 /// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,14 +133,6 @@ impl RecoveryTarget {
             RecoveryTarget::Immediate => Some(("recovery_target", "immediate".into())),
         }
     }
-}
-
-/// `X/Y` as PostgreSQL prints an LSN.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.split_once('/')?;
-    let high = u32::from_str_radix(high, 16).ok()?;
-    let low = u32::from_str_radix(low, 16).ok()?;
-    Some((u64::from(high) << 32) | u64::from(low))
 }
 
 /// Parses a timestamp with a time zone, in RFC 3339 or PostgreSQL's own output style

@@ -11,11 +11,10 @@
 //! `<parent timeline> <LSN where the parent ended> <reason>` for every ancestor.
 
 use super::BackupRecord;
-use super::recovery::parse_lsn;
 use crate::codec::decode_all;
 use crate::error::Error;
 use crate::repo::Repository;
-use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn};
+use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn, parse_lsn};
 
 const HISTORY_PREFIX: &str = "wal/history/";
 
