@@ -68,7 +68,7 @@ pub enum Verification {
 }
 
 #[derive(Debug)]
-pub struct FetchReport {
+pub struct RestoreReport {
     pub record: BackupRecord,
     pub verification: Verification,
 }
@@ -79,7 +79,7 @@ pub async fn base_fetch(
     options: &FetchOptions,
     progress: &Arc<dyn Progress>,
     log: &Log,
-) -> Result<FetchReport, Error> {
+) -> Result<RestoreReport, Error> {
     let data_dir = &options.data_dir;
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
     let created = prepare_data_dir(data_dir)?;
@@ -120,7 +120,7 @@ pub async fn base_fetch(
         data_dir.display()
     ));
     match restore(repo, options, &record, &targets, progress, log).await {
-        Ok(verification) => Ok(FetchReport { record, verification }),
+        Ok(verification) => Ok(RestoreReport { record, verification }),
         Err(e) => {
             undo(&prepared);
             Err(e)

@@ -20,7 +20,7 @@ mod recovery;
 mod tar_watch;
 mod timeline;
 
-pub use fetch::{FetchOptions, FetchReport, Verification, base_fetch};
+pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
 pub use timeline::Lineage;
