@@ -3,7 +3,6 @@
 //! `standby.signal` (PostgreSQL 12 and later).
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 
 use time::OffsetDateTime;
@@ -294,14 +293,12 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     };
     let mut changes = SettingsChanges::default();
     let text = settings_text(&existing, settings, &mut changes);
-    let temp = data_dir.join("postgresql.auto.conf.walship.tmp");
-    {
-        let mut file = File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
+    // The backup's own file keeps its mode and owner (running as root, the cluster's user).
+    let kept = fs::metadata(&conf).ok();
+    crate::process::replace_file(&conf, text.as_bytes(), true)?;
+    if let Some(meta) = kept {
+        keep_mode(&conf, &meta);
     }
-    copy_mode(&conf, &temp);
-    fs::rename(&temp, &conf)?;
     if !settings.standby {
         match fs::remove_file(data_dir.join("standby.signal")) {
             Ok(()) => changes.removed_standby_signal = true,
@@ -315,13 +312,11 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     Ok(changes)
 }
 
-/// Gives `to` the mode and owner of `from`, when `from` exists.
-fn copy_mode(from: &Path, to: &Path) {
+/// Gives `path` the mode and owner in `meta` (those of the file it replaced). Best effort.
+fn keep_mode(path: &Path, meta: &fs::Metadata) {
     use std::os::unix::fs::MetadataExt;
-    if let Ok(meta) = fs::metadata(from) {
-        let _ = fs::set_permissions(to, meta.permissions());
-        let _ = std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid()));
-    }
+    let _ = fs::set_permissions(path, meta.permissions());
+    let _ = std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid()));
 }
 
 #[cfg(test)]
