@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::push::find_tool;
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
+use super::tools::find_tool;
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
 use crate::codec::ContentDigest;
 use crate::codec::Decoder;

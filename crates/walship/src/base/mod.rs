@@ -19,6 +19,7 @@ mod push;
 mod recovery;
 mod tar_watch;
 mod timeline;
+mod tools;
 
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub use push::{PushOptions, base_push};
