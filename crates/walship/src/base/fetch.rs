@@ -24,10 +24,10 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::tools::find_tool;
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
-use crate::codec::ContentDigest;
 use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
@@ -36,7 +36,6 @@ use crate::retry;
 use crate::storage::StorageError;
 
 const STAGING_DIR: &str = ".walship-restore";
-const HELD_BACK_CONTROL: &str = "global/pg_control.walship-incomplete";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 /// Stored bytes read from a downloaded part at a time while extracting.
 const RAW_CHUNK: usize = 256 * 1024;
@@ -718,94 +717,4 @@ fn verify(
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
     })
-}
-
-/// Writes a copy of the backup manifest `from` to `to` that names the held-back pg_control, so
-/// that pg_verifybackup checks pg_control's size and checksum before it is put into place.
-fn write_held_back_manifest(from: &Path, to: &Path) -> Result<(), Error> {
-    let input = File::open(from).map_err(|e| Error::local_io(from, "open", e))?;
-    let output = File::create(to).map_err(|e| Error::local_io(to, "create", e))?;
-    let mut output = io::BufWriter::new(output);
-    match manifest_with_held_back_control(io::BufReader::new(input), &mut output) {
-        Ok(()) => io::Write::flush(&mut output).map_err(|e| Error::local_io(to, "write", e)),
-        Err(ManifestError::Io(e)) => Err(Error::local_io(to, "copy the manifest", e)),
-        Err(ManifestError::Unexpected(reason)) => Err(Error::Corrupt { location: from.display().to_string(), reason }),
-    }
-}
-
-enum ManifestError {
-    Io(io::Error),
-    Unexpected(String),
-}
-
-/// Copies a backup manifest line by line (manifests grow with the number of files), renaming its
-/// `global/pg_control` entry to the held-back file and recomputing its own checksum: PostgreSQL's is
-/// the SHA-256 of every line but the last, which is `"Manifest-Checksum": "<hex>"}`.
-fn manifest_with_held_back_control(
-    mut input: impl io::BufRead,
-    output: &mut impl io::Write,
-) -> Result<(), ManifestError> {
-    use sha2::Digest;
-    let entry = b"\"Path\": \"global/pg_control\",";
-    let renamed = format!("\"Path\": \"{HELD_BACK_CONTROL}\",");
-    let (mut hasher, mut entries) = (sha2::Sha256::new(), 0);
-    let (mut line, mut pending) = (Vec::new(), Vec::new());
-    loop {
-        line.clear();
-        if input.read_until(b'\n', &mut line).map_err(ManifestError::Io)? == 0 {
-            break;
-        }
-        // Every line but the last goes out (and into the checksum) once the next one is read.
-        hasher.update(&pending);
-        output.write_all(&pending).map_err(ManifestError::Io)?;
-        pending.clear();
-        match line.windows(entry.len()).position(|w| w == entry) {
-            Some(at) => {
-                entries += 1;
-                pending.extend_from_slice(&line[..at]);
-                pending.extend_from_slice(renamed.as_bytes());
-                pending.extend_from_slice(&line[at + entry.len()..]);
-            }
-            None => pending.extend_from_slice(&line),
-        }
-    }
-    if entries != 1 {
-        return Err(ManifestError::Unexpected(format!("backup_manifest has {entries} entries for global/pg_control")));
-    }
-    if !pending.starts_with(b"\"Manifest-Checksum\"") {
-        return Err(ManifestError::Unexpected("backup_manifest does not end with its Manifest-Checksum line".into()));
-    }
-    let checksum = ContentDigest { len: 0, sha256: hasher.finalize().into() }.sha256_hex();
-    writeln!(output, "\"Manifest-Checksum\": \"{checksum}\"}}").map_err(ManifestError::Io)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A manifest in PostgreSQL's layout, up to its checksum line.
-    const MANIFEST: &str = concat!(
-        "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n",
-        "\"Files\": [\n",
-        "{ \"Path\": \"global/pg_control\", \"Size\": 8192, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"43872087\" }\n",
-        "],\n",
-    );
-
-    #[test]
-    fn the_adjusted_manifest_names_the_held_back_file_and_checks_out() {
-        let adjust = |text: &str| {
-            let mut out = Vec::new();
-            manifest_with_held_back_control(text.as_bytes(), &mut out).map(|()| String::from_utf8(out).unwrap())
-        };
-        let original =
-            format!("{MANIFEST}\"Manifest-Checksum\": \"{}\"}}\n", ContentDigest::of(MANIFEST.as_bytes()).sha256_hex());
-        let adjusted = adjust(&original).ok().unwrap();
-        let body = MANIFEST.replace("global/pg_control", HELD_BACK_CONTROL);
-        assert!(adjusted.starts_with(&body), "{adjusted}");
-        let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
-        assert_eq!(&adjusted[body.len()..], format!("\"Manifest-Checksum\": \"{checksum}\"}}\n"));
-        assert!(adjust(MANIFEST).is_err(), "no checksum line");
-        let twice = format!("{MANIFEST}{MANIFEST}\"Manifest-Checksum\": \"00\"}}\n");
-        assert!(adjust(&twice).is_err(), "two entries");
-    }
 }

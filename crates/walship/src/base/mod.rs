@@ -15,6 +15,7 @@
 //! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
 
 mod fetch;
+mod manifest;
 mod owner;
 mod push;
 mod recovery;

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::manifest::{manifest_wal_ranges, parse_backup_label, parse_tablespace_map};
 use super::owner::{owner_key, remove_keys, reserve_name, sweep_abandoned};
 use super::recovery::now_rfc3339;
 use super::tar_watch::{Observed, TarWatcher};
@@ -419,17 +419,6 @@ async fn spool_backup(
     Ok(Stored { archives, observed, manifest: (manifest, manifest_len), original_bytes, arguments })
 }
 
-/// `tablespace_map` lines: `OID LOCATION`, the location escaped by PostgreSQL (`\\` for a backslash,
-/// `\` before a newline).
-pub(crate) fn parse_tablespace_map(text: &str) -> Vec<(u32, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let (oid, location) = line.split_once(' ')?;
-            Some((oid.parse().ok()?, location.replace("\\\\", "\\")))
-        })
-        .collect()
-}
-
 /// Stores one tar archive from `source`: a reader thread encodes, [`store_parts`] writes.
 #[allow(clippy::too_many_arguments)]
 async fn store_archive(
@@ -737,52 +726,6 @@ async fn store_file(
     })
 }
 
-#[derive(Debug, Deserialize)]
-struct ManifestTail {
-    #[serde(rename = "WAL-Ranges")]
-    wal_ranges: Vec<WalRange>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WalRange {
-    #[serde(rename = "Timeline")]
-    timeline: u32,
-    #[serde(rename = "End-LSN")]
-    end_lsn: String,
-}
-
-/// The WAL ranges of a manifest, read without keeping its (possibly long) file list.
-fn manifest_wal_ranges(file: &mut std::fs::File) -> Result<Vec<WalRange>, String> {
-    use std::io::{Seek, SeekFrom};
-    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    let tail: ManifestTail =
-        serde_json::from_reader(std::io::BufReader::new(&mut *file)).map_err(|e| format!("not readable: {e}"))?;
-    Ok(tail.wal_ranges)
-}
-
-struct Label {
-    start_lsn: String,
-    start_wal_file: String,
-    timeline: u32,
-    backup_from: String,
-}
-
-fn parse_backup_label(text: &str) -> Result<Label, String> {
-    let field = |key: &str| {
-        text.lines().find_map(|line| line.strip_prefix(key)).map(str::trim).ok_or_else(|| format!("no {key} line"))
-    };
-    // "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)"
-    let location = field("START WAL LOCATION:")?;
-    let (start_lsn, file) = location.split_once(" (file ").ok_or("START WAL LOCATION has no file")?;
-    let timeline = field("START TIMELINE:")?.parse().map_err(|_| "START TIMELINE is not a number".to_owned())?;
-    Ok(Label {
-        start_lsn: start_lsn.trim().to_owned(),
-        start_wal_file: file.trim_end_matches(')').to_owned(),
-        timeline,
-        backup_from: field("BACKUP FROM:").unwrap_or("primary").to_owned(),
-    })
-}
-
 /// Connection strings may carry a password; the catalog record must not.
 fn redact(arguments: &[String]) -> Vec<String> {
     arguments
@@ -813,28 +756,8 @@ mod tests {
     }
 
     #[test]
-    fn tablespace_maps_parse_with_escapes() {
-        let map = parse_tablespace_map("16384 /srv/ts one\n16390 /srv/back\\\\slash\n");
-        assert_eq!(map, [(16384, "/srv/ts one".to_owned()), (16390, "/srv/back\\slash".to_owned())]);
-    }
-
-    #[test]
     fn passwords_do_not_reach_the_catalog() {
         let args = vec!["-d".to_owned(), "host=db password=s3cret user=x".to_owned(), "--dbname=password=p".to_owned()];
         assert_eq!(redact(&args), ["-d", "host=db password=*** user=x", "--dbname=password=***"]);
-    }
-
-    #[test]
-    fn backup_labels_parse() {
-        let label = parse_backup_label(
-            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\n\
-             BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-22 08:00:00 UTC\n\
-             LABEL: walship\nSTART TIMELINE: 1\n",
-        )
-        .unwrap();
-        assert_eq!(label.start_lsn, "0/2000028");
-        assert_eq!(label.start_wal_file, "000000010000000000000002");
-        assert_eq!(label.timeline, 1);
-        assert_eq!(label.backup_from, "primary");
     }
 }
