@@ -14,6 +14,7 @@
 //! nothing else, so a backup cut short can never be picked for a restore. `NAME` is the UTC time the
 //! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
 
+mod basebackup;
 mod fetch;
 mod manifest;
 mod owner;

@@ -14,17 +14,18 @@
 //! after every part and the manifest are durable; a failure or a signal removes what was written, and
 //! a base-push killed outright is cleaned up by the next one (see [`sweep_abandoned`]).
 
-use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::basebackup::{
+    Running, SINGLE_TABLESPACE_ONLY, basebackup_arguments, check_extra_args, redact, tool_failure_reason,
+};
 use super::manifest::{manifest_wal_ranges, parse_backup_label, parse_tablespace_map};
 use super::owner::{owner_key, remove_keys, reserve_name, sweep_abandoned};
 use super::recovery::now_rfc3339;
@@ -45,25 +46,6 @@ const READ_CHUNK: usize = 1 << 20;
 const SEND_CHUNK: usize = 1 << 20;
 /// Encoded chunks waiting for the network: bounds memory between the encoder and the writers.
 const CHANNEL_DEPTH: usize = 8;
-/// Lines of pg_basebackup's stderr kept for the error message.
-const STDERR_LINES: usize = 8;
-
-/// pg_basebackup options that would change what base-push reads from it or relies on.
-const RESERVED_OPTIONS: &[(&str, &str)] = &[
-    ("-D", "--pgdata"),
-    ("-F", "--format"),
-    ("-X", "--wal-method"),
-    ("-z", "--gzip"),
-    ("-Z", "--compress"),
-    ("-R", "--write-recovery-conf"),
-    ("-T", "--tablespace-mapping"),
-    ("-l", "--label"),
-    ("-t", "--target"),
-    ("-P", "--progress"),
-    ("", "--no-manifest"),
-    ("", "--waldir"),
-    ("", "--incremental"),
-];
 
 pub struct PushOptions {
     pub pg_bin_dir: Option<PathBuf>,
@@ -110,24 +92,6 @@ pub async fn base_push(
     result
 }
 
-/// Refuses pg_basebackup options that would break the stream base-push expects.
-fn check_extra_args(args: &[String]) -> Result<(), Error> {
-    for arg in args {
-        for (short, long) in RESERVED_OPTIONS {
-            let hit = (!short.is_empty() && arg.starts_with(short) && !arg.starts_with("--"))
-                || arg == long
-                || arg.starts_with(&format!("{long}="));
-            if hit {
-                return Err(Error::Usage(format!(
-                    "pg_basebackup option {arg:?} is set by base-push itself (it runs -D - -Ft -X fetch and \
-                     stores the stream); leave it out"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// What the reader thread sends to the writers.
 enum Message {
     Chunk { bytes: Bytes, original_so_far: u64 },
@@ -150,9 +114,6 @@ struct Stored {
     original_bytes: u64,
     arguments: Vec<String>,
 }
-
-/// pg_basebackup says this when a cluster has extra tablespaces and the output is stdout.
-const SINGLE_TABLESPACE_ONLY: &str = "can only write single tablespace to stdout";
 
 #[allow(clippy::too_many_arguments)]
 async fn take_backup(
@@ -239,46 +200,6 @@ async fn take_backup(
     Ok(record)
 }
 
-fn basebackup_arguments(target: &str, name: &str, extra: &[String]) -> Vec<String> {
-    let mut arguments: Vec<String> =
-        ["-D", target, "-F", "t", "-X", "fetch", "-l"].iter().map(|s| (*s).to_owned()).collect();
-    arguments.push(format!("walship {name}"));
-    arguments.extend(extra.iter().cloned());
-    arguments
-}
-
-/// The last lines pg_basebackup wrote to stderr.
-type StderrTail = Arc<Mutex<VecDeque<String>>>;
-
-/// Starts pg_basebackup with its stderr followed by a thread that keeps the last lines (for the
-/// error message) and logs them with -v.
-fn spawn_pg_basebackup(
-    pg_basebackup: &Path,
-    arguments: &[String],
-    stdout: Stdio,
-    log: &Log,
-) -> Result<(std::process::Child, StderrTail, std::thread::JoinHandle<()>), Error> {
-    let mut child = Command::new(pg_basebackup)
-        .args(arguments)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool_error(pg_basebackup, e))?;
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr = child.stderr.take().expect("piped");
-    let tail = Arc::clone(&stderr_tail);
-    let log = log.clone();
-    let stderr_thread = std::thread::spawn(move || collect_stderr(stderr, &tail, &log));
-    Ok((child, stderr_tail, stderr_thread))
-}
-
-fn tool_failure(pg_basebackup: &Path, status: std::process::ExitStatus, tail: &Mutex<VecDeque<String>>) -> Error {
-    let tail: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
-    let said = if tail.is_empty() { "no message".to_owned() } else { tail.join("; ") };
-    Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason: format!("{status}: {said}") }
-}
-
 fn compression_workers(options: &PushOptions) -> u32 {
     match options.compression_workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
@@ -297,21 +218,19 @@ async fn stream_backup(
     written: &mut Vec<String>,
 ) -> Result<Stored, Error> {
     let arguments = basebackup_arguments("-", name, &options.extra_args);
-    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::piped(), log)?;
-    let stdout = child.stdout.take().expect("piped");
+    let mut running = Running::spawn(pg_basebackup, &arguments, Stdio::piped(), log)?;
+    let stdout = running.child.stdout.take().expect("piped");
     let stored =
         store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written, || {
             // A reader blocked on a stalled pg_basebackup only returns once its pipe closes.
-            let _ = child.kill();
+            let _ = running.child.kill();
         })
         .await;
-    let status = child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
-    let _ = stderr_thread.join();
-    let (parts, end) = match (stored, status.success()) {
+    let status = running.child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
+    let (parts, end) = match (stored, running.check(status)) {
         (Err(e @ Error::Interrupted { .. }), _) => return Err(e),
-        (_, false) => return Err(tool_failure(pg_basebackup, status, &stderr_tail)),
-        (Err(e), true) => return Err(e),
-        (Ok(stored), true) => stored,
+        (_, Err(failed)) => return Err(failed),
+        (stored, Ok(())) => stored?,
     };
     let mut observed =
         end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
@@ -325,13 +244,6 @@ async fn stream_backup(
         original_bytes: end.original_bytes,
         arguments,
     })
-}
-
-fn tool_failure_reason(pg_basebackup: &Path, reason: &str) -> Error {
-    Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("its output is not a complete base backup: {reason}"),
-    }
 }
 
 /// With extra tablespaces pg_basebackup refuses stdout: it writes `base.tar`, one `<OID>.tar` per
@@ -351,26 +263,23 @@ async fn spool_backup(
         .map_err(|e| Error::local_io(&options.spool_dir, "create spool directory", e))?;
     let target = spool.path().join("backup");
     let arguments = basebackup_arguments(&target.display().to_string(), name, &options.extra_args);
-    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::null(), log)?;
+    let mut running = Running::spawn(pg_basebackup, &arguments, Stdio::null(), log)?;
     progress.phase("pg_basebackup is writing into the spool directory");
     let mut signals = Signals::new()?;
     let status = loop {
-        match child.try_wait().map_err(|e| tool_error(pg_basebackup, e))? {
+        match running.child.try_wait().map_err(|e| tool_error(pg_basebackup, e))? {
             Some(status) => break status,
             None => tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 signal = signals.recv() => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    let _ = running.child.kill();
+                    let _ = running.child.wait();
                     return Err(Error::Interrupted { signal });
                 }
             },
         }
     };
-    let _ = stderr_thread.join();
-    if !status.success() {
-        return Err(tool_failure(pg_basebackup, status, &stderr_tail));
-    }
+    running.check(status)?;
     let mut tablespace_archives: Vec<(u32, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(&target).map_err(|e| Error::local_io(&target, "read", e))? {
         let entry = entry.map_err(|e| Error::local_io(&target, "read", e))?;
@@ -443,24 +352,6 @@ async fn store_archive(
     }
     let end = reader.join().map_err(|_| Error::Internal("the stream reader panicked".into()))?;
     Ok((parts?, end))
-}
-
-fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<VecDeque<String>>, log: &Log) {
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        let line = line.trim().to_owned();
-        if line.is_empty() {
-            continue;
-        }
-        log.debug(format_args!("{line}"));
-        if let Ok(mut tail) = tail.lock() {
-            if tail.len() == STDERR_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    }
 }
 
 /// The reader thread: follows the tar stream, encodes it part by part and hands the encoded bytes
@@ -724,40 +615,4 @@ async fn store_file(
         stored_bytes: stored,
         sha256: digest.sha256_hex(),
     })
-}
-
-/// Connection strings may carry a password; the catalog record must not.
-fn redact(arguments: &[String]) -> Vec<String> {
-    arguments
-        .iter()
-        .map(|arg| match arg.find("password=") {
-            Some(at) => {
-                let value_start = at + "password=".len();
-                let value_end = arg[value_start..].find(' ').map_or(arg.len(), |end| value_start + end);
-                format!("{}***{}", &arg[..value_start], &arg[value_end..])
-            }
-            None => arg.clone(),
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reserved_options_are_refused_and_others_pass() {
-        for bad in ["-D", "-Dfoo", "--pgdata=/x", "-Ft", "--format=p", "-Xstream", "-z", "-Z9", "--no-manifest", "-R"] {
-            assert!(check_extra_args(&[bad.to_owned()]).is_err(), "{bad}");
-        }
-        for good in ["--checkpoint=fast", "-c", "fast", "-h", "/tmp", "-U", "postgres", "--max-rate=10M", "-v"] {
-            check_extra_args(&[good.to_owned()]).unwrap();
-        }
-    }
-
-    #[test]
-    fn passwords_do_not_reach_the_catalog() {
-        let args = vec!["-d".to_owned(), "host=db password=s3cret user=x".to_owned(), "--dbname=password=p".to_owned()];
-        assert_eq!(redact(&args), ["-d", "host=db password=*** user=x", "--dbname=password=***"]);
-    }
 }
