@@ -18,8 +18,11 @@ mod basebackup;
 mod fetch;
 mod manifest;
 mod owner;
+mod parts;
 mod push;
+mod reader;
 mod recovery;
+mod signals;
 mod tar_watch;
 mod timeline;
 mod tools;
@@ -58,6 +61,13 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn update(&self, _: u64, _: u64, _: Option<u64>) {}
     fn phase(&self, _: &str) {}
+}
+
+/// Bytes transferred so far: of the backup's original stream, and as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Transferred {
+    original: u64,
+    stored: u64,
 }
 
 /// One stored object of a backup.
