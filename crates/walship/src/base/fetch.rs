@@ -14,21 +14,21 @@
 //! crash recovery without the recovery settings, or one that was not checked against the manifest.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::extract::{Downloaded, Layout, Unpacking, extract};
 use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::tools::find_tool;
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
-use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
@@ -37,8 +37,6 @@ use crate::storage::StorageError;
 
 const STAGING_DIR: &str = ".walship-restore";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
-/// Stored bytes read from a downloaded part at a time while extracting.
-const RAW_CHUNK: usize = 256 * 1024;
 
 pub struct FetchOptions {
     /// A backup name or `LATEST`.
@@ -213,7 +211,8 @@ async fn restore(
         let archives: Vec<(PathBuf, usize)> =
             targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
         tokio::task::spawn_blocking(move || {
-            extract(&data_dir, &archives, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
+            let layout = Layout { data_dir: &data_dir, archives: &archives, parts: &parts, locations: &locations };
+            extract(layout, ready_receiver, Unpacking { root_owned: nix_is_root(), progress: progress.as_ref() })
         })
     };
     let extracted = extractor.await.map_err(|e| Error::Internal(format!("extraction panicked: {e}")));
@@ -289,12 +288,6 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-struct Downloaded {
-    result: Result<PathBuf, Error>,
-    /// Held until the extractor has consumed the part.
-    permit: tokio::sync::OwnedSemaphorePermit,
-}
-
 /// One attempt at downloading a part's stored bytes to `path`.
 async fn download(repo: &Repository, key: &str, path: &Path, expected: u64) -> Result<(), Error> {
     let location = repo.storage().location(key);
@@ -350,259 +343,6 @@ fn link_tablespaces(data_dir: &Path, record: &BackupRecord, targets: &[PathBuf])
         fs::write(&path, map).map_err(|e| Error::local_io(&path, "write", e))?;
     }
     Ok(())
-}
-
-/// The extractor thread: decodes each archive's parts in order into one tar stream and unpacks it
-/// into the archive's directory (`archives`: directory and number of parts, in the parts' order).
-fn extract(
-    data_dir: &Path,
-    archives: &[(PathBuf, usize)],
-    parts: &[PartRecord],
-    locations: &[String],
-    mut ready: mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    root_owned: bool,
-    progress: &dyn Progress,
-) -> Result<(), Error> {
-    let total: u64 = parts.iter().map(|p| p.original_bytes).sum();
-    let mut first = 0;
-    let mut done = (0u64, 0u64);
-    for (target, count) in archives {
-        let range = first..first + count;
-        first += count;
-        let is_base = target == data_dir;
-        let (parts, locations) = (&parts[range.clone()], &locations[range]);
-        done = extract_archive(target, is_base, parts, locations, &mut ready, root_owned, progress, (done, total))?;
-    }
-    if !data_dir.join(HELD_BACK_CONTROL).exists() {
-        return Err(Error::Corrupt {
-            location: locations.first().cloned().unwrap_or_default(),
-            reason: "the backup holds no global/pg_control".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Extracts one archive into `data_dir`; returns the original and stored bytes consumed so far.
-#[allow(clippy::too_many_arguments)]
-fn extract_archive(
-    data_dir: &Path,
-    is_base: bool,
-    parts: &[PartRecord],
-    locations: &[String],
-    ready: &mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    root_owned: bool,
-    progress: &dyn Progress,
-    ((done, stored_done), total): ((u64, u64), u64),
-) -> Result<(u64, u64), Error> {
-    let failure: Arc<Mutex<Option<Error>>> = Arc::default();
-    let stream = PartStream {
-        parts,
-        locations,
-        ready,
-        index: 0,
-        current: None,
-        decoded: Vec::new(),
-        raw: vec![0u8; RAW_CHUNK],
-        offset: 0,
-        failure: Arc::clone(&failure),
-        done,
-        stored_done,
-        total,
-        progress,
-    };
-    // Whether an error came from the parts themselves (download, decoding, checksums).
-    let stream_failed = std::cell::Cell::new(false);
-    let take_failure = |e: io::Error, what: &'static str| -> Error {
-        match failure.lock().ok().and_then(|mut f| f.take()) {
-            Some(error) => {
-                stream_failed.set(true);
-                error
-            }
-            None => Error::local_io(data_dir, what, e),
-        }
-    };
-    let mut archive = tar::Archive::new(stream);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(root_owned);
-    archive.set_overwrite(false);
-    let unpacked = (|| {
-        let entries = archive.entries().map_err(|e| take_failure(e, "read tar stream"))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
-            let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
-            if is_base && path == Path::new("global/pg_control") {
-                fs::create_dir_all(data_dir.join("global"))
-                    .map_err(|e| Error::local_io(data_dir, "create global/", e))?;
-                entry
-                    .unpack(data_dir.join(HELD_BACK_CONTROL))
-                    .map_err(|e| take_failure(e, "extract global/pg_control"))?;
-                continue;
-            }
-            let inside = entry.unpack_in(data_dir).map_err(|e| take_failure(e, "extract"))?;
-            if !inside {
-                return Err(Error::Corrupt {
-                    location: locations.first().cloned().unwrap_or_default(),
-                    reason: format!("tar member {} would land outside the data directory", path.display()),
-                });
-            }
-        }
-        Ok(())
-    })();
-    let mut stream = archive.into_inner();
-    if let Err(e) = unpacked {
-        // A part's checksums are checked at its end, but damage inside it can trip the tar reader
-        // first (a member header that no longer parses): then the damaged part is what to report,
-        // not the tar error it led to. Reading on to the end of the part tells.
-        if !stream_failed.get()
-            && stream.finish_current_part().is_err()
-            && let Some(damage @ Error::Corrupt { .. }) = failure.lock().ok().and_then(|mut f| f.take())
-        {
-            return Err(damage);
-        }
-        return Err(e);
-    }
-    // The archive's end markers come before the end of the last part: read on, so that every part's
-    // trailer is checked.
-    io::copy(&mut stream, &mut io::sink()).map_err(|e| take_failure(e, "read tar stream"))?;
-    if stream.index < parts.len() {
-        return Err(Error::Corrupt {
-            location: locations[stream.index].clone(),
-            reason: "the tar archive ended before the last part".into(),
-        });
-    }
-    Ok((stream.done, stream.stored_done))
-}
-
-/// The concatenated, verified original bytes of the parts, as one `Read`.
-struct PartStream<'a> {
-    parts: &'a [PartRecord],
-    locations: &'a [String],
-    ready: &'a mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    index: usize,
-    current: Option<(File, PathBuf, Decoder<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
-    decoded: Vec<u8>,
-    offset: usize,
-    /// Stored bytes read from the current part's file, before decoding.
-    raw: Vec<u8>,
-    failure: Arc<Mutex<Option<Error>>>,
-    done: u64,
-    stored_done: u64,
-    total: u64,
-    progress: &'a dyn Progress,
-}
-
-impl PartStream<'_> {
-    fn fail(&self, error: Error) -> io::Error {
-        let message = error.to_string();
-        if let Ok(mut slot) = self.failure.lock() {
-            slot.get_or_insert(error);
-        }
-        io::Error::other(message)
-    }
-
-    /// Opens the next part once its download is done. `false` at the end of the parts.
-    fn open_next(&mut self) -> io::Result<bool> {
-        if self.index >= self.parts.len() {
-            return Ok(false);
-        }
-        let Some(waiting) = self.ready.blocking_recv() else {
-            return Err(self.fail(Error::Internal("the downloads stopped early".into())));
-        };
-        let downloaded =
-            waiting.blocking_recv().map_err(|_| self.fail(Error::Internal("a download was abandoned".into())))?;
-        let path = downloaded.result.map_err(|e| self.fail(e))?;
-        let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
-        let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;
-        self.current = Some((file, path, decoder, downloaded.permit));
-        Ok(true)
-    }
-
-    /// Decodes the rest of the part being read, discarding the bytes, and ends it: checks its
-    /// checksums without opening the next part. Nothing to do between parts.
-    fn finish_current_part(&mut self) -> io::Result<()> {
-        while self.current.is_some() {
-            self.decoded.clear();
-            if self.decode_more()? == 0 {
-                return self.close_current();
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the open part's next stored bytes and decodes them into `decoded`, which must have
-    /// been consumed; returns how many stored bytes were read, 0 at the end of the part. The read
-    /// and decode buffers are reused from call to call.
-    fn decode_more(&mut self) -> io::Result<usize> {
-        let (file, path, decoder, _) = self.current.as_mut().expect("a part is open");
-        let n = match file.read(&mut self.raw) {
-            Ok(n) => n,
-            Err(e) => {
-                let path = path.clone();
-                return Err(self.fail(Error::local_io(&path, "read", e)));
-            }
-        };
-        if n == 0 {
-            return Ok(0);
-        }
-        if let Err(e) = decoder.update(&self.raw[..n]) {
-            let location = self.locations[self.index].clone();
-            return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
-        }
-        std::mem::swap(&mut self.decoded, decoder.sink_mut());
-        Ok(n)
-    }
-
-    /// Ends the current part: its trailer and the catalog's checksum must both agree.
-    fn close_current(&mut self) -> io::Result<()> {
-        let (_, path, decoder, permit) = self.current.take().expect("a part is open");
-        let part = &self.parts[self.index];
-        let location = self.locations[self.index].clone();
-        let (digest, rest) = decoder
-            .finish()
-            .map_err(|e| self.fail(Error::Corrupt { location: location.clone(), reason: e.to_string() }))?;
-        if digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes {
-            return Err(self.fail(Error::Corrupt {
-                location,
-                reason: format!(
-                    "the part decodes to {digest}, but the catalog record says sha256 {}, {} bytes",
-                    part.sha256, part.original_bytes
-                ),
-            }));
-        }
-        self.decoded = rest;
-        self.offset = 0;
-        let _ = fs::remove_file(&path);
-        drop(permit);
-        self.index += 1;
-        Ok(())
-    }
-}
-
-impl Read for PartStream<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.offset < self.decoded.len() {
-                let n = (self.decoded.len() - self.offset).min(out.len());
-                out[..n].copy_from_slice(&self.decoded[self.offset..self.offset + n]);
-                self.offset += n;
-                return Ok(n);
-            }
-            self.decoded.clear();
-            self.offset = 0;
-            if self.current.is_none() && !self.open_next()? {
-                return Ok(0);
-            }
-            let n = self.decode_more()?;
-            if n == 0 {
-                self.close_current()?;
-                continue;
-            }
-            self.stored_done += n as u64;
-            self.done += self.decoded.len() as u64;
-            self.progress.update(self.done, self.stored_done, Some(self.total));
-        }
-    }
 }
 
 /// Flushes everything written under `dir` to disk, for the whole file system at once.

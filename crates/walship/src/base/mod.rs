@@ -15,6 +15,7 @@
 //! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
 
 mod basebackup;
+mod extract;
 mod fetch;
 mod manifest;
 mod owner;
