@@ -38,6 +38,7 @@ pub(super) struct Layout<'a> {
     pub(super) data_dir: &'a Path,
     /// Each archive's directory and number of parts, in the parts' order.
     pub(super) archives: &'a [(PathBuf, usize)],
+    /// Every archive's parts, in order.
     pub(super) parts: &'a [PartRecord],
     /// Each part's location, for messages.
     pub(super) locations: &'a [String],
@@ -47,6 +48,7 @@ pub(super) struct Layout<'a> {
 pub(super) struct Unpacking<'a> {
     /// Running as root: files keep the owners the tar stream records.
     pub(super) root_owned: bool,
+    /// Told the bytes consumed as they pass.
     pub(super) progress: &'a dyn Progress,
 }
 

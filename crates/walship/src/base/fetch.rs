@@ -38,19 +38,27 @@ use crate::storage::StorageError;
 const STAGING_DIR: &str = ".walship-restore";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 
+/// What base-fetch restores, where, and how recovery is to run after it.
 pub struct FetchOptions {
     /// A backup name or `LATEST`.
     pub name: String,
+    /// The directory to restore into: new, or empty.
     pub data_dir: PathBuf,
+    /// Where recovery stops; it also picks the backup (one that ends before the target).
     pub target: RecoveryTarget,
+    /// What the server does at the target (`recovery_target_action`); `None`: PostgreSQL's default.
     pub action: Option<TargetAction>,
+    /// `recovery_target_timeline` (a number, `latest` or `current`); `None`: PostgreSQL's default.
     pub timeline: Option<String>,
+    /// Restore a standby (`standby.signal`, keeps primary_conninfo) rather than a recovery that ends.
     pub standby: bool,
     /// Keep the backed-up cluster's archive settings instead of turning archiving off.
     pub keep_archiving: bool,
     /// The restore_command to write.
     pub restore_command: String,
+    /// Where PostgreSQL's programs are (pg_verifybackup); `None`: PATH and the packages' directories.
     pub pg_bin_dir: Option<PathBuf>,
+    /// Parts downloaded at once (and ahead of extraction).
     pub transfer_concurrency: usize,
     /// Retries of one part's download end after this long.
     pub deadline: Duration,
@@ -58,15 +66,21 @@ pub struct FetchOptions {
     pub tablespace_mapping: Vec<(String, PathBuf)>,
 }
 
+/// Whether pg_verifybackup checked the restored files against the backup's manifest.
 #[derive(Debug)]
 pub enum Verification {
+    /// It passed; what it said.
     Passed(String),
+    /// It is not installed: only every part's checksums were checked.
     NotInstalled,
 }
 
+/// What a restore did: the backup it restored, and how the result was checked.
 #[derive(Debug)]
 pub struct RestoreReport {
+    /// The catalog record of the restored backup.
     pub record: BackupRecord,
+    /// Whether pg_verifybackup checked the restored files.
     pub verification: Verification,
 }
 

@@ -28,8 +28,10 @@ struct ManifestTail {
 /// One entry of the manifest's `WAL-Ranges`: the WAL a restore of the backup needs, on one timeline.
 #[derive(Debug, Deserialize)]
 pub(super) struct WalRange {
+    /// The timeline of the range.
     #[serde(rename = "Timeline")]
     pub(super) timeline: u32,
+    /// Where the range ends: for the last one, where a restore of the backup becomes consistent.
     #[serde(rename = "End-LSN")]
     pub(super) end_lsn: String,
 }
@@ -45,8 +47,11 @@ pub(super) fn manifest_wal_ranges(file: &mut File) -> Result<Vec<WalRange>, Stri
 
 /// What base-push keeps of `backup_label`.
 pub(super) struct Label {
+    /// START WAL LOCATION's LSN.
     pub(super) start_lsn: String,
+    /// START WAL LOCATION's file.
     pub(super) start_wal_file: String,
+    /// START TIMELINE.
     pub(super) timeline: u32,
     /// "primary" or "standby".
     pub(super) backup_from: String,

@@ -56,6 +56,7 @@ fn read_trimmed(path: &str) -> String {
 /// An owner record is a few lines of JSON.
 const MAX_OWNER_LEN: u64 = 64 * 1024;
 
+/// The key of backup `name`'s owner record.
 pub(super) fn owner_key(name: &str) -> String {
     format!("{BACKUPS_PREFIX}{name}/owner.json")
 }

@@ -27,6 +27,7 @@ const CHANNEL_DEPTH: usize = 8;
 /// How parts are cut, encoded and written: the part writer's share of the push options.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PartOptions {
+    /// How the archive is cut into parts and encoded.
     pub(super) encoding: Encoding,
     /// Finished parts completing while the next streams.
     pub(super) transfer_concurrency: usize,
@@ -36,8 +37,11 @@ pub(super) struct PartOptions {
 
 /// Where the objects of one backup go, and what has been written there so far.
 pub(super) struct Destination<'a> {
+    /// The repository the backup goes to.
     pub(super) repo: &'a Repository,
+    /// How its parts are written.
     pub(super) options: PartOptions,
+    /// Told the bytes stored as they pass.
     pub(super) progress: &'a dyn Progress,
     /// The backup's name: its objects go under `backups/<NAME>/`.
     pub(super) backup: &'a str,
@@ -49,7 +53,9 @@ pub(super) struct Destination<'a> {
 pub(super) struct Archive {
     /// `base.tar` or `<OID>.tar`.
     pub(super) name: String,
+    /// The tar archive's bytes: pg_basebackup's stdout or a spooled file.
     pub(super) source: Box<dyn Read + Send>,
+    /// What it holds, and so what is checked as it passes.
     pub(super) contents: Contents,
     /// What the backup's earlier archives transferred, so that progress runs on from there.
     pub(super) before: Transferred,

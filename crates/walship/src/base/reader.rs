@@ -32,6 +32,7 @@ pub(super) struct StreamEnd {
     /// What the watcher found; `None` for a tablespace's archive, which is only checked for being a
     /// complete tar archive.
     pub(super) observed: Result<Option<Observed>, String>,
+    /// The archive's bytes read (and encoded).
     pub(super) original_bytes: u64,
 }
 
@@ -40,6 +41,7 @@ pub(super) struct StreamEnd {
 pub(super) struct Encoding {
     /// Original bytes per part (the last part may be shorter).
     pub(super) part_size: u64,
+    /// The zstd level.
     pub(super) level: i32,
     /// zstd workers (already resolved: never 0).
     pub(super) workers: u32,

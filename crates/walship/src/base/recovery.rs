@@ -18,27 +18,39 @@ pub enum RecoveryTarget {
     End,
     /// `--target-time`: kept as normalized RFC 3339 text and as Unix nanoseconds.
     Time {
+        /// As PostgreSQL's recovery_target_time takes it.
         text: String,
+        /// The same instant, for comparing with backups' finish times.
         unix_nanos: i128,
     },
+    /// `--target-lsn`.
     Lsn {
+        /// As given (`X/Y`).
         text: String,
+        /// Parsed.
         value: u64,
     },
+    /// `--target-xid`: a transaction number.
     Xid(String),
+    /// `--target-name`: a restore point made with `pg_create_restore_point`.
     Name(String),
     /// As soon as the backup is consistent.
     Immediate,
 }
 
+/// What the server does once recovery reaches its target (`recovery_target_action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetAction {
+    /// End recovery and accept writes.
     Promote,
+    /// Stay in recovery, paused, for a look before deciding.
     Pause,
+    /// Stop the server.
     Shutdown,
 }
 
 impl TargetAction {
+    /// `promote`, `pause` or `shutdown`.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "promote" => Ok(TargetAction::Promote),
@@ -58,6 +70,7 @@ impl TargetAction {
 }
 
 impl RecoveryTarget {
+    /// A target time, with a time zone (see [`parse_timestamp`]).
     pub fn time(text: &str) -> Result<Self, String> {
         let unix_nanos = parse_timestamp(text)?;
         let utc =
@@ -76,11 +89,13 @@ impl RecoveryTarget {
         Ok(RecoveryTarget::Time { text: normalized, unix_nanos })
     }
 
+    /// A target LSN, `X/Y` in hexadecimal.
     pub fn lsn(text: &str) -> Result<Self, String> {
         let value = parse_lsn(text).ok_or_else(|| format!("target LSN {text:?}: expected X/Y in hexadecimal"))?;
         Ok(RecoveryTarget::Lsn { text: text.to_owned(), value })
     }
 
+    /// A target transaction number.
     pub fn xid(text: &str) -> Result<Self, String> {
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("target xid {text:?}: expected a transaction number"));
@@ -88,6 +103,7 @@ impl RecoveryTarget {
         Ok(RecoveryTarget::Xid(text.to_owned()))
     }
 
+    /// A target restore point name.
     pub fn name(text: &str) -> Result<Self, String> {
         if text.is_empty() || text.len() > 63 || text.contains(['\'', '\n', '\r', '\\']) {
             return Err(format!("target name {text:?}: a restore point name of 1 to 63 plain characters"));
@@ -111,6 +127,7 @@ impl RecoveryTarget {
         }
     }
 
+    /// The target in words, for messages.
     pub fn describe(&self) -> String {
         match self {
             RecoveryTarget::End => "the end of the archive".into(),
@@ -194,11 +211,17 @@ pub fn restore_command(wal_fetch: &Path, arguments: &[String]) -> String {
 
 /// The settings recovery of this restore needs.
 pub struct RecoverySettings<'a> {
+    /// The backup restored, named in the settings' comment.
     pub backup_name: &'a str,
+    /// The restore_command that fetches WAL from the repository.
     pub restore_command: String,
+    /// Where recovery stops.
     pub target: &'a RecoveryTarget,
+    /// `recovery_target_action`, if set.
     pub action: Option<TargetAction>,
+    /// `recovery_target_timeline`, if set.
     pub timeline: Option<String>,
+    /// `standby.signal` rather than `recovery.signal`.
     pub standby: bool,
     /// Leave the backed-up cluster's archiving as it was (`--keep-archiving`); otherwise it is
     /// turned off, so that a restore never writes into the repository it came from.

@@ -21,6 +21,7 @@ const HISTORY_PREFIX: &str = "wal/history/";
 /// The timeline a restore will follow, and where it left each of its ancestors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lineage {
+    /// The timeline recovery will follow.
     pub target: u32,
     /// (ancestor timeline, the LSN at which the target's history left it), oldest first.
     pub forks: Vec<(u32, u64)>,
