@@ -61,8 +61,8 @@ pub(super) fn owner_key(name: &str) -> String {
     format!("{BACKUPS_PREFIX}{name}/owner.json")
 }
 
-/// Claims a backup name by creating its owner record (this process); a name taken in the same second waits for the
-/// next.
+/// Claims a backup name by creating its owner record (of this process); a name taken in the same
+/// second waits for the next.
 pub(super) async fn reserve_name(repo: &Repository) -> Result<String, Error> {
     let mut json = serde_json::to_vec_pretty(&Owner::current()).expect("plain struct serializes");
     json.push(b'\n');
