@@ -13,6 +13,14 @@
 //! A backup exists only once its catalog record does: base-list and base-fetch read `catalog/` and
 //! nothing else, so a backup cut short can never be picked for a restore. `NAME` is the UTC time the
 //! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
+//!
+//! One file per job. Taking a backup: `push.rs` (the orchestration) calls `owner.rs` (owner
+//! records, name reservation, the sweep of abandoned backups), `tools.rs` (finding PostgreSQL's
+//! programs), `basebackup.rs` (running pg_basebackup), `reader.rs` (the reader thread: tar watch and
+//! encoding, with `tar_watch.rs`), `parts.rs` (the part writer), `signals.rs` and `manifest.rs`
+//! (backup_label, backup_manifest, tablespace_map). Restoring: `fetch.rs` (the orchestration) calls
+//! `extract.rs` (decoding and unpacking the parts), `manifest.rs` (the held-back manifest copy),
+//! `recovery.rs` (targets and recovery settings) and `timeline.rs` (which backups a timeline can use).
 
 mod basebackup;
 mod extract;
