@@ -64,6 +64,11 @@ pub enum Error {
     /// Transient failures kept happening until the command's deadline.
     #[error("{what}: gave up after {seconds} s (deadline_secs): {last}")]
     DeadlineExceeded { what: String, seconds: u64, last: String },
+
+    /// A bug: walship reached a state it should never be in (a task panicked, a stream ended where
+    /// it cannot). Says what, for the bug report.
+    #[error("internal error (a bug in walship): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -84,6 +89,7 @@ impl Error {
             Error::Interrupted { .. } => ExitCode::Interrupted,
             Error::Storage(_) | Error::DeadlineExceeded { .. } => ExitCode::Storage,
             Error::LocalIo { .. } => ExitCode::LocalIo,
+            Error::Internal(_) => ExitCode::Internal,
         }
     }
 
@@ -117,7 +123,7 @@ pub enum ExitCode {
     LocalIo = 9,
     ToolFailed = 10,
     Interrupted = 11,
-    /// A bug: walship panicked. Distinct from every failure it knows, and never "absent".
+    /// A bug: walship panicked or reported [`Error::Internal`]. Distinct from every failure it knows, and never "absent".
     Internal = 12,
 }
 
@@ -166,5 +172,11 @@ mod tests {
         assert_eq!(ExitCode::NotFound.for_restore(false), 1);
         assert_eq!(ExitCode::Success.for_restore(false), 0);
         assert_eq!(ExitCode::Storage.for_restore(false), 208);
+    }
+
+    #[test]
+    fn internal_errors_are_bugs_not_local_io() {
+        assert_eq!(Error::Internal("a task panicked".into()).exit_code(), ExitCode::Internal);
+        assert_eq!(ExitCode::Internal as u8, 12);
     }
 }

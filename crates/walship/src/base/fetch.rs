@@ -14,21 +14,21 @@
 //! crash recovery without the recovery settings, or one that was not checked against the manifest.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::push::find_tool;
+use super::extract::{Downloaded, Layout, Unpacking, extract};
+use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
+use super::tools::find_tool;
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
-use crate::codec::ContentDigest;
-use crate::codec::Decoder;
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
@@ -36,24 +36,29 @@ use crate::retry;
 use crate::storage::StorageError;
 
 const STAGING_DIR: &str = ".walship-restore";
-const HELD_BACK_CONTROL: &str = "global/pg_control.walship-incomplete";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
-/// Stored bytes read from a downloaded part at a time while extracting.
-const RAW_CHUNK: usize = 256 * 1024;
 
+/// What base-fetch restores, where, and how recovery is to run after it.
 pub struct FetchOptions {
     /// A backup name or `LATEST`.
     pub name: String,
+    /// The directory to restore into: new, or empty.
     pub data_dir: PathBuf,
+    /// Where recovery stops; it also picks the backup (one that ends before the target).
     pub target: RecoveryTarget,
+    /// What the server does at the target (`recovery_target_action`); `None`: PostgreSQL's default.
     pub action: Option<TargetAction>,
+    /// `recovery_target_timeline` (a number, `latest` or `current`); `None`: PostgreSQL's default.
     pub timeline: Option<String>,
+    /// Restore a standby (`standby.signal`, keeps primary_conninfo) rather than a recovery that ends.
     pub standby: bool,
     /// Keep the backed-up cluster's archive settings instead of turning archiving off.
     pub keep_archiving: bool,
     /// The restore_command to write.
     pub restore_command: String,
+    /// Where PostgreSQL's programs are (pg_verifybackup); `None`: PATH and the packages' directories.
     pub pg_bin_dir: Option<PathBuf>,
+    /// Parts downloaded at once (and ahead of extraction).
     pub transfer_concurrency: usize,
     /// Retries of one part's download end after this long.
     pub deadline: Duration,
@@ -61,15 +66,21 @@ pub struct FetchOptions {
     pub tablespace_mapping: Vec<(String, PathBuf)>,
 }
 
+/// Whether pg_verifybackup checked the restored files against the backup's manifest.
 #[derive(Debug)]
 pub enum Verification {
+    /// It passed; what it said.
     Passed(String),
+    /// It is not installed: only every part's checksums were checked.
     NotInstalled,
 }
 
+/// What a restore did: the backup it restored, and how the result was checked.
 #[derive(Debug)]
-pub struct FetchReport {
+pub struct RestoreReport {
+    /// The catalog record of the restored backup.
     pub record: BackupRecord,
+    /// Whether pg_verifybackup checked the restored files.
     pub verification: Verification,
 }
 
@@ -79,7 +90,7 @@ pub async fn base_fetch(
     options: &FetchOptions,
     progress: &Arc<dyn Progress>,
     log: &Log,
-) -> Result<FetchReport, Error> {
+) -> Result<RestoreReport, Error> {
     let data_dir = &options.data_dir;
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
     let created = prepare_data_dir(data_dir)?;
@@ -120,7 +131,7 @@ pub async fn base_fetch(
         data_dir.display()
     ));
     match restore(repo, options, &record, &targets, progress, log).await {
-        Ok(verification) => Ok(FetchReport { record, verification }),
+        Ok(verification) => Ok(RestoreReport { record, verification }),
         Err(e) => {
             undo(&prepared);
             Err(e)
@@ -214,10 +225,11 @@ async fn restore(
         let archives: Vec<(PathBuf, usize)> =
             targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
         tokio::task::spawn_blocking(move || {
-            extract(&data_dir, &archives, &parts, &locations, ready_receiver, nix_is_root(), progress.as_ref())
+            let layout = Layout { data_dir: &data_dir, archives: &archives, parts: &parts, locations: &locations };
+            extract(layout, ready_receiver, Unpacking { root_owned: nix_is_root(), progress: progress.as_ref() })
         })
     };
-    let extracted = extractor.await.map_err(|e| internal(&format!("extraction panicked: {e}")));
+    let extracted = extractor.await.map_err(|e| Error::Internal(format!("extraction panicked: {e}")));
     // On success every download was consumed; on failure the rest are of no use.
     downloader.abort();
     let _ = downloader.await;
@@ -285,19 +297,9 @@ async fn download_all(
     while downloads.join_next().await.is_some() {}
 }
 
-fn internal(what: &str) -> Error {
-    Error::LocalIo { path: "base-fetch".into(), operation: "run", source: io::Error::other(what.to_owned()) }
-}
-
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-struct Downloaded {
-    result: Result<PathBuf, Error>,
-    /// Held until the extractor has consumed the part.
-    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// One attempt at downloading a part's stored bytes to `path`.
@@ -355,258 +357,6 @@ fn link_tablespaces(data_dir: &Path, record: &BackupRecord, targets: &[PathBuf])
         fs::write(&path, map).map_err(|e| Error::local_io(&path, "write", e))?;
     }
     Ok(())
-}
-
-/// The extractor thread: decodes each archive's parts in order into one tar stream and unpacks it
-/// into the archive's directory (`archives`: directory and number of parts, in the parts' order).
-fn extract(
-    data_dir: &Path,
-    archives: &[(PathBuf, usize)],
-    parts: &[PartRecord],
-    locations: &[String],
-    mut ready: mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    root_owned: bool,
-    progress: &dyn Progress,
-) -> Result<(), Error> {
-    let total: u64 = parts.iter().map(|p| p.original_bytes).sum();
-    let mut first = 0;
-    let mut done = (0u64, 0u64);
-    for (target, count) in archives {
-        let range = first..first + count;
-        first += count;
-        let is_base = target == data_dir;
-        let (parts, locations) = (&parts[range.clone()], &locations[range]);
-        done = extract_archive(target, is_base, parts, locations, &mut ready, root_owned, progress, (done, total))?;
-    }
-    if !data_dir.join(HELD_BACK_CONTROL).exists() {
-        return Err(Error::Corrupt {
-            location: locations.first().cloned().unwrap_or_default(),
-            reason: "the backup holds no global/pg_control".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Extracts one archive into `data_dir`; returns the original and stored bytes consumed so far.
-#[allow(clippy::too_many_arguments)]
-fn extract_archive(
-    data_dir: &Path,
-    is_base: bool,
-    parts: &[PartRecord],
-    locations: &[String],
-    ready: &mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    root_owned: bool,
-    progress: &dyn Progress,
-    ((done, stored_done), total): ((u64, u64), u64),
-) -> Result<(u64, u64), Error> {
-    let failure: Arc<Mutex<Option<Error>>> = Arc::default();
-    let stream = PartStream {
-        parts,
-        locations,
-        ready,
-        index: 0,
-        current: None,
-        decoded: Vec::new(),
-        raw: vec![0u8; RAW_CHUNK],
-        offset: 0,
-        failure: Arc::clone(&failure),
-        done,
-        stored_done,
-        total,
-        progress,
-    };
-    // Whether an error came from the parts themselves (download, decoding, checksums).
-    let stream_failed = std::cell::Cell::new(false);
-    let take_failure = |e: io::Error, what: &'static str| -> Error {
-        match failure.lock().ok().and_then(|mut f| f.take()) {
-            Some(error) => {
-                stream_failed.set(true);
-                error
-            }
-            None => Error::local_io(data_dir, what, e),
-        }
-    };
-    let mut archive = tar::Archive::new(stream);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(root_owned);
-    archive.set_overwrite(false);
-    let unpacked = (|| {
-        let entries = archive.entries().map_err(|e| take_failure(e, "read tar stream"))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| take_failure(e, "read tar stream"))?;
-            let path = entry.path().map_err(|e| take_failure(e, "read tar member name"))?.into_owned();
-            if is_base && path == Path::new("global/pg_control") {
-                fs::create_dir_all(data_dir.join("global"))
-                    .map_err(|e| Error::local_io(data_dir, "create global/", e))?;
-                entry
-                    .unpack(data_dir.join(HELD_BACK_CONTROL))
-                    .map_err(|e| take_failure(e, "extract global/pg_control"))?;
-                continue;
-            }
-            let inside = entry.unpack_in(data_dir).map_err(|e| take_failure(e, "extract"))?;
-            if !inside {
-                return Err(Error::Corrupt {
-                    location: locations.first().cloned().unwrap_or_default(),
-                    reason: format!("tar member {} would land outside the data directory", path.display()),
-                });
-            }
-        }
-        Ok(())
-    })();
-    let mut stream = archive.into_inner();
-    if let Err(e) = unpacked {
-        // A part's checksums are checked at its end, but damage inside it can trip the tar reader
-        // first (a member header that no longer parses): then the damaged part is what to report,
-        // not the tar error it led to. Reading on to the end of the part tells.
-        if !stream_failed.get()
-            && stream.finish_current_part().is_err()
-            && let Some(damage @ Error::Corrupt { .. }) = failure.lock().ok().and_then(|mut f| f.take())
-        {
-            return Err(damage);
-        }
-        return Err(e);
-    }
-    // The archive's end markers come before the end of the last part: read on, so that every part's
-    // trailer is checked.
-    io::copy(&mut stream, &mut io::sink()).map_err(|e| take_failure(e, "read tar stream"))?;
-    if stream.index < parts.len() {
-        return Err(Error::Corrupt {
-            location: locations[stream.index].clone(),
-            reason: "the tar archive ended before the last part".into(),
-        });
-    }
-    Ok((stream.done, stream.stored_done))
-}
-
-/// The concatenated, verified original bytes of the parts, as one `Read`.
-struct PartStream<'a> {
-    parts: &'a [PartRecord],
-    locations: &'a [String],
-    ready: &'a mut mpsc::Receiver<oneshot::Receiver<Downloaded>>,
-    index: usize,
-    current: Option<(File, PathBuf, Decoder<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
-    decoded: Vec<u8>,
-    offset: usize,
-    /// Stored bytes read from the current part's file, before decoding.
-    raw: Vec<u8>,
-    failure: Arc<Mutex<Option<Error>>>,
-    done: u64,
-    stored_done: u64,
-    total: u64,
-    progress: &'a dyn Progress,
-}
-
-impl PartStream<'_> {
-    fn fail(&self, error: Error) -> io::Error {
-        let message = error.to_string();
-        if let Ok(mut slot) = self.failure.lock() {
-            slot.get_or_insert(error);
-        }
-        io::Error::other(message)
-    }
-
-    /// Opens the next part once its download is done. `false` at the end of the parts.
-    fn open_next(&mut self) -> io::Result<bool> {
-        if self.index >= self.parts.len() {
-            return Ok(false);
-        }
-        let Some(waiting) = self.ready.blocking_recv() else {
-            return Err(self.fail(internal("the downloads stopped early")));
-        };
-        let downloaded = waiting.blocking_recv().map_err(|_| self.fail(internal("a download was abandoned")))?;
-        let path = downloaded.result.map_err(|e| self.fail(e))?;
-        let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
-        let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;
-        self.current = Some((file, path, decoder, downloaded.permit));
-        Ok(true)
-    }
-
-    /// Decodes the rest of the part being read, discarding the bytes, and ends it: checks its
-    /// checksums without opening the next part. Nothing to do between parts.
-    fn finish_current_part(&mut self) -> io::Result<()> {
-        while self.current.is_some() {
-            self.decoded.clear();
-            if self.decode_more()? == 0 {
-                return self.close_current();
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the open part's next stored bytes and decodes them into `decoded`, which must have
-    /// been consumed; returns how many stored bytes were read, 0 at the end of the part. The read
-    /// and decode buffers are reused from call to call.
-    fn decode_more(&mut self) -> io::Result<usize> {
-        let (file, path, decoder, _) = self.current.as_mut().expect("a part is open");
-        let n = match file.read(&mut self.raw) {
-            Ok(n) => n,
-            Err(e) => {
-                let path = path.clone();
-                return Err(self.fail(Error::local_io(&path, "read", e)));
-            }
-        };
-        if n == 0 {
-            return Ok(0);
-        }
-        if let Err(e) = decoder.update(&self.raw[..n]) {
-            let location = self.locations[self.index].clone();
-            return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
-        }
-        std::mem::swap(&mut self.decoded, decoder.sink_mut());
-        Ok(n)
-    }
-
-    /// Ends the current part: its trailer and the catalog's checksum must both agree.
-    fn close_current(&mut self) -> io::Result<()> {
-        let (_, path, decoder, permit) = self.current.take().expect("a part is open");
-        let part = &self.parts[self.index];
-        let location = self.locations[self.index].clone();
-        let (digest, rest) = decoder
-            .finish()
-            .map_err(|e| self.fail(Error::Corrupt { location: location.clone(), reason: e.to_string() }))?;
-        if digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes {
-            return Err(self.fail(Error::Corrupt {
-                location,
-                reason: format!(
-                    "the part decodes to {digest}, but the catalog record says sha256 {}, {} bytes",
-                    part.sha256, part.original_bytes
-                ),
-            }));
-        }
-        self.decoded = rest;
-        self.offset = 0;
-        let _ = fs::remove_file(&path);
-        drop(permit);
-        self.index += 1;
-        Ok(())
-    }
-}
-
-impl Read for PartStream<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.offset < self.decoded.len() {
-                let n = (self.decoded.len() - self.offset).min(out.len());
-                out[..n].copy_from_slice(&self.decoded[self.offset..self.offset + n]);
-                self.offset += n;
-                return Ok(n);
-            }
-            self.decoded.clear();
-            self.offset = 0;
-            if self.current.is_none() && !self.open_next()? {
-                return Ok(0);
-            }
-            let n = self.decode_more()?;
-            if n == 0 {
-                self.close_current()?;
-                continue;
-            }
-            self.stored_done += n as u64;
-            self.done += self.decoded.len() as u64;
-            self.progress.update(self.done, self.stored_done, Some(self.total));
-        }
-    }
 }
 
 /// Flushes everything written under `dir` to disk, for the whole file system at once.
@@ -721,94 +471,4 @@ fn verify(
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),
     })
-}
-
-/// Writes a copy of the backup manifest `from` to `to` that names the held-back pg_control, so
-/// that pg_verifybackup checks pg_control's size and checksum before it is put into place.
-fn write_held_back_manifest(from: &Path, to: &Path) -> Result<(), Error> {
-    let input = File::open(from).map_err(|e| Error::local_io(from, "open", e))?;
-    let output = File::create(to).map_err(|e| Error::local_io(to, "create", e))?;
-    let mut output = io::BufWriter::new(output);
-    match manifest_with_held_back_control(io::BufReader::new(input), &mut output) {
-        Ok(()) => io::Write::flush(&mut output).map_err(|e| Error::local_io(to, "write", e)),
-        Err(ManifestError::Io(e)) => Err(Error::local_io(to, "copy the manifest", e)),
-        Err(ManifestError::Unexpected(reason)) => Err(Error::Corrupt { location: from.display().to_string(), reason }),
-    }
-}
-
-enum ManifestError {
-    Io(io::Error),
-    Unexpected(String),
-}
-
-/// Copies a backup manifest line by line (manifests grow with the number of files), renaming its
-/// `global/pg_control` entry to the held-back file and recomputing its own checksum: PostgreSQL's is
-/// the SHA-256 of every line but the last, which is `"Manifest-Checksum": "<hex>"}`.
-fn manifest_with_held_back_control(
-    mut input: impl io::BufRead,
-    output: &mut impl io::Write,
-) -> Result<(), ManifestError> {
-    use sha2::Digest;
-    let entry = b"\"Path\": \"global/pg_control\",";
-    let renamed = format!("\"Path\": \"{HELD_BACK_CONTROL}\",");
-    let (mut hasher, mut entries) = (sha2::Sha256::new(), 0);
-    let (mut line, mut pending) = (Vec::new(), Vec::new());
-    loop {
-        line.clear();
-        if input.read_until(b'\n', &mut line).map_err(ManifestError::Io)? == 0 {
-            break;
-        }
-        // Every line but the last goes out (and into the checksum) once the next one is read.
-        hasher.update(&pending);
-        output.write_all(&pending).map_err(ManifestError::Io)?;
-        pending.clear();
-        match line.windows(entry.len()).position(|w| w == entry) {
-            Some(at) => {
-                entries += 1;
-                pending.extend_from_slice(&line[..at]);
-                pending.extend_from_slice(renamed.as_bytes());
-                pending.extend_from_slice(&line[at + entry.len()..]);
-            }
-            None => pending.extend_from_slice(&line),
-        }
-    }
-    if entries != 1 {
-        return Err(ManifestError::Unexpected(format!("backup_manifest has {entries} entries for global/pg_control")));
-    }
-    if !pending.starts_with(b"\"Manifest-Checksum\"") {
-        return Err(ManifestError::Unexpected("backup_manifest does not end with its Manifest-Checksum line".into()));
-    }
-    let checksum = ContentDigest { len: 0, sha256: hasher.finalize().into() }.sha256_hex();
-    writeln!(output, "\"Manifest-Checksum\": \"{checksum}\"}}").map_err(ManifestError::Io)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A manifest in PostgreSQL's layout, up to its checksum line.
-    const MANIFEST: &str = concat!(
-        "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n",
-        "\"Files\": [\n",
-        "{ \"Path\": \"global/pg_control\", \"Size\": 8192, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"43872087\" }\n",
-        "],\n",
-    );
-
-    #[test]
-    fn the_adjusted_manifest_names_the_held_back_file_and_checks_out() {
-        let adjust = |text: &str| {
-            let mut out = Vec::new();
-            manifest_with_held_back_control(text.as_bytes(), &mut out).map(|()| String::from_utf8(out).unwrap())
-        };
-        let original =
-            format!("{MANIFEST}\"Manifest-Checksum\": \"{}\"}}\n", ContentDigest::of(MANIFEST.as_bytes()).sha256_hex());
-        let adjusted = adjust(&original).ok().unwrap();
-        let body = MANIFEST.replace("global/pg_control", HELD_BACK_CONTROL);
-        assert!(adjusted.starts_with(&body), "{adjusted}");
-        let checksum = ContentDigest::of(body.as_bytes()).sha256_hex();
-        assert_eq!(&adjusted[body.len()..], format!("\"Manifest-Checksum\": \"{checksum}\"}}\n"));
-        assert!(adjust(MANIFEST).is_err(), "no checksum line");
-        let twice = format!("{MANIFEST}{MANIFEST}\"Manifest-Checksum\": \"00\"}}\n");
-        assert!(adjust(&twice).is_err(), "two entries");
-    }
 }

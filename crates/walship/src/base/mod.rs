@@ -13,14 +13,30 @@
 //! A backup exists only once its catalog record does: base-list and base-fetch read `catalog/` and
 //! nothing else, so a backup cut short can never be picked for a restore. `NAME` is the UTC time the
 //! backup started, `YYYYMMDDTHHMMSSZ`, so names sort by time.
+//!
+//! One file per job. Taking a backup: `push.rs` (the orchestration) calls `owner.rs` (owner
+//! records, name reservation, the sweep of abandoned backups), `tools.rs` (finding PostgreSQL's
+//! programs), `basebackup.rs` (running pg_basebackup), `reader.rs` (the reader thread: tar watch and
+//! encoding, with `tar_watch.rs`), `parts.rs` (the part writer), `signals.rs` and `manifest.rs`
+//! (backup_label, backup_manifest, tablespace_map). Restoring: `fetch.rs` (the orchestration) calls
+//! `extract.rs` (decoding and unpacking the parts), `manifest.rs` (the held-back manifest copy),
+//! `recovery.rs` (targets and recovery settings) and `timeline.rs` (which backups a timeline can use).
 
+mod basebackup;
+mod extract;
 mod fetch;
+mod manifest;
+mod owner;
+mod parts;
 mod push;
+mod reader;
 mod recovery;
+mod signals;
 mod tar_watch;
 mod timeline;
+mod tools;
 
-pub use fetch::{FetchOptions, FetchReport, Verification, base_fetch};
+pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
 pub use timeline::Lineage;
@@ -31,7 +47,9 @@ use crate::error::Error;
 use crate::repo::Repository;
 use crate::storage::StorageError;
 
+/// Where the catalog records are: a backup exists once its record does.
 pub const CATALOG_PREFIX: &str = "catalog/";
+/// Where each backup's objects are (`backups/<NAME>/`).
 pub const BACKUPS_PREFIX: &str = "backups/";
 /// The catalog record format this build writes and reads.
 pub const CATALOG_FORMAT_VERSION: u32 = 1;
@@ -56,11 +74,21 @@ impl Progress for NoProgress {
     fn phase(&self, _: &str) {}
 }
 
+/// Bytes transferred so far: of the backup's original stream, and as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Transferred {
+    original: u64,
+    stored: u64,
+}
+
 /// One stored object of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartRecord {
+    /// Its key in the repository.
     pub key: String,
+    /// Its bytes before encoding.
     pub original_bytes: u64,
+    /// Its bytes as stored (compressed, with the trailer).
     pub stored_bytes: u64,
     /// SHA-256 of the original bytes, as the object's trailer also records.
     pub sha256: String,
@@ -69,20 +97,25 @@ pub struct PartRecord {
 /// One tar archive of a backup: `base.tar` (the data directory) or `<OID>.tar` (a tablespace's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveRecord {
+    /// `base.tar` or `<OID>.tar`.
     pub name: String,
     /// For a tablespace's archive: which tablespace, and where it lived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tablespace: Option<TablespaceRecord>,
+    /// Its parts, in order: their original bytes, concatenated, are the tar archive.
     pub parts: Vec<PartRecord>,
 }
 
+/// The tablespace a `<OID>.tar` archive holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TablespaceRecord {
+    /// The tablespace's OID (its `pg_tblspc/<OID>` link).
     pub oid: u32,
     /// The tablespace's directory on the backed-up server (from `tablespace_map`).
     pub location: String,
 }
 
+/// The pg_basebackup that took a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolRecord {
     /// As `pg_basebackup --version` prints it.
@@ -94,36 +127,53 @@ pub struct ToolRecord {
 /// The catalog record of one complete backup (`catalog/<NAME>.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupRecord {
+    /// The record format ([`CATALOG_FORMAT_VERSION`] when written by this build).
     pub format_version: u32,
+    /// The backup's name, `YYYYMMDDTHHMMSSZ`: when it started.
     pub name: String,
     /// RFC 3339, UTC.
     pub started_at: String,
     /// When pg_basebackup finished: the backup is consistent at some point before this.
     pub finished_at: String,
+    /// Where the backup's WAL starts (backup_label's START WAL LOCATION).
     pub start_lsn: String,
+    /// Where recovery from it becomes consistent (the manifest's last WAL range's end).
     pub stop_lsn: String,
+    /// The WAL file that holds `start_lsn`.
     pub start_wal_file: String,
+    /// The timeline the backup started on.
     pub timeline: u32,
+    /// The timeline it ended on (a standby's may have moved on meanwhile).
     pub stop_timeline: u32,
     /// "primary" or "standby", from backup_label.
     pub backup_from: String,
+    /// The PostgreSQL major version of the backed-up cluster.
     pub pg_version: u32,
     /// A string, like the repository identity record: JSON readers elsewhere lose 64-bit precision.
     pub system_identifier: String,
+    /// The cluster's WAL segment size, in bytes.
     pub wal_segment_size: u32,
+    /// Bytes of every archive before encoding.
     pub original_bytes: u64,
+    /// Bytes stored: every part and the manifest.
     pub stored_bytes: u64,
+    /// `base.tar` first, then one archive per extra tablespace.
     pub archives: Vec<ArchiveRecord>,
+    /// The stored copy of backup_manifest.
     pub manifest: PartRecord,
+    /// The pg_basebackup that took the backup, and how it ran.
     pub pg_basebackup: ToolRecord,
+    /// The walship that wrote the record (`walship <version>`).
     pub created_by: String,
 }
 
 impl BackupRecord {
+    /// The key of backup `name`'s catalog record.
     pub fn catalog_key(name: &str) -> String {
         format!("{CATALOG_PREFIX}{name}.json")
     }
 
+    /// `finished_at` in Unix nanoseconds; `None` when it does not parse.
     pub fn finished_at_unix(&self) -> Option<i128> {
         parse_timestamp(&self.finished_at).ok()
     }

@@ -13,62 +13,49 @@
 //! local disk and memory stay bounded whatever the database size. The catalog record is written only
 //! after every part and the manifest are durable; a failure or a signal removes what was written, and
 //! a base-push killed outright is cleaned up by the next one (see [`sweep_abandoned`]).
+//!
+//! This file is the orchestration: reserve a name, run pg_basebackup (streamed, or spooled when the
+//! cluster has extra tablespaces), store the manifest, write the record. The jobs it calls live
+//! beside it: `owner.rs` (names and the sweep), `basebackup.rs` (the process), `reader.rs` and
+//! `parts.rs` (the stream into parts), `manifest.rs` (what the backup's own files say).
 
-use std::collections::VecDeque;
-use std::io::Read;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
-use super::recovery::now_rfc3339;
-use super::tar_watch::{Observed, TarWatcher};
-use super::{
-    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, PartRecord, Progress, TablespaceRecord,
-    ToolRecord,
+use super::basebackup::{
+    Running, SINGLE_TABLESPACE_ONLY, basebackup_arguments, check_extra_args, redact, tool_failure_reason,
 };
-use crate::codec::{ContentDigest, Encoder};
+use super::manifest::{manifest_wal_ranges, parse_backup_label, parse_tablespace_map};
+use super::owner::{owner_key, remove_keys, reserve_name, sweep_abandoned};
+use super::parts::{Archive, Destination, PartOptions, store_archive, store_file};
+use super::reader::{Contents, Encoding};
+use super::recovery::now_rfc3339;
+use super::signals::Signals;
+use super::tar_watch::Observed;
+use super::tools::{required_tool, tool_error, tool_version};
+use super::{
+    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, Progress, TablespaceRecord, ToolRecord,
+    Transferred,
+};
 use crate::error::Error;
 use crate::log::Log;
-use crate::process::start_time as process_start;
 use crate::repo::{ClusterFacts, Repository};
-use crate::storage::{ObjectWriter, PutOptions, StorageError};
+use crate::storage::PutOptions;
 use crate::wal::LongPageHeader;
 
-const READ_CHUNK: usize = 1 << 20;
-const SEND_CHUNK: usize = 1 << 20;
-/// Encoded chunks waiting for the network: bounds memory between the encoder and the writers.
-const CHANNEL_DEPTH: usize = 8;
-/// Lines of pg_basebackup's stderr kept for the error message.
-const STDERR_LINES: usize = 8;
-
-/// pg_basebackup options that would change what base-push reads from it or relies on.
-const RESERVED_OPTIONS: &[(&str, &str)] = &[
-    ("-D", "--pgdata"),
-    ("-F", "--format"),
-    ("-X", "--wal-method"),
-    ("-z", "--gzip"),
-    ("-Z", "--compress"),
-    ("-R", "--write-recovery-conf"),
-    ("-T", "--tablespace-mapping"),
-    ("-l", "--label"),
-    ("-t", "--target"),
-    ("-P", "--progress"),
-    ("", "--no-manifest"),
-    ("", "--waldir"),
-    ("", "--incremental"),
-];
-
+/// How base-push takes a backup: what the configuration and the command line say.
 pub struct PushOptions {
+    /// Where PostgreSQL's programs are; `None`: PATH.
     pub pg_bin_dir: Option<PathBuf>,
     /// Extra pg_basebackup arguments (connection, rate limit, checkpoint mode...).
     pub extra_args: Vec<String>,
+    /// Original bytes per stored part.
     pub part_size: u64,
+    /// The zstd level of every part.
     pub compression_level: i32,
     /// zstd workers; 0: one per core.
     pub compression_workers: u32,
@@ -80,49 +67,18 @@ pub struct PushOptions {
     pub spool_dir: PathBuf,
 }
 
-/// Who is writing a backup, so that a later base-push can tell a dead writer from a live one.
-#[derive(Debug, Serialize, Deserialize)]
-struct Owner {
-    host: String,
-    boot_id: String,
-    pid: u32,
-    /// The process start time in clock ticks since boot (/proc/PID/stat), against pid reuse.
-    pid_start: u64,
-    started_at: String,
-}
-
-impl Owner {
-    fn current() -> Owner {
-        let pid = std::process::id();
-        Owner {
-            host: read_trimmed("/proc/sys/kernel/hostname"),
-            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
-            pid,
-            pid_start: process_start(pid).unwrap_or(0),
-            started_at: now_rfc3339(),
+impl PushOptions {
+    fn part_options(&self) -> PartOptions {
+        let workers = match self.compression_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        };
+        PartOptions {
+            encoding: Encoding { part_size: self.part_size, level: self.compression_level, workers },
+            transfer_concurrency: self.transfer_concurrency,
+            idle_timeout: self.idle_timeout,
         }
     }
-
-    /// Certain to be dead: on this host, and either booted since or its process is gone.
-    fn is_dead(&self, me: &Owner) -> bool {
-        self.host == me.host
-            && (self.boot_id != me.boot_id || process_start(self.pid).is_none_or(|start| start != self.pid_start))
-    }
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
-}
-
-/// An owner record is a few lines of JSON.
-const MAX_OWNER_LEN: u64 = 64 * 1024;
-
-fn owner_key(name: &str) -> String {
-    format!("{BACKUPS_PREFIX}{name}/owner.json")
-}
-
-fn part_key(name: &str, archive: &str, index: usize) -> String {
-    format!("{BACKUPS_PREFIX}{name}/{archive}.{index:06}")
 }
 
 /// Takes a base backup into `repo` and returns its catalog record, written last.
@@ -139,910 +95,265 @@ pub async fn base_push(
     if let Err(e) = sweep_abandoned(repo, log).await {
         log.info(format_args!("warning: could not check for backups abandoned by killed base-push runs: {e}"));
     }
-    let me = Owner::current();
-    let name = reserve_name(repo, &me).await?;
+    let name = reserve_name(repo).await?;
     log.debug(format_args!("backup {name}: running {}", pg_basebackup.display()));
 
-    let mut written: Vec<String> = vec![owner_key(&name)];
-    let result = take_backup(repo, options, progress, log, &pg_basebackup, version, &name, &mut written).await;
+    let to =
+        Destination { repo, options: options.part_options(), progress, backup: &name, written: vec![owner_key(&name)] };
+    let mut run = Run { to, options, log, pg_basebackup: &pg_basebackup };
+    let result = run.take_backup(version).await;
     if result.is_err() {
-        remove_keys(repo, &written, log).await;
+        remove_keys(repo, &run.to.written, log).await;
     }
     result
 }
 
-/// Refuses pg_basebackup options that would break the stream base-push expects.
-fn check_extra_args(args: &[String]) -> Result<(), Error> {
-    for arg in args {
-        for (short, long) in RESERVED_OPTIONS {
-            let hit = (!short.is_empty() && arg.starts_with(short) && !arg.starts_with("--"))
-                || arg == long
-                || arg.starts_with(&format!("{long}="));
-            if hit {
-                return Err(Error::Usage(format!(
-                    "pg_basebackup option {arg:?} is set by base-push itself (it runs -D - -Ft -X fetch and \
-                     stores the stream); leave it out"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Where to find a PostgreSQL program: in `pg_bin_dir` when configured; else on PATH; else, for a
-/// known major version, where Debian/Ubuntu (`/usr/lib/postgresql/V/bin`) and the PGDG RPMs
-/// (`/usr/pgsql-V/bin`) install it, since their PATH carries only some programs. `None`: not found.
-pub(crate) fn find_tool(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Option<u32>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if let Some(dir) = pg_bin_dir {
-        return Some(dir.join(tool)).filter(|p| executable(p));
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(tool)).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let packaged = pg_version
-        .map(|v| {
-            vec![
-                PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{tool}")),
-                PathBuf::from(format!("/usr/pgsql-{v}/bin/{tool}")),
-            ]
-        })
-        .unwrap_or_default();
-    on_path.into_iter().chain(packaged).find(|p| executable(p))
-}
-
-fn required_tool(pg_bin_dir: Option<&Path>, tool: &str) -> Result<PathBuf, Error> {
-    find_tool(pg_bin_dir, tool, None).ok_or_else(|| Error::ToolFailed {
-        tool: tool.to_owned(),
-        reason: match pg_bin_dir {
-            Some(dir) => format!("not found in pg_bin_dir {}", dir.display()),
-            None => "not found on PATH (install PostgreSQL's client programs, or set pg_bin_dir in the configuration)"
-                .into(),
-        },
-    })
-}
-
-fn tool_error(tool: &Path, e: std::io::Error) -> Error {
-    let reason = if e.kind() == std::io::ErrorKind::NotFound {
-        "not found (install PostgreSQL's client programs, or set pg_bin_dir in the configuration)".to_owned()
-    } else {
-        format!("cannot run: {e}")
-    };
-    Error::ToolFailed { tool: tool.display().to_string(), reason }
-}
-
-fn tool_version(tool: &Path) -> Result<String, Error> {
-    let output = Command::new(tool).arg("--version").stdin(Stdio::null()).output().map_err(|e| tool_error(tool, e))?;
-    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    if !output.status.success() || text.is_empty() {
-        return Err(Error::ToolFailed {
-            tool: tool.display().to_string(),
-            reason: format!("--version failed ({})", output.status),
-        });
-    }
-    Ok(text)
-}
-
-/// Claims a backup name by creating its owner record; a name taken in the same second waits for the
-/// next.
-async fn reserve_name(repo: &Repository, me: &Owner) -> Result<String, Error> {
-    let mut json = serde_json::to_vec_pretty(me).expect("plain struct serializes");
-    json.push(b'\n');
-    for _ in 0..5 {
-        let now = time::OffsetDateTime::now_utc();
-        let name = format!(
-            "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second()
-        );
-        let mut writer = repo.storage().create(&owner_key(&name), PutOptions::default()).await?;
-        writer.write(Bytes::from(json.clone())).await?;
-        match writer.commit().await {
-            Ok(()) => return Ok(name),
-            Err(StorageError::AlreadyExists { .. }) => tokio::time::sleep(Duration::from_millis(1100)).await,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(Error::Storage(StorageError::Other {
-        location: repo.storage().location(BACKUPS_PREFIX),
-        message: "could not claim a backup name: another base-push is starting at the same time".into(),
-        retryable: false,
-    }))
-}
-
-/// What the reader thread sends to the writers.
-enum Message {
-    Chunk { bytes: Bytes, original_so_far: u64 },
-    PartEnd(ContentDigest),
-}
-
-/// What the reader thread ends with.
-struct StreamEnd {
-    /// What the watcher found; `None` for a tablespace's archive, which is only checked for being a
-    /// complete tar archive.
-    observed: Result<Option<Observed>, String>,
-    original_bytes: u64,
+/// One backup being taken: where it goes, and the pg_basebackup that makes it.
+struct Run<'a> {
+    to: Destination<'a>,
+    options: &'a PushOptions,
+    log: &'a Log,
+    pg_basebackup: &'a Path,
 }
 
 /// The stored archives of one backup, and what was learnt from them.
 struct Stored {
     archives: Vec<ArchiveRecord>,
     observed: Observed,
-    manifest: (std::fs::File, u64),
+    /// The spooled backup_manifest and its length.
+    manifest: (File, u64),
     original_bytes: u64,
     arguments: Vec<String>,
 }
 
-/// pg_basebackup says this when a cluster has extra tablespaces and the output is stdout.
-const SINGLE_TABLESPACE_ONLY: &str = "can only write single tablespace to stdout";
-
-#[allow(clippy::too_many_arguments)]
-async fn take_backup(
-    repo: &Repository,
-    options: &PushOptions,
-    progress: &dyn Progress,
-    log: &Log,
-    pg_basebackup: &Path,
-    version: String,
-    name: &str,
-    written: &mut Vec<String>,
-) -> Result<BackupRecord, Error> {
-    let started_at = now_rfc3339();
-    let tool_error = |reason: String| Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason };
-    let mut stored = match stream_backup(repo, options, progress, log, pg_basebackup, name, written).await {
-        Err(Error::ToolFailed { reason, .. }) if reason.contains(SINGLE_TABLESPACE_ONLY) => {
-            log.info(format_args!(
-                "the cluster has extra tablespaces, which pg_basebackup cannot stream: spooling the backup through \
-                 {} (it needs the backup's full size free there; set [base] spool_dir)",
-                options.spool_dir.display()
-            ));
-            spool_backup(repo, options, progress, log, pg_basebackup, name, written).await?
-        }
-        other => other?,
-    };
-    let finished_at = now_rfc3339();
-    let observed = &stored.observed;
-    let header = LongPageHeader::parse(&observed.first_wal_header)
-        .map_err(|reason| tool_error(format!("WAL file {} in the backup: {reason}", observed.first_wal_name)))?;
-    let facts = ClusterFacts {
-        system_identifier: header.system_identifier,
-        pg_version: header.pg_major().expect("parse accepts known magics only"),
-        wal_segment_size: header.segment_size,
-    };
-    if observed.pg_version != facts.pg_version.to_string() {
-        return Err(tool_error(format!(
-            "PG_VERSION says {} but the WAL is PostgreSQL {}",
-            observed.pg_version, facts.pg_version
-        )));
+impl Run<'_> {
+    fn tool_error(&self, reason: String) -> Error {
+        Error::ToolFailed { tool: self.pg_basebackup.display().to_string(), reason }
     }
-    repo.ensure_identity(&facts, &format!("base backup {name}")).await?;
-    let label =
-        parse_backup_label(&observed.backup_label).map_err(|reason| tool_error(format!("backup_label: {reason}")))?;
 
-    progress.phase("storing backup_manifest");
-    let manifest_key = format!("{BACKUPS_PREFIX}{name}/backup_manifest");
-    written.push(manifest_key.clone());
-    let (manifest_file, manifest_len) = &mut stored.manifest;
-    let manifest = store_file(repo, &manifest_key, manifest_file, *manifest_len, options).await?;
-    let ranges =
-        manifest_wal_ranges(manifest_file).map_err(|reason| tool_error(format!("backup_manifest: {reason}")))?;
-    let stop = ranges.last().ok_or_else(|| tool_error("backup_manifest lists no WAL range".into()))?;
-    let stored_bytes =
-        stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
-    let record = BackupRecord {
-        format_version: CATALOG_FORMAT_VERSION,
-        name: name.to_owned(),
-        started_at,
-        finished_at,
-        start_lsn: label.start_lsn,
-        stop_lsn: stop.end_lsn.clone(),
-        start_wal_file: label.start_wal_file,
-        timeline: label.timeline,
-        stop_timeline: stop.timeline,
-        backup_from: label.backup_from,
-        pg_version: facts.pg_version,
-        system_identifier: facts.system_identifier.to_string(),
-        wal_segment_size: facts.wal_segment_size,
-        original_bytes: stored.original_bytes,
-        stored_bytes,
-        archives: stored.archives,
-        manifest,
-        pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
-        created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
-    };
-    log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
-    progress.phase("writing the catalog record");
-    let key = BackupRecord::catalog_key(name);
-    let mut json = serde_json::to_vec_pretty(&record).expect("plain struct serializes");
+    async fn take_backup(&mut self, version: String) -> Result<BackupRecord, Error> {
+        let (repo, name) = (self.to.repo, self.to.backup);
+        let started_at = now_rfc3339();
+        let mut stored = match self.stream_backup().await {
+            Err(Error::ToolFailed { reason, .. }) if reason.contains(SINGLE_TABLESPACE_ONLY) => {
+                self.log.info(format_args!(
+                    "the cluster has extra tablespaces, which pg_basebackup cannot stream: spooling the backup \
+                     through {} (it needs the backup's full size free there; set [base] spool_dir)",
+                    self.options.spool_dir.display()
+                ));
+                self.spool_backup().await?
+            }
+            other => other?,
+        };
+        let finished_at = now_rfc3339();
+        let facts = self.cluster_facts(&stored.observed)?;
+        repo.ensure_identity(&facts, &format!("base backup {name}")).await?;
+        let label = parse_backup_label(&stored.observed.backup_label)
+            .map_err(|reason| self.tool_error(format!("backup_label: {reason}")))?;
+
+        self.to.progress.phase("storing backup_manifest");
+        let manifest_key = format!("{BACKUPS_PREFIX}{name}/backup_manifest");
+        self.to.written.push(manifest_key.clone());
+        let (manifest_file, manifest_len) = &mut stored.manifest;
+        let manifest = store_file(&self.to, &manifest_key, manifest_file, *manifest_len).await?;
+        let ranges = manifest_wal_ranges(manifest_file)
+            .map_err(|reason| self.tool_error(format!("backup_manifest: {reason}")))?;
+        let stop = ranges.last().ok_or_else(|| self.tool_error("backup_manifest lists no WAL range".into()))?;
+        let stored_bytes =
+            stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
+        let record = BackupRecord {
+            format_version: CATALOG_FORMAT_VERSION,
+            name: name.to_owned(),
+            started_at,
+            finished_at,
+            start_lsn: label.start_lsn,
+            stop_lsn: stop.end_lsn.clone(),
+            start_wal_file: label.start_wal_file,
+            timeline: label.timeline,
+            stop_timeline: stop.timeline,
+            backup_from: label.backup_from,
+            pg_version: facts.pg_version,
+            system_identifier: facts.system_identifier.to_string(),
+            wal_segment_size: facts.wal_segment_size,
+            original_bytes: stored.original_bytes,
+            stored_bytes,
+            archives: stored.archives,
+            manifest,
+            pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
+            created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
+        };
+        self.log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
+        self.to.progress.phase("writing the catalog record");
+        write_record(repo, &record).await?;
+        Ok(record)
+    }
+
+    /// The cluster the backup is of, from its first WAL segment, checked against its PG_VERSION.
+    fn cluster_facts(&self, observed: &Observed) -> Result<ClusterFacts, Error> {
+        let header = LongPageHeader::parse(&observed.first_wal_header).map_err(|reason| {
+            self.tool_error(format!("WAL file {} in the backup: {reason}", observed.first_wal_name))
+        })?;
+        let facts = ClusterFacts {
+            system_identifier: header.system_identifier,
+            pg_version: header.pg_major().expect("parse accepts known magics only"),
+            wal_segment_size: header.segment_size,
+        };
+        if observed.pg_version != facts.pg_version.to_string() {
+            return Err(self.tool_error(format!(
+                "PG_VERSION says {} but the WAL is PostgreSQL {}",
+                observed.pg_version, facts.pg_version
+            )));
+        }
+        Ok(facts)
+    }
+
+    /// The usual way: pg_basebackup's stdout straight into the repository.
+    async fn stream_backup(&mut self) -> Result<Stored, Error> {
+        let pg_basebackup = self.pg_basebackup;
+        let arguments = basebackup_arguments("-", self.to.backup, &self.options.extra_args);
+        let mut running = Running::spawn(pg_basebackup, &arguments, Stdio::piped(), self.log)?;
+        let stdout = running.child.stdout.take().expect("piped");
+        let base = Archive {
+            name: "base.tar".into(),
+            source: Box::new(stdout),
+            contents: Contents::DataDirectory,
+            before: Transferred::default(),
+        };
+        let stored = store_archive(&mut self.to, base, || {
+            // A reader blocked on a stalled pg_basebackup only returns once its pipe closes.
+            let _ = running.child.kill();
+        })
+        .await;
+        let status = running.child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
+        let (parts, end) = match (stored, running.check(status)) {
+            (Err(e @ Error::Interrupted { .. }), _) => return Err(e),
+            (_, Err(failed)) => return Err(failed),
+            (stored, Ok(())) => stored?,
+        };
+        let mut observed =
+            end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
+        let manifest = observed.manifest.take().ok_or_else(|| {
+            tool_failure_reason(pg_basebackup, "the backup has no backup_manifest (do not pass --no-manifest)")
+        })?;
+        Ok(Stored {
+            archives: vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }],
+            observed,
+            manifest,
+            original_bytes: end.original_bytes,
+            arguments,
+        })
+    }
+
+    /// With extra tablespaces pg_basebackup refuses stdout: it writes `base.tar`, one `<OID>.tar` per
+    /// tablespace and `backup_manifest` into a spool directory, and each archive is stored from there.
+    async fn spool_backup(&mut self) -> Result<Stored, Error> {
+        let spool_dir = &self.options.spool_dir;
+        let spool = tempfile::Builder::new()
+            .prefix("walship-base-push.")
+            .tempdir_in(spool_dir)
+            .map_err(|e| Error::local_io(spool_dir, "create spool directory", e))?;
+        let target = spool.path().join("backup");
+        let arguments = basebackup_arguments(&target.display().to_string(), self.to.backup, &self.options.extra_args);
+        let running = Running::spawn(self.pg_basebackup, &arguments, Stdio::null(), self.log)?;
+        self.to.progress.phase("pg_basebackup is writing into the spool directory");
+        self.wait_for(running).await?;
+        let tablespace_archives = tablespace_archives(&target)?;
+        let base = Archive {
+            name: "base.tar".into(),
+            source: Box::new(open(&target.join("base.tar"))?),
+            contents: Contents::DataDirectory,
+            before: Transferred::default(),
+        };
+        let (parts, end) = store_archive(&mut self.to, base, || {}).await?;
+        let observed =
+            end.observed.map_err(|reason| tool_failure_reason(self.pg_basebackup, &reason))?.expect("watched in full");
+        let locations = parse_tablespace_map(observed.tablespace_map.as_deref().unwrap_or(""));
+        let mut archives = vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }];
+        let stored_bytes = archives[0].parts.iter().map(|p| p.stored_bytes).sum();
+        let mut done = Transferred { original: end.original_bytes, stored: stored_bytes };
+        for (oid, path) in tablespace_archives {
+            let location = locations.iter().find(|(o, _)| *o == oid).map(|(_, l)| l.clone()).ok_or_else(|| {
+                tool_failure_reason(self.pg_basebackup, &format!("tablespace {oid} is not in tablespace_map"))
+            })?;
+            let archive = self.store_tablespace(oid, location, &path, &mut done).await?;
+            archives.push(archive);
+            // Free the spool as it goes: the disk a backup needs is then its largest archive, not all.
+            let _ = std::fs::remove_file(&path);
+        }
+        let manifest_path = target.join("backup_manifest");
+        let manifest = open(&manifest_path)?;
+        let manifest_len = manifest.metadata().map_err(|e| Error::local_io(&manifest_path, "stat", e))?.len();
+        self.log.debug(format_args!("backup {}: {} archives stored from the spool", self.to.backup, archives.len()));
+        Ok(Stored { archives, observed, manifest: (manifest, manifest_len), original_bytes: done.original, arguments })
+    }
+
+    /// Waits for a pg_basebackup writing into the spool; a signal stops it.
+    async fn wait_for(&self, mut running: Running) -> Result<(), Error> {
+        let mut signals = Signals::new()?;
+        let status = loop {
+            match running.child.try_wait().map_err(|e| tool_error(self.pg_basebackup, e))? {
+                Some(status) => break status,
+                None => tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    signal = signals.recv() => {
+                        let _ = running.child.kill();
+                        let _ = running.child.wait();
+                        return Err(Error::Interrupted { signal });
+                    }
+                },
+            }
+        };
+        running.check(status)
+    }
+
+    /// Stores a spooled tablespace archive; `done` counts what the backup has transferred so far.
+    async fn store_tablespace(
+        &mut self,
+        oid: u32,
+        location: String,
+        path: &Path,
+        done: &mut Transferred,
+    ) -> Result<ArchiveRecord, Error> {
+        let name = format!("{oid}.tar");
+        let archive = Archive {
+            name: name.clone(),
+            source: Box::new(open(path)?),
+            contents: Contents::Tablespace,
+            before: *done,
+        };
+        let (parts, end) = store_archive(&mut self.to, archive, || {}).await?;
+        end.observed.map_err(|reason| tool_failure_reason(self.pg_basebackup, &format!("{name}: {reason}")))?;
+        done.original += end.original_bytes;
+        done.stored += parts.iter().map(|p| p.stored_bytes).sum::<u64>();
+        Ok(ArchiveRecord { name, tablespace: Some(TablespaceRecord { oid, location }), parts })
+    }
+}
+
+fn open(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|e| Error::local_io(path, "open", e))
+}
+
+/// The tablespace archives (`<OID>.tar`) pg_basebackup spooled into `target`, by OID.
+fn tablespace_archives(target: &Path) -> Result<Vec<(u32, PathBuf)>, Error> {
+    let mut archives: Vec<(u32, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(target).map_err(|e| Error::local_io(target, "read", e))? {
+        let entry = entry.map_err(|e| Error::local_io(target, "read", e))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(oid) = file_name.strip_suffix(".tar").and_then(|stem| stem.parse::<u32>().ok()) {
+            archives.push((oid, entry.path()));
+        }
+    }
+    archives.sort();
+    Ok(archives)
+}
+
+/// Writes the catalog record: the backup exists from here on.
+async fn write_record(repo: &Repository, record: &BackupRecord) -> Result<(), Error> {
+    let key = BackupRecord::catalog_key(&record.name);
+    let mut json = serde_json::to_vec_pretty(record).expect("plain struct serializes");
     json.push(b'\n');
     let mut writer = repo.storage().create(&key, PutOptions::default()).await?;
     writer.write(Bytes::from(json)).await?;
     writer.commit().await?;
-    Ok(record)
-}
-
-fn basebackup_arguments(target: &str, name: &str, extra: &[String]) -> Vec<String> {
-    let mut arguments: Vec<String> =
-        ["-D", target, "-F", "t", "-X", "fetch", "-l"].iter().map(|s| (*s).to_owned()).collect();
-    arguments.push(format!("walship {name}"));
-    arguments.extend(extra.iter().cloned());
-    arguments
-}
-
-/// The last lines pg_basebackup wrote to stderr.
-type StderrTail = Arc<Mutex<VecDeque<String>>>;
-
-/// Starts pg_basebackup with its stderr followed by a thread that keeps the last lines (for the
-/// error message) and logs them with -v.
-fn spawn_pg_basebackup(
-    pg_basebackup: &Path,
-    arguments: &[String],
-    stdout: Stdio,
-    log: &Log,
-) -> Result<(std::process::Child, StderrTail, std::thread::JoinHandle<()>), Error> {
-    let mut child = Command::new(pg_basebackup)
-        .args(arguments)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool_error(pg_basebackup, e))?;
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr = child.stderr.take().expect("piped");
-    let tail = Arc::clone(&stderr_tail);
-    let log = log.clone();
-    let stderr_thread = std::thread::spawn(move || collect_stderr(stderr, &tail, &log));
-    Ok((child, stderr_tail, stderr_thread))
-}
-
-fn tool_failure(pg_basebackup: &Path, status: std::process::ExitStatus, tail: &Mutex<VecDeque<String>>) -> Error {
-    let tail: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
-    let said = if tail.is_empty() { "no message".to_owned() } else { tail.join("; ") };
-    Error::ToolFailed { tool: pg_basebackup.display().to_string(), reason: format!("{status}: {said}") }
-}
-
-fn compression_workers(options: &PushOptions) -> u32 {
-    match options.compression_workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        n => n,
-    }
-}
-
-/// The usual way: pg_basebackup's stdout straight into the repository.
-async fn stream_backup(
-    repo: &Repository,
-    options: &PushOptions,
-    progress: &dyn Progress,
-    log: &Log,
-    pg_basebackup: &Path,
-    name: &str,
-    written: &mut Vec<String>,
-) -> Result<Stored, Error> {
-    let arguments = basebackup_arguments("-", name, &options.extra_args);
-    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::piped(), log)?;
-    let stdout = child.stdout.take().expect("piped");
-    let stored =
-        store_archive(repo, options, progress, name, "base.tar", Box::new(stdout), true, (0, 0), written, || {
-            // A reader blocked on a stalled pg_basebackup only returns once its pipe closes.
-            let _ = child.kill();
-        })
-        .await;
-    let status = child.wait().map_err(|e| tool_error(pg_basebackup, e))?;
-    let _ = stderr_thread.join();
-    let (parts, end) = match (stored, status.success()) {
-        (Err(e @ Error::Interrupted { .. }), _) => return Err(e),
-        (_, false) => return Err(tool_failure(pg_basebackup, status, &stderr_tail)),
-        (Err(e), true) => return Err(e),
-        (Ok(stored), true) => stored,
-    };
-    let mut observed =
-        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
-    let manifest = observed.manifest.take().ok_or_else(|| {
-        tool_failure_reason(pg_basebackup, "the backup has no backup_manifest (do not pass --no-manifest)")
-    })?;
-    Ok(Stored {
-        archives: vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }],
-        observed,
-        manifest,
-        original_bytes: end.original_bytes,
-        arguments,
-    })
-}
-
-fn tool_failure_reason(pg_basebackup: &Path, reason: &str) -> Error {
-    Error::ToolFailed {
-        tool: pg_basebackup.display().to_string(),
-        reason: format!("its output is not a complete base backup: {reason}"),
-    }
-}
-
-/// With extra tablespaces pg_basebackup refuses stdout: it writes `base.tar`, one `<OID>.tar` per
-/// tablespace and `backup_manifest` into a spool directory, and each archive is stored from there.
-async fn spool_backup(
-    repo: &Repository,
-    options: &PushOptions,
-    progress: &dyn Progress,
-    log: &Log,
-    pg_basebackup: &Path,
-    name: &str,
-    written: &mut Vec<String>,
-) -> Result<Stored, Error> {
-    let spool = tempfile::Builder::new()
-        .prefix("walship-base-push.")
-        .tempdir_in(&options.spool_dir)
-        .map_err(|e| Error::local_io(&options.spool_dir, "create spool directory", e))?;
-    let target = spool.path().join("backup");
-    let arguments = basebackup_arguments(&target.display().to_string(), name, &options.extra_args);
-    let (mut child, stderr_tail, stderr_thread) = spawn_pg_basebackup(pg_basebackup, &arguments, Stdio::null(), log)?;
-    progress.phase("pg_basebackup is writing into the spool directory");
-    let mut signals = Signals::new()?;
-    let status = loop {
-        match child.try_wait().map_err(|e| tool_error(pg_basebackup, e))? {
-            Some(status) => break status,
-            None => tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                signal = signals.recv() => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::Interrupted { signal });
-                }
-            },
-        }
-    };
-    let _ = stderr_thread.join();
-    if !status.success() {
-        return Err(tool_failure(pg_basebackup, status, &stderr_tail));
-    }
-    let mut tablespace_archives: Vec<(u32, PathBuf)> = Vec::new();
-    for entry in std::fs::read_dir(&target).map_err(|e| Error::local_io(&target, "read", e))? {
-        let entry = entry.map_err(|e| Error::local_io(&target, "read", e))?;
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(oid) = file_name.strip_suffix(".tar").and_then(|stem| stem.parse::<u32>().ok()) {
-            tablespace_archives.push((oid, entry.path()));
-        }
-    }
-    tablespace_archives.sort();
-    let open = |path: &Path| std::fs::File::open(path).map_err(|e| Error::local_io(path, "open", e));
-    let base = open(&target.join("base.tar"))?;
-    let (parts, end) =
-        store_archive(repo, options, progress, name, "base.tar", Box::new(base), true, (0, 0), written, || {}).await?;
-    let observed =
-        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &reason))?.expect("watched in full");
-    let locations = parse_tablespace_map(observed.tablespace_map.as_deref().unwrap_or(""));
-    let mut archives = vec![ArchiveRecord { name: "base.tar".into(), tablespace: None, parts }];
-    let mut original_bytes = end.original_bytes;
-    let mut stored_bytes: u64 = archives[0].parts.iter().map(|p| p.stored_bytes).sum();
-    for (oid, path) in tablespace_archives {
-        let location =
-            locations.iter().find(|(o, _)| *o == oid).map(|(_, l)| l.clone()).ok_or_else(|| {
-                tool_failure_reason(pg_basebackup, &format!("tablespace {oid} is not in tablespace_map"))
-            })?;
-        let archive_name = format!("{oid}.tar");
-        let file = open(&path)?;
-        let offsets = (original_bytes, stored_bytes);
-        let (parts, end) =
-            store_archive(repo, options, progress, name, &archive_name, Box::new(file), false, offsets, written, || {})
-                .await?;
-        end.observed.map_err(|reason| tool_failure_reason(pg_basebackup, &format!("{archive_name}: {reason}")))?;
-        original_bytes += end.original_bytes;
-        stored_bytes += parts.iter().map(|p| p.stored_bytes).sum::<u64>();
-        archives.push(ArchiveRecord {
-            name: archive_name,
-            tablespace: Some(TablespaceRecord { oid, location }),
-            parts,
-        });
-        // Free the spool as it goes: the disk a backup needs is then its largest archive, not all.
-        let _ = std::fs::remove_file(&path);
-    }
-    let manifest_path = target.join("backup_manifest");
-    let manifest = open(&manifest_path)?;
-    let manifest_len = manifest.metadata().map_err(|e| Error::local_io(&manifest_path, "stat", e))?.len();
-    log.debug(format_args!("backup {name}: {} archives stored from the spool", archives.len()));
-    Ok(Stored { archives, observed, manifest: (manifest, manifest_len), original_bytes, arguments })
-}
-
-/// `tablespace_map` lines: `OID LOCATION`, the location escaped by PostgreSQL (`\\` for a backslash,
-/// `\` before a newline).
-pub(crate) fn parse_tablespace_map(text: &str) -> Vec<(u32, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let (oid, location) = line.split_once(' ')?;
-            Some((oid.parse().ok()?, location.replace("\\\\", "\\")))
-        })
-        .collect()
-}
-
-/// Stores one tar archive from `source`: a reader thread encodes, [`store_parts`] writes.
-#[allow(clippy::too_many_arguments)]
-async fn store_archive(
-    repo: &Repository,
-    options: &PushOptions,
-    progress: &dyn Progress,
-    name: &str,
-    archive: &str,
-    source: Box<dyn Read + Send>,
-    watch: bool,
-    offsets: (u64, u64),
-    written: &mut Vec<String>,
-    stop_source: impl FnOnce(),
-) -> Result<(Vec<PartRecord>, StreamEnd), Error> {
-    let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let (part_size, level, workers) = (options.part_size, options.compression_level, compression_workers(options));
-    let reader = std::thread::spawn(move || read_stream(source, &sender, part_size, level, workers, watch));
-    let parts = store_parts(repo, options, progress, name, archive, receiver, offsets, written).await;
-    // The writers gave up: the reader stops at its next send, or once its source is stopped.
-    if parts.is_err() {
-        stop_source();
-    }
-    let end = reader.join().map_err(|_| internal("the stream reader panicked"))?;
-    Ok((parts?, end))
-}
-
-fn internal(what: &str) -> Error {
-    Error::LocalIo { path: "base-push".into(), operation: "run", source: std::io::Error::other(what.to_owned()) }
-}
-
-fn collect_stderr(stderr: std::process::ChildStderr, tail: &Mutex<VecDeque<String>>, log: &Log) {
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        let line = line.trim().to_owned();
-        if line.is_empty() {
-            continue;
-        }
-        log.debug(format_args!("{line}"));
-        if let Ok(mut tail) = tail.lock() {
-            if tail.len() == STDERR_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    }
-}
-
-/// The reader thread: follows the tar stream, encodes it part by part and hands the encoded bytes
-/// to the writers. Stops early when they hang up.
-fn read_stream(
-    mut stdout: Box<dyn Read + Send>,
-    sender: &mpsc::Sender<Message>,
-    part_size: u64,
-    level: i32,
-    workers: u32,
-    watch: bool,
-) -> StreamEnd {
-    let mut watcher = TarWatcher::new(LongPageHeader::LEN);
-    let mut watch_error: Option<String> = None;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut out = Vec::with_capacity(2 * SEND_CHUNK);
-    let mut encoder: Option<Encoder> = None;
-    let mut in_part = 0u64;
-    let mut total = 0u64;
-    let send = |message: Message| sender.blocking_send(message).is_ok();
-    let end = |observed, total| StreamEnd { observed, original_bytes: total };
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return end(Err(format!("reading pg_basebackup's output: {e}")), total),
-        };
-        if watch_error.is_none()
-            && let Err(e) = watcher.feed(&buf[..n])
-        {
-            watch_error = Some(e);
-        }
-        let mut offset = 0;
-        while offset < n {
-            let encoding = match &mut encoder {
-                Some(encoding) => encoding,
-                None => match Encoder::with_workers(level, workers) {
-                    Ok(new) => encoder.insert(new),
-                    Err(e) => return end(Err(format!("starting zstd: {e}")), total),
-                },
-            };
-            let take = ((part_size - in_part) as usize).min(n - offset);
-            if let Err(e) = encoding.update(&buf[offset..offset + take], &mut out) {
-                return end(Err(format!("compressing: {e}")), total);
-            }
-            offset += take;
-            in_part += take as u64;
-            total += take as u64;
-            if in_part == part_size {
-                let digest = match encoder.take().expect("encoding").finish(&mut out) {
-                    Ok(digest) => digest,
-                    Err(e) => return end(Err(format!("compressing: {e}")), total),
-                };
-                in_part = 0;
-                let bytes = Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(2 * SEND_CHUNK)));
-                if !send(Message::Chunk { bytes, original_so_far: total }) || !send(Message::PartEnd(digest)) {
-                    return end(Err("stopped".into()), total);
-                }
-            } else if out.len() >= SEND_CHUNK {
-                let bytes = Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(2 * SEND_CHUNK)));
-                if !send(Message::Chunk { bytes, original_so_far: total }) {
-                    return end(Err("stopped".into()), total);
-                }
-            }
-        }
-    }
-    if let Some(encoding) = encoder.take() {
-        let digest = match encoding.finish(&mut out) {
-            Ok(digest) => digest,
-            Err(e) => return end(Err(format!("compressing: {e}")), total),
-        };
-        let bytes = Bytes::from(out);
-        if !send(Message::Chunk { bytes, original_so_far: total }) || !send(Message::PartEnd(digest)) {
-            return end(Err("stopped".into()), total);
-        }
-    }
-    let observed = match watch_error {
-        Some(e) => Err(e),
-        None if total == 0 => Err("pg_basebackup wrote nothing".into()),
-        None if watch => watcher.finish().map(Some),
-        None => watcher.finish_archive().map(|()| None),
-    };
-    end(observed, total)
-}
-
-/// The async side: writes each part as its encoded bytes arrive, and completes finished parts while
-/// the next one streams. Returns the parts in order, all durable.
-#[allow(clippy::too_many_arguments)]
-async fn store_parts(
-    repo: &Repository,
-    options: &PushOptions,
-    progress: &dyn Progress,
-    name: &str,
-    archive: &str,
-    mut receiver: mpsc::Receiver<Message>,
-    (original_offset, stored_offset): (u64, u64),
-    written: &mut Vec<String>,
-) -> Result<Vec<PartRecord>, Error> {
-    let mut signals = Signals::new()?;
-    let mut completing: JoinSet<Result<(), StorageError>> = JoinSet::new();
-    let mut parts: Vec<PartRecord> = Vec::new();
-    let mut current: Option<(Box<dyn ObjectWriter>, String, u64)> = None;
-    let mut stored_total = 0u64;
-    let mut part_start = 0u64;
-    let mut original_so_far = 0u64;
-    let idle = options.idle_timeout;
-    let timed = |what: String| Error::DeadlineExceeded {
-        what,
-        seconds: idle.as_secs(),
-        last: "no progress (deadline_secs)".into(),
-    };
-    let result: Result<(), Error> = async {
-        loop {
-            let message = tokio::select! {
-                message = receiver.recv() => message,
-                signal = signals.recv() => return Err(Error::Interrupted { signal }),
-                Some(done) = completing.join_next(), if !completing.is_empty() => {
-                    done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
-                    continue;
-                }
-            };
-            let Some(message) = message else { return Ok(()) };
-            match message {
-                Message::Chunk { bytes, original_so_far: so_far } => {
-                    if current.is_none() {
-                        let key = part_key(name, archive, parts.len() + 1);
-                        written.push(key.clone());
-                        let options = PutOptions { attributes: Default::default(), size_hint: Some(options.part_size) };
-                        let writer = tokio::time::timeout(idle, repo.storage().create(&key, options))
-                            .await
-                            .map_err(|_| timed(repo.storage().location(&key)))??;
-                        current = Some((writer, key, 0));
-                    }
-                    let (writer, key, stored) = current.as_mut().expect("just created");
-                    *stored += bytes.len() as u64;
-                    stored_total += bytes.len() as u64;
-                    original_so_far = so_far;
-                    tokio::select! {
-                        written = tokio::time::timeout(idle, writer.write(bytes)) => {
-                            written.map_err(|_| timed(repo.storage().location(key)))??;
-                        }
-                        signal = signals.recv() => return Err(Error::Interrupted { signal }),
-                    }
-                    progress.update(original_offset + original_so_far, stored_offset + stored_total, None);
-                }
-                Message::PartEnd(digest) => {
-                    let (writer, key, stored) = current.take().expect("a part ends after its chunks");
-                    parts.push(PartRecord {
-                        key: key.clone(),
-                        original_bytes: original_so_far - part_start,
-                        stored_bytes: stored,
-                        sha256: digest.sha256_hex(),
-                    });
-                    debug_assert_eq!(digest.len, original_so_far - part_start);
-                    part_start = original_so_far;
-                    while completing.len() >= options.transfer_concurrency {
-                        let done = completing.join_next().await.expect("not empty");
-                        done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
-                    }
-                    completing.spawn(async move {
-                        tokio::time::timeout(idle, writer.commit()).await.unwrap_or_else(|_| {
-                            Err(StorageError::Other {
-                                location: key,
-                                message: format!("completing the part made no progress for {} s", idle.as_secs()),
-                                retryable: false,
-                            })
-                        })
-                    });
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = result {
-        drop(receiver);
-        if let Some((writer, _, _)) = current.take() {
-            let _ = writer.abort().await;
-        }
-        // Let parts already completing settle, so that what they published can be removed.
-        while completing.join_next().await.is_some() {}
-        return Err(e);
-    }
-    while let Some(done) = completing.join_next().await {
-        done.map_err(|e| internal(&format!("completing a part panicked: {e}")))??;
-    }
-    if current.is_some() {
-        return Err(internal("the stream ended inside a part"));
-    }
-    Ok(parts)
-}
-
-/// SIGINT, SIGTERM and SIGHUP: stop, remove what was written, exit.
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Self, Error> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let install = |kind| signal(kind).map_err(|e| Error::local_io(Path::new("signal handler"), "install", e));
-        Ok(Signals {
-            interrupt: install(SignalKind::interrupt())?,
-            terminate: install(SignalKind::terminate())?,
-            hangup: install(SignalKind::hangup())?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.hangup.recv() => "SIGHUP",
-        }
-    }
-}
-
-/// Stores a local file (the spooled manifest) as one object.
-async fn store_file(
-    repo: &Repository,
-    key: &str,
-    file: &mut std::fs::File,
-    len: u64,
-    options: &PushOptions,
-) -> Result<PartRecord, Error> {
-    use std::io::{Seek, SeekFrom};
-    let location = repo.storage().location(key);
-    let local_error =
-        |e: std::io::Error| Error::LocalIo { path: "backup_manifest (spooled)".into(), operation: "read", source: e };
-    file.seek(SeekFrom::Start(0)).map_err(local_error)?;
-    let mut writer =
-        repo.storage().create(key, PutOptions { attributes: Default::default(), size_hint: Some(len) }).await?;
-    let mut encoder = Encoder::new(options.compression_level).map_err(local_error)?;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut out = Vec::new();
-    let mut stored = 0u64;
-    let digest = loop {
-        let n = file.read(&mut buf).map_err(local_error)?;
-        if n == 0 {
-            break encoder.finish(&mut out).map_err(local_error)?;
-        }
-        encoder.update(&buf[..n], &mut out).map_err(local_error)?;
-        if out.len() >= SEND_CHUNK {
-            stored += out.len() as u64;
-            writer.write(Bytes::from(std::mem::take(&mut out))).await?;
-        }
-    };
-    stored += out.len() as u64;
-    writer.write(Bytes::from(out)).await?;
-    tokio::time::timeout(options.idle_timeout, writer.commit()).await.map_err(|_| Error::DeadlineExceeded {
-        what: location,
-        seconds: options.idle_timeout.as_secs(),
-        last: "no progress".into(),
-    })??;
-    file.seek(SeekFrom::Start(0)).map_err(local_error)?;
-    Ok(PartRecord {
-        key: key.to_owned(),
-        original_bytes: digest.len,
-        stored_bytes: stored,
-        sha256: digest.sha256_hex(),
-    })
-}
-
-#[derive(Debug, Deserialize)]
-struct ManifestTail {
-    #[serde(rename = "WAL-Ranges")]
-    wal_ranges: Vec<WalRange>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WalRange {
-    #[serde(rename = "Timeline")]
-    timeline: u32,
-    #[serde(rename = "End-LSN")]
-    end_lsn: String,
-}
-
-/// The WAL ranges of a manifest, read without keeping its (possibly long) file list.
-fn manifest_wal_ranges(file: &mut std::fs::File) -> Result<Vec<WalRange>, String> {
-    use std::io::{Seek, SeekFrom};
-    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    let tail: ManifestTail =
-        serde_json::from_reader(std::io::BufReader::new(&mut *file)).map_err(|e| format!("not readable: {e}"))?;
-    Ok(tail.wal_ranges)
-}
-
-struct Label {
-    start_lsn: String,
-    start_wal_file: String,
-    timeline: u32,
-    backup_from: String,
-}
-
-fn parse_backup_label(text: &str) -> Result<Label, String> {
-    let field = |key: &str| {
-        text.lines().find_map(|line| line.strip_prefix(key)).map(str::trim).ok_or_else(|| format!("no {key} line"))
-    };
-    // "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)"
-    let location = field("START WAL LOCATION:")?;
-    let (start_lsn, file) = location.split_once(" (file ").ok_or("START WAL LOCATION has no file")?;
-    let timeline = field("START TIMELINE:")?.parse().map_err(|_| "START TIMELINE is not a number".to_owned())?;
-    Ok(Label {
-        start_lsn: start_lsn.trim().to_owned(),
-        start_wal_file: file.trim_end_matches(')').to_owned(),
-        timeline,
-        backup_from: field("BACKUP FROM:").unwrap_or("primary").to_owned(),
-    })
-}
-
-/// Connection strings may carry a password; the catalog record must not.
-fn redact(arguments: &[String]) -> Vec<String> {
-    arguments
-        .iter()
-        .map(|arg| match arg.find("password=") {
-            Some(at) => {
-                let value_start = at + "password=".len();
-                let value_end = arg[value_start..].find(' ').map_or(arg.len(), |end| value_start + end);
-                format!("{}***{}", &arg[..value_start], &arg[value_end..])
-            }
-            None => arg.clone(),
-        })
-        .collect()
-}
-
-/// Deletes `keys`, best effort, newest first so that the owner record goes last.
-async fn remove_keys(repo: &Repository, keys: &[String], log: &Log) {
-    for key in keys.iter().rev() {
-        match repo.storage().delete(key).await {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => log.info(format_args!("warning: could not remove {}: {e}", repo.storage().location(key))),
-        }
-    }
-    if let Some(key) = keys.first()
-        && let Some(dir) = key.rsplit_once('/').map(|(dir, _)| format!("{dir}/"))
-    {
-        let _ = repo.storage().remove_incomplete(&dir).await;
-    }
-}
-
-/// Removes what killed base-push runs on this host left: backups with an owner record but no catalog
-/// record, whose owner process is gone. Backups of live processes, and of other hosts, are left
-/// alone (a base-push elsewhere may still be running).
-pub(crate) async fn sweep_abandoned(repo: &Repository, log: &Log) -> Result<(), Error> {
-    let me = Owner::current();
-    let mut abandoned = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = repo.storage().list(BACKUPS_PREFIX, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        for meta in &page {
-            let Some(name) = meta.key.strip_prefix(BACKUPS_PREFIX).and_then(|k| k.strip_suffix("/owner.json")) else {
-                continue;
-            };
-            if super::validate_name(name).is_err() {
-                continue;
-            }
-            match repo.storage().head(&BackupRecord::catalog_key(name)).await {
-                Ok(_) => continue,
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
-            let owner: Option<Owner> =
-                repo.read_small(&meta.key, MAX_OWNER_LEN).await.ok().and_then(|b| serde_json::from_slice(&b).ok());
-            if owner.is_some_and(|owner| owner.is_dead(&me)) {
-                abandoned.push(name.to_owned());
-            }
-        }
-    }
-    for name in abandoned {
-        log.info(format_args!("removing backup {name}, left incomplete by a base-push that was killed"));
-        let prefix = format!("{BACKUPS_PREFIX}{name}/");
-        repo.storage().remove_incomplete(&prefix).await?;
-        let mut keys = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = repo.storage().list(&prefix, after.as_deref(), 1000).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            keys.extend(page.into_iter().map(|m| m.key).filter(|k| !k.ends_with("/owner.json")));
-        }
-        keys.insert(0, owner_key(&name));
-        remove_keys(repo, &keys, log).await;
-    }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reserved_options_are_refused_and_others_pass() {
-        for bad in ["-D", "-Dfoo", "--pgdata=/x", "-Ft", "--format=p", "-Xstream", "-z", "-Z9", "--no-manifest", "-R"] {
-            assert!(check_extra_args(&[bad.to_owned()]).is_err(), "{bad}");
-        }
-        for good in ["--checkpoint=fast", "-c", "fast", "-h", "/tmp", "-U", "postgres", "--max-rate=10M", "-v"] {
-            check_extra_args(&[good.to_owned()]).unwrap();
-        }
-    }
-
-    #[test]
-    fn tablespace_maps_parse_with_escapes() {
-        let map = parse_tablespace_map("16384 /srv/ts one\n16390 /srv/back\\\\slash\n");
-        assert_eq!(map, [(16384, "/srv/ts one".to_owned()), (16390, "/srv/back\\slash".to_owned())]);
-    }
-
-    #[test]
-    fn passwords_do_not_reach_the_catalog() {
-        let args = vec!["-d".to_owned(), "host=db password=s3cret user=x".to_owned(), "--dbname=password=p".to_owned()];
-        assert_eq!(redact(&args), ["-d", "host=db password=*** user=x", "--dbname=password=***"]);
-    }
-
-    #[test]
-    fn backup_labels_parse() {
-        let label = parse_backup_label(
-            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\n\
-             BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-22 08:00:00 UTC\n\
-             LABEL: walship\nSTART TIMELINE: 1\n",
-        )
-        .unwrap();
-        assert_eq!(label.start_lsn, "0/2000028");
-        assert_eq!(label.start_wal_file, "000000010000000000000002");
-        assert_eq!(label.timeline, 1);
-        assert_eq!(label.backup_from, "primary");
-    }
-
-    #[test]
-    fn a_dead_owner_is_recognised_only_on_this_host() {
-        let me = Owner::current();
-        let alive = Owner::current();
-        assert!(!alive.is_dead(&me));
-        let gone = Owner { pid: u32::MAX - 1, ..Owner::current() };
-        assert!(gone.is_dead(&me));
-        let rebooted = Owner { boot_id: "another boot".into(), ..Owner::current() };
-        assert!(rebooted.is_dead(&me));
-        let elsewhere = Owner { host: "elsewhere".into(), pid: u32::MAX - 1, ..Owner::current() };
-        assert!(!elsewhere.is_dead(&me));
-    }
 }

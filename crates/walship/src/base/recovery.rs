@@ -3,13 +3,13 @@
 //! `standby.signal` (PostgreSQL 12 and later).
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::BackupRecord;
+use crate::wal::parse_lsn;
 
 /// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,27 +18,39 @@ pub enum RecoveryTarget {
     End,
     /// `--target-time`: kept as normalized RFC 3339 text and as Unix nanoseconds.
     Time {
+        /// As PostgreSQL's recovery_target_time takes it.
         text: String,
+        /// The same instant, for comparing with backups' finish times.
         unix_nanos: i128,
     },
+    /// `--target-lsn`.
     Lsn {
+        /// As given (`X/Y`).
         text: String,
+        /// Parsed.
         value: u64,
     },
+    /// `--target-xid`: a transaction number.
     Xid(String),
+    /// `--target-name`: a restore point made with `pg_create_restore_point`.
     Name(String),
     /// As soon as the backup is consistent.
     Immediate,
 }
 
+/// What the server does once recovery reaches its target (`recovery_target_action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetAction {
+    /// End recovery and accept writes.
     Promote,
+    /// Stay in recovery, paused, for a look before deciding.
     Pause,
+    /// Stop the server.
     Shutdown,
 }
 
 impl TargetAction {
+    /// `promote`, `pause` or `shutdown`.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "promote" => Ok(TargetAction::Promote),
@@ -58,6 +70,7 @@ impl TargetAction {
 }
 
 impl RecoveryTarget {
+    /// A target time, with a time zone (see [`parse_timestamp`]).
     pub fn time(text: &str) -> Result<Self, String> {
         let unix_nanos = parse_timestamp(text)?;
         let utc =
@@ -76,11 +89,13 @@ impl RecoveryTarget {
         Ok(RecoveryTarget::Time { text: normalized, unix_nanos })
     }
 
+    /// A target LSN, `X/Y` in hexadecimal.
     pub fn lsn(text: &str) -> Result<Self, String> {
         let value = parse_lsn(text).ok_or_else(|| format!("target LSN {text:?}: expected X/Y in hexadecimal"))?;
         Ok(RecoveryTarget::Lsn { text: text.to_owned(), value })
     }
 
+    /// A target transaction number.
     pub fn xid(text: &str) -> Result<Self, String> {
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("target xid {text:?}: expected a transaction number"));
@@ -88,6 +103,7 @@ impl RecoveryTarget {
         Ok(RecoveryTarget::Xid(text.to_owned()))
     }
 
+    /// A target restore point name.
     pub fn name(text: &str) -> Result<Self, String> {
         if text.is_empty() || text.len() > 63 || text.contains(['\'', '\n', '\r', '\\']) {
             return Err(format!("target name {text:?}: a restore point name of 1 to 63 plain characters"));
@@ -111,6 +127,7 @@ impl RecoveryTarget {
         }
     }
 
+    /// The target in words, for messages.
     pub fn describe(&self) -> String {
         match self {
             RecoveryTarget::End => "the end of the archive".into(),
@@ -132,14 +149,6 @@ impl RecoveryTarget {
             RecoveryTarget::Immediate => Some(("recovery_target", "immediate".into())),
         }
     }
-}
-
-/// `X/Y` as PostgreSQL prints an LSN.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.split_once('/')?;
-    let high = u32::from_str_radix(high, 16).ok()?;
-    let low = u32::from_str_radix(low, 16).ok()?;
-    Some((u64::from(high) << 32) | u64::from(low))
 }
 
 /// Parses a timestamp with a time zone, in RFC 3339 or PostgreSQL's own output style
@@ -202,11 +211,17 @@ pub fn restore_command(wal_fetch: &Path, arguments: &[String]) -> String {
 
 /// The settings recovery of this restore needs.
 pub struct RecoverySettings<'a> {
+    /// The backup restored, named in the settings' comment.
     pub backup_name: &'a str,
+    /// The restore_command that fetches WAL from the repository.
     pub restore_command: String,
+    /// Where recovery stops.
     pub target: &'a RecoveryTarget,
+    /// `recovery_target_action`, if set.
     pub action: Option<TargetAction>,
+    /// `recovery_target_timeline`, if set.
     pub timeline: Option<String>,
+    /// `standby.signal` rather than `recovery.signal`.
     pub standby: bool,
     /// Leave the backed-up cluster's archiving as it was (`--keep-archiving`); otherwise it is
     /// turned off, so that a restore never writes into the repository it came from.
@@ -301,14 +316,12 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     };
     let mut changes = SettingsChanges::default();
     let text = settings_text(&existing, settings, &mut changes);
-    let temp = data_dir.join("postgresql.auto.conf.walship.tmp");
-    {
-        let mut file = File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
+    // The backup's own file keeps its mode and owner (running as root, the cluster's user).
+    let kept = fs::metadata(&conf).ok();
+    crate::process::replace_file(&conf, text.as_bytes(), true)?;
+    if let Some(meta) = kept {
+        keep_mode(&conf, &meta);
     }
-    copy_mode(&conf, &temp);
-    fs::rename(&temp, &conf)?;
     if !settings.standby {
         match fs::remove_file(data_dir.join("standby.signal")) {
             Ok(()) => changes.removed_standby_signal = true,
@@ -322,13 +335,11 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     Ok(changes)
 }
 
-/// Gives `to` the mode and owner of `from`, when `from` exists.
-fn copy_mode(from: &Path, to: &Path) {
+/// Gives `path` the mode and owner in `meta` (those of the file it replaced). Best effort.
+fn keep_mode(path: &Path, meta: &fs::Metadata) {
     use std::os::unix::fs::MetadataExt;
-    if let Ok(meta) = fs::metadata(from) {
-        let _ = fs::set_permissions(to, meta.permissions());
-        let _ = std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid()));
-    }
+    let _ = fs::set_permissions(path, meta.permissions());
+    let _ = std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid()));
 }
 
 #[cfg(test)]

@@ -16,16 +16,20 @@ const MAX_SMALL_MEMBER: u64 = 64 * 1024;
 /// What the watcher found in a complete stream.
 #[derive(Debug)]
 pub struct Observed {
+    /// The text of `backup_label`.
     pub backup_label: String,
+    /// The text of `PG_VERSION`, trimmed.
     pub pg_version: String,
     /// The start of the first WAL segment in `pg_wal/`, up to a long page header.
     pub first_wal_header: Vec<u8>,
+    /// That segment's file name.
     pub first_wal_name: String,
     /// The spooled `backup_manifest`, rewound, and its length. Streamed to stdout, pg_basebackup
     /// puts it at the end of the archive; into a directory, it writes it as a file of its own.
     pub manifest: Option<(File, u64)>,
     /// `tablespace_map`: one line `OID LOCATION` per extra tablespace.
     pub tablespace_map: Option<String>,
+    /// Members in the archive, for the log.
     pub members: u64,
 }
 
@@ -47,6 +51,7 @@ enum Capture {
     TablespaceMap,
 }
 
+/// Follows a tar stream fed to it in chunks of any size, keeping only the members [`Observed`] needs.
 pub struct TarWatcher {
     state: State,
     zero_blocks: u32,

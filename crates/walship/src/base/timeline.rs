@@ -11,17 +11,17 @@
 //! `<parent timeline> <LSN where the parent ended> <reason>` for every ancestor.
 
 use super::BackupRecord;
-use super::recovery::parse_lsn;
 use crate::codec::decode_all;
 use crate::error::Error;
 use crate::repo::Repository;
-use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn};
+use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn, parse_lsn};
 
 const HISTORY_PREFIX: &str = "wal/history/";
 
 /// The timeline a restore will follow, and where it left each of its ancestors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lineage {
+    /// The timeline recovery will follow.
     pub target: u32,
     /// (ancestor timeline, the LSN at which the target's history left it), oldest first.
     pub forks: Vec<(u32, u64)>,

@@ -267,7 +267,8 @@ pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
-fn parse_lsn(text: &str) -> Option<u64> {
+/// Parses an LSN the way PostgreSQL prints it (`X/Y` in hexadecimal); `None` for anything else.
+pub fn parse_lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
     Some((u64::from(u32::from_str_radix(hi, 16).ok()?) << 32) | u64::from(u32::from_str_radix(lo, 16).ok()?))
 }
