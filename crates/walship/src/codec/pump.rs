@@ -1,0 +1,249 @@
+//! The pumps: one loop per direction between a reader and a writer, so that no caller writes the
+//! read -> update -> write loop again. Each uses fixed buffers. The pull forms ([`Encoded`],
+//! [`Decoded`]) leave the other end to the caller, for an async storage writer (await each chunk)
+//! or a consumer that wants a `Read` (a tar extractor).
+
+use std::io::{self, Read, Write};
+
+use super::ContentDigest;
+use super::error::PumpError;
+use super::pipeline::{Decoder, Encoder, Pipeline};
+
+/// What an encoding pump reads from its source at a time.
+pub const ENCODE_READ_CHUNK: usize = 1 << 20;
+/// What a decoding pump reads from its source at a time.
+pub const DECODE_READ_CHUNK: usize = 256 * 1024;
+/// What a pull decoder hands the decoder at a time: bounds what one step can decompress to.
+const DECODE_SLICE: usize = 64 * 1024;
+
+impl Pipeline {
+    /// Encodes everything `source` yields into `sink`, as one object; returns the original bytes'
+    /// digest. The sink's content is a complete object only when this returns `Ok`.
+    pub fn encode(&self, source: impl Read, mut sink: impl Write) -> Result<ContentDigest, PumpError> {
+        let mut encoded = self.encoded(source)?;
+        loop {
+            let chunk = encoded.next_chunk(ENCODE_READ_CHUNK)?;
+            if chunk.is_empty() {
+                return Ok(encoded.digest().expect("the object has ended"));
+            }
+            sink.write_all(&chunk).map_err(PumpError::Sink)?;
+        }
+    }
+
+    /// Decodes the object `source` yields into `sink`, checking it; returns its digest. What the
+    /// sink received is to be trusted only when this returns `Ok`.
+    pub fn decode(&self, mut source: impl Read, sink: impl Write) -> Result<ContentDigest, PumpError> {
+        let mut decoder = self.decoder(sink).map_err(PumpError::Codec)?;
+        let mut buf = vec![0u8; DECODE_READ_CHUNK];
+        loop {
+            match read_retrying(&mut source, &mut buf)? {
+                0 => return Ok(decoder.finish()?.0),
+                n => decoder.update(&buf[..n])?,
+            }
+        }
+    }
+
+    /// `source` as encoded chunks, pulled by the caller.
+    pub fn encoded<R: Read>(&self, source: R) -> Result<Encoded<R>, PumpError> {
+        Ok(Encoded::new(source, self.encoder().map_err(PumpError::Codec)?))
+    }
+
+    /// The object `source` yields, decoded and checked, as a `Read`.
+    pub fn decoded<R: Read>(&self, source: R) -> Result<Decoded<R>, PumpError> {
+        Ok(Decoded::new(source, self.decoder(Vec::new()).map_err(PumpError::Codec)?))
+    }
+}
+
+fn read_retrying(source: &mut impl Read, buf: &mut [u8]) -> Result<usize, PumpError> {
+    loop {
+        match source.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            read => return read.map_err(PumpError::Source),
+        }
+    }
+}
+
+/// A source being encoded, pulled chunk by chunk: the caller writes each chunk wherever it goes
+/// (awaiting an async writer in between), and learns the digest at the end.
+pub struct Encoded<R> {
+    source: R,
+    encoder: Option<Encoder>,
+    buf: Vec<u8>,
+    original_bytes: u64,
+    stored_bytes: u64,
+    digest: Option<ContentDigest>,
+    /// For the `Read` form: a chunk not yet handed out, and how much of it was.
+    pending: (Vec<u8>, usize),
+}
+
+impl<R: Read> Encoded<R> {
+    /// Encodes what `source` yields with `encoder`.
+    pub fn new(source: R, encoder: Encoder) -> Self {
+        Encoded {
+            source,
+            encoder: Some(encoder),
+            buf: vec![0u8; ENCODE_READ_CHUNK],
+            original_bytes: 0,
+            stored_bytes: 0,
+            digest: None,
+            pending: (Vec::new(), 0),
+        }
+    }
+
+    /// The next encoded bytes: at least `min` of them unless the object ends first, and none once
+    /// it has ended (the trailer is in the last non-empty chunk).
+    pub fn next_chunk(&mut self, min: usize) -> Result<Vec<u8>, PumpError> {
+        let mut out = Vec::new();
+        while out.len() < min.max(1) {
+            let Some(encoder) = self.encoder.as_mut() else { break };
+            out.reserve(min.saturating_sub(out.len()).min(2 * ENCODE_READ_CHUNK));
+            let n = read_retrying(&mut self.source, &mut self.buf)?;
+            if n == 0 {
+                let encoder = self.encoder.take().expect("checked above");
+                self.digest = Some(encoder.finish(&mut out).map_err(PumpError::Codec)?);
+                break;
+            }
+            self.original_bytes += n as u64;
+            encoder.update(&self.buf[..n], &mut out).map_err(PumpError::Codec)?;
+        }
+        self.stored_bytes += out.len() as u64;
+        Ok(out)
+    }
+
+    /// How many original bytes were read from the source so far.
+    pub fn original_bytes(&self) -> u64 {
+        self.original_bytes
+    }
+
+    /// How many encoded bytes were handed out so far.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    /// The digest of the original bytes, once the last chunk has been handed out.
+    pub fn digest(&self) -> Option<ContentDigest> {
+        self.digest
+    }
+
+    /// The source, for what the caller still needs of it.
+    pub fn into_source(self) -> R {
+        self.source
+    }
+}
+
+impl<R: Read> Read for Encoded<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if self.pending.1 == self.pending.0.len() {
+            self.pending = (self.next_chunk(out.len()).map_err(into_io)?, 0);
+        }
+        let (chunk, at) = &mut self.pending;
+        let n = (chunk.len() - *at).min(out.len());
+        out[..n].copy_from_slice(&chunk[*at..*at + n]);
+        *at += n;
+        Ok(n)
+    }
+}
+
+/// Source errors pass through as they were; the codec's own go inside `io::Error::other`, where
+/// [`PumpError`] can be found again with `get_ref().downcast_ref()`.
+fn into_io(error: PumpError) -> io::Error {
+    match error {
+        PumpError::Source(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+/// An object being decoded, pulled as its original bytes. They are unverified until the end:
+/// [`read_decoded`](Self::read_decoded) returns 0 only once the trailer has been checked.
+pub struct Decoded<R> {
+    source: R,
+    decoder: Option<Decoder<Vec<u8>>>,
+    raw: Vec<u8>,
+    /// The part of `raw` not yet decoded.
+    raw_range: (usize, usize),
+    decoded: Vec<u8>,
+    offset: usize,
+    stored_bytes: u64,
+    digest: Option<ContentDigest>,
+}
+
+impl<R: Read> Decoded<R> {
+    /// Decodes the object `source` yields with `decoder`.
+    pub fn new(source: R, decoder: Decoder<Vec<u8>>) -> Self {
+        Decoded {
+            source,
+            decoder: Some(decoder),
+            raw: vec![0u8; DECODE_READ_CHUNK],
+            raw_range: (0, 0),
+            decoded: Vec::new(),
+            offset: 0,
+            stored_bytes: 0,
+            digest: None,
+        }
+    }
+
+    /// Like [`Read::read`], with the failure typed: 0 (for a non-empty `out`) means the object
+    /// ended and checked out.
+    pub fn read_decoded(&mut self, out: &mut [u8]) -> Result<usize, PumpError> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.offset < self.decoded.len() {
+                let n = (self.decoded.len() - self.offset).min(out.len());
+                out[..n].copy_from_slice(&self.decoded[self.offset..self.offset + n]);
+                self.offset += n;
+                return Ok(n);
+            }
+            self.decoded.clear();
+            self.offset = 0;
+            if !self.decode_more()? {
+                return Ok(0);
+            }
+        }
+    }
+
+    /// Decodes the next slice of stored bytes into `decoded`; `false` once the object has ended.
+    fn decode_more(&mut self) -> Result<bool, PumpError> {
+        if self.decoder.is_none() {
+            return Ok(false);
+        }
+        if self.raw_range.0 == self.raw_range.1 {
+            let n = read_retrying(&mut self.source, &mut self.raw)?;
+            if n == 0 {
+                let (digest, rest) = self.decoder.take().expect("checked above").finish()?;
+                self.digest = Some(digest);
+                self.decoded = rest;
+                return Ok(true);
+            }
+            self.stored_bytes += n as u64;
+            self.raw_range = (0, n);
+        }
+        let (start, end) = self.raw_range;
+        let slice_end = (start + DECODE_SLICE).min(end);
+        let decoder = self.decoder.as_mut().expect("checked above");
+        decoder.update(&self.raw[start..slice_end])?;
+        self.raw_range.0 = slice_end;
+        std::mem::swap(&mut self.decoded, decoder.sink_mut());
+        Ok(true)
+    }
+
+    /// How many stored bytes were read from the source so far.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    /// The digest of the original bytes, once the end has been read and checked.
+    pub fn digest(&self) -> Option<ContentDigest> {
+        self.digest
+    }
+}
+
+impl<R: Read> Read for Decoded<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.read_decoded(out).map_err(into_io)
+    }
+}
