@@ -22,8 +22,9 @@
 //!
 //! Three ways in, over the same [`Encoder`] and [`Decoder`]: the chunk-push form (`update` /
 //! `finish`) for callers that move bytes themselves (an async storage writer or reader, a channel);
-//! the pumps [`Pipeline::encode`] and [`Pipeline::decode`] between a `Read` and a `Write`; and the
-//! pull forms [`Encoded`] and [`Decoded`]. Damage is always a [`FormatError`], never confused with a
+//! the pumps [`Pipeline::encode`] and [`Pipeline::decode`] between a `Read` and a `Write`, and
+//! [`Pipeline::decode_async`] between an `AsyncRead` and an `AsyncWrite`; and the pull forms
+//! [`Encoded`] and [`Decoded`]. Damage is always a [`FormatError`], never confused with a
 //! failing source or sink.
 
 mod digest;
@@ -39,7 +40,7 @@ use std::io;
 pub use digest::{ContentDigest, Hasher};
 pub use error::{DecodeError, Downstream, FormatError, PumpError, StageError};
 pub use pipeline::{Decoder, Encoder, Pipeline};
-pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded};
+pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded, Pumped};
 pub use stage::{Next, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
 
 /// Length of the header, in bytes.

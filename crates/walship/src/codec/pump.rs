@@ -1,9 +1,12 @@
 //! The pumps: one loop per direction between a reader and a writer, so that no caller writes the
-//! read -> update -> write loop again. Each uses fixed buffers. The pull forms ([`Encoded`],
-//! [`Decoded`]) leave the other end to the caller, for an async storage writer (await each chunk)
-//! or a consumer that wants a `Read` (a tar extractor).
+//! read -> update -> write loop again. Each uses fixed buffers. [`Pipeline::decode_async`] awaits
+//! an async source and sink (a storage reader, a tokio file) instead of blocking on them; the pull
+//! forms ([`Encoded`], [`Decoded`]) leave the other end to the caller, for an async storage writer
+//! (await each chunk) or a consumer that wants a `Read` (a tar extractor).
 
 use std::io::{self, Read, Write};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::ContentDigest;
 use super::error::PumpError;
@@ -16,31 +19,73 @@ pub const DECODE_READ_CHUNK: usize = 256 * 1024;
 /// What a pull decoder hands the decoder at a time: bounds what one step can decompress to.
 const DECODE_SLICE: usize = 64 * 1024;
 
+/// What a pump moved: the original bytes' digest, and the size of the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pumped {
+    /// Length and SHA-256 of the original bytes.
+    pub digest: ContentDigest,
+    /// The size of the encoded object: written by an encoding pump, read by a decoding one.
+    pub stored_bytes: u64,
+}
+
 impl Pipeline {
-    /// Encodes everything `source` yields into `sink`, as one object; returns the original bytes'
-    /// digest. The sink's content is a complete object only when this returns `Ok`.
-    pub fn encode(&self, source: impl Read, mut sink: impl Write) -> Result<ContentDigest, PumpError> {
+    /// Encodes everything `source` yields into `sink`, as one object. The sink's content is a
+    /// complete object only when this returns `Ok`.
+    pub fn encode(&self, source: impl Read, mut sink: impl Write) -> Result<Pumped, PumpError> {
         let mut encoded = self.encoded(source)?;
         loop {
             let chunk = encoded.next_chunk(ENCODE_READ_CHUNK)?;
             if chunk.is_empty() {
-                return Ok(encoded.digest().expect("the object has ended"));
+                let digest = encoded.digest().expect("the object has ended");
+                return Ok(Pumped { digest, stored_bytes: encoded.stored_bytes() });
             }
             sink.write_all(&chunk).map_err(PumpError::Sink)?;
         }
     }
 
-    /// Decodes the object `source` yields into `sink`, checking it; returns its digest. What the
-    /// sink received is to be trusted only when this returns `Ok`.
-    pub fn decode(&self, mut source: impl Read, sink: impl Write) -> Result<ContentDigest, PumpError> {
+    /// Decodes the object `source` yields into `sink`, checking it. What the sink received is to
+    /// be trusted only when this returns `Ok`.
+    pub fn decode(&self, mut source: impl Read, sink: impl Write) -> Result<Pumped, PumpError> {
         let mut decoder = self.decoder(sink).map_err(PumpError::Codec)?;
         let mut buf = vec![0u8; DECODE_READ_CHUNK];
+        let mut stored_bytes = 0;
         loop {
             match read_retrying(&mut source, &mut buf)? {
-                0 => return Ok(decoder.finish()?.0),
-                n => decoder.update(&buf[..n])?,
+                0 => return Ok(Pumped { digest: decoder.finish()?.0, stored_bytes }),
+                n => {
+                    stored_bytes += n as u64;
+                    decoder.update(&buf[..n])?;
+                }
             }
         }
+    }
+
+    /// [`decode`](Self::decode) between an async source and an async sink, awaiting both: the
+    /// decoded bytes go out a slice's worth at a time, and the sink is flushed at the end.
+    pub async fn decode_async(
+        &self,
+        mut source: impl AsyncRead + Unpin,
+        mut sink: impl AsyncWrite + Unpin,
+    ) -> Result<Pumped, PumpError> {
+        let mut decoder = self.decoder(Vec::new()).map_err(PumpError::Codec)?;
+        let mut buf = vec![0u8; DECODE_READ_CHUNK];
+        let mut stored_bytes = 0;
+        loop {
+            let n = source.read(&mut buf).await.map_err(PumpError::Source)?;
+            if n == 0 {
+                break;
+            }
+            stored_bytes += n as u64;
+            for slice in buf[..n].chunks(DECODE_SLICE) {
+                decoder.update(slice)?;
+                sink.write_all(decoder.sink_mut()).await.map_err(PumpError::Sink)?;
+                decoder.sink_mut().clear();
+            }
+        }
+        let (digest, rest) = decoder.finish()?;
+        sink.write_all(&rest).await.map_err(PumpError::Sink)?;
+        sink.flush().await.map_err(PumpError::Sink)?;
+        Ok(Pumped { digest, stored_bytes })
     }
 
     /// `source` as encoded chunks, pulled by the caller.

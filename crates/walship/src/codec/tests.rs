@@ -85,15 +85,6 @@ fn foreign_and_future_objects_are_named() {
 
 #[test]
 fn sink_failures_are_not_called_corruption() {
-    struct Full;
-    impl Write for Full {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::Error::from_raw_os_error(libc::ENOSPC))
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
     let encoded = encode_all(&sample(300_000), 1).unwrap();
     let mut decoder = Decoder::new(Full).unwrap();
     assert!(matches!(decoder.update(&encoded), Err(DecodeError::Sink(_))));
@@ -469,4 +460,42 @@ fn the_pull_decoder_reports_damage_only_as_damage() {
     assert_eq!(decoded.digest(), None);
     let mut failing = Pipeline::default().decoded(Failing).unwrap();
     assert_eq!(failing.read(&mut [0u8; 16]).unwrap_err().raw_os_error(), Some(libc::EIO));
+}
+
+#[tokio::test]
+async fn the_async_pump_decodes_checks_and_tells_the_sink_apart() {
+    let original = sample(1_000_003);
+    for pipeline in [Pipeline::zstd(1), scrambling()] {
+        let mut encoded = Vec::new();
+        let written = pipeline.encode(&original[..], &mut encoded).unwrap();
+        assert_eq!(written, Pumped { digest: ContentDigest::of(&original), stored_bytes: encoded.len() as u64 });
+        let mut decoded = Vec::new();
+        let read = pipeline.decode_async(&encoded[..], &mut decoded).await.unwrap();
+        assert_eq!(read, written);
+        assert!(decoded == original);
+        let err = pipeline.decode_async(&encoded[..encoded.len() - 1], Vec::new()).await.unwrap_err();
+        assert!(matches!(err, PumpError::Format(FormatError::Truncated(_))), "{err}");
+        let err = pipeline.decode_async(&encoded[..], FullAsync).await.unwrap_err();
+        assert!(matches!(err, PumpError::Sink(_)), "{err}");
+    }
+}
+
+struct FullAsync;
+impl tokio::io::AsyncWrite for FullAsync {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Err(io::Error::from_raw_os_error(libc::ENOSPC)))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
