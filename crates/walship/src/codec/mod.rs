@@ -40,7 +40,7 @@ use std::io;
 pub use digest::{ContentDigest, Hasher};
 pub use error::{DecodeError, Downstream, FormatError, PumpError, StageError};
 pub use pipeline::{Decoder, Encoder, Pipeline};
-pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded, Pumped};
+pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded, Prefix, Pumped};
 pub use stage::{Next, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
 
 /// Length of the header, in bytes.

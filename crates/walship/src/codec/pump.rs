@@ -292,3 +292,60 @@ impl<R: Read> Read for Decoded<R> {
         self.read_decoded(out).map_err(into_io)
     }
 }
+
+/// A sink that keeps the first `limit` bytes written to it and drops the rest: for comparing a
+/// decoded object with a small local file without holding a large object in memory.
+#[derive(Debug, Default)]
+pub struct Prefix {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Prefix {
+    /// Keeps at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Prefix { bytes: Vec::new(), limit }
+    }
+
+    /// What was kept.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    fn keep(&mut self, bytes: &[u8]) -> usize {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        bytes.len()
+    }
+}
+
+impl Write for Prefix {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        Ok(self.keep(bytes))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsyncWrite for Prefix {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Ok(self.get_mut().keep(bytes)))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

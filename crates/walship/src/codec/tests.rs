@@ -477,6 +477,9 @@ async fn the_async_pump_decodes_checks_and_tells_the_sink_apart() {
         assert!(matches!(err, PumpError::Format(FormatError::Truncated(_))), "{err}");
         let err = pipeline.decode_async(&encoded[..], FullAsync).await.unwrap_err();
         assert!(matches!(err, PumpError::Sink(_)), "{err}");
+        let mut prefix = Prefix::new(1000);
+        assert_eq!(pipeline.decode_async(&encoded[..], &mut prefix).await.unwrap(), written);
+        assert_eq!(prefix.into_bytes(), &original[..1000]);
     }
 }
 
