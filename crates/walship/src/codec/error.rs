@@ -74,6 +74,18 @@ pub enum PumpError {
     Sink(#[source] io::Error),
 }
 
+impl PumpError {
+    /// As one `io::Error`, for a caller that reports every failure as I/O on one file, and for the
+    /// `Read` forms: the I/O errors as they were, damage as `InvalidData` around the
+    /// [`FormatError`] (found again with `get_ref().downcast_ref()`).
+    pub fn into_io(self) -> io::Error {
+        match self {
+            PumpError::Source(e) | PumpError::Codec(e) | PumpError::Sink(e) => e,
+            PumpError::Format(format) => io::Error::new(io::ErrorKind::InvalidData, format),
+        }
+    }
+}
+
 impl From<DecodeError> for PumpError {
     fn from(error: DecodeError) -> Self {
         match error {

@@ -182,22 +182,13 @@ impl<R: Read> Read for Encoded<R> {
             return Ok(0);
         }
         if self.pending.1 == self.pending.0.len() {
-            self.pending = (self.next_chunk(out.len()).map_err(into_io)?, 0);
+            self.pending = (self.next_chunk(out.len()).map_err(PumpError::into_io)?, 0);
         }
         let (chunk, at) = &mut self.pending;
         let n = (chunk.len() - *at).min(out.len());
         out[..n].copy_from_slice(&chunk[*at..*at + n]);
         *at += n;
         Ok(n)
-    }
-}
-
-/// Source errors pass through as they were; the codec's own go inside `io::Error::other`, where
-/// [`PumpError`] can be found again with `get_ref().downcast_ref()`.
-fn into_io(error: PumpError) -> io::Error {
-    match error {
-        PumpError::Source(e) => e,
-        other => io::Error::other(other),
     }
 }
 
@@ -289,7 +280,7 @@ impl<R: Read> Decoded<R> {
 
 impl<R: Read> Read for Decoded<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        self.read_decoded(out).map_err(into_io)
+        self.read_decoded(out).map_err(PumpError::into_io)
     }
 }
 

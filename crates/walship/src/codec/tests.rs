@@ -455,8 +455,9 @@ fn the_pull_decoder_reports_damage_only_as_damage() {
     let mut decoded = Pipeline::default().decoded(&encoded[..encoded.len() - 1]).unwrap();
     let mut sink = Vec::new();
     let err = decoded.read_to_end(&mut sink).unwrap_err();
-    let inner = err.get_ref().and_then(|e| e.downcast_ref::<PumpError>());
-    assert!(matches!(inner, Some(PumpError::Format(FormatError::Truncated(_)))), "{err}");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    let inner = err.get_ref().and_then(|e| e.downcast_ref::<FormatError>());
+    assert!(matches!(inner, Some(FormatError::Truncated(_))), "{err}");
     assert_eq!(decoded.digest(), None);
     let mut failing = Pipeline::default().decoded(Failing).unwrap();
     assert_eq!(failing.read(&mut [0u8; 16]).unwrap_err().raw_os_error(), Some(libc::EIO));
