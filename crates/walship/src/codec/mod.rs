@@ -27,6 +27,8 @@
 //! [`Encoded`] and [`Decoded`]. Damage is always a [`FormatError`], never confused with a
 //! failing source or sink.
 
+#![warn(missing_docs)]
+
 mod digest;
 mod error;
 mod pipeline;

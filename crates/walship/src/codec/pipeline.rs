@@ -23,8 +23,8 @@ pub struct Pipeline {
 }
 
 impl Default for Pipeline {
-    /// zstd at its default level on one thread, no further stage: enough for reading any object
-    /// today's walship writes.
+    /// For reading: no further stage, so it reads every object today's walship writes. Writers
+    /// take the configured level with [`Pipeline::zstd`] instead (zstd's default level here).
     fn default() -> Self {
         Pipeline::zstd(zstd::DEFAULT_COMPRESSION_LEVEL)
     }
