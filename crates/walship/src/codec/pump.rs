@@ -29,13 +29,14 @@ pub struct Pumped {
 }
 
 impl Pipeline {
-    /// Encodes everything `source` yields into `sink`, as one object. The sink's content is a
-    /// complete object only when this returns `Ok`.
+    /// Encodes everything `source` yields into `sink`, as one object, and flushes the sink. The
+    /// sink's content is a complete object only when this returns `Ok`.
     pub fn encode(&self, source: impl Read, mut sink: impl Write) -> Result<Pumped, PumpError> {
         let mut encoded = self.encoded(source)?;
         loop {
             let chunk = encoded.next_chunk(ENCODE_READ_CHUNK)?;
             if chunk.is_empty() {
+                sink.flush().map_err(PumpError::Sink)?;
                 let digest = encoded.digest().expect("the object has ended");
                 return Ok(Pumped { digest, stored_bytes: encoded.stored_bytes() });
             }
@@ -43,15 +44,20 @@ impl Pipeline {
         }
     }
 
-    /// Decodes the object `source` yields into `sink`, checking it. What the sink received is to
-    /// be trusted only when this returns `Ok`.
+    /// Decodes the object `source` yields into `sink`, checking it, and flushes the sink. What the
+    /// sink received is to be trusted only when this returns `Ok`.
     pub fn decode(&self, mut source: impl Read, sink: impl Write) -> Result<Pumped, PumpError> {
         let mut decoder = self.decoder(sink).map_err(PumpError::Codec)?;
         let mut buf = vec![0u8; DECODE_READ_CHUNK];
         let mut stored_bytes = 0;
         loop {
             match read_retrying(&mut source, &mut buf)? {
-                0 => return Ok(Pumped { digest: decoder.finish()?.0, stored_bytes }),
+                0 => {
+                    // A buffered sink would drop a failed flush silently.
+                    let (digest, mut sink) = decoder.finish()?;
+                    sink.flush().map_err(PumpError::Sink)?;
+                    return Ok(Pumped { digest, stored_bytes });
+                }
                 n => {
                     stored_bytes += n as u64;
                     decoder.update(&buf[..n])?;

@@ -390,6 +390,11 @@ fn sink_failures_are_not_called_corruption_through_a_stage_or_a_pump() {
         assert!(matches!(pipeline.encode(&original[..], Full), Err(PumpError::Sink(_))));
         assert!(matches!(pipeline.decode(Failing, Vec::new()), Err(PumpError::Source(_))));
         assert!(matches!(pipeline.encode(Failing, Vec::new()), Err(PumpError::Source(_))));
+        let buffered = || io::BufWriter::new(Full);
+        assert!(matches!(pipeline.decode(&encoded[..10_000], buffered()), Err(PumpError::Format(_))));
+        let tiny = encode_with(&pipeline, b"tiny");
+        assert!(matches!(pipeline.decode(&tiny[..], buffered()), Err(PumpError::Sink(_))), "the flush counts");
+        assert!(matches!(pipeline.encode(&b"tiny"[..], buffered()), Err(PumpError::Sink(_))), "the flush counts");
     }
 }
 
