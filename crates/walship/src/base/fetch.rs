@@ -421,8 +421,7 @@ fn install_control(data_dir: &Path) -> Result<(), Error> {
     let held_back = data_dir.join(HELD_BACK_CONTROL);
     let control = data_dir.join("global/pg_control");
     fs::rename(&held_back, &control).map_err(|e| Error::local_io(&control, "rename into place", e))?;
-    crate::storage::local::fsync_dir(&data_dir.join("global"))
-        .map_err(|e| Error::local_io(data_dir, "fsync global/", e))
+    crate::fs::fsync_dir(&data_dir.join("global")).map_err(|e| Error::local_io(data_dir, "fsync global/", e))
 }
 
 /// Runs pg_verifybackup, when installed, on the restored files while pg_control is still held back.

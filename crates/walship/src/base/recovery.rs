@@ -318,7 +318,7 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     let text = settings_text(&existing, settings, &mut changes);
     // The backup's own file keeps its mode and owner (running as root, the cluster's user).
     let kept = fs::metadata(&conf).ok();
-    crate::process::replace_file(&conf, text.as_bytes(), true)?;
+    crate::fs::replace_file(&conf, text.as_bytes(), true)?;
     if let Some(meta) = kept {
         keep_mode(&conf, &meta);
     }
@@ -331,7 +331,7 @@ pub fn write_recovery_settings(data_dir: &Path, settings: &RecoverySettings<'_>)
     }
     let signal = data_dir.join(if settings.standby { "standby.signal" } else { "recovery.signal" });
     File::create(&signal)?.sync_all()?;
-    crate::storage::local::fsync_dir(data_dir)?;
+    crate::fs::fsync_dir(data_dir)?;
     Ok(changes)
 }
 

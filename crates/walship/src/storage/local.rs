@@ -25,11 +25,9 @@ use super::{
     DirEntryInfo, ListResult, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
     Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
 };
-use crate::fs::{create_dirs_durably, is_temp_name, temp_name};
+use crate::fs::{create_dirs_durably, fsync_dir, is_temp_name, temp_name};
 
 pub use super::STALE_TEMP_AGE;
-// moved to fs.rs; re-exported until callers switch
-pub use crate::fs::fsync_dir;
 
 /// A repository in a directory of this host's file system.
 #[derive(Debug, Clone)]
