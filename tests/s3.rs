@@ -10,29 +10,26 @@
 //! stalling the suite.
 
 use std::fs;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use walship_tests::Output;
 use walship_tests::assertions::{
     assert_absent, assert_error, assert_no_temp_files, assert_ok, assert_one_line, sha256_hex,
 };
+use walship_tests::fixture::{Fixture, HANG_MARGIN, RECOVERYXLOG, identity_of};
 use walship_tests::proxy::{Fault, Proxy, Request, Response, Rule};
+use walship_tests::repository::Repository;
+use walship_tests::running::{finish, spawn};
 use walship_tests::s3::{
     ACCESS_KEY, REGION, S3Server, SECRET_KEY, assert_no_multipart_leftovers, free_port, write_config_file,
 };
-use walship_tests::segments::{self, Fill, Segment};
-use walship_tests::{Output, Scratch, walship};
+use walship_tests::segments::{self, Fill, Segment, wal_key};
 
 const SEG1: &str = "000000010000000000000001";
 const SEG2: &str = "000000010000000000000002";
 const SEG3: &str = "000000010000000000000003";
-/// Where PostgreSQL asks restore_command to put most files.
-const RECOVERYXLOG: &str = "pg_wal/RECOVERYXLOG";
 const BUCKET: &str = "walship-test";
 const PREFIX: &str = "db1";
 const MIB: usize = 1 << 20;
@@ -41,20 +38,14 @@ const MIB: usize = 1 << 20;
 const CALM: (&str, &str) = ("deadline_secs = 30", "connect_timeout_secs = 2\nread_timeout_secs = 10");
 /// Settings for fault tests: give up soon.
 const FAULTY: (&str, &str) = ("deadline_secs = 5", "connect_timeout_secs = 1\nread_timeout_secs = 2");
-/// How long past its deadline a command may take before the test calls it hung.
-const HANG_MARGIN: Duration = Duration::from_secs(30);
 
 fn repo_url() -> String {
     format!("s3://{BUCKET}/{PREFIX}")
 }
 
-/// The object key of a WAL file (the layout of `crates/walship/src/repo/mod.rs`, under the prefix).
+/// The object key of a WAL file in the bucket: the repository's layout, under the prefix.
 fn key_of(name: &str) -> String {
-    if name.ends_with(".history") {
-        format!("{PREFIX}/wal/history/{name}")
-    } else {
-        format!("{PREFIX}/wal/{}/{name}", &name[..16])
-    }
+    format!("{PREFIX}/{}", wal_key(name))
 }
 
 /// The request path of a key, path style.
@@ -67,223 +58,40 @@ fn location_of(name: &str) -> String {
     format!("s3://{BUCKET}/{}", key_of(name))
 }
 
-/// An s3s-fs server with the bucket, a data directory whose `pg_wal` holds the files to archive, and
-/// configuration files written on demand. The binaries run from the data directory, as under
-/// archive_command and restore_command.
-struct Setup {
-    scratch: Scratch,
-    server: S3Server,
-    data: PathBuf,
-    wal: PathBuf,
-    configs: AtomicU32,
+/// A fixture on `s3://BUCKET/PREFIX` of an s3s-fs server of its own.
+fn setup(label: &str) -> Fixture {
+    Fixture::with_repository(label, |scratch| Repository::s3(scratch, BUCKET, PREFIX))
 }
 
-impl Setup {
-    fn new(label: &str) -> Setup {
-        let scratch = Scratch::new(label);
-        let data = scratch.mkdir("pgdata");
-        let wal = scratch.mkdir("pgdata/pg_wal");
-        let server = S3Server::start();
-        server.create_bucket(BUCKET);
-        Setup { scratch, server, data, wal, configs: AtomicU32::new(0) }
-    }
-
-    /// A configuration for the repository through `endpoint`, with `settings` (top-level and `[s3]`
-    /// lines) and `extra` `[s3]` lines.
-    fn config_via(&self, endpoint: &str, settings: (&str, &str), extra: &str) -> PathBuf {
-        self.config_text(&self.server.config_text(
-            &repo_url(),
-            endpoint,
-            settings.0,
-            &format!("{}\n{extra}", settings.1),
-        ))
-    }
-
-    /// A configuration straight to the server.
-    fn config(&self, settings: (&str, &str), extra: &str) -> PathBuf {
-        self.config_via(&self.server.endpoint(), settings, extra)
-    }
-
-    /// Writes `text` as a new configuration file.
-    fn config_text(&self, text: &str) -> PathBuf {
-        let n = self.configs.fetch_add(1, Ordering::SeqCst);
-        write_config_file(self.scratch.path(), &format!("walship-{n}.toml"), text)
-    }
-
-    fn push_cmd(&self, config: &Path, name: &str) -> Command {
-        let mut cmd = walship("wal-push");
-        cmd.current_dir(&self.data).arg("--config").arg(config).arg(format!("pg_wal/{name}")).arg(name);
-        cmd
-    }
-
-    fn fetch_cmd(&self, config: &Path, name: &str) -> Command {
-        self.fetch_cmd_in(&self.data, config, name)
-    }
-
-    /// `wal-fetch` run from the data directory `data`.
-    fn fetch_cmd_in(&self, data: &Path, config: &Path, name: &str) -> Command {
-        let mut cmd = walship("wal-fetch");
-        cmd.current_dir(data).arg("--config").arg(config).arg(name).arg(RECOVERYXLOG);
-        cmd
-    }
-
-    /// A second data directory, of a standby (it holds standby.signal), so that a standby's fetch can
-    /// run while another fetch runs in the main one.
-    fn standby_data(&self) -> PathBuf {
-        let data = self.scratch.path().join("standby");
-        if !data.exists() {
-            self.scratch.mkdir("standby");
-            self.scratch.mkdir("standby/pg_wal");
-            segments::write_file(&data.join("standby.signal"), b"");
-        }
-        data
-    }
-
-    /// `wal-push --config CONFIG pg_wal/<name> <name>`, waited for with a bound.
-    fn push(&self, config: &Path, name: &str) -> Output {
-        finish(spawn(&mut self.push_cmd(config, name)), HANG_MARGIN * 2).output
-    }
-
-    /// `wal-fetch --config CONFIG <name> pg_wal/RECOVERYXLOG`, waited for with a bound.
-    fn fetch(&self, config: &Path, name: &str) -> Output {
-        finish(spawn(&mut self.fetch_cmd(config, name)), HANG_MARGIN * 2).output
-    }
-
-    fn write_segment(&self, segment: &Segment) -> Vec<u8> {
-        let bytes = segment.bytes();
-        segments::write_file(&self.wal.join(segment.name()), &bytes);
-        bytes
-    }
-
-    fn write_wal_file(&self, name: &str, bytes: &[u8]) {
-        segments::write_file(&self.wal.join(name), bytes);
-    }
-
-    /// The file in which s3s-fs keeps the object of WAL file `name`.
-    fn object(&self, name: &str) -> PathBuf {
-        self.server.object_file(BUCKET, &key_of(name))
-    }
-
-    fn destination(&self) -> PathBuf {
-        self.data.join(RECOVERYXLOG)
-    }
-
-    /// Fetches `name` and checks that exactly `expected` arrives; removes the restored file again.
-    #[track_caller]
-    fn assert_fetches(&self, config: &Path, name: &str, expected: &[u8]) {
-        let out = self.fetch(config, name);
-        assert_ok(&out, &format!("fetch {name}"));
-        let restored = fs::read(self.destination()).expect("the restored file");
-        assert!(restored == expected, "fetch {name}: restored {} bytes that differ from the original", restored.len());
-        fs::remove_file(self.destination()).unwrap();
-        assert_no_temp_files(&self.wal);
-    }
-
-    /// PostgreSQL's marker for a standby; wal-fetch reads it from its working directory.
-    fn become_standby(&self) {
-        segments::write_file(&self.data.join("standby.signal"), b"");
-    }
-
-    fn stop_being_standby(&self) {
-        fs::remove_file(self.data.join("standby.signal")).unwrap();
-    }
+/// [`setup`], a proxy in front of the server, and a configuration through the proxy with
+/// `settings` and `extra` `[s3]` lines.
+fn setup_with_proxy(label: &str, settings: (&str, &str), extra: &str) -> (Fixture, Proxy, PathBuf) {
+    let s = setup(label);
+    let proxy = Proxy::start(server(&s).port());
+    let config = config_via(&s, &proxy.endpoint(), settings, extra);
+    (s, proxy, config)
 }
 
-/// A command started with its output collected on the side.
-struct Running {
-    child: Child,
-    what: String,
-    /// The program's name as /proc shows it once it has been exec'd.
-    program: String,
-    stdout: JoinHandle<Vec<u8>>,
-    stderr: JoinHandle<Vec<u8>>,
-    started: Instant,
+/// The fixture's S3 server.
+fn server(s: &Fixture) -> &S3Server {
+    s.repo.s3_server().expect("an S3 fixture")
 }
 
-/// What a finished command did, and what it cost.
-struct Finished {
-    output: Output,
-    elapsed: Duration,
-    /// Peak resident memory (VmHWM) last seen while it ran; 0 if it ran too briefly to be seen.
-    peak_rss_bytes: u64,
+fn server_mut(s: &mut Fixture) -> &mut S3Server {
+    let Repository::S3 { server, .. } = &mut s.repo else { panic!("an S3 fixture") };
+    server
 }
 
-fn spawn(cmd: &mut Command) -> Running {
-    let what = format!("{:?} {:?}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
-    let program = Path::new(cmd.get_program()).file_name().unwrap().to_string_lossy().into_owned();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
-    Running { child, what, program, stdout, stderr, started: Instant::now() }
+/// A configuration for the repository through `endpoint` (the server's, or a proxy in front of it),
+/// with `settings` (top-level and `[s3]` lines) and `extra` `[s3]` lines.
+fn config_via(s: &Fixture, endpoint: &str, settings: (&str, &str), extra: &str) -> PathBuf {
+    let text = server(s).config_text(&repo_url(), endpoint, settings.0, &format!("{}\n{extra}", settings.1));
+    s.config_text(&text)
 }
 
-impl Running {
-    /// The process's peak resident memory so far, once it runs our program (before the exec it is a
-    /// copy of the test process, whose memory says nothing about the command).
-    fn peak_rss_bytes(&self) -> Option<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let name = status.lines().find_map(|l| l.strip_prefix("Name:"))?.trim();
-        if name != self.program {
-            return None;
-        }
-        let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim();
-        kib.parse::<u64>().ok().map(|k| k * 1024)
-    }
-
-    fn has_exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
-}
-
-/// Waits for `running` to exit, watching its memory; kills it and fails the test if it takes longer
-/// than `limit`.
-#[track_caller]
-fn finish(mut running: Running, limit: Duration) -> Finished {
-    let mut peak_rss_bytes = 0;
-    loop {
-        if let Some(peak) = running.peak_rss_bytes() {
-            peak_rss_bytes = peak_rss_bytes.max(peak);
-        }
-        if let Some(status) = running.child.try_wait().unwrap() {
-            let elapsed = running.started.elapsed();
-            let text = |h: JoinHandle<Vec<u8>>| String::from_utf8_lossy(&h.join().unwrap()).into_owned();
-            let output = Output { code: status.code(), stdout: text(running.stdout), stderr: text(running.stderr) };
-            return Finished { output, elapsed, peak_rss_bytes };
-        }
-        if running.started.elapsed() > limit {
-            let _ = running.child.kill();
-            let _ = running.child.wait();
-            panic!("{} hung: still running after {} s", running.what, limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// (length, mtime, inode): changes if an object is rewritten or replaced.
-fn identity_of(path: &Path) -> (u64, SystemTime, u64) {
-    let meta = fs::metadata(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    (meta.len(), meta.modified().unwrap(), meta.ino())
-}
-
-/// Requests that would create or replace `key`: a PUT or a multipart upload of it.
-fn writes_to(seen: &[walship_tests::proxy::Seen], key: &str) -> Vec<String> {
-    let path = path_of(key);
-    seen.iter()
-        .filter(|s| s.request.path() == path && matches!(s.method.as_str(), "PUT" | "POST"))
-        .map(|s| format!("{} {}", s.method, s.target))
-        .collect()
+/// A configuration straight to the server.
+fn direct_config(s: &Fixture, settings: (&str, &str), extra: &str) -> PathBuf {
+    config_via(s, &server(s).endpoint(), settings, extra)
 }
 
 fn is_request_for(request: &Request, method: &str, key: &str) -> bool {
@@ -294,104 +102,12 @@ fn is_request_for(request: &Request, method: &str, key: &str) -> bool {
 // The contract, on S3.
 // ---------------------------------------------------------------------------------------------------
 
-/// Every kind of file PostgreSQL archives goes where the layout says, in walship's format, with the
-/// digest in the object's metadata, and comes back byte for byte.
-#[test]
-fn every_kind_of_file_round_trips_in_the_documented_layout() {
-    let s = Setup::new("s3-layout");
-    let config = s.config(CALM, "");
-    let segment = s.write_segment(&Segment::new(SEG1));
-    let partial_name = format!("{SEG3}.partial");
-    let partial = s.write_segment(&Segment::new(&partial_name));
-    let history_name = segments::history_name(2);
-    let history = segments::history_content(2, "no recovery target specified");
-    s.write_wal_file(&history_name, history.as_bytes());
-    let (label_name, label) = segments::backup_label(1, 0x0010_0028, segments::MIN_SEGMENT_SIZE);
-    s.write_wal_file(&label_name, label.as_bytes());
-
-    for name in [SEG1, &partial_name, &history_name, &label_name] {
-        let out = s.push(&config, name);
-        assert_ok(&out, &format!("push {name}"));
-        assert!(out.stderr.contains(&format!("archived {name}")), "{:?}", out.stderr);
-    }
-    let mut expected: Vec<String> =
-        [SEG1, &partial_name, &history_name, &label_name].iter().map(|n| key_of(n)).collect();
-    expected.push(format!("{PREFIX}/repository.json"));
-    expected.sort();
-    assert_eq!(s.server.object_keys(BUCKET), expected);
-
-    let record: serde_json::Value =
-        serde_json::from_slice(&fs::read(s.server.object_file(BUCKET, &format!("{PREFIX}/repository.json"))).unwrap())
-            .expect("repository.json is plain JSON");
-    assert_eq!(record["system_identifier"], segments::DEFAULT_SYSTEM_IDENTIFIER.to_string(), "{record}");
-    assert_eq!(record["wal_segment_size"], segments::MIN_SEGMENT_SIZE, "{record}");
-
-    let stored = fs::read(s.object(SEG1)).unwrap();
-    assert!(stored.starts_with(b"WALSHIP\0"), "not in walship's format: {:?}", &stored[..16]);
-    assert!(stored.len() < segment.len() / 4, "a WAL-like segment should compress: {} bytes", stored.len());
-    let metadata = fs::read_to_string(s.server.metadata_file(BUCKET, &key_of(SEG1))).unwrap();
-    assert!(metadata.contains(&sha256_hex(&segment)), "walship-sha256 missing from {metadata}");
-    assert!(metadata.contains(&format!("\"walship-length\":\"{}\"", segment.len())), "{metadata}");
-
-    s.assert_fetches(&config, SEG1, &segment);
-    s.assert_fetches(&config, &partial_name, &partial);
-    s.assert_fetches(&config, &history_name, history.as_bytes());
-    s.assert_fetches(&config, &label_name, label.as_bytes());
-}
-
-/// PostgreSQL archives a segment again after a crash: identical content is success, the object is not
-/// rewritten, and the push does not even try to write it (a store that ignores conditional writes
-/// would otherwise be overwritten).
-#[test]
-fn identical_repush_succeeds_without_writing() {
-    let s = Setup::new("s3-repush");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), CALM, "");
-    let original = s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "first push");
-    let object = s.object(SEG1);
-    let before = identity_of(&object);
-
-    proxy.forget_seen();
-    let out = s.push(&config, SEG1);
-    assert_ok(&out, "second push");
-    assert!(out.stderr.contains(SEG1) && out.stderr.contains("already archived"), "{:?}", out.stderr);
-    assert_eq!(identity_of(&object), before, "the archived object was rewritten");
-    let writes = writes_to(&proxy.seen(), &key_of(SEG1));
-    assert!(writes.is_empty(), "an identical re-push tried to write the object: {writes:?}");
-    s.assert_fetches(&config, SEG1, &original);
-}
-
-/// Different content under an archived name is refused with both digests, and nothing is written.
-#[test]
-fn different_content_under_an_archived_name_is_a_conflict() {
-    let s = Setup::new("s3-conflict");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), CALM, "");
-    let first = s.write_segment(&Segment::new(SEG1).seed(1));
-    assert_ok(&s.push(&config, SEG1), "first push");
-    let object = s.object(SEG1);
-    let before = identity_of(&object);
-
-    let second = s.write_segment(&Segment::new(SEG1).seed(2));
-    proxy.forget_seen();
-    let out = s.push(&config, SEG1);
-    assert_error(&out, 5, &[SEG1, "different content", &sha256_hex(&first), &sha256_hex(&second)]);
-    assert_eq!(identity_of(&object), before, "the archived object was touched");
-    let writes = writes_to(&proxy.seen(), &key_of(SEG1));
-    assert!(writes.is_empty(), "a conflicting push tried to write the object: {writes:?}");
-    assert_ne!(first, second);
-    s.assert_fetches(&config, SEG1, &first);
-}
-
 /// The object appears between the existence check and the write (a racing push, or a store whose
 /// listing lags): the conditional write gets 412, and the push decides by content, for a single PUT
 /// and for a multipart upload, which is then aborted.
 #[test]
 fn a_412_on_the_conditional_write_is_judged_by_content() {
-    let s = Setup::new("s3-412");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), CALM, "part_size = \"5MiB\"");
+    let (s, proxy, config) = setup_with_proxy("s3-412", CALM, "part_size = \"5MiB\"");
     // The existence checks answer "absent", as if the object did not exist yet: one check before a
     // single PUT; two around a multipart upload (before the first part and before completing it).
     let lie = |name: &str, checks: usize| {
@@ -406,13 +122,13 @@ fn a_412_on_the_conditional_write_is_judged_by_content() {
     for (segment, publish, checks) in [(&small, "PUT", 1), (&large, "POST", 2)] {
         let name = segment.name();
         let original = s.write_segment(segment);
-        assert_ok(&s.push(&config, name), &format!("first push of {name}"));
+        assert_ok(&s.push_with(&config, name), &format!("first push of {name}"));
         let object = s.object(name);
         let before = identity_of(&object);
 
         proxy.add(lie(name, checks));
         proxy.forget_seen();
-        let out = s.push(&config, name);
+        let out = s.push_with(&config, name);
         assert_ok(&out, &format!("identical push of {name} after a 412"));
         assert!(out.stderr.contains("already archived"), "{:?}", out.stderr);
         let refused = proxy.seen().iter().filter(|r| r.method == publish && r.status == Some(412)).count();
@@ -421,123 +137,13 @@ fn a_412_on_the_conditional_write_is_judged_by_content() {
 
         let other = s.write_segment(&segment.clone().seed(9));
         proxy.add(lie(name, checks));
-        let out = s.push(&config, name);
+        let out = s.push_with(&config, name);
         assert_error(&out, 5, &[name, "different content", &sha256_hex(&original), &sha256_hex(&other)]);
         assert_eq!(identity_of(&object), before, "{name}: rewritten");
-        assert_no_multipart_leftovers(&s.server, name);
+        assert_no_multipart_leftovers(server(&s), name);
         s.write_segment(segment);
-        s.assert_fetches(&config, name, &original);
+        s.assert_fetches_with(&config, name, &original);
     }
-}
-
-/// Recovery asks for files that do not exist as a matter of course: exit 1 only where the repository
-/// proves it, and nothing appears where PostgreSQL looks.
-#[test]
-fn missing_files_are_not_found_and_nothing_is_written() {
-    let s = Setup::new("s3-missing");
-    let config = s.config(CALM, "");
-    // An empty bucket is not a repository: absence proves nothing there.
-    let identity = format!("s3://{BUCKET}/{PREFIX}/repository.json");
-    assert_error(&s.fetch(&config, SEG1), 206, &[&identity, "not a walship repository"]);
-    assert_absent(&s.destination());
-
-    s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "push");
-    for name in [SEG2, "00000002.history", "000000020000000000000001.partial"] {
-        let out = s.fetch(&config, name);
-        assert_error(&out, 1, &[name, "not in the archive"]);
-        assert_absent(&s.destination());
-        assert_no_temp_files(&s.wal);
-    }
-    s.become_standby();
-    assert_error(&s.fetch(&config, SEG2), 1, &[SEG2]);
-    assert_absent(&s.destination());
-}
-
-/// A damaged object is never restored (207, or 1 on a standby), and a damaged history file is not
-/// called identical by a re-push.
-#[test]
-fn corrupt_objects_are_never_handed_over() {
-    let s = Setup::new("s3-corrupt");
-    let config = s.config(CALM, "");
-    let original = s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "push");
-    let object = s.object(SEG1);
-    let stored = fs::read(&object).unwrap();
-    let location = location_of(SEG1);
-
-    let mut flipped = stored.clone();
-    flipped[stored.len() / 2] ^= 0x40;
-    for (what, damaged) in [
-        ("flipped byte", flipped),
-        ("cut in half", stored[..stored.len() / 2].to_vec()),
-        ("last byte cut", stored[..stored.len() - 1].to_vec()),
-        ("empty", Vec::new()),
-    ] {
-        fs::write(&object, &damaged).unwrap();
-        let out = s.fetch(&config, SEG1);
-        assert_error(&out, 207, &[&location, "corrupt"]);
-        assert_absent(&s.destination());
-        assert_no_temp_files(&s.wal);
-        s.become_standby();
-        assert_error(&s.fetch(&config, SEG1), 1, &[&location, "corrupt"]);
-        assert_absent(&s.destination());
-        s.stop_being_standby();
-        assert_eq!(fs::read(&object).unwrap(), damaged, "{what}: the damaged object was replaced");
-    }
-    fs::write(&object, &stored).unwrap();
-    s.assert_fetches(&config, SEG1, &original);
-
-    // History files are compared byte for byte with the archived copy, which must decode first.
-    let name = segments::history_name(2);
-    let history = segments::history_content(2, "no recovery target specified");
-    s.write_wal_file(&name, history.as_bytes());
-    assert_ok(&s.push(&config, &name), "history push");
-    let object = s.object(&name);
-    let mut damaged = fs::read(&object).unwrap();
-    let middle = damaged.len() / 2;
-    damaged[middle] ^= 0x01;
-    fs::write(&object, &damaged).unwrap();
-    assert_error(&s.push(&config, &name), 7, &[&location_of(&name), "corrupt"]);
-    assert_error(&s.fetch(&config, &name), 207, &[&location_of(&name), "corrupt"]);
-    assert_eq!(fs::read(&object).unwrap(), damaged, "the damaged history object was replaced silently");
-}
-
-/// Timeline history files decide which timeline recovery follows: never overwritten, compared byte for
-/// byte (even when the length matches), never written twice.
-#[test]
-fn history_files_are_never_overwritten() {
-    let s = Setup::new("s3-history");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), CALM, "");
-    let name = segments::history_name(2);
-    let first = segments::history_content(2, "no recovery target specified");
-    s.write_wal_file(&name, first.as_bytes());
-    assert_ok(&s.push(&config, &name), "first push");
-    let object = s.object(&name);
-    let before = identity_of(&object);
-    proxy.forget_seen();
-    assert_ok(&s.push(&config, &name), "identical push");
-    assert_eq!(identity_of(&object), before);
-
-    let second = segments::history_content(2, "no recovery target specifieD");
-    assert_eq!(first.len(), second.len());
-    s.write_wal_file(&name, second.as_bytes());
-    assert_error(&s.push(&config, &name), 5, &[&name, "different content"]);
-    assert_eq!(identity_of(&object), before);
-    let writes = writes_to(&proxy.seen(), &key_of(&name));
-    assert!(writes.is_empty(), "re-pushes of a history file tried to write it: {writes:?}");
-
-    // Even when the existence check is fooled, the conditional write refuses and the bytes decide.
-    let key = key_of(&name);
-    proxy.add(
-        Rule::new(Fault::Respond(Response::s3_error(404, "Not Found", "NoSuchKey", "injected")))
-            .when(move |r| is_request_for(r, "HEAD", &key))
-            .times(1),
-    );
-    assert_error(&s.push(&config, &name), 5, &[&name, "different content"]);
-    assert_eq!(identity_of(&object), before);
-    s.assert_fetches(&config, &name, first.as_bytes());
 }
 
 /// A segment larger than a part goes up as a multipart upload: uniform parts of part_size (the last
@@ -545,18 +151,18 @@ fn history_files_are_never_overwritten() {
 /// segment's size (the upload streams), no parts left over, and the object comes back byte for byte.
 #[test]
 fn multipart_uploads_round_trip_with_uniform_parallel_parts() {
-    let s = Setup::new("s3-multipart");
-    let proxy = Proxy::start(s.server.port());
+    let s = setup("s3-multipart");
+    let proxy = Proxy::start(server(&s).port());
     let concurrency = 3;
     let config =
-        s.config_via(&proxy.endpoint(), CALM, &format!("part_size = \"5MiB\"\nupload_concurrency = {concurrency}"));
+        config_via(&s, &proxy.endpoint(), CALM, &format!("part_size = \"5MiB\"\nupload_concurrency = {concurrency}"));
     // Slow parts, so that parallel uploads overlap for sure.
     proxy.add(Rule::new(Fault::Delay(Duration::from_millis(150))).when(Request::is_upload_part));
     // Incompressible, so that the object is as large as the segment.
     let segment = Segment::new(SEG1).segment_size(128 << 20).fill(Fill::Random);
     let original = s.write_segment(&segment);
 
-    let finished = finish(spawn(&mut s.push_cmd(&config, SEG1)), HANG_MARGIN * 2);
+    let finished = finish(spawn(&mut s.push_cmd(Some(&config), SEG1)), HANG_MARGIN * 2);
     assert_ok(&finished.output, "multipart push");
     let stored_len = fs::metadata(s.object(SEG1)).unwrap().len();
     let seen = proxy.seen();
@@ -576,7 +182,7 @@ fn multipart_uploads_round_trip_with_uniform_parallel_parts() {
     let in_flight = proxy.max_concurrent(|r| r.request.is_upload_part());
     assert_eq!(in_flight, concurrency, "parts in flight at once (upload_concurrency = {concurrency})");
     assert_eq!(seen.iter().filter(|r| r.method == "POST" && r.request.has_query("uploads")).count(), 1);
-    assert_no_multipart_leftovers(&s.server, "after a successful multipart upload");
+    assert_no_multipart_leftovers(server(&s), "after a successful multipart upload");
     // Bounded memory: a few parts in flight and buffers, not the object. (A debug build of wal-push
     // peaks at about 60 MiB here, and about the same for a 256 MiB segment.)
     let limit = 96 * MIB as u64;
@@ -588,7 +194,7 @@ fn multipart_uploads_round_trip_with_uniform_parallel_parts() {
         finished.peak_rss_bytes >> 20,
         limit >> 20
     );
-    s.assert_fetches(&config, SEG1, &original);
+    s.assert_fetches_with(&config, SEG1, &original);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -600,9 +206,7 @@ fn multipart_uploads_round_trip_with_uniform_parallel_parts() {
 /// head. Each push and fetch meets several faults and still succeeds, with the right bytes.
 #[test]
 fn passing_faults_are_retried_within_the_deadline() {
-    let s = Setup::new("s3-retry");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), ("deadline_secs = 40", FAULTY.1), "");
+    let (s, proxy, config) = setup_with_proxy("s3-retry", ("deadline_secs = 40", FAULTY.1), "");
     // Four faults in a row outlast the SDK's own three attempts, so walship's retry loop must act too.
     let faults: [(&str, Fault, usize); 7] = [
         ("503 Slow Down", Fault::slow_down(), 4),
@@ -622,7 +226,7 @@ fn passing_faults_are_retried_within_the_deadline() {
             proxy.clear();
             let applied = proxy.faults_applied();
             proxy.add(Rule::new(fault.clone()).times(times));
-            let out = if command == "push" { s.push(&config, &name) } else { s.fetch(&config, &name) };
+            let out = if command == "push" { s.push_with(&config, &name) } else { s.fetch_with(&config, &name) };
             assert_one_line(&out);
             assert!(proxy.faults_applied() > applied, "{what}: no fault was applied");
             if out.code != Some(0) {
@@ -647,11 +251,9 @@ fn passing_faults_are_retried_within_the_deadline() {
 /// its deadline, and nothing partial ever appears where PostgreSQL looks.
 #[test]
 fn a_segment_download_broken_off_midway_is_retried() {
-    let s = Setup::new("s3-midway");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), ("deadline_secs = 20", FAULTY.1), "");
+    let (s, proxy, config) = setup_with_proxy("s3-midway", ("deadline_secs = 20", FAULTY.1), "");
     let original = s.write_segment(&Segment::new(SEG1).segment_size(4 << 20).fill(Fill::Random));
-    assert_ok(&s.push(&config, SEG1), "push");
+    assert_ok(&s.push_with(&config, SEG1), "push");
     // Both cases are tried; what failed is reported together at the end.
     let mut failed = Vec::new();
     for (what, fault) in [
@@ -661,7 +263,7 @@ fn a_segment_download_broken_off_midway_is_retried() {
         let key = key_of(SEG1);
         proxy.add(Rule::new(fault).when(move |r| is_request_for(r, "GET", &key)).times(1));
         let applied = proxy.faults_applied();
-        let out = s.fetch(&config, SEG1);
+        let out = s.fetch_with(&config, SEG1);
         assert_eq!(proxy.faults_applied(), applied + 1, "{what}: the fault was not applied");
         assert_one_line(&out);
         assert_absent_or_complete(&s, &original);
@@ -679,7 +281,7 @@ fn a_segment_download_broken_off_midway_is_retried() {
 }
 
 #[track_caller]
-fn assert_absent_or_complete(s: &Setup, original: &[u8]) {
+fn assert_absent_or_complete(s: &Fixture, original: &[u8]) {
     assert_no_temp_files(&s.wal);
     if let Ok(restored) = fs::read(s.destination()) {
         assert!(restored == original, "a partial or wrong file was handed over");
@@ -690,25 +292,12 @@ fn assert_absent_or_complete(s: &Setup, original: &[u8]) {
 /// the last error on one line; a file it cannot look up is never reported absent.
 #[test]
 fn a_store_that_keeps_failing_fails_at_the_deadline() {
-    let s = Setup::new("s3-503");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), FAULTY, "");
-    let original = s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "push before the trouble");
-    s.write_segment(&Segment::new(SEG2));
+    let (s, proxy, config, original) = archived_before_the_trouble("s3-503");
 
     proxy.add(Rule::new(Fault::slow_down()));
     let endpoint = proxy.endpoint();
     let needles = ["gave up after 5 s", "503", "SlowDown", &endpoint];
-    // All at once, so that the deadlines run out together.
-    let standby = s.standby_data();
-    let running = [
-        spawn(&mut s.push_cmd(&config, SEG2)),
-        spawn(&mut s.fetch_cmd(&config, SEG1)),
-        spawn(&mut s.fetch_cmd(&config, SEG3)),
-        spawn(&mut s.fetch_cmd_in(&standby, &config, SEG3)),
-    ];
-    let [push, fetch_archived, fetch_missing, fetch_standby] = running.map(|r| finish(r, HANG_MARGIN).output);
+    let (standby, [push, fetch_archived, fetch_missing, fetch_standby]) = all_at_once(&s, &config);
     assert_error(&push, 8, &needles);
     assert!(push.stderr.contains(&format!("s3://{BUCKET}/{PREFIX}/")), "{:?}", push.stderr);
     for (fetch, name) in [(&fetch_archived, SEG1), (&fetch_missing, SEG3)] {
@@ -725,30 +314,42 @@ fn a_store_that_keeps_failing_fails_at_the_deadline() {
     assert_absent(&s.object(SEG2));
 
     proxy.clear();
-    s.assert_fetches(&config, SEG1, &original);
-    assert_ok(&s.push(&config, SEG2), "push once the store is well");
+    s.assert_fetches_with(&config, SEG1, &original);
+    assert_ok(&s.push_with(&config, SEG2), "push once the store is well");
+}
+
+/// [`setup_with_proxy`] with the fault settings, SEG1 archived (its bytes returned) and SEG2 in
+/// pg_wal, for [`all_at_once`] once the trouble starts.
+fn archived_before_the_trouble(label: &str) -> (Fixture, Proxy, PathBuf, Vec<u8>) {
+    let (s, proxy, config) = setup_with_proxy(label, FAULTY, "");
+    let original = s.write_segment(&Segment::new(SEG1));
+    assert_ok(&s.push_with(&config, SEG1), "push before the trouble");
+    s.write_segment(&Segment::new(SEG2));
+    (s, proxy, config, original)
+}
+
+/// Runs at once, so that their deadlines run out together: a push of SEG2, fetches of SEG1 (archived)
+/// and SEG3 (never archived), and a standby's fetch of SEG3 (from the standby's data directory,
+/// returned too).
+fn all_at_once(s: &Fixture, config: &Path) -> (PathBuf, [Output; 4]) {
+    let standby = s.standby_data();
+    let running = [
+        spawn(&mut s.push_cmd(Some(config), SEG2)),
+        spawn(&mut s.fetch_cmd(Some(config), SEG1)),
+        spawn(&mut s.fetch_cmd(Some(config), SEG3)),
+        spawn(&mut s.fetch_cmd_in(&standby, Some(config), SEG3)),
+    ];
+    (standby, running.map(|r| finish(r, HANG_MARGIN).output))
 }
 
 /// A server that accepts requests and never answers must not hang archiving or recovery: the
 /// commands fail at the deadline (8, 208; 1 on a standby) and are never "not found".
 #[test]
 fn a_stalled_server_never_hangs_a_command() {
-    let s = Setup::new("s3-stall");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), FAULTY, "");
-    let original = s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "push before the trouble");
-    s.write_segment(&Segment::new(SEG2));
+    let (s, proxy, config, original) = archived_before_the_trouble("s3-stall");
 
     proxy.add(Rule::new(Fault::Stall));
-    let standby = s.standby_data();
-    let running = [
-        spawn(&mut s.push_cmd(&config, SEG2)),
-        spawn(&mut s.fetch_cmd(&config, SEG1)),
-        spawn(&mut s.fetch_cmd(&config, SEG3)),
-        spawn(&mut s.fetch_cmd_in(&standby, &config, SEG3)),
-    ];
-    let [push, fetch_archived, fetch_missing, fetch_standby] = running.map(|r| finish(r, HANG_MARGIN).output);
+    let (standby, [push, fetch_archived, fetch_missing, fetch_standby]) = all_at_once(&s, &config);
     assert_error(&push, 8, &["gave up after 5 s"]);
     assert_error(&fetch_archived, 208, &["gave up after 5 s"]);
     assert_error(&fetch_missing, 208, &["gave up after 5 s"]);
@@ -771,7 +372,7 @@ fn a_stalled_server_never_hangs_a_command() {
     }
 
     proxy.clear();
-    s.assert_fetches(&config, SEG1, &original);
+    s.assert_fetches_with(&config, SEG1, &original);
     assert_absent(&s.object(SEG2));
     assert!(
         unnamed.is_empty(),
@@ -784,18 +385,18 @@ fn a_stalled_server_never_hangs_a_command() {
 /// the name, and once the server is back the next push archives the segment.
 #[test]
 fn server_killed_during_a_push() {
-    let mut s = Setup::new("s3-kill-push");
-    let config = s.config(FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
+    let mut s = setup("s3-kill-push");
+    let config = direct_config(&s, FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
     let segment = Segment::new(SEG1).segment_size(64 << 20).fill(Fill::Random);
     let original = s.write_segment(&segment);
     let object = s.object(SEG1);
 
-    let mut running = spawn(&mut s.push_cmd(&config, SEG1));
+    let mut running = spawn(&mut s.push_cmd(Some(&config), SEG1));
     let started = Instant::now();
     let mut caught = false;
     while started.elapsed() < Duration::from_secs(60) && !running.has_exited() {
-        if !s.server.stored_parts().is_empty() {
-            s.server.kill();
+        if !server(&s).stored_parts().is_empty() {
+            server_mut(&mut s).kill();
             caught = true;
             break;
         }
@@ -803,36 +404,37 @@ fn server_killed_during_a_push() {
     }
     let push = finish(running, HANG_MARGIN);
     assert!(caught, "the push finished before a part was stored: {:#?}", push.output);
-    assert_error(&push.output, 8, &["cannot reach", &s.server.endpoint(), &format!("s3://{BUCKET}/{PREFIX}/")]);
+    assert_error(&push.output, 8, &["cannot reach", &server(&s).endpoint(), &format!("s3://{BUCKET}/{PREFIX}/")]);
     assert_absent(&object);
     // The server could not be told to abort; a bucket lifecycle rule removes such parts on AWS.
-    eprintln!("left by the killed upload: {:?}", s.server.multipart_leftovers());
+    eprintln!("left by the killed upload: {:?}", server(&s).multipart_leftovers());
 
-    s.server.restart();
-    let config = s.config(CALM, "part_size = \"5MiB\"\nupload_concurrency = 2");
-    assert_error(&s.fetch(&config, SEG1), 1, &[SEG1, "not in the archive"]);
-    assert_ok(&s.push(&config, SEG1), "push after the restart");
-    s.assert_fetches(&config, SEG1, &original);
+    server_mut(&mut s).restart();
+    let config = direct_config(&s, CALM, "part_size = \"5MiB\"\nupload_concurrency = 2");
+    assert_error(&s.fetch_with(&config, SEG1), 1, &[SEG1, "not in the archive"]);
+    assert_ok(&s.push_with(&config, SEG1), "push after the restart");
+    s.assert_fetches_with(&config, SEG1, &original);
 }
 
 /// The server dies while a segment streams to wal-fetch: nothing reaches the destination (208; 1 on a
 /// standby), and once the server is back the fetch restores the segment.
 #[test]
 fn server_killed_during_a_fetch() {
-    let mut s = Setup::new("s3-kill-fetch");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), FAULTY, "");
+    let mut s = setup("s3-kill-fetch");
+    let proxy = Proxy::start(server(&s).port());
+    let config = config_via(&s, &proxy.endpoint(), FAULTY, "");
     let original = s.write_segment(&Segment::new(SEG1).segment_size(16 << 20).fill(Fill::Random));
-    assert_ok(&s.push(&config, SEG1), "push");
+    assert_ok(&s.push_with(&config, SEG1), "push");
 
     // A recovering server and a standby fetch at once; each download stops after 1 MiB, and the
     // server dies while the clients wait for more.
     let key = key_of(SEG1);
     proxy.add(Rule::new(Fault::HoldResponse { after: MIB }).when(move |r| is_request_for(r, "GET", &key)).times(2));
     let standby = s.standby_data();
-    let running = [spawn(&mut s.fetch_cmd(&config, SEG1)), spawn(&mut s.fetch_cmd_in(&standby, &config, SEG1))];
+    let running =
+        [spawn(&mut s.fetch_cmd(Some(&config), SEG1)), spawn(&mut s.fetch_cmd_in(&standby, Some(&config), SEG1))];
     assert!(proxy.wait_for_holds(2, Duration::from_secs(30)), "the fetches never started downloading");
-    s.server.kill();
+    server_mut(&mut s).kill();
     proxy.release();
     let [recovering, on_standby] = running.map(|r| finish(r, HANG_MARGIN).output);
     assert_error(&recovering, 208, &[&location_of(SEG1)]);
@@ -842,22 +444,22 @@ fn server_killed_during_a_fetch() {
         assert_no_temp_files(&data.join("pg_wal"));
     }
 
-    s.server.restart();
-    proxy.set_upstream(s.server.port());
-    s.assert_fetches(&config, SEG1, &original);
+    server_mut(&mut s).restart();
+    proxy.set_upstream(server(&s).port());
+    s.assert_fetches_with(&config, SEG1, &original);
 }
 
 /// Wrong credentials are one clear line naming the endpoint, bucket and key, never "not found", and
 /// nothing is written.
 #[test]
 fn wrong_credentials_are_named() {
-    let s = Setup::new("s3-credentials");
-    let good = s.config(CALM, "");
+    let s = setup("s3-credentials");
+    let good = direct_config(&s, CALM, "");
     s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&good, SEG1), "push with the right credentials");
+    assert_ok(&s.push_with(&good, SEG1), "push with the right credentials");
     s.write_segment(&Segment::new(SEG2));
-    let keys_before = s.server.object_keys(BUCKET);
-    let endpoint = s.server.endpoint();
+    let keys_before = server(&s).object_keys(BUCKET);
+    let endpoint = server(&s).endpoint();
 
     for (what, key_id, secret, code) in [
         ("wrong secret", ACCESS_KEY, "not-the-secret", "SignatureDoesNotMatch"),
@@ -873,59 +475,59 @@ fn wrong_credentials_are_named() {
         );
         let config = s.config_text(&text);
         let needles = ["access denied", code, &endpoint, &format!("s3://{BUCKET}/{PREFIX}/")];
-        assert_error(&s.push(&config, SEG2), 8, &needles);
-        let fetch = s.fetch(&config, SEG1);
+        assert_error(&s.push_with(&config, SEG2), 8, &needles);
+        let fetch = s.fetch_with(&config, SEG1);
         assert_error(&fetch, 208, &needles);
         assert!(fetch.stderr.contains(&location_of(SEG1)), "{what}: the key: {:?}", fetch.stderr);
-        assert_error(&s.fetch(&config, SEG3), 208, &needles);
+        assert_error(&s.fetch_with(&config, SEG3), 208, &needles);
         assert_absent(&s.destination());
         s.become_standby();
-        assert_error(&s.fetch(&config, SEG3), 1, &[code]);
+        assert_error(&s.fetch_with(&config, SEG3), 1, &[code]);
         s.stop_being_standby();
         assert!(!fetch.stderr.contains(secret), "{what}: the secret was printed");
-        assert_eq!(s.server.object_keys(BUCKET), keys_before, "{what}: something was written");
+        assert_eq!(server(&s).object_keys(BUCKET), keys_before, "{what}: something was written");
     }
 }
 
 /// A mistyped bucket is named as missing (8, 208), never "not found", and not created.
 #[test]
 fn a_missing_bucket_is_named() {
-    let s = Setup::new("s3-bucket");
-    let text = s.server.config_text("s3://no-such-bucket/db1", &s.server.endpoint(), CALM.0, CALM.1);
+    let s = setup("s3-bucket");
+    let text = server(&s).config_text("s3://no-such-bucket/db1", &server(&s).endpoint(), CALM.0, CALM.1);
     let config = s.config_text(&text);
     s.write_segment(&Segment::new(SEG1));
-    let needles = ["bucket \"no-such-bucket\" does not exist", "s3://no-such-bucket/db1/", &s.server.endpoint()];
-    assert_error(&s.push(&config, SEG1), 8, &needles);
-    assert_error(&s.fetch(&config, SEG1), 208, &needles);
+    let needles = ["bucket \"no-such-bucket\" does not exist", "s3://no-such-bucket/db1/", &server(&s).endpoint()];
+    assert_error(&s.push_with(&config, SEG1), 8, &needles);
+    assert_error(&s.fetch_with(&config, SEG1), 208, &needles);
     assert_absent(&s.destination());
     s.become_standby();
-    assert_error(&s.fetch(&config, SEG1), 1, &needles[..1]);
-    assert_absent(&s.server.data_dir().join("no-such-bucket"));
+    assert_error(&s.fetch_with(&config, SEG1), 1, &needles[..1]);
+    assert_absent(&server(&s).data_dir().join("no-such-bucket"));
 }
 
 /// A bucket in another region. s3s-fs accepts any region, so the proxy answers as AWS does for a
 /// request signed for the wrong region (400 AuthorizationHeaderMalformed, naming the right one).
 #[test]
 fn a_wrong_region_is_named() {
-    let s = Setup::new("s3-region");
-    let proxy = Proxy::start(s.server.port());
+    let s = setup("s3-region");
+    let proxy = Proxy::start(server(&s).port());
     proxy.add(wrong_region_rule("eu-central-1"));
-    let wrong = s.config_via(&proxy.endpoint(), CALM, "");
+    let wrong = config_via(&s, &proxy.endpoint(), CALM, "");
     let original = s.write_segment(&Segment::new(SEG1));
     let needles =
         ["wrong region", "AuthorizationHeaderMalformed", &proxy.endpoint(), &format!("s3://{BUCKET}/{PREFIX}/")];
-    assert_error(&s.push(&wrong, SEG1), 8, &needles);
-    assert_error(&s.fetch(&wrong, SEG1), 208, &needles);
+    assert_error(&s.push_with(&wrong, SEG1), 8, &needles);
+    assert_error(&s.fetch_with(&wrong, SEG1), 208, &needles);
     assert_absent(&s.destination());
-    assert!(s.server.object_keys(BUCKET).is_empty());
+    assert!(server(&s).object_keys(BUCKET).is_empty());
 
     let right = s.config_text(
-        &s.server
+        &server(&s)
             .config_text(&repo_url(), &proxy.endpoint(), CALM.0, CALM.1)
             .replace(&format!("region = \"{REGION}\""), "region = \"eu-central-1\""),
     );
-    assert_ok(&s.push(&right, SEG1), "push signed for the bucket's region");
-    s.assert_fetches(&right, SEG1, &original);
+    assert_ok(&s.push_with(&right, SEG1), "push signed for the bucket's region");
+    s.assert_fetches_with(&right, SEG1, &original);
 }
 
 /// What AWS answers a request signed for another region than the bucket's.
@@ -946,12 +548,12 @@ fn wrong_region_rule(bucket_region: &'static str) -> Rule {
 /// not reach.
 #[test]
 fn an_unreachable_endpoint_is_named() {
-    let s = Setup::new("s3-unreachable");
+    let s = setup("s3-unreachable");
     let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let config = s.config_via(&endpoint, FAULTY, "");
+    let config = config_via(&s, &endpoint, FAULTY, "");
     s.write_segment(&Segment::new(SEG1));
     let needles = ["gave up after 5 s", "cannot reach", &endpoint, "Connection refused", &location_of(SEG1)];
-    let running = [spawn(&mut s.push_cmd(&config, SEG1)), spawn(&mut s.fetch_cmd(&config, SEG1))];
+    let running = [spawn(&mut s.push_cmd(Some(&config), SEG1)), spawn(&mut s.fetch_cmd(Some(&config), SEG1))];
     let [push, fetch] = running.map(|r| finish(r, HANG_MARGIN));
     let prefix = format!("s3://{BUCKET}/{PREFIX}/");
     assert_error(&push.output, 8, &["gave up after 5 s", "cannot reach", &endpoint, "Connection refused", &prefix]);
@@ -962,11 +564,9 @@ fn an_unreachable_endpoint_is_named() {
 /// An endpoint that answers 404 to everything (a web server, not S3) proves nothing about absence.
 #[test]
 fn an_endpoint_that_is_not_s3_is_never_absence() {
-    let s = Setup::new("s3-not-s3");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), CALM, "");
+    let (s, proxy, config) = setup_with_proxy("s3-not-s3", CALM, "");
     s.write_segment(&Segment::new(SEG1));
-    assert_ok(&s.push(&config, SEG1), "push");
+    assert_ok(&s.push_with(&config, SEG1), "push");
     proxy.add(Rule::new(Fault::Respond(Response {
         status: 404,
         reason: "Not Found".into(),
@@ -974,7 +574,7 @@ fn an_endpoint_that_is_not_s3_is_never_absence() {
         body: "<html><body>Not Found</body></html>".into(),
     })));
     for name in [SEG1, SEG2] {
-        let out = s.fetch(&config, name);
+        let out = s.fetch_with(&config, name);
         assert_ne!(out.code, Some(1), "a 404 from something that is not the bucket read as absence: {out:#?}");
         assert_error(&out, 208, &[&format!("s3://{BUCKET}/{PREFIX}/")]);
         assert_absent(&s.destination());
@@ -987,9 +587,8 @@ fn an_endpoint_that_is_not_s3_is_never_absence() {
 /// and the next push succeeds.
 #[test]
 fn a_failed_multipart_upload_leaves_no_parts() {
-    let s = Setup::new("s3-multipart-fail");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
+    let (s, proxy, config) =
+        setup_with_proxy("s3-multipart-fail", FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
     let original = s.write_segment(&Segment::new(SEG1).segment_size(32 << 20).fill(Fill::Random));
     // Part 4 is still on its way to the server when part 5 is refused.
     proxy.add(
@@ -999,7 +598,7 @@ fn a_failed_multipart_upload_leaves_no_parts() {
     proxy.add(
         Rule::new(Fault::bad_request("InvalidArgument")).when(|r| r.is_upload_part() && r.part_number() == Some(5)),
     );
-    let out = s.push(&config, SEG1);
+    let out = s.push_with(&config, SEG1);
     assert_error(&out, 8, &["UploadPart", "InvalidArgument", &location_of(SEG1), &proxy.endpoint()]);
     let seen = proxy.seen();
     let aborts = seen.iter().filter(|r| r.method == "DELETE" && r.request.has_query("uploadId")).count();
@@ -1007,25 +606,24 @@ fn a_failed_multipart_upload_leaves_no_parts() {
     assert_absent(&s.object(SEG1));
     // The part in transit reaches the server within the pause; give it that long to settle.
     std::thread::sleep(Duration::from_secs(3));
-    assert_no_multipart_leftovers(&s.server, "after a failed multipart upload");
+    assert_no_multipart_leftovers(server(&s), "after a failed multipart upload");
 
     proxy.clear();
-    assert_ok(&s.push(&config, SEG1), "push once parts are accepted again");
-    assert_no_multipart_leftovers(&s.server, "after the successful push");
-    s.assert_fetches(&config, SEG1, &original);
+    assert_ok(&s.push_with(&config, SEG1), "push once parts are accepted again");
+    assert_no_multipart_leftovers(server(&s), "after the successful push");
+    s.assert_fetches_with(&config, SEG1, &original);
 }
 
 /// A multipart upload one of whose parts never gets an answer, until the deadline ends the push:
 /// the upload is aborted all the same, so no parts stay behind.
 #[test]
 fn a_multipart_upload_cut_off_by_the_deadline_leaves_no_parts() {
-    let s = Setup::new("s3-multipart-deadline");
-    let proxy = Proxy::start(s.server.port());
-    let config = s.config_via(&proxy.endpoint(), FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
+    let (s, proxy, config) =
+        setup_with_proxy("s3-multipart-deadline", FAULTY, "part_size = \"5MiB\"\nupload_concurrency = 2");
     s.write_segment(&Segment::new(SEG1).segment_size(32 << 20).fill(Fill::Random));
     // Every other part is stored; part 3 never gets an answer.
     proxy.add(Rule::new(Fault::Stall).when(|r| r.is_upload_part() && r.part_number() == Some(3)));
-    let push = finish(spawn(&mut s.push_cmd(&config, SEG1)), HANG_MARGIN);
+    let push = finish(spawn(&mut s.push_cmd(Some(&config), SEG1)), HANG_MARGIN);
     assert_error(&push.output, 8, &["gave up after 5 s"]);
     assert_absent(&s.object(SEG1));
     proxy.clear();
@@ -1034,13 +632,13 @@ fn a_multipart_upload_cut_off_by_the_deadline_leaves_no_parts() {
     eprintln!("multipart uploads started: {uploads}, aborted: {aborts}");
     assert!(uploads >= 1, "no multipart upload was started");
     // The abort, if any, has been answered by the time the push exited.
-    assert_no_multipart_leftovers(&s.server, "after a multipart upload cut off by the deadline");
+    assert_no_multipart_leftovers(server(&s), "after a multipart upload cut off by the deadline");
     assert_eq!(aborts, uploads, "every multipart upload started should have been aborted");
 }
 
 /// Runs `cmd` with the AWS SDK's standard variables set to `vars`, and no shared config or
 /// credentials file that could fill in anything else.
-fn run_with_aws_env(s: &Setup, mut cmd: Command, vars: &[(&str, &str)]) -> Output {
+fn run_with_aws_env(s: &Fixture, mut cmd: Command, vars: &[(&str, &str)]) -> Output {
     let no_files = s.scratch.path().join("no-aws-files");
     cmd.env("AWS_CONFIG_FILE", no_files.join("config"))
         .env("AWS_SHARED_CREDENTIALS_FILE", no_files.join("credentials"));
@@ -1056,25 +654,25 @@ fn run_with_aws_env(s: &Setup, mut cmd: Command, vars: &[(&str, &str)]) -> Outpu
 /// file's own `[s3]` settings win over them.
 #[test]
 fn aws_endpoint_and_credentials_from_the_environment() {
-    let s = Setup::new("s3-env");
+    let s = setup("s3-env");
     // The file has the region only: no endpoint, no path style, no keys.
     let region_only = s.config_text(&format!("repo = \"{}\"\n{}\n[s3]\nregion = \"{REGION}\"\n", repo_url(), CALM.0));
     let segment = s.write_segment(&Segment::new(SEG1));
-    let endpoint = s.server.endpoint();
+    let endpoint = server(&s).endpoint();
     fn env<'a>(endpoint: &'a str, secret: &'a str) -> [(&'a str, &'a str); 3] {
         [("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", secret)]
     }
 
-    let out = run_with_aws_env(&s, s.push_cmd(&region_only, SEG1), &env(&endpoint, SECRET_KEY));
+    let out = run_with_aws_env(&s, s.push_cmd(Some(&region_only), SEG1), &env(&endpoint, SECRET_KEY));
     assert_ok(&out, "push configured by the environment");
     assert!(s.object(SEG1).is_file(), "the object is not where the environment points");
-    let out = run_with_aws_env(&s, s.fetch_cmd(&region_only, SEG1), &env(&endpoint, SECRET_KEY));
+    let out = run_with_aws_env(&s, s.fetch_cmd(Some(&region_only), SEG1), &env(&endpoint, SECRET_KEY));
     assert_ok(&out, "fetch configured by the environment");
     assert!(fs::read(s.destination()).unwrap() == segment);
     fs::remove_file(s.destination()).unwrap();
 
     // The variables are really used: a wrong secret fails as it would in the file.
-    let out = run_with_aws_env(&s, s.fetch_cmd(&region_only, SEG1), &env(&endpoint, "not-the-secret"));
+    let out = run_with_aws_env(&s, s.fetch_cmd(Some(&region_only), SEG1), &env(&endpoint, "not-the-secret"));
     assert_error(&out, 208, &["access denied", "SignatureDoesNotMatch", &endpoint, &location_of(SEG1)]);
     assert!(!out.stderr.contains("not-the-secret"), "the secret was printed: {:?}", out.stderr);
 
@@ -1093,15 +691,15 @@ fn aws_endpoint_and_credentials_from_the_environment() {
         ("AWS_SHARED_CREDENTIALS_FILE", credentials),
     ];
     let second = s.write_segment(&Segment::new(SEG2));
-    assert_ok(&run_with_aws_env(&s, s.push_cmd(&region_only, SEG2), &profile), "push with a profile");
-    assert_ok(&run_with_aws_env(&s, s.fetch_cmd(&region_only, SEG2), &profile), "fetch with a profile");
+    assert_ok(&run_with_aws_env(&s, s.push_cmd(Some(&region_only), SEG2), &profile), "push with a profile");
+    assert_ok(&run_with_aws_env(&s, s.fetch_cmd(Some(&region_only), SEG2), &profile), "fetch with a profile");
     assert!(fs::read(s.destination()).unwrap() == second);
     fs::remove_file(s.destination()).unwrap();
 
     // The file's [s3] settings beat the environment: its endpoint and keys here.
-    let file = s.config(CALM, "");
+    let file = direct_config(&s, CALM, "");
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let out = run_with_aws_env(&s, s.fetch_cmd(&file, SEG1), &env(&nowhere, "not-the-secret"));
+    let out = run_with_aws_env(&s, s.fetch_cmd(Some(&file), SEG1), &env(&nowhere, "not-the-secret"));
     assert_ok(&out, "the file's settings over the environment's");
     fs::remove_file(s.destination()).unwrap();
 }
@@ -1111,21 +709,21 @@ fn aws_endpoint_and_credentials_from_the_environment() {
 /// request signed for another region), so the region must really be used.
 #[test]
 fn aws_region_from_the_environment() {
-    let s = Setup::new("s3-env-region");
-    let proxy = Proxy::start(s.server.port());
+    let s = setup("s3-env-region");
+    let proxy = Proxy::start(server(&s).port());
     proxy.add(wrong_region_rule("eu-central-1"));
     // Endpoint and keys in the file; the region only in the environment.
-    let text = s.server.config_text(&repo_url(), &proxy.endpoint(), CALM.0, CALM.1);
+    let text = server(&s).config_text(&repo_url(), &proxy.endpoint(), CALM.0, CALM.1);
     let no_region: String = text.lines().filter(|l| !l.starts_with("region")).map(|l| format!("{l}\n")).collect();
     let config = s.config_text(&no_region);
     let segment = s.write_segment(&Segment::new(SEG1));
 
-    let out = run_with_aws_env(&s, s.push_cmd(&config, SEG1), &[("AWS_REGION", "eu-central-1")]);
+    let out = run_with_aws_env(&s, s.push_cmd(Some(&config), SEG1), &[("AWS_REGION", "eu-central-1")]);
     assert_ok(&out, "push with AWS_REGION");
-    let out = run_with_aws_env(&s, s.fetch_cmd(&config, SEG1), &[("AWS_DEFAULT_REGION", "eu-central-1")]);
+    let out = run_with_aws_env(&s, s.fetch_cmd(Some(&config), SEG1), &[("AWS_DEFAULT_REGION", "eu-central-1")]);
     assert_ok(&out, "fetch with AWS_DEFAULT_REGION");
     assert!(fs::read(s.destination()).unwrap() == segment);
     fs::remove_file(s.destination()).unwrap();
-    let out = run_with_aws_env(&s, s.fetch_cmd(&config, SEG1), &[("AWS_REGION", "us-west-2")]);
+    let out = run_with_aws_env(&s, s.fetch_cmd(Some(&config), SEG1), &[("AWS_REGION", "us-west-2")]);
     assert_error(&out, 208, &["wrong region", &proxy.endpoint(), &location_of(SEG1)]);
 }

@@ -7,9 +7,11 @@
 pub mod assertions;
 pub mod backups;
 pub mod datadir;
+pub mod fixture;
 pub mod pg;
 pub mod proxy;
 pub mod repository;
+pub mod running;
 pub mod s3;
 pub mod segments;
 pub mod ssh;

@@ -25,6 +25,11 @@ pub struct ConfigLines<'a> {
     pub backend: &'a str,
     /// Whole tables after everything else (`[base]\npart_size = "1MiB"`).
     pub tables: &'a str,
+    /// `deadline_secs` instead of the default 60 (a fault test gives up within a few seconds).
+    pub deadline_secs: Option<u64>,
+    /// On S3, the endpoint to talk to instead of the server's own (a fault-injecting proxy in front
+    /// of it); ignored elsewhere.
+    pub endpoint: Option<&'a str>,
 }
 
 /// Which kind of store a scenario runs against; [`every_backend!`](crate::every_backend) runs one
@@ -37,6 +42,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend whose [`label`](Self::label) is `label`.
+    pub fn from_label(label: &str) -> Backend {
+        match label {
+            "local" => Backend::Local,
+            "s3" => Backend::S3,
+            "ssh" => Backend::Ssh,
+            other => panic!("no backend is called {other:?}"),
+        }
+    }
+
     /// A short name for directory names and failure messages: `local`, `s3`, `ssh`.
     pub fn label(self) -> &'static str {
         match self {
@@ -69,6 +84,25 @@ macro_rules! every_backend {
                 }
             }
         )*
+    };
+}
+
+/// [`every_backend!`](crate::every_backend) for some backends only, for a scenario that means
+/// nothing on the others (a server killed mid-transfer has no local-disk counterpart; temporary files
+/// beside the objects exist on local disk and SSH only): `some_backends!([s3, ssh] a, b)`.
+#[macro_export]
+macro_rules! some_backends {
+    ([$($backend:ident),+ $(,)?]) => {};
+    ([$($backend:ident),+ $(,)?] $scenario:ident $(, $($rest:ident),*)? $(,)?) => {
+        mod $scenario {
+            $(
+                #[test]
+                fn $backend() {
+                    super::$scenario($crate::repository::Backend::from_label(stringify!($backend)))
+                }
+            )+
+        }
+        $crate::some_backends!([$($backend),+] $($($rest),*)?);
     };
 }
 
@@ -121,7 +155,12 @@ impl Repository {
     /// A repository in a directory of a new sshd on loopback, reached over SFTP with the client key and
     /// `known_hosts` the harness made; the configuration file is written into `store`.
     pub fn ssh(store: &Scratch) -> Repository {
-        let server = SshServer::start();
+        Repository::ssh_on(store, SshServer::start())
+    }
+
+    /// [`ssh`](Self::ssh) on a server started by the caller (one whose sftp-server refuses some
+    /// requests, say).
+    pub fn ssh_on(store: &Scratch, server: SshServer) -> Repository {
         let text = server.config_text(&server.repo_dir(), TOP, "");
         let config = write_config_file(store.path(), "walship.toml", &text);
         Repository::Ssh { server, config }
@@ -154,11 +193,13 @@ impl Repository {
 
     /// The text of a configuration file for this repository, with `lines` added.
     pub fn config_text(&self, lines: ConfigLines) -> String {
-        let top = format!("{TOP}\n{}", lines.top);
+        let deadline = lines.deadline_secs.map_or(TOP.to_owned(), |secs| format!("deadline_secs = {secs}"));
+        let top = format!("{deadline}\n{}", lines.top);
         let text = match self {
             Repository::Local { dir } => format!("repo = \"file://{}\"\n{top}\n", dir.display()),
             Repository::S3 { server, bucket, prefix, .. } => {
-                server.config_text(&format!("s3://{bucket}/{prefix}"), &server.endpoint(), &top, lines.backend)
+                let endpoint = lines.endpoint.map_or_else(|| server.endpoint(), str::to_owned);
+                server.config_text(&format!("s3://{bucket}/{prefix}"), &endpoint, &top, lines.backend)
             }
             Repository::Ssh { server, .. } => server.config_text(&server.repo_dir(), &top, lines.backend),
         };
@@ -180,6 +221,82 @@ impl Repository {
             // The ssh server is this machine: the remote directory is a local one too.
             Repository::Ssh { server, .. } => server.repo_dir().join(key),
         }
+    }
+
+    /// What the commands' messages say for the object `key`: its path on local disk, its `s3://` URL,
+    /// its `ssh://` URL.
+    pub fn location(&self, key: &str) -> String {
+        match self {
+            Repository::Local { dir } => dir.join(key).display().to_string(),
+            Repository::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}/{key}"),
+            Repository::Ssh { server, .. } => server.url(&server.repo_dir().join(key)),
+        }
+    }
+
+    /// The directory of a repository on local disk.
+    pub fn local_dir(&self) -> Option<&Path> {
+        match self {
+            Repository::Local { dir } => Some(dir),
+            _ => None,
+        }
+    }
+
+    /// The path of an S3 request for the object `key`, path style (`/BUCKET/PREFIX/key`); on other
+    /// backends there are no such requests and nothing matches it.
+    pub fn request_path(&self, key: &str) -> String {
+        match self {
+            Repository::S3 { bucket, prefix, .. } => format!("/{bucket}/{prefix}/{key}"),
+            _ => String::new(),
+        }
+    }
+
+    /// The S3 server, on S3.
+    pub fn s3_server(&self) -> Option<&S3Server> {
+        match self {
+            Repository::S3 { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
+    /// The SSH server, on SSH.
+    pub fn ssh_server(&self) -> Option<&SshServer> {
+        match self {
+            Repository::Ssh { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
+    /// Removes everything the repository holds, so that the next push starts from an empty one (the
+    /// directory itself stays, with its owner and mode).
+    pub fn wipe(&self) {
+        let root = self.object_file("");
+        let Ok(entries) = std::fs::read_dir(&root) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.unwrap_or_else(|e| panic!("remove {path:?}: {e}"));
+        }
+    }
+
+    /// The repository's store as the library opens it from a configuration, to call the
+    /// [`Storage`](walship::storage::Storage) trait directly. The one place that knows how the
+    /// library turns a configuration into a store.
+    pub fn open_storage(&self) -> Store {
+        let flags = match self {
+            Repository::Local { dir } => {
+                walship::ConfigFlags { config_file: None, repo: Some(dir.display().to_string()) }
+            }
+            Repository::S3 { config, .. } | Repository::Ssh { config, .. } => {
+                walship::ConfigFlags { config_file: Some(config.clone()), repo: None }
+            }
+        };
+        let no_default = Path::new("/nonexistent/walship.toml");
+        let config = walship::Config::load_with(&flags, |_| None, no_default)
+            .unwrap_or_else(|e| panic!("configuration of the {}: {e}", self.describe()));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let opened = runtime.block_on(walship::storage::open(&config.repo, &config.storage));
+        let storage = opened.unwrap_or_else(|e| panic!("open the {}: {e}", self.describe()));
+        Store { storage: Some(storage), runtime }
     }
 
     /// Every stored object whose key starts with `prefix` (`backups/`), as keys, sorted. Hidden files
@@ -227,5 +344,33 @@ impl Repository {
                 )
             }
         }
+    }
+}
+
+/// A repository's store opened in this process ([`Repository::open_storage`]), with the runtime its
+/// calls run on.
+pub struct Store {
+    /// Always `Some` until dropped; taken on drop so that it goes inside the runtime.
+    storage: Option<std::sync::Arc<dyn walship::storage::Storage>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Store {
+    /// The store behind the repository.
+    pub fn storage(&self) -> &dyn walship::storage::Storage {
+        self.storage.as_deref().expect("open until dropped")
+    }
+
+    /// Runs one of the store's futures to its end.
+    pub fn run<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(future)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A backend may end its connection with tasks of the runtime (the SSH session).
+        let _inside = self.runtime.enter();
+        drop(self.storage.take());
     }
 }
