@@ -5,6 +5,7 @@
 //! again with exponential backoff and jitter; the deadline also cuts off an attempt that hangs.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -77,6 +78,28 @@ where
         last_error = Some(error.to_string());
         tokio::time::sleep(pause).await;
         delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+/// Starts blocking file work (`std::fs`) on tokio's blocking pool at once, and returns its answer
+/// to await. A deadline can only cut off an attempt that yields: a read stuck on a hung file system,
+/// run inline, would hold the thread the timer runs on and the deadline would never fire. Cut off,
+/// the work goes on in its thread until the kernel returns; the runtime is shut down without
+/// waiting for it (`walship_cli::block_on`).
+pub(crate) fn off_runtime<T, W>(path: &Path, work: W) -> impl Future<Output = Result<T, Error>> + use<T, W>
+where
+    T: Send + 'static,
+    W: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    let handle = tokio::task::spawn_blocking(work);
+    let path = path.to_owned();
+    async move {
+        match handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only a runtime shutting down cancels it, and then nobody waits for this answer.
+            Err(e) => Err(Error::local_io(&path, "run a file operation", std::io::Error::other(e.to_string()))),
+        }
     }
 }
 
