@@ -3,6 +3,12 @@
 //! Every command has a deadline (`deadline_secs`): PostgreSQL's archiver and startup process wait
 //! for us, so a hung call stalls archiving or recovery. Within it, failures marked retryable are tried
 //! again with exponential backoff and jitter; the deadline also cuts off an attempt that hangs.
+//!
+//! One policy for every command: `walship_cli::on_repository` fixes the deadline, opens the
+//! repository within it and cleans up afterwards; whatever waits on the repository, in a binary or
+//! in the library (the prefetch worker's downloads, a base backup's catalog reads and parts), goes
+//! through [`until`] or [`with_deadline`]. A timer can only cut off an attempt that yields, so an
+//! attempt's blocking file work runs on the blocking pool (`off_runtime`).
 
 use std::future::Future;
 use std::path::Path;
@@ -31,14 +37,17 @@ where
 pub struct Deadline {
     /// tokio's clock, which is the system's monotonic clock except in tests that pause time.
     pub end: tokio::time::Instant,
+    /// How long it was when it started (`deadline_secs`), for messages.
     pub length: Duration,
 }
 
 impl Deadline {
+    /// A deadline `length` from now.
     pub fn starting_now(length: Duration) -> Deadline {
         Deadline { end: tokio::time::Instant::now() + length, length }
     }
 
+    /// The time left; zero once it passed.
     pub fn remaining(&self) -> Duration {
         self.end.saturating_duration_since(tokio::time::Instant::now())
     }

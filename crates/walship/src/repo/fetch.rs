@@ -8,6 +8,10 @@
 //! crash (a spool belongs to one run of the server; base-fetch ends with `syncfs`).
 //! A missing object is reported as absent only once the repository's identity record proves we are
 //! looking at a real repository.
+//!
+//! The file work (decoding, writing, renaming) runs on tokio's blocking pool, fed the downloaded
+//! chunks through a bounded channel, so that a write stuck on a hung file system cannot keep the
+//! command's deadline from firing.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::BufWriter;
@@ -29,9 +33,12 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Chunks queued between the download and the writing thread: bounded memory, both kept busy.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
+/// What a fetch restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchReport {
+    /// Length of the restored file.
     pub original_bytes: u64,
+    /// Length of the object it came from (compressed, with header and trailer).
     pub stored_bytes: u64,
 }
 

@@ -9,6 +9,10 @@
 //! metadata, sent before the body), a hashing pass comes first and the encoder's digest must equal
 //! it; everywhere the stored length must equal the inspected one. So a file that changes size while
 //! we read it is never acknowledged.
+//!
+//! Reading the file (and encoding it) runs on tokio's blocking pool, handing encoded chunks to the
+//! upload through a bounded channel: a read stuck on a hung file system (NFS under pg_wal) must not
+//! keep the command's deadline from firing.
 
 use std::fs::File;
 use std::io::Read;
@@ -25,8 +29,10 @@ use crate::retry::off_runtime;
 use crate::storage::{PutOptions, StorageError};
 use crate::wal::{self, LongPageHeader, WalFileKind, WalFileName};
 
-/// Attributes that let a backend with metadata answer "identical?" without a download.
+/// Attributes that let a backend with metadata answer "identical?" without a download: the SHA-256
+/// of the original content, in hex...
 pub const ATTR_SHA256: &str = "walship-sha256";
+/// ...and its length in bytes, in decimal.
 pub const ATTR_LENGTH: &str = "walship-length";
 
 const READ_CHUNK: usize = 1 << 20;
@@ -37,8 +43,10 @@ const CHUNKS_IN_FLIGHT: usize = 2;
 /// The cluster's control file, relative to the data directory (archive_command's working directory).
 const CONTROL_FILE: &str = "global/pg_control";
 
+/// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushReport {
+    /// Length of the archived file.
     pub original_bytes: u64,
     /// Bytes stored; `None` when identical content was already archived and nothing was written.
     pub stored_bytes: Option<u64>,
