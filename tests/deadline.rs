@@ -1,17 +1,21 @@
+//! One deadline policy for every command: the deadline fires even when a local file operation
+//! hangs, and within it transient failures are retried, by every command.
+//!
 //! A command's deadline fires even when a local file operation hangs (a hung NFS mount under
 //! pg_wal): the file work runs where the timer can still cut it off, and the process exits with the
-//! deadline's code although a thread stays stuck in the kernel.
-//!
-//! The stand-in for a hung file system is a FIFO that nobody writes to: opening it for reading
-//! blocks until a writer appears, which never happens, exactly as an open on a hung mount does. No
-//! FUSE or NFS is needed.
+//! deadline's code although a thread stays stuck in the kernel. The stand-in for a hung file system
+//! is a FIFO that nobody writes to: opening it for reading blocks until a writer appears, which never
+//! happens, exactly as an open on a hung mount does. No FUSE or NFS is needed.
 
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use walship_tests::{Scratch, chown_to_server_user, walship};
+use walship_tests::proxy::{Fault, Proxy, Rule};
+use walship_tests::s3::{S3Server, write_config_file};
+use walship_tests::segments::Segment;
+use walship_tests::{Scratch, chown_to_server_user, run, walship};
 
 /// How long a command whose deadline is a few seconds may take before the test calls it hung. Far
 /// above the deadline plus the cleanup grace: this is not a measure of speed.
@@ -102,4 +106,34 @@ fn wal_push_gives_up_at_its_deadline_when_reading_the_file_hangs() {
     assert!(lines[0].contains("gave up after 2 s"), "says that the deadline ended it: {stderr}");
     assert_eq!(files_under(&repo), Vec::<String>::new(), "nothing half-written in the repository");
     assert_eq!(files_under(&source_dir), [SEGMENT], "nothing left beside the file");
+}
+
+/// base-list, like every command, retries a transient failure within its deadline: a catalog
+/// listing that keeps failing past the S3 client's own three attempts succeeds on walship's next
+/// one, and the header printed before the failure is not printed again.
+#[test]
+fn base_list_retries_a_transient_failure_within_its_deadline() {
+    const BUCKET: &str = "walship-deadline";
+    let scratch = Scratch::new("deadline-list");
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let proxy = Proxy::start(server.port());
+    let text = server.config_text(&format!("s3://{BUCKET}/db"), &proxy.endpoint(), "deadline_secs = 60", "");
+    let config = write_config_file(scratch.path(), "walship.toml", &text);
+    // A repository: the first push writes its identity record.
+    let source_dir = scratch.mkdir("source");
+    let source = Segment::new(SEGMENT).write_to(&source_dir);
+    let pushed = run(walship("wal-push").current_dir(&source_dir).arg("--config").arg(&config).arg(&source));
+    assert_eq!(pushed.code, Some(0), "{pushed:#?}");
+
+    let failing_listings = 4;
+    proxy.add(
+        Rule::new(Fault::slow_down()).when(|r| r.method == "GET" && r.has_query("list-type")).times(failing_listings),
+    );
+    let listed = run(walship("base-list").arg("--config").arg(&config));
+    assert_eq!(listed.code, Some(0), "retried within the deadline: {listed:#?}");
+    assert_eq!(proxy.faults_applied(), failing_listings, "every injected failure was met: {listed:#?}");
+    let headers = listed.stdout.lines().filter(|line| line.starts_with("NAME")).count();
+    assert_eq!(headers, 1, "the header once, and no backups: {listed:#?}");
+    assert_eq!(listed.stdout.lines().count(), 1, "{listed:#?}");
 }
