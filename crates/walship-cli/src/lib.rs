@@ -157,8 +157,9 @@ pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Er
     run_to_completion(tokio::runtime::Builder::new_current_thread(), work)
 }
 
-/// Like [`block_on`], on `workers` threads (at most one per core): for work that compresses or
-/// decodes several files at once (a look-ahead batch, the prefetch worker).
+/// Like [`block_on`], on `workers` threads (at most one per core): for work that moves several
+/// files at once (a look-ahead batch, the prefetch worker). Their file reading, compressing and
+/// decoding run on the blocking pool beside these threads.
 pub fn block_on_parallel<T>(workers: usize, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
