@@ -201,3 +201,37 @@ fn write_verified(
     let _file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
     Ok(digest.len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::encode_all;
+
+    fn write_in_thread(chunks: Vec<Option<Bytes>>, dir: &Path) -> (Result<u64, Error>, PathBuf, PathBuf) {
+        let (destination, temp) = (dir.join("000000010000000000000001"), dir.join(".000000010000000000000001.tmp"));
+        let (sender, received) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for chunk in chunks {
+            sender.try_send(chunk).unwrap();
+        }
+        drop(sender);
+        let (t, d) = (temp.clone(), destination.clone());
+        let result = std::thread::spawn(move || write_and_publish(received, &t, &d, "test://object")).join().unwrap();
+        (result, destination, temp)
+    }
+
+    #[test]
+    fn a_complete_object_is_published_and_a_cut_off_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let object = Bytes::from(encode_all(b"segment bytes", 1).unwrap());
+        let (half, rest) = (object.slice(..object.len() / 2), object.slice(object.len() / 2..));
+
+        let (result, destination, temp) = write_in_thread(vec![Some(half.clone())], dir.path());
+        assert!(result.is_err(), "a download that stopped before the end publishes nothing");
+        assert!(!destination.exists() && !temp.exists(), "and leaves no temporary file");
+
+        let (result, destination, temp) = write_in_thread(vec![Some(half), Some(rest), None], dir.path());
+        assert_eq!(result.unwrap(), 13);
+        assert_eq!(fs::read(&destination).unwrap(), b"segment bytes");
+        assert!(!temp.exists());
+    }
+}
