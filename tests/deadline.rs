@@ -12,10 +12,11 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use walship_tests::pg::{fake_postmaster, prefetch_workers};
 use walship_tests::proxy::{Fault, Proxy, Rule};
 use walship_tests::s3::{S3Server, write_config_file};
 use walship_tests::segments::Segment;
-use walship_tests::{Scratch, chown_to_server_user, run, walship};
+use walship_tests::{Scratch, chown_to_server_user, poll_until, run, walship};
 
 /// How long a command whose deadline is a few seconds may take before the test calls it hung. Far
 /// above the deadline plus the cleanup grace: this is not a measure of speed.
@@ -108,32 +109,113 @@ fn wal_push_gives_up_at_its_deadline_when_reading_the_file_hangs() {
     assert_eq!(files_under(&source_dir), [SEGMENT], "nothing left beside the file");
 }
 
+/// An S3 repository through the fault-injecting proxy, holding segments 1 to 3 of a cluster; the
+/// server and the proxy live as long as the value.
+struct S3Repository {
+    scratch: Scratch,
+    _server: S3Server,
+    proxy: Proxy,
+    config: std::path::PathBuf,
+}
+
+impl S3Repository {
+    fn new(label: &str, extra: &str) -> S3Repository {
+        const BUCKET: &str = "walship-deadline";
+        let scratch = Scratch::new(label);
+        let server = S3Server::start();
+        server.create_bucket(BUCKET);
+        let proxy = Proxy::start(server.port());
+        let text = server.config_text(&format!("s3://{BUCKET}/db"), &proxy.endpoint(), "deadline_secs = 60", "");
+        let config = write_config_file(scratch.path(), "walship.toml", &format!("{text}{extra}"));
+        let source_dir = scratch.mkdir("source");
+        for n in 1..=3 {
+            let name = format!("00000001000000000000000{n}");
+            let source = Segment::new(&name).write_to(&source_dir);
+            let pushed = run(walship("wal-push").current_dir(&source_dir).arg("--config").arg(&config).arg(&source));
+            assert_eq!(pushed.code, Some(0), "{pushed:#?}");
+        }
+        S3Repository { scratch, _server: server, proxy, config }
+    }
+}
+
 /// base-list, like every command, retries a transient failure within its deadline: a catalog
 /// listing that keeps failing past the S3 client's own three attempts succeeds on walship's next
 /// one, and the header printed before the failure is not printed again.
 #[test]
 fn base_list_retries_a_transient_failure_within_its_deadline() {
-    const BUCKET: &str = "walship-deadline";
-    let scratch = Scratch::new("deadline-list");
-    let server = S3Server::start();
-    server.create_bucket(BUCKET);
-    let proxy = Proxy::start(server.port());
-    let text = server.config_text(&format!("s3://{BUCKET}/db"), &proxy.endpoint(), "deadline_secs = 60", "");
-    let config = write_config_file(scratch.path(), "walship.toml", &text);
-    // A repository: the first push writes its identity record.
-    let source_dir = scratch.mkdir("source");
-    let source = Segment::new(SEGMENT).write_to(&source_dir);
-    let pushed = run(walship("wal-push").current_dir(&source_dir).arg("--config").arg(&config).arg(&source));
-    assert_eq!(pushed.code, Some(0), "{pushed:#?}");
-
+    let s = S3Repository::new("deadline-list", "");
+    let (proxy, config) = (&s.proxy, &s.config);
     let failing_listings = 4;
     proxy.add(
         Rule::new(Fault::slow_down()).when(|r| r.method == "GET" && r.has_query("list-type")).times(failing_listings),
     );
-    let listed = run(walship("base-list").arg("--config").arg(&config));
+    let listed = run(walship("base-list").arg("--config").arg(config));
     assert_eq!(listed.code, Some(0), "retried within the deadline: {listed:#?}");
     assert_eq!(proxy.faults_applied(), failing_listings, "every injected failure was met: {listed:#?}");
     let headers = listed.stdout.lines().filter(|line| line.starts_with("NAME")).count();
     assert_eq!(headers, 1, "the header once, and no backups: {listed:#?}");
     assert_eq!(listed.stdout.lines().count(), 1, "{listed:#?}");
+}
+
+/// The prefetch worker, like every command, retries a transient failure within its deadline: a
+/// download that keeps failing past the S3 client's own three attempts lands in the spool on the
+/// worker's next attempt, instead of being given up ("left to recovery's own request").
+#[test]
+fn the_prefetch_worker_retries_a_transient_failure_within_its_deadline() {
+    const WANTED: &str = "000000010000000000000002";
+    let s = S3Repository::new("deadline-prefetch", "[fetch]\nprefetch = 2\n");
+    let data = s.scratch.mkdir("recovery");
+    s.scratch.mkdir("recovery/pg_wal");
+    s.scratch.mkdir("recovery/pg_wal/archive_status");
+    fs::write(data.join("recovery.signal"), b"").unwrap();
+    chown_to_server_user(&data.join("recovery.signal"));
+    let postmaster = Running(fake_postmaster(&data));
+    let _workers = Workers(&data);
+    let failing_downloads = 4;
+    s.proxy.add(
+        Rule::new(Fault::slow_down())
+            .when(|r| r.method == "GET" && r.path().ends_with(WANTED))
+            .times(failing_downloads),
+    );
+
+    let log = s.scratch.path().join("wal-fetch.log");
+    let status = walship("wal-fetch")
+        .current_dir(&data)
+        .arg("--config")
+        .arg(&s.config)
+        .arg("000000010000000000000001")
+        .arg("pg_wal/RECOVERYXLOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // The worker inherits it: a file, so that nobody waits for the worker to close a pipe.
+        .stderr(fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    let said = || fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{}", said());
+    let spool_root = data.join("pg_wal/walship/prefetch");
+    poll_until("the worker prefetched the segment whose downloads failed", HUNG_AFTER, || {
+        let spools: Vec<std::path::PathBuf> =
+            fs::read_dir(&spool_root).map(|e| e.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        if spools.iter().any(|spool| spool.join(WANTED).is_file()) {
+            Ok(())
+        } else {
+            Err(format!("{spools:?}; faults applied {}; {}", s.proxy.faults_applied(), said()))
+        }
+    });
+    assert_eq!(s.proxy.faults_applied(), failing_downloads, "{}", said());
+    assert!(!said().contains("left to recovery's own request"), "retried, not given up: {}", said());
+    drop(postmaster);
+}
+
+/// Kills the prefetch workers serving the data directory when the test ends, however it ends.
+struct Workers<'a>(&'a Path);
+
+impl Drop for Workers<'_> {
+    fn drop(&mut self) {
+        for pid in prefetch_workers(self.0) {
+            // SAFETY: plain kill(2) of a worker process found by its command line and directory.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
 }
