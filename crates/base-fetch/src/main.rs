@@ -8,7 +8,6 @@ use clap::{ArgGroup, Parser};
 use walship::base::{self, FetchOptions, RecoveryTarget, TargetAction};
 use walship::config::{ENV_CONFIG, ENV_REPO};
 use walship::log::Log;
-use walship::repo::Repository;
 use walship::{Config, Error};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
@@ -107,7 +106,6 @@ fn main() {
         let restore_command = restore_command(&cli, &config)?;
         log.debug(format_args!("restore_command = {restore_command}"));
         let data_dir = absolute(&cli.data_dir)?;
-        let repo = Repository::open(&config).await?;
         let options = FetchOptions {
             name: cli.name.clone(),
             data_dir,
@@ -122,10 +120,14 @@ fn main() {
             deadline: config.deadline,
             tablespace_mapping: tablespace_mapping(&cli.tablespace_mapping)?,
         };
-        let progress = walship_cli::progress("base-fetch", config.base.progress_interval);
-        let result = base::base_fetch(&repo, &options, &progress, &log).await;
-        drop(progress);
-        result
+        // A restore runs for hours: deadline_secs bounds each transfer (catalog read, part) instead.
+        walship_cli::on_repository(&config, &log, async |repo, _deadline| {
+            let progress = walship_cli::progress("base-fetch", config.base.progress_interval);
+            let result = base::base_fetch(repo, &options, &progress, &log).await;
+            drop(progress);
+            result
+        })
+        .await
     });
     let seconds = started.elapsed().as_secs_f64();
     match result {

@@ -1,12 +1,13 @@
 //! `base-list`: the complete base backups in the repository, oldest first.
 
+use std::cell::RefCell;
 use std::io::Write;
 
 use clap::Parser;
-use walship::Error;
 use walship::base::{self, BackupRecord};
 use walship::log::Log;
 use walship::repo::Repository;
+use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -36,16 +37,11 @@ fn main() {
     let json = cli.json;
     let result = walship_cli::block_on(async {
         let config = cli.common.load_config()?;
-        let repo = Repository::open(&config).await?;
-        // Rows are printed as they arrive, so a failure midway is not retried (it would print them
-        // twice); the storage clients retry single requests themselves.
-        tokio::time::timeout(config.deadline, list(&repo, json)).await.unwrap_or_else(|_| {
-            Err(Error::DeadlineExceeded {
-                what: repo.url().to_owned(),
-                seconds: config.deadline.as_secs(),
-                last: "listing the catalog did not finish in time".into(),
-            })
+        walship_cli::on_repository(&config, &log, async |repo, deadline| {
+            let listing = RefCell::new(Listing { json, started: false, count: 0, last_key: None });
+            retry::until(deadline, &log, repo.url(), || list(repo, &listing)).await
         })
+        .await
     });
     match result {
         Ok(()) => std::process::exit(0),
@@ -57,50 +53,74 @@ fn main() {
     }
 }
 
-/// Prints as records arrive, so the output starts at once and memory stays flat.
-async fn list(repo: &Repository, json: bool) -> Result<(), Error> {
+/// What the attempts so far printed. Rows are printed as they arrive, so a retry after a transient
+/// failure midway must not print them again: the catalog is listed in key order, and a retry skips
+/// the keys up to the last one printed.
+struct Listing {
+    json: bool,
+    /// The header (or the opening bracket) is out.
+    started: bool,
+    count: u64,
+    last_key: Option<String>,
+}
+
+/// One attempt at the listing. Prints as records arrive, so the output starts at once and memory
+/// stays flat.
+async fn list(repo: &Repository, listing: &RefCell<Listing>) -> Result<(), Error> {
     repo.require_identity().await?;
     let mut out = std::io::stdout().lock();
-    let mut count = 0u64;
     let write_error = |e: std::io::Error| Error::local_io(std::path::Path::new("stdout"), "write", e);
-    if json {
-        out.write_all(b"[").map_err(write_error)?;
-    } else {
-        writeln!(
-            out,
-            "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}",
-            "NAME", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
-        )
-        .map_err(write_error)?;
-    }
-    base::for_each_backup(repo, |record: BackupRecord| {
+    let json = listing.borrow().json;
+    if !listing.borrow().started {
         if json {
-            let separator = if count == 0 { "\n" } else { ",\n" };
-            let text = serde_json::to_string(&record).expect("plain struct serializes");
-            write!(out, "{separator}{text}").map_err(write_error)?;
+            out.write_all(b"[").map_err(write_error)?;
         } else {
-            let finished = record.finished_at.split('.').next().unwrap_or(&record.finished_at).trim_end_matches('Z');
             writeln!(
                 out,
                 "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}",
-                record.name,
-                format!("{finished}Z"),
-                record.start_lsn,
-                record.stop_lsn,
-                record.timeline,
-                human(record.original_bytes),
-                human(record.stored_bytes)
+                "NAME", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
             )
             .map_err(write_error)?;
         }
-        count += 1;
+        listing.borrow_mut().started = true;
+    }
+    base::for_each_backup(repo, |record: BackupRecord| {
+        let mut listing = listing.borrow_mut();
+        let key = BackupRecord::catalog_key(&record.name);
+        if listing.last_key.as_ref().is_some_and(|last| key <= *last) {
+            return Ok(());
+        }
+        print_row(&mut out, &record, json, listing.count).map_err(write_error)?;
+        listing.count += 1;
+        listing.last_key = Some(key);
         Ok(())
     })
     .await?;
     if json {
-        out.write_all(if count == 0 { b"]\n" } else { b"\n]\n" }).map_err(write_error)?;
+        out.write_all(if listing.borrow().count == 0 { b"]\n" } else { b"\n]\n" }).map_err(write_error)?;
     }
     out.flush().map_err(write_error)
+}
+
+/// One backup: a JSON record (the `index`th, for the separator) or a table row.
+fn print_row(out: &mut impl Write, record: &BackupRecord, json: bool, index: u64) -> std::io::Result<()> {
+    if json {
+        let separator = if index == 0 { "\n" } else { ",\n" };
+        let text = serde_json::to_string(record).expect("plain struct serializes");
+        return write!(out, "{separator}{text}");
+    }
+    let finished = record.finished_at.split('.').next().unwrap_or(&record.finished_at).trim_end_matches('Z');
+    writeln!(
+        out,
+        "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}",
+        record.name,
+        format!("{finished}Z"),
+        record.start_lsn,
+        record.stop_lsn,
+        record.timeline,
+        human(record.original_bytes),
+        human(record.stored_bytes)
+    )
 }
 
 fn human(bytes: u64) -> String {

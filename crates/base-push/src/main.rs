@@ -5,7 +5,6 @@ use std::time::Instant;
 use clap::Parser;
 use walship::base::{self, PushOptions};
 use walship::log::Log;
-use walship::repo::Repository;
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -44,7 +43,6 @@ fn main() {
     let result = walship_cli::block_on(async {
         let config = cli.common.load_config()?;
         log.debug(format_args!("repository {}, {:?}", config.repo, config.base));
-        let repo = Repository::open(&config).await?;
         let options = PushOptions {
             pg_bin_dir: config.pg_bin_dir.clone(),
             extra_args: cli.pg_basebackup_args.clone(),
@@ -55,13 +53,14 @@ fn main() {
             idle_timeout: config.deadline,
             spool_dir: config.base.spool_dir.clone(),
         };
-        let progress = walship_cli::progress("base-push", config.base.progress_interval);
-        let result = base::base_push(&repo, &options, progress.as_ref(), &log).await;
-        drop(progress);
-        if let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await {
-            log.debug(format_args!("cleaning up after interrupted uploads failed: {e}"));
-        }
-        result
+        // A backup runs for hours: deadline_secs bounds each transfer's lack of progress instead.
+        walship_cli::on_repository(&config, &log, async |repo, _deadline| {
+            let progress = walship_cli::progress("base-push", config.base.progress_interval);
+            let result = base::base_push(repo, &options, progress.as_ref(), &log).await;
+            drop(progress);
+            result
+        })
+        .await
     });
     let seconds = started.elapsed().as_secs_f64();
     match result {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::Parser;
 use walship::log::Log;
 use walship::prefetch::{self, Spool};
-use walship::repo::{self, Repository};
+use walship::repo;
 use walship::wal::{WalFileKind, WalFileName};
 use walship::{Config, Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
@@ -82,9 +82,11 @@ fn main() {
     }
     let result = walship_cli::block_on(async {
         log.debug(format_args!("repository {}, deadline {} s", config.repo, config.deadline.as_secs()));
-        let repo = Repository::open(&config).await?;
-        let what = repo.describe_wal(&cli.name);
-        walship_cli::run_on_repository(&repo, &config, &log, &what, || repo::fetch(&repo, &cli.name, &cli.path)).await
+        walship_cli::on_repository(&config, &log, async |repo, deadline| {
+            let what = repo.describe_wal(&cli.name);
+            retry::until(deadline, &log, &what, || repo::fetch(repo, &cli.name, &cli.path)).await
+        })
+        .await
     });
     let millis = started.elapsed().as_millis();
     match result {
@@ -178,20 +180,21 @@ fn run_prefetch_worker(cli: &Cli, spool_dir: &Path, log: &Log) -> ! {
             return config.map(|_| ());
         };
         let config = config?;
-        walship_cli::block_on_parallel(config.fetch.parallel, async {
-            // Opening may wait on the network (S3's region and credential chain): bounded too.
-            let opened =
-                retry::with_deadline(config.deadline, log, &config.repo.to_string(), || Repository::open(&config))
-                    .await;
-            let repo = match opened {
-                Ok(repo) => repo,
-                Err(e) => {
-                    prefetch::remove_unserved_spool(&data_dir, &cli.path, spool.dir());
-                    return Err(e);
-                }
-            };
-            prefetch::run_worker(repo, spool, config.fetch.clone(), config.deadline, log.clone()).await
-        })
+        let mut served = false;
+        let worked = walship_cli::block_on_parallel(config.fetch.parallel, async {
+            walship_cli::on_repository(&config, log, async |repo, _deadline| {
+                served = true;
+                // Each download gets a deadline of its own: the worker serves a whole recovery.
+                prefetch::run_worker(repo.clone(), spool.clone(), config.fetch.clone(), config.deadline, log.clone())
+                    .await
+            })
+            .await
+        });
+        if !served {
+            // The repository did not open: nobody else would remove the spool our starter created.
+            prefetch::remove_unserved_spool(&data_dir, &cli.path, spool.dir());
+        }
+        worked
     })();
     match outcome {
         Ok(()) => std::process::exit(0),

@@ -79,13 +79,15 @@ fn main() {
         config.push.parallel
     ));
 
-    // One deadline for the whole call, set before anything can wait: every upload, ahead or
-    // requested, and every read of the repository ends by then.
-    let deadline = Deadline::starting_now(config.deadline);
     let state = StateDir::for_source(&cli.path);
     forget_records_on_panic(state.clone());
     let call = Call { log, name, path: cli.path, state, started };
-    let outcome = walship_cli::block_on_parallel(config.push.parallel, call.run(&config, deadline));
+    // One deadline for the whole call: every upload, ahead or requested, and every read of the
+    // repository ends by then.
+    let outcome = walship_cli::block_on_parallel(config.push.parallel, async {
+        walship_cli::on_repository(&config, &call.log, async |repo, deadline| call.run(repo, &config, deadline).await)
+            .await
+    });
     match outcome {
         Ok(Outcome::Answered { bytes, rehashed }) => {
             let how = if rehashed { "same SHA-256" } else { "same file" };
@@ -122,7 +124,7 @@ struct Call {
 }
 
 impl Call {
-    async fn run(&self, config: &Config, deadline: Deadline) -> Result<Outcome, Error> {
+    async fn run(&self, repo: &Repository, config: &Config, deadline: Deadline) -> Result<Outcome, Error> {
         let (log, name) = (&self.log, &self.name);
         // The cheap local check first; a record that holds locally still needs the repository's id.
         let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &config.repository_identity())) {
@@ -133,9 +135,8 @@ impl Call {
             }
             None => None,
         };
-        let repo = Repository::open(config).await?;
         if let (Some(state), Some(candidate)) = (&self.state, candidate) {
-            match state.confirm(candidate, &repo, deadline, log).await {
+            match state.confirm(candidate, repo, deadline, log).await {
                 Answer::Archived { bytes, rehashed } => return Ok(Outcome::Answered { bytes, rehashed }),
                 Answer::NotAhead(reason) => log.debug(format_args!("{name}: {reason}")),
             }
@@ -143,18 +144,15 @@ impl Call {
         let remembered =
             self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &config.repository_identity()));
         if let Some(remembered) = &remembered {
-            remembered.check(&repo, deadline, log).await?;
+            remembered.check(repo, deadline, log).await?;
         }
-        let batch = lookahead::push_batch(&repo, config, log, deadline, &self.path, name, self.state.as_ref()).await;
+        let batch = lookahead::push_batch(repo, config, log, deadline, &self.path, name, self.state.as_ref()).await;
         if let (Some(remembered), Ok(_)) = (&remembered, &batch.requested) {
             // Read by the push just made (and kept): no request.
             let identity = repo.identity().await.ok().flatten();
             if let Some(Err(e)) = identity.map(|identity| remembered.remember(&identity)) {
                 log.info(format_args!("warning: {e}; this cluster cannot tell an empty location from its repository"));
             }
-        }
-        if let Err(e) = repo.cleanup(walship_cli::CLEANUP_GRACE).await {
-            log.debug(format_args!("cleaning up after interrupted attempts failed: {e}"));
         }
         Ok(Outcome::Pushed(batch))
     }

@@ -5,11 +5,13 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser};
 use walship::log::Log;
 use walship::repo::Repository;
-use walship::{Config, ConfigFlags, Error, ExitCode, retry};
+use walship::retry::{self, Deadline};
+use walship::{Config, ConfigFlags, Error, ExitCode};
 
 /// Configuration keys, environment and exit codes, appended to every command's `--help`.
 pub const COMMON_HELP: &str = "\
@@ -57,6 +59,7 @@ wal-fetch adds 200 to codes 2-12 (202-212) so that PostgreSQL stops a point-in-t
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
 and the standby retries.";
 
+/// The flags every command takes.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Configuration file (TOML) [default: $WALSHIP_CONFIG, else /etc/walship/walship.toml if it exists]
@@ -73,6 +76,7 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// The configuration these flags, the environment and the file say.
     pub fn load_config(&self) -> Result<Config, Error> {
         Config::load(&ConfigFlags { config_file: self.config.clone(), repo: self.repo.clone() })
     }
@@ -116,24 +120,32 @@ pub fn parse_or_exit<T: Parser>(program: &str, usage_exit: impl Fn(ExitCode) -> 
 }
 
 /// How long a command may spend undoing what interrupted attempts left open before exiting.
-pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+pub const CLEANUP_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs one operation on `repo` within `config.deadline`, retrying transient failures. Afterwards the
-/// repository gets a bounded chance to undo what interrupted attempts left on the server (multipart
-/// uploads cut off by the deadline, temporary files of an attempt whose connection broke), whether
-/// the operation succeeded in the end or not.
-pub async fn run_on_repository<T, F, Fut>(
-    repo: &Repository,
+/// The one deadline, retry and cleanup policy of every command (the prefetch worker included):
+///
+/// - one [`Deadline`], `config.deadline` from now, fixed before anything can wait;
+/// - the repository opened within it, transient failures retried ([`retry::until`]);
+/// - `work` given the repository and that deadline: what it does on the repository goes through
+///   `retry::until(deadline, ..)`, so the deadline bounds the whole command and transient failures
+///   are retried with backoff inside it. Base backups, which run for hours, are the exception the
+///   configuration documents: there `deadline_secs` bounds how long one transfer may make no
+///   progress, and `work` applies it per transfer;
+/// - afterwards, whether the work succeeded or not, the repository gets [`CLEANUP_GRACE`] to undo
+///   what interrupted attempts left on the server (multipart uploads cut off by the deadline,
+///   temporary files of an attempt whose connection broke).
+///
+/// It lives here, not in the library, because it is what a command is; the library's own waits
+/// (the prefetch worker's downloads, a base backup's parts) use the same [`retry::until`].
+pub async fn on_repository<T>(
     config: &Config,
     log: &Log,
-    what: &str,
-    attempt: F,
-) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Error>>,
-{
-    let result = retry::with_deadline(config.deadline, log, what, attempt).await;
+    work: impl AsyncFnOnce(&Repository, Deadline) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let deadline = Deadline::starting_now(config.deadline);
+    // Opening may wait on the network (S3's region and credential chain).
+    let repo = retry::until(deadline, log, &config.repo.to_string(), || Repository::open(config)).await?;
+    let result = work(&repo, deadline).await;
     if let Err(e) = repo.cleanup(CLEANUP_GRACE).await {
         log.debug(format_args!("cleaning up after interrupted attempts failed: {e}"));
     }
@@ -145,8 +157,9 @@ pub fn block_on<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Er
     run_to_completion(tokio::runtime::Builder::new_current_thread(), work)
 }
 
-/// Like [`block_on`], on `workers` threads (at most one per core): for work that compresses or
-/// decodes several files at once (a look-ahead batch, the prefetch worker).
+/// Like [`block_on`], on `workers` threads (at most one per core): for work that moves several
+/// files at once (a look-ahead batch, the prefetch worker). Their file reading, compressing and
+/// decoding run on the blocking pool beside these threads.
 pub fn block_on_parallel<T>(workers: usize, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -6,7 +6,7 @@
 //! pg_wal/walship/prefetch/<key>/              one spool per recovery (see below)
 //!     worker.lock                              held (flock) by the one live worker
 //!     want                                     the segment recovery asked for last
-//!     <segment>                                fetched, verified against its checksum, fsynced
+//!     <segment>                                fetched and verified against its checksum
 //!     .<segment>.walship.<pid>.tmp             being fetched
 //! ```
 //!
@@ -21,9 +21,12 @@
 //! - It fetches the `prefetch` segments after `want` on want's timeline, `parallel` at a time, and
 //!   removes every other file: a timeline switch or a jump makes the rest stale. So the spool never
 //!   holds more than `prefetch` segments plus those in flight.
-//! - A file appears under its name only after it was decoded and verified against its checksum and
-//!   fsynced; wal-fetch hands it over by rename. A segment absent from the spool is fetched from the
+//! - A file appears under its name only after it was decoded and verified against its checksum;
+//!   wal-fetch hands it over by rename. A segment absent from the spool is fetched from the
 //!   repository as usual, and only the repository can say "absent".
+//! - Spool files are not fsynced (they are written by `repo::fetch`, like any restored file): a
+//!   crash of the machine restarts the server, whose new run has another key, so a spool that lost
+//!   its data to the crash is never read, only removed; and PostgreSQL fsyncs a segment it keeps.
 //! - The worker exits by itself when recovery ends (no `recovery.signal` or `standby.signal` left),
 //!   when the postmaster is gone, when its spool is removed, when recovery has asked for nothing new
 //!   for `prefetch_idle_secs`, or when the repository does not give its identity record within the
@@ -97,6 +100,7 @@ impl Spool {
         Some(Spool { data_dir: data_dir.to_owned(), dir: root.join(key), root, postmaster })
     }
 
+    /// The spool's directory, `pg_wal/walship/prefetch/<key>`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -240,6 +244,9 @@ async fn segment_size(repo: &Repository, spool: &Spool, deadline: Duration, log:
 }
 
 /// The worker: keeps the segments after `want` fetched until recovery ends, stalls or goes away.
+/// Each download is retried on transient failures within a `deadline` of its own (the policy of
+/// every command: [`crate::retry::with_deadline`]); one that fails for good is left to recovery's
+/// own request.
 pub async fn run_worker(
     repo: Repository,
     spool: Spool,
@@ -259,99 +266,140 @@ pub async fn run_worker(
         }
     }
     let segment_size = segment_size(&repo, &spool, deadline, &log).await?;
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut in_flight: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-    let mut not_before: HashMap<String, Instant> = HashMap::new();
-    let mut last_want: Option<WalFileName> = None;
-    let mut last_change = Instant::now();
-    let (mut fetched, mut bytes) = (0u64, 0u64);
-    let outcome = loop {
-        if !spool.recovery_goes_on() {
-            break "recovery ended";
-        }
-        let want = spool.want();
-        if want != last_want {
-            last_change = Instant::now();
-            last_want = want.clone();
-        }
-        if last_change.elapsed() >= config.prefetch_idle {
-            break "recovery asked for nothing new";
-        }
-        if let Some(want) = &want {
-            let window = following_segments(want, segment_size, config.prefetch);
-            let mut fetched = spool.fetched();
-            fetched.retain(|name| {
-                let keep = window.contains(name);
-                if !keep {
-                    let _ = fs::remove_file(spool.dir().join(name));
-                }
-                keep
-            });
-            in_flight.retain(|name, handle| {
-                let keep = window.contains(name);
-                if !keep {
-                    handle.abort();
-                    spool.remove_partial(name);
-                }
-                keep
-            });
-            let now = Instant::now();
-            for name in &window {
-                if in_flight.len() >= config.parallel {
-                    break;
-                }
-                if in_flight.contains_key(name)
-                    || not_before.get(name).is_some_and(|t| *t > now)
-                    || fetched.contains(name)
-                {
-                    continue;
-                }
-                let (repo, destination, name_owned) = (repo.clone(), spool.dir().join(name), name.clone());
-                let handle = tasks.spawn(async move {
-                    let result = tokio::time::timeout(deadline, repo::fetch(&repo, &name_owned, &destination)).await;
-                    (name_owned, result)
-                });
-                in_flight.insert(name.clone(), handle);
-            }
-        }
-        match tokio::time::timeout(POLL, tasks.join_next()).await {
-            Ok(Some(Ok((name, result)))) => {
-                in_flight.remove(&name);
-                match result {
-                    Ok(Ok(report)) => {
-                        fetched += 1;
-                        bytes += report.original_bytes;
-                    }
-                    Ok(Err(Error::NotFound { .. })) => {
-                        not_before.insert(name, Instant::now() + RETRY_AFTER);
-                    }
-                    Ok(Err(e)) => {
-                        log.info(format_args!("prefetch: {name}: {e} (left to recovery's own request)"));
-                        not_before.insert(name, Instant::now() + RETRY_AFTER);
-                    }
-                    Err(_) => {
-                        // A download cut off by the timeout leaves its temporary file, which would
-                        // make wal-fetch wait for a download that is no longer happening.
-                        spool.remove_partial(&name);
-                        log.info(format_args!("prefetch: {name}: timed out (left to recovery's own request)"));
-                        not_before.insert(name, Instant::now() + RETRY_AFTER);
-                    }
-                }
-                not_before.retain(|_, t| *t > Instant::now());
-            }
-            // An aborted task, or none running: nothing to note.
-            Ok(Some(Err(_))) | Ok(None) => {
-                if tasks.is_empty() {
-                    tokio::time::sleep(POLL).await;
-                }
-            }
-            Err(_) => {}
-        }
-    };
+    let mut worker = Worker { repo, spool, config, deadline, log, segment_size, downloads: Downloads::default() };
+    let outcome = worker.serve().await;
+    let Downloads { mut tasks, fetched, bytes, .. } = worker.downloads;
     tasks.shutdown().await;
-    let _ = fs::remove_dir_all(spool.dir());
-    log.debug(format_args!("prefetch: {outcome}; fetched {fetched} segments ({bytes} bytes); worker exits"));
+    let _ = fs::remove_dir_all(worker.spool.dir());
+    worker.log.debug(format_args!("prefetch: {outcome}; fetched {fetched} segments ({bytes} bytes); worker exits"));
     Ok(())
+}
+
+/// What one download ended with: its segment's name and result.
+type Fetched = (String, Result<repo::FetchReport, Error>);
+
+/// The worker while it serves one recovery.
+struct Worker {
+    repo: Repository,
+    spool: Spool,
+    config: FetchConfig,
+    deadline: Duration,
+    log: Log,
+    segment_size: u32,
+    downloads: Downloads,
+}
+
+/// The downloads a worker started, and what came of them.
+#[derive(Default)]
+struct Downloads {
+    tasks: tokio::task::JoinSet<Fetched>,
+    in_flight: HashMap<String, tokio::task::AbortHandle>,
+    /// Segments the repository did not have, or failed to give, and when to try them again.
+    not_before: HashMap<String, Instant>,
+    fetched: u64,
+    bytes: u64,
+}
+
+impl Worker {
+    /// Serves until recovery ends or stops asking; returns why it stopped.
+    async fn serve(&mut self) -> &'static str {
+        let mut last_want: Option<WalFileName> = None;
+        let mut last_change = Instant::now();
+        loop {
+            if !self.spool.recovery_goes_on() {
+                return "recovery ended";
+            }
+            let want = self.spool.want();
+            if want != last_want {
+                last_change = Instant::now();
+                last_want = want.clone();
+            }
+            if last_change.elapsed() >= self.config.prefetch_idle {
+                return "recovery asked for nothing new";
+            }
+            if let Some(want) = &want {
+                self.refill(want);
+            }
+            match tokio::time::timeout(POLL, self.downloads.tasks.join_next()).await {
+                Ok(Some(Ok((name, result)))) => self.settle(name, result),
+                // An aborted task, or none running: nothing to note.
+                Ok(Some(Err(_))) | Ok(None) => {
+                    if self.downloads.tasks.is_empty() {
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Drops what fell out of the window after `want` (fetched files and downloads), and starts
+    /// downloads for the window's missing segments, up to `parallel` at once.
+    fn refill(&mut self, want: &WalFileName) {
+        let window = following_segments(want, self.segment_size, self.config.prefetch);
+        let mut fetched = self.spool.fetched();
+        fetched.retain(|name| {
+            let keep = window.contains(name);
+            if !keep {
+                let _ = fs::remove_file(self.spool.dir().join(name));
+            }
+            keep
+        });
+        let spool = &self.spool;
+        self.downloads.in_flight.retain(|name, handle| {
+            let keep = window.contains(name);
+            if !keep {
+                handle.abort();
+                spool.remove_partial(name);
+            }
+            keep
+        });
+        let now = Instant::now();
+        for name in &window {
+            if self.downloads.in_flight.len() >= self.config.parallel {
+                break;
+            }
+            if self.downloads.in_flight.contains_key(name)
+                || self.downloads.not_before.get(name).is_some_and(|t| *t > now)
+                || fetched.contains(name)
+            {
+                continue;
+            }
+            let (repo, destination, name_owned) = (self.repo.clone(), self.spool.dir().join(name), name.clone());
+            let (deadline, log) = (self.deadline, self.log.clone());
+            let handle = self.downloads.tasks.spawn(async move {
+                let what = repo.describe_wal(&name_owned);
+                let fetch = || repo::fetch(&repo, &name_owned, &destination);
+                let result = crate::retry::with_deadline(deadline, &log, &what, fetch).await;
+                (name_owned, result)
+            });
+            self.downloads.in_flight.insert(name.clone(), handle);
+        }
+    }
+
+    /// Notes how the download of `name` ended.
+    fn settle(&mut self, name: String, result: Result<repo::FetchReport, Error>) {
+        self.downloads.in_flight.remove(&name);
+        match result {
+            Ok(report) => {
+                self.downloads.fetched += 1;
+                self.downloads.bytes += report.original_bytes;
+            }
+            Err(Error::NotFound { .. }) => {
+                self.downloads.not_before.insert(name, Instant::now() + RETRY_AFTER);
+            }
+            Err(e) => {
+                if matches!(e, Error::DeadlineExceeded { .. }) {
+                    // A download cut off by the deadline may leave its temporary file, which would
+                    // make wal-fetch wait for a download that is no longer happening.
+                    self.spool.remove_partial(&name);
+                }
+                self.log.info(format_args!("prefetch: {name}: {e} (left to recovery's own request)"));
+                self.downloads.not_before.insert(name, Instant::now() + RETRY_AFTER);
+            }
+        }
+        self.downloads.not_before.retain(|_, t| *t > Instant::now());
+    }
 }
 
 #[cfg(test)]

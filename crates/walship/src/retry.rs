@@ -3,8 +3,15 @@
 //! Every command has a deadline (`deadline_secs`): PostgreSQL's archiver and startup process wait
 //! for us, so a hung call stalls archiving or recovery. Within it, failures marked retryable are tried
 //! again with exponential backoff and jitter; the deadline also cuts off an attempt that hangs.
+//!
+//! One policy for every command: `walship_cli::on_repository` fixes the deadline, opens the
+//! repository within it and cleans up afterwards; whatever waits on the repository, in a binary or
+//! in the library (the prefetch worker's downloads, a base backup's catalog reads and parts), goes
+//! through [`until`] or [`with_deadline`]. A timer can only cut off an attempt that yields, so an
+//! attempt's blocking file work runs on the blocking pool (`off_runtime`).
 
 use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -30,14 +37,17 @@ where
 pub struct Deadline {
     /// tokio's clock, which is the system's monotonic clock except in tests that pause time.
     pub end: tokio::time::Instant,
+    /// How long it was when it started (`deadline_secs`), for messages.
     pub length: Duration,
 }
 
 impl Deadline {
+    /// A deadline `length` from now.
     pub fn starting_now(length: Duration) -> Deadline {
         Deadline { end: tokio::time::Instant::now() + length, length }
     }
 
+    /// The time left; zero once it passed.
     pub fn remaining(&self) -> Duration {
         self.end.saturating_duration_since(tokio::time::Instant::now())
     }
@@ -77,6 +87,28 @@ where
         last_error = Some(error.to_string());
         tokio::time::sleep(pause).await;
         delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+/// Starts blocking file work (`std::fs`) on tokio's blocking pool at once, and returns its answer
+/// to await. A deadline can only cut off an attempt that yields: a read stuck on a hung file system,
+/// run inline, would hold the thread the timer runs on and the deadline would never fire. Cut off,
+/// the work goes on in its thread until the kernel returns; the runtime is shut down without
+/// waiting for it (`walship_cli::block_on`).
+pub(crate) fn off_runtime<T, W>(path: &Path, work: W) -> impl Future<Output = Result<T, Error>> + use<T, W>
+where
+    T: Send + 'static,
+    W: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    let handle = tokio::task::spawn_blocking(work);
+    let path = path.to_owned();
+    async move {
+        match handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only a runtime shutting down cancels it, and then nobody waits for this answer.
+            Err(e) => Err(Error::local_io(&path, "run a file operation", std::io::Error::other(e.to_string()))),
+        }
     }
 }
 

@@ -8,25 +8,37 @@
 //! crash (a spool belongs to one run of the server; base-fetch ends with `syncfs`).
 //! A missing object is reported as absent only once the repository's identity record proves we are
 //! looking at a real repository.
+//!
+//! The file work (decoding, writing, renaming) runs on tokio's blocking pool, fed the downloaded
+//! chunks through a bounded channel, so that a write stuck on a hung file system cannot keep the
+//! command's deadline from firing.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc::{Receiver, Sender};
 
 use super::Repository;
 use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
 use crate::process;
+use crate::retry::off_runtime;
 use crate::storage::StorageError;
 use crate::wal::WalFileName;
 
 const READ_CHUNK: usize = 256 * 1024;
+/// Chunks queued between the download and the writing thread: bounded memory, both kept busy.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
+/// What a fetch restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchReport {
+    /// Length of the restored file.
     pub original_bytes: u64,
+    /// Length of the object it came from (compressed, with header and trailer).
     pub stored_bytes: u64,
 }
 
@@ -58,27 +70,81 @@ pub async fn fetch_object(repo: &Repository, key: &str, destination: &Path) -> R
     publish_verified(reader, destination, &repo.storage().location(key)).await
 }
 
+/// Streams the object into a temporary file beside `destination` and renames it into place once
+/// verified. The file work (writing, decoding, renaming) runs on the blocking pool, fed chunk by
+/// chunk, so that a hung file system cannot keep the deadline from firing.
 async fn publish_verified(
-    reader: crate::storage::ObjectReader,
+    mut reader: crate::storage::ObjectReader,
     destination: &Path,
     location: &str,
 ) -> Result<FetchReport, Error> {
-    let location = location.to_owned();
     let temp = temp_path_beside(destination)?;
-    match write_verified(reader, &temp, destination, &location).await {
-        Ok(report) => {
+    let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let (owned_destination, owned_location) = (destination.to_owned(), location.to_owned());
+    let writing =
+        off_runtime(destination, move || write_and_publish(received, &temp, &owned_destination, &owned_location));
+    match send_chunks(&mut reader, &chunks, location).await {
+        Ok(stored_bytes) => {
+            // A writer that stopped early (a damaged object) refuses this; its own result says why.
+            let _ = chunks.send(None).await;
+            drop(chunks);
+            let original_bytes = writing.await?;
+            Ok(FetchReport { original_bytes, stored_bytes })
+        }
+        Err(e) => {
+            drop(chunks);
+            // It removes its temporary file on the way out, before a retry creates one of that name.
+            let _ = writing.await;
+            Err(e)
+        }
+    }
+}
+
+/// Hands the object's bytes to the writer as they arrive, then returns how many there were. Stops
+/// early, without error, when the writer stopped taking them: its result is the answer then.
+async fn send_chunks(
+    reader: &mut crate::storage::ObjectReader,
+    chunks: &Sender<Option<Bytes>>,
+    location: &str,
+) -> Result<u64, Error> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut stored_bytes = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(location, "read", e))?;
+        if n == 0 {
+            return Ok(stored_bytes);
+        }
+        stored_bytes += n as u64;
+        if chunks.send(Some(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+            return Ok(stored_bytes);
+        }
+    }
+}
+
+/// The blocking side of [`publish_verified`]: decodes what `received` brings (`None` ends the object)
+/// into `temp`, verifies it and renames it to `destination`; returns the restored length. Whatever
+/// fails, and a sender that goes away before the end (the deadline cut the fetch off), leaves no
+/// temporary file.
+fn write_and_publish(
+    mut received: Receiver<Option<Bytes>>,
+    temp: &Path,
+    destination: &Path,
+    location: &str,
+) -> Result<u64, Error> {
+    match write_verified(&mut received, temp, destination, location) {
+        Ok(original_bytes) => {
             let published =
-                fs::rename(&temp, destination).map_err(|e| Error::local_io(destination, "rename into place", e));
+                fs::rename(temp, destination).map_err(|e| Error::local_io(destination, "rename into place", e));
             if published.is_err() {
-                let _ = fs::remove_file(&temp);
+                let _ = fs::remove_file(temp);
             }
             // Without this, every wal-fetch killed mid-transfer would leave up to a segment's worth
             // of bytes in pg_wal for good.
             process::remove_orphaned_temp_files(parent_dir(destination));
-            published.map(|()| report)
+            published.map(|()| original_bytes)
         }
         Err(e) => {
-            let _ = fs::remove_file(&temp);
+            let _ = fs::remove_file(temp);
             Err(e)
         }
     }
@@ -102,12 +168,12 @@ fn temp_path_beside(destination: &Path) -> Result<PathBuf, Error> {
     Ok(parent_dir(destination).join(process::temp_name(&file_name.to_string_lossy())))
 }
 
-async fn write_verified(
-    mut reader: crate::storage::ObjectReader,
+fn write_verified(
+    received: &mut Receiver<Option<Bytes>>,
     temp: &Path,
     destination: &Path,
     location: &str,
-) -> Result<FetchReport, Error> {
+) -> Result<u64, Error> {
     // A file of this name can only be a leftover of an earlier run that had our process id.
     let _ = fs::remove_file(temp);
     let file = OpenOptions::new()
@@ -121,17 +187,51 @@ async fn write_verified(
         DecodeError::Format(format) => Error::Corrupt { location: location.to_owned(), reason: format.to_string() },
         DecodeError::Sink(io) => Error::local_io(destination, "write", io),
     };
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut stored_bytes = 0u64;
     loop {
-        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(location, "read", e))?;
-        if n == 0 {
-            break;
+        match received.blocking_recv() {
+            Some(Some(chunk)) => decoder.update(&chunk).map_err(corrupt)?,
+            Some(None) => break,
+            None => {
+                let stopped = std::io::Error::other("the download stopped before the end of the object");
+                return Err(Error::local_io(destination, "write", stopped));
+            }
         }
-        stored_bytes += n as u64;
-        decoder.update(&buf[..n]).map_err(corrupt)?;
     }
     let (digest, writer) = decoder.finish().map_err(corrupt)?;
     let _file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
-    Ok(FetchReport { original_bytes: digest.len, stored_bytes })
+    Ok(digest.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::encode_all;
+
+    fn write_in_thread(chunks: Vec<Option<Bytes>>, dir: &Path) -> (Result<u64, Error>, PathBuf, PathBuf) {
+        let (destination, temp) = (dir.join("000000010000000000000001"), dir.join(".000000010000000000000001.tmp"));
+        let (sender, received) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for chunk in chunks {
+            sender.try_send(chunk).unwrap();
+        }
+        drop(sender);
+        let (t, d) = (temp.clone(), destination.clone());
+        let result = std::thread::spawn(move || write_and_publish(received, &t, &d, "test://object")).join().unwrap();
+        (result, destination, temp)
+    }
+
+    #[test]
+    fn a_complete_object_is_published_and_a_cut_off_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let object = Bytes::from(encode_all(b"segment bytes", 1).unwrap());
+        let (half, rest) = (object.slice(..object.len() / 2), object.slice(object.len() / 2..));
+
+        let (result, destination, temp) = write_in_thread(vec![Some(half.clone())], dir.path());
+        assert!(result.is_err(), "a download that stopped before the end publishes nothing");
+        assert!(!destination.exists() && !temp.exists(), "and leaves no temporary file");
+
+        let (result, destination, temp) = write_in_thread(vec![Some(half), Some(rest), None], dir.path());
+        assert_eq!(result.unwrap(), 13);
+        assert_eq!(fs::read(&destination).unwrap(), b"segment bytes");
+        assert!(!temp.exists());
+    }
 }

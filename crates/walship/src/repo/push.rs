@@ -9,6 +9,10 @@
 //! metadata, sent before the body), a hashing pass comes first and the encoder's digest must equal
 //! it; everywhere the stored length must equal the inspected one. So a file that changes size while
 //! we read it is never acknowledged.
+//!
+//! Reading the file (and encoding it) runs on tokio's blocking pool, handing encoded chunks to the
+//! upload through a bounded channel: a read stuck on a hung file system (NFS under pg_wal) must not
+//! keep the command's deadline from firing.
 
 use std::fs::File;
 use std::io::Read;
@@ -16,22 +20,33 @@ use std::path::Path;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc::Sender;
 
 use super::{ClusterFacts, Repository};
 use crate::codec::{self, ContentDigest, Encoder};
 use crate::error::Error;
+use crate::retry::off_runtime;
 use crate::storage::{PutOptions, StorageError};
 use crate::wal::{self, LongPageHeader, WalFileKind, WalFileName};
 
-/// Attributes that let a backend with metadata answer "identical?" without a download.
+/// Attributes that let a backend with metadata answer "identical?" without a download: the SHA-256
+/// of the original content, in hex...
 pub const ATTR_SHA256: &str = "walship-sha256";
+/// ...and its length in bytes, in decimal.
 pub const ATTR_LENGTH: &str = "walship-length";
 
 const READ_CHUNK: usize = 1 << 20;
 const WRITE_CHUNK: usize = 1 << 20;
+/// Encoded chunks queued between the reading thread and the upload: enough to keep both busy,
+/// few enough to keep memory bounded.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// The cluster's control file, relative to the data directory (archive_command's working directory).
+const CONTROL_FILE: &str = "global/pg_control";
 
+/// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushReport {
+    /// Length of the archived file.
     pub original_bytes: u64,
     /// Bytes stored; `None` when identical content was already archived and nothing was written.
     pub stored_bytes: Option<u64>,
@@ -42,7 +57,10 @@ pub struct PushReport {
 /// Archives `source` under `name`.
 pub async fn push(repo: &Repository, source: &Path, name: &str, compression_level: i32) -> Result<PushReport, Error> {
     let wal = WalFileName::parse(name).map_err(|e| Error::InvalidInput { file: name.to_owned(), reason: e.0 })?;
-    let checked = inspect(&wal, source)?;
+    let checked = {
+        let (wal, owned) = (wal.clone(), source.to_owned());
+        off_runtime(source, move || inspect(&wal, &owned)).await?
+    };
     match checked.cluster {
         Some(facts) => {
             repo.ensure_identity(&facts, &source.display().to_string()).await?;
@@ -50,7 +68,8 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
         // Files without a page header carry no system identifier; the data directory's pg_control
         // (our working directory under archive_command) has it.
         None => {
-            if let Some(system_identifier) = control_file_system_identifier() {
+            let control_file = Path::new(CONTROL_FILE);
+            if let Some(system_identifier) = off_runtime(control_file, || Ok(control_file_system_identifier())).await? {
                 repo.check_system_identifier(system_identifier, &source.display().to_string()).await?;
             }
         }
@@ -58,7 +77,7 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
     // A backend that keeps attributes (S3) needs the checksum before the upload starts, which takes
     // a hashing pass first; elsewhere one pass encodes and hashes at once.
     let known = if repo.storage().keeps_attributes() {
-        let digest = hash_file(source)?;
+        let digest = hash_file(source).await?;
         if digest.len != checked.len {
             return Err(changed_while_reading(source));
         }
@@ -73,7 +92,7 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
         Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
             let digest = match known {
                 Some(digest) => digest,
-                None => hash_file(source)?,
+                None => hash_file(source).await?,
             };
             if digest.len != checked.len {
                 return Err(changed_while_reading(source));
@@ -145,12 +164,13 @@ fn kind_label(kind: WalFileKind) -> &'static str {
 }
 
 fn control_file_system_identifier() -> Option<u64> {
-    let bytes = std::fs::read("global/pg_control").ok()?;
+    let bytes = std::fs::read(CONTROL_FILE).ok()?;
     wal::control_file_system_identifier(&bytes)
 }
 
-fn hash_file(source: &Path) -> Result<ContentDigest, Error> {
-    ContentDigest::of_file(source).map_err(|e| Error::local_io(source, "read", e))
+async fn hash_file(source: &Path) -> Result<ContentDigest, Error> {
+    let owned = source.to_owned();
+    off_runtime(source, move || ContentDigest::of_file(&owned).map_err(|e| Error::local_io(&owned, "read", e))).await
 }
 
 fn changed_while_reading(source: &Path) -> Error {
@@ -193,25 +213,17 @@ async fn upload(
     let options = PutOptions { attributes, size_hint: Some(expected_len) };
     let mut writer = repo.storage().create(key, options).await?;
     let streamed = async {
-        let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
-        let mut encoder = Encoder::new(compression_level).map_err(|e| Error::local_io(source, "compress", e))?;
-        let mut buf = vec![0u8; READ_CHUNK];
-        let mut out = Vec::with_capacity(WRITE_CHUNK + READ_CHUNK);
+        let (chunks, mut encoded) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+        let owned = source.to_owned();
+        let encoding = off_runtime(source, move || encode_file(&owned, compression_level, &chunks));
         let mut stored = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))?;
-            if n == 0 {
-                break;
-            }
-            encoder.update(&buf[..n], &mut out).map_err(|e| Error::local_io(source, "compress", e))?;
-            if out.len() >= WRITE_CHUNK {
-                stored += out.len() as u64;
-                writer.write(Bytes::from(std::mem::take(&mut out))).await?;
-            }
+        // Ends when the encoder is done and drops its sender. A failed write drops the receiver, and
+        // the encoder stops at its next chunk.
+        while let Some(chunk) = encoded.recv().await {
+            stored += chunk.len() as u64;
+            writer.write(chunk).await?;
         }
-        let digest = encoder.finish(&mut out).map_err(|e| Error::local_io(source, "compress", e))?;
-        stored += out.len() as u64;
-        writer.write(Bytes::from(out)).await?;
+        let digest = encoding.await?;
         if expected.is_some_and(|expected| expected != digest) || digest.len != expected_len {
             return Err(changed_while_reading(source));
         }
@@ -228,6 +240,30 @@ async fn upload(
             Err(e)
         }
     }
+}
+
+/// Reads and encodes `source` (blocking: it runs on the blocking pool), handing the encoded bytes
+/// to `chunks` about [`WRITE_CHUNK`] at a time and the rest, possibly empty, last.
+fn encode_file(source: &Path, compression_level: i32, chunks: &Sender<Bytes>) -> Result<ContentDigest, Error> {
+    let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
+    let mut encoder = Encoder::new(compression_level).map_err(|e| Error::local_io(source, "compress", e))?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut out = Vec::with_capacity(WRITE_CHUNK + READ_CHUNK);
+    // The uploader went away (its write failed, or the deadline dropped it): its error is the answer.
+    let gone = || Error::local_io(source, "read", std::io::Error::other("the upload stopped"));
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        encoder.update(&buf[..n], &mut out).map_err(|e| Error::local_io(source, "compress", e))?;
+        if out.len() >= WRITE_CHUNK {
+            chunks.blocking_send(Bytes::from(std::mem::take(&mut out))).map_err(|_| gone())?;
+        }
+    }
+    let digest = encoder.finish(&mut out).map_err(|e| Error::local_io(source, "compress", e))?;
+    chunks.blocking_send(Bytes::from(out)).map_err(|_| gone())?;
+    Ok(digest)
 }
 
 /// Decides a push whose name is already taken: identical content is success, anything else a conflict.
@@ -276,7 +312,9 @@ async fn compare_with_archived(
         return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
     }
     if is_history {
-        let ours = std::fs::read(source).map_err(|e| Error::local_io(source, "read", e))?;
+        let owned = source.to_owned();
+        let ours =
+            off_runtime(source, move || std::fs::read(&owned).map_err(|e| Error::local_io(&owned, "read", e))).await?;
         if ours != archived_bytes {
             return Err(Error::Conflict { name: wal.to_string(), existing, new: ContentDigest::of(&ours) });
         }
