@@ -124,7 +124,7 @@ fn prefetch_spool(config: &Config, name: &str, destination: &Path) -> Option<Spo
         return None;
     }
     let data_dir = std::env::current_dir().ok()?;
-    Spool::for_recovery(&data_dir, destination, &config.repository_identity())
+    Spool::for_recovery(&data_dir, destination, &config.store_location())
 }
 
 /// Tells the worker where recovery is, and starts one if none is running.
@@ -171,7 +171,7 @@ fn run_prefetch_worker(cli: &Cli, spool_dir: &Path, log: &Log) -> ! {
         let data_dir = std::env::current_dir().map_err(|e| Error::local_io(Path::new("."), "getcwd", e))?;
         let config = cli.common.load_config();
         let spool = config.as_ref().ok().and_then(|config| {
-            Spool::for_recovery(&data_dir, &cli.path, &config.repository_identity()).filter(|s| s.dir() == spool_dir)
+            Spool::for_recovery(&data_dir, &cli.path, &config.store_location()).filter(|s| s.dir() == spool_dir)
         });
         let Some(spool) = spool else {
             // Recovery ended (or the server went) before we started: nobody else would remove the

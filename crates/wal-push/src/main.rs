@@ -127,7 +127,7 @@ impl Call {
     async fn run(&self, repo: &Repository, config: &Config, deadline: Deadline) -> Result<Outcome, Error> {
         let (log, name) = (&self.log, &self.name);
         // The cheap local check first; a record that holds locally still needs the repository's id.
-        let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &config.repository_identity())) {
+        let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &config.store_location())) {
             Some(Lookup::Candidate(candidate)) => Some(candidate),
             Some(Lookup::NotAhead(reason)) => {
                 log.debug(format_args!("{name}: {reason}"));
@@ -141,8 +141,7 @@ impl Call {
                 Answer::NotAhead(reason) => log.debug(format_args!("{name}: {reason}")),
             }
         }
-        let remembered =
-            self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &config.repository_identity()));
+        let remembered = self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &config.store_location()));
         if let Some(remembered) = &remembered {
             remembered.check(repo, deadline, log).await?;
         }

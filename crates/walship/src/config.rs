@@ -157,12 +157,6 @@ impl Config {
             },
         }
     }
-
-    /// Renamed [`Config::store_location`] (it names a place, not the cluster's [`crate::repo::Identity`]);
-    /// kept until callers switch.
-    pub fn repository_identity(&self) -> String {
-        self.store_location()
-    }
 }
 
 /// What the command line says about configuration.

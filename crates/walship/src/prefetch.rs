@@ -7,7 +7,7 @@
 //!     worker.lock                              held (flock) by the one live worker
 //!     want                                     the segment recovery asked for last
 //!     <segment>                                fetched and verified against its checksum
-//!     .<segment>.walship.<pid>.tmp             being fetched
+//!     .<segment>.walship.<pid>.<nonce>.tmp     being fetched
 //! ```
 //!
 //! The key is a hash of the postmaster's pid and start time (from `postmaster.pid`), the data
@@ -41,9 +41,8 @@ use std::time::{Duration, Instant};
 use crate::codec::ContentDigest;
 use crate::config::FetchConfig;
 use crate::error::Error;
+use crate::fs::{parent_dir, replace_file, temp_prefix};
 use crate::log::Log;
-use crate::process;
-use crate::repo::parent_dir;
 use crate::repo::{self, Repository};
 use crate::wal::{WalFileKind, WalFileName};
 
@@ -87,14 +86,15 @@ impl Spool {
     /// The spool for a restore to `destination` (PostgreSQL's `%p`, in `pg_wal`) by the server whose
     /// data directory is `data_dir`; `None` unless a recovery is running there (a `postmaster.pid`,
     /// and `recovery.signal` or `standby.signal`).
-    pub fn for_recovery(data_dir: &Path, destination: &Path, repo_url: &str) -> Option<Spool> {
+    pub fn for_recovery(data_dir: &Path, destination: &Path, store_location: &str) -> Option<Spool> {
         let pg_wal = data_dir.join(parent_dir(destination));
         if !pg_wal.join("archive_status").is_dir() || !recovery_signalled(data_dir) {
             return None;
         }
         let postmaster = Postmaster::read(data_dir)?;
         let canonical = fs::canonicalize(data_dir).ok()?;
-        let key_source = format!("{}\n{}\n{}\n{repo_url}", postmaster.pid, postmaster.started, canonical.display());
+        let key_source =
+            format!("{}\n{}\n{}\n{store_location}", postmaster.pid, postmaster.started, canonical.display());
         let key = &ContentDigest::of(key_source.as_bytes()).sha256_hex()[..16];
         let root = pg_wal.join(SPOOL_ROOT);
         Some(Spool { data_dir: data_dir.to_owned(), dir: root.join(key), root, postmaster })
@@ -128,7 +128,7 @@ impl Spool {
     }
 
     fn in_flight(&self, name: &str) -> bool {
-        let prefix = process::temp_prefix(name);
+        let prefix = temp_prefix(name);
         fs::read_dir(&self.dir).is_ok_and(|entries| {
             entries.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
         })
@@ -142,7 +142,7 @@ impl Spool {
     /// Tells the worker which segment recovery asked for last.
     pub fn set_want(&self, name: &str) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        process::replace_file(&self.dir.join(WANT_FILE), name.as_bytes(), false)
+        replace_file(&self.dir.join(WANT_FILE), name.as_bytes(), false)
     }
 
     fn want(&self) -> Option<WalFileName> {

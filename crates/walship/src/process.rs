@@ -22,6 +22,3 @@ pub fn start_time(pid: u32) -> Option<u64> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
-
-// moved to fs.rs; re-exported until callers switch
-pub(crate) use crate::fs::{remove_orphaned_temp_files, replace_file, temp_name, temp_prefix};

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::{Receiver, Sender};
 use super::Repository;
 use crate::codec::{DecodeError, Decoder};
 use crate::error::Error;
-use crate::process;
+use crate::fs::{parent_dir, remove_orphaned_temp_files, temp_name};
 use crate::retry::off_runtime;
 use crate::storage::StorageError;
 use crate::wal::WalFileName;
@@ -140,21 +140,13 @@ fn write_and_publish(
             }
             // Without this, every wal-fetch killed mid-transfer would leave up to a segment's worth
             // of bytes in pg_wal for good.
-            process::remove_orphaned_temp_files(parent_dir(destination));
+            remove_orphaned_temp_files(parent_dir(destination));
             published.map(|()| original_bytes)
         }
         Err(e) => {
             let _ = fs::remove_file(temp);
             Err(e)
         }
-    }
-}
-
-/// The directory `path` is in: its parent, or the working directory for a bare name.
-pub(crate) fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
     }
 }
 
@@ -165,7 +157,7 @@ fn temp_path_beside(destination: &Path) -> Result<PathBuf, Error> {
         file: destination.display().to_string(),
         reason: "the destination has no file name".into(),
     })?;
-    Ok(parent_dir(destination).join(process::temp_name(&file_name.to_string_lossy())))
+    Ok(parent_dir(destination).join(temp_name(&file_name.to_string_lossy())))
 }
 
 fn write_verified(
@@ -174,8 +166,6 @@ fn write_verified(
     destination: &Path,
     location: &str,
 ) -> Result<u64, Error> {
-    // A file of this name can only be a leftover of an earlier run that had our process id.
-    let _ = fs::remove_file(temp);
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -17,8 +17,6 @@
 mod fetch;
 mod push;
 
-// moved to fs.rs; re-exported until callers switch
-pub(crate) use crate::fs::parent_dir;
 pub use fetch::{FetchReport, fetch, fetch_object};
 pub use push::{PushReport, push};
 
