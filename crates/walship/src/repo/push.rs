@@ -19,11 +19,10 @@ use std::io::Read;
 use std::path::Path;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::Sender;
 
 use super::{ClusterFacts, Repository};
-use crate::codec::{self, ContentDigest, Encoder};
+use crate::codec::{ContentDigest, Pipeline, Prefix, PumpError};
 use crate::error::Error;
 use crate::retry::off_runtime;
 use crate::storage::{PutOptions, StorageError};
@@ -35,7 +34,6 @@ pub const ATTR_SHA256: &str = "walship-sha256";
 /// ...and its length in bytes, in decimal.
 pub const ATTR_LENGTH: &str = "walship-length";
 
-const READ_CHUNK: usize = 1 << 20;
 const WRITE_CHUNK: usize = 1 << 20;
 /// Encoded chunks queued between the reading thread and the upload: enough to keep both busy,
 /// few enough to keep memory bounded.
@@ -245,25 +243,26 @@ async fn upload(
 /// Reads and encodes `source` (blocking: it runs on the blocking pool), handing the encoded bytes
 /// to `chunks` about [`WRITE_CHUNK`] at a time and the rest, possibly empty, last.
 fn encode_file(source: &Path, compression_level: i32, chunks: &Sender<Bytes>) -> Result<ContentDigest, Error> {
-    let mut file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
-    let mut encoder = Encoder::new(compression_level).map_err(|e| Error::local_io(source, "compress", e))?;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut out = Vec::with_capacity(WRITE_CHUNK + READ_CHUNK);
+    let file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
+    let mut encoded = Pipeline::zstd(compression_level).encoded(file).map_err(|e| encode_error(source, e))?;
     // The uploader went away (its write failed, or the deadline dropped it): its error is the answer.
     let gone = || Error::local_io(source, "read", std::io::Error::other("the upload stopped"));
     loop {
-        let n = file.read(&mut buf).map_err(|e| Error::local_io(source, "read", e))?;
-        if n == 0 {
+        let chunk = encoded.next_chunk(WRITE_CHUNK).map_err(|e| encode_error(source, e))?;
+        if chunk.is_empty() {
             break;
         }
-        encoder.update(&buf[..n], &mut out).map_err(|e| Error::local_io(source, "compress", e))?;
-        if out.len() >= WRITE_CHUNK {
-            chunks.blocking_send(Bytes::from(std::mem::take(&mut out))).map_err(|_| gone())?;
-        }
+        chunks.blocking_send(Bytes::from(chunk)).map_err(|_| gone())?;
     }
-    let digest = encoder.finish(&mut out).map_err(|e| Error::local_io(source, "compress", e))?;
-    chunks.blocking_send(Bytes::from(out)).map_err(|_| gone())?;
-    Ok(digest)
+    Ok(encoded.digest().expect("the object has ended"))
+}
+
+/// Reading the file is a read error on it; anything else the encoder does is compression's.
+fn encode_error(source: &Path, error: PumpError) -> Error {
+    match error {
+        PumpError::Source(e) => Error::local_io(source, "read", e),
+        other => Error::local_io(source, "compress", other.into_io()),
+    }
 }
 
 /// Decides a push whose name is already taken: identical content is success, anything else a conflict.
@@ -287,27 +286,16 @@ async fn compare_with_archived(
         };
     }
     let location = repo.storage().location(key);
-    let mut reader = repo.storage().get(key).await?;
+    let reader = repo.storage().get(key).await?;
     // History files are compared byte for byte, so keep their (small) content; segments only hash.
-    let mut decoder = codec::Decoder::new(Vec::new()).map_err(|e| Error::local_io(source, "decompress", e))?;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut archived_bytes = Vec::new();
-    loop {
-        let n = reader.read(&mut buf).await.map_err(|e| StorageError::io(&location, "read", e))?;
-        if n == 0 {
-            break;
-        }
-        decoder.update(&buf[..n]).map_err(|e| Error::Corrupt { location: location.clone(), reason: e.to_string() })?;
-        let decoded = decoder.sink_mut();
-        if is_history && archived_bytes.len() as u64 <= wal::MAX_SMALL_FILE {
-            archived_bytes.append(decoded);
-        } else {
-            decoded.clear();
-        }
-    }
-    let (existing, rest) =
-        decoder.finish().map_err(|e| Error::Corrupt { location: location.clone(), reason: e.to_string() })?;
-    archived_bytes.extend(rest);
+    let mut archived = Prefix::new(if is_history { wal::MAX_SMALL_FILE as usize + 1 } else { 0 });
+    let existing = match Pipeline::default().decode_async(reader, &mut archived).await {
+        Ok(pumped) => pumped.digest,
+        Err(PumpError::Source(e)) => return Err(StorageError::io(&location, "read", e).into()),
+        Err(PumpError::Codec(e) | PumpError::Sink(e)) => return Err(Error::local_io(source, "decompress", e)),
+        Err(PumpError::Format(e)) => return Err(Error::Corrupt { location, reason: e.to_string() }),
+    };
+    let archived_bytes = archived.into_bytes();
     if existing != digest {
         return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
     }
