@@ -1,6 +1,7 @@
-//! The extractor of base-fetch: decodes each archive's downloaded parts, in order, into one tar
-//! stream (every part checked against its trailer and the catalog's SHA-256 as it ends) and unpacks
-//! it into the archive's directory, holding `global/pg_control` back under another name.
+//! The extractor of base-fetch: decodes each archive's downloaded parts through the codec's pump, in
+//! order, into one tar stream (every part checked against its trailer and the catalog's SHA-256 as
+//! it ends) and unpacks it into the archive's directory, holding `global/pg_control` back under
+//! another name.
 //!
 //! It runs on a blocking thread: the tar reader and the file writes block. Downloads run ahead of it
 //! on the async side; it waits for each part's download in order and frees its slot once the part
@@ -15,11 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::manifest::HELD_BACK_CONTROL;
 use super::{PartRecord, Progress, Transferred};
-use crate::codec::Decoder;
+use crate::codec::{Decoded, Pipeline, PumpError};
 use crate::error::Error;
 
-/// Stored bytes read from a downloaded part at a time while extracting.
-const RAW_CHUNK: usize = 256 * 1024;
+/// Decoded bytes thrown away at a time when a part is read to its end only to check it.
+const DISCARD_CHUNK: usize = 64 * 1024;
 
 /// A part's download, as the extractor receives it.
 pub(super) struct Downloaded {
@@ -170,11 +171,8 @@ struct PartStream<'a> {
     locations: &'a [String],
     ready: &'a mut Downloads,
     index: usize,
-    current: Option<(File, PathBuf, Decoder<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
-    decoded: Vec<u8>,
-    offset: usize,
-    /// Stored bytes read from the current part's file, before decoding.
-    raw: Vec<u8>,
+    /// The open part: decoded by the codec's pump straight from its downloaded file.
+    current: Option<(Decoded<File>, PathBuf, tokio::sync::OwnedSemaphorePermit)>,
     failure: Arc<Mutex<Option<Error>>>,
     /// What the restore has consumed so far, of `total` original bytes.
     done: Transferred,
@@ -198,9 +196,6 @@ impl<'a> PartStream<'a> {
             ready,
             index: 0,
             current: None,
-            decoded: Vec::new(),
-            raw: vec![0u8; RAW_CHUNK],
-            offset: 0,
             failure: Arc::default(),
             done,
             total,
@@ -228,55 +223,54 @@ impl<'a> PartStream<'a> {
             waiting.blocking_recv().map_err(|_| self.fail(Error::Internal("a download was abandoned".into())))?;
         let path = downloaded.result.map_err(|e| self.fail(e))?;
         let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
-        let decoder = Decoder::new(Vec::new()).map_err(|e| self.fail(Error::local_io(&path, "decompress", e)))?;
-        self.current = Some((file, path, decoder, downloaded.permit));
+        let decoded = Pipeline::default()
+            .decoded(file)
+            .map_err(|e| self.fail(Error::local_io(&path, "decompress", e.into_io())))?;
+        self.current = Some((decoded, path, downloaded.permit));
         Ok(true)
     }
 
     /// Decodes the rest of the part being read, discarding the bytes, and ends it: checks its
     /// checksums without opening the next part. Nothing to do between parts.
     fn finish_current_part(&mut self) -> io::Result<()> {
+        let mut discard = vec![0u8; DISCARD_CHUNK];
         while self.current.is_some() {
-            self.decoded.clear();
-            if self.decode_more()? == 0 {
+            if self.read_part(&mut discard)? == 0 {
                 return self.close_current();
             }
         }
         Ok(())
     }
 
-    /// Reads the open part's next stored bytes and decodes them into `decoded`, which must have
-    /// been consumed; returns how many stored bytes were read, 0 at the end of the part. The read
-    /// and decode buffers are reused from call to call.
-    fn decode_more(&mut self) -> io::Result<usize> {
-        let (file, path, decoder, _) = self.current.as_mut().expect("a part is open");
-        let n = match file.read(&mut self.raw) {
-            Ok(n) => n,
-            Err(e) => {
-                let path = path.clone();
-                return Err(self.fail(Error::local_io(&path, "read", e)));
+    /// Reads the open part's next decoded bytes, counting the stored bytes the pump read for them;
+    /// 0 at the part's end, once its trailer has checked out. A failing part file is a local read
+    /// error; anything else the pump reports is damage to the part.
+    fn read_part(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let (decoded, path, _) = self.current.as_mut().expect("a part is open");
+        let stored_before = decoded.stored_bytes();
+        match decoded.read_decoded(out) {
+            Ok(n) => {
+                self.done.stored += decoded.stored_bytes() - stored_before;
+                Ok(n)
             }
-        };
-        if n == 0 {
-            return Ok(0);
+            Err(PumpError::Source(e)) => {
+                let path = path.clone();
+                Err(self.fail(Error::local_io(&path, "read", e)))
+            }
+            Err(e) => {
+                let location = self.locations[self.index].clone();
+                Err(self.fail(Error::Corrupt { location, reason: e.to_string() }))
+            }
         }
-        if let Err(e) = decoder.update(&self.raw[..n]) {
-            let location = self.locations[self.index].clone();
-            return Err(self.fail(Error::Corrupt { location, reason: e.to_string() }));
-        }
-        std::mem::swap(&mut self.decoded, decoder.sink_mut());
-        Ok(n)
     }
 
-    /// Ends the current part: its trailer and the catalog's checksum must both agree.
+    /// Ends the current part, whose trailer checked out: the catalog's checksum must agree too.
     fn close_current(&mut self) -> io::Result<()> {
-        let (_, path, decoder, permit) = self.current.take().expect("a part is open");
+        let (decoded, path, permit) = self.current.take().expect("a part is open");
         let part = &self.parts[self.index];
-        let location = self.locations[self.index].clone();
-        let (digest, rest) = decoder
-            .finish()
-            .map_err(|e| self.fail(Error::Corrupt { location: location.clone(), reason: e.to_string() }))?;
+        let digest = decoded.digest().expect("the part has ended");
         if digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes {
+            let location = self.locations[self.index].clone();
             return Err(self.fail(Error::Corrupt {
                 location,
                 reason: format!(
@@ -285,8 +279,6 @@ impl<'a> PartStream<'a> {
                 ),
             }));
         }
-        self.decoded = rest;
-        self.offset = 0;
         let _ = fs::remove_file(&path);
         drop(permit);
         self.index += 1;
@@ -296,26 +288,25 @@ impl<'a> PartStream<'a> {
 
 impl Read for PartStream<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
         loop {
-            if self.offset < self.decoded.len() {
-                let n = (self.decoded.len() - self.offset).min(out.len());
-                out[..n].copy_from_slice(&self.decoded[self.offset..self.offset + n]);
-                self.offset += n;
-                return Ok(n);
-            }
-            self.decoded.clear();
-            self.offset = 0;
             if self.current.is_none() && !self.open_next()? {
                 return Ok(0);
             }
-            let n = self.decode_more()?;
+            let stored_before = self.done.stored;
+            let n = self.read_part(out)?;
             if n == 0 {
                 self.close_current()?;
                 continue;
             }
-            self.done.stored += n as u64;
-            self.done.original += self.decoded.len() as u64;
-            self.progress.update(self.done.original, self.done.stored, Some(self.total));
+            self.done.original += n as u64;
+            // Once per read of the part file (a pump's read chunk of stored bytes), as before.
+            if self.done.stored != stored_before {
+                self.progress.update(self.done.original, self.done.stored, Some(self.total));
+            }
+            return Ok(n);
         }
     }
 }

@@ -13,10 +13,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::reader::{Contents, Encoding, Message, READ_CHUNK, SEND_CHUNK, StreamEnd, read_stream};
+use super::reader::{Contents, Encoding, Message, SEND_CHUNK, StreamEnd, read_stream};
 use super::signals::Signals;
 use super::{BACKUPS_PREFIX, PartRecord, Progress, Transferred};
-use crate::codec::{ContentDigest, Encoder};
+use crate::codec::{ContentDigest, Pipeline};
 use crate::error::Error;
 use crate::repo::Repository;
 use crate::storage::{ObjectWriter, PutOptions, StorageError};
@@ -251,23 +251,18 @@ pub(super) async fn store_file(
     file.seek(SeekFrom::Start(0)).map_err(local_error)?;
     let mut writer =
         repo.storage().create(key, PutOptions { attributes: Default::default(), size_hint: Some(len) }).await?;
-    let mut encoder = Encoder::new(to.options.encoding.level).map_err(local_error)?;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut out = Vec::new();
-    let mut stored = 0u64;
-    let digest = loop {
-        let n = file.read(&mut buf).map_err(local_error)?;
-        if n == 0 {
-            break encoder.finish(&mut out).map_err(local_error)?;
+    let mut encoded =
+        Pipeline::zstd(to.options.encoding.level).encoded(&mut *file).map_err(|e| local_error(e.into_io()))?;
+    loop {
+        let chunk = encoded.next_chunk(SEND_CHUNK).map_err(|e| local_error(e.into_io()))?;
+        if chunk.is_empty() {
+            break;
         }
-        encoder.update(&buf[..n], &mut out).map_err(local_error)?;
-        if out.len() >= SEND_CHUNK {
-            stored += out.len() as u64;
-            writer.write(Bytes::from(std::mem::take(&mut out))).await?;
-        }
-    };
-    stored += out.len() as u64;
-    writer.write(Bytes::from(out)).await?;
+        writer.write(Bytes::from(chunk)).await?;
+    }
+    let (digest, stored) = (encoded.digest().expect("the object has ended"), encoded.stored_bytes());
+    // The pump borrows the file; the borrow ends here so that the file can be rewound below.
+    drop(encoded);
     tokio::time::timeout(idle, writer.commit()).await.map_err(|_| Error::DeadlineExceeded {
         what: location,
         seconds: idle.as_secs(),

@@ -1,17 +1,18 @@
 //! The reader thread of base-push: reads a tar archive (pg_basebackup's stdout or a spooled file),
-//! watches it for what the catalog record needs, cuts it into parts and encodes each (zstd on every
-//! core, SHA-256 trailer), and hands the encoded bytes to the async writers.
+//! watches it for what the catalog record needs, cuts it into parts and encodes each through the
+//! codec's pump (zstd on every core, any further stage, SHA-256 trailer), and hands the encoded
+//! bytes to the async writers.
 //!
 //! It runs on a thread of its own because both its source and the encoder block; a bounded channel
 //! between it and the writers keeps memory bounded when the network is the slower side.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::tar_watch::{Observed, TarWatcher};
-use crate::codec::{ContentDigest, Encoder};
+use crate::codec::{ContentDigest, Pipeline, PumpError};
 use crate::wal::LongPageHeader;
 
 /// Bytes read from the source at a time, and bytes of encoded output sent at a time.
@@ -59,104 +60,184 @@ pub(super) enum Contents {
 
 /// Reads `source` to its end (or until the writers hang up), sending its parts through `sender`.
 pub(super) fn read_stream(
-    mut source: Box<dyn Read + Send>,
+    source: Box<dyn Read + Send>,
     sender: &mpsc::Sender<Message>,
     encoding: Encoding,
     contents: Contents,
 ) -> StreamEnd {
-    let mut watcher = TarWatcher::new(LongPageHeader::LEN);
-    let mut watch_error: Option<String> = None;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut parts = PartCutter { sender, encoding, encoder: None, out: Vec::with_capacity(2 * SEND_CHUNK), in_part: 0 };
+    let mut watched = Watched { inner: source, watcher: TarWatcher::new(LongPageHeader::LEN), error: None };
+    let pipeline = Pipeline::zstd(encoding.level).with_workers(encoding.workers);
+    let cutter = PartCutter { sender, pipeline, part_size: encoding.part_size };
     let mut total = 0u64;
-    let end = |observed, total| StreamEnd { observed, original_bytes: total };
-    loop {
-        let n = match source.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return end(Err(format!("reading pg_basebackup's output: {e}")), total),
-        };
-        if watch_error.is_none()
-            && let Err(e) = watcher.feed(&buf[..n])
-        {
-            watch_error = Some(e);
-        }
-        if let Err(e) = parts.feed(&buf[..n], &mut total) {
-            return end(Err(e), total);
-        }
-    }
-    if parts.encoder.is_some()
-        && let Err(e) = parts.end_part(total)
-    {
-        return end(Err(e), total);
-    }
-    let observed = match watch_error {
-        Some(e) => Err(e),
-        None if total == 0 => Err("pg_basebackup wrote nothing".into()),
-        None if contents == Contents::DataDirectory => watcher.finish().map(Some),
-        None => watcher.finish_archive().map(|()| None),
+    let cut = cutter.cut(&mut BufReader::with_capacity(READ_CHUNK, &mut watched), &mut total);
+    let Watched { watcher, error: watch_error, .. } = watched;
+    let observed = match (cut, watch_error) {
+        (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+        _ if total == 0 => Err("pg_basebackup wrote nothing".into()),
+        _ if contents == Contents::DataDirectory => watcher.finish().map(Some),
+        _ => watcher.finish_archive().map(|()| None),
     };
-    end(observed, total)
+    StreamEnd { observed, original_bytes: total }
 }
 
-/// Cuts the original bytes into parts of `part_size`, each encoded as one codec object.
+/// pg_basebackup's output, shown to the tar watcher as it is read: the watcher sees every byte
+/// exactly once whatever the parts' boundaries, keeps its first complaint, and reading goes on
+/// (the complaint is reported once the stream has been read, as the backup's failure).
+struct Watched {
+    inner: Box<dyn Read + Send>,
+    watcher: TarWatcher,
+    error: Option<String>,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.error.is_none()
+            && let Err(e) = self.watcher.feed(&buf[..n])
+        {
+            self.error = Some(e);
+        }
+        Ok(n)
+    }
+}
+
+/// Cuts the original bytes into parts of `part_size`, each encoded by the codec's pump as one
+/// object, so that a stage added to the pipeline reaches every part without a change here.
 struct PartCutter<'a> {
     sender: &'a mpsc::Sender<Message>,
-    encoding: Encoding,
-    /// The current part's encoder; `None` between parts (a part starts with its first byte).
-    encoder: Option<Encoder>,
-    out: Vec<u8>,
-    in_part: u64,
+    pipeline: Pipeline,
+    part_size: u64,
 }
 
 impl PartCutter<'_> {
-    /// Encodes `bytes`, ending parts at `part_size` and sending output as it gathers; `total`
-    /// counts the original bytes taken.
-    fn feed(&mut self, bytes: &[u8], total: &mut u64) -> Result<(), String> {
-        let mut offset = 0;
-        while offset < bytes.len() {
-            let encoder = match &mut self.encoder {
-                Some(encoder) => encoder,
-                None => match Encoder::with_workers(self.encoding.level, self.encoding.workers) {
-                    Ok(new) => self.encoder.insert(new),
-                    Err(e) => return Err(format!("starting zstd: {e}")),
-                },
-            };
-            let take = ((self.encoding.part_size - self.in_part) as usize).min(bytes.len() - offset);
-            encoder.update(&bytes[offset..offset + take], &mut self.out).map_err(|e| format!("compressing: {e}"))?;
-            offset += take;
-            self.in_part += take as u64;
-            *total += take as u64;
-            if self.in_part == self.encoding.part_size {
-                self.end_part(*total)?;
-            } else if self.out.len() >= SEND_CHUNK {
-                self.send_chunk(*total)?;
-            }
+    /// Sends every part of `source`; `total` counts the original bytes taken, also on failure.
+    fn cut(&self, source: &mut impl BufRead, total: &mut u64) -> Result<(), String> {
+        while has_more(source)? {
+            self.send_part(source, total)?;
         }
         Ok(())
     }
 
-    /// Finishes the current part and sends the rest of its bytes and its end.
-    fn end_part(&mut self, total: u64) -> Result<(), String> {
-        let digest = self
-            .encoder
-            .take()
-            .expect("a part is open")
-            .finish(&mut self.out)
-            .map_err(|e| format!("compressing: {e}"))?;
-        self.in_part = 0;
-        self.send_chunk(total)?;
-        self.send(Message::PartEnd(digest))
-    }
-
-    fn send_chunk(&mut self, total: u64) -> Result<(), String> {
-        let bytes = Bytes::from(std::mem::replace(&mut self.out, Vec::with_capacity(2 * SEND_CHUNK)));
-        self.send(Message::Chunk { bytes, original_so_far: total })
+    /// Encodes and sends the next part: its chunks, then its end with the digest.
+    fn send_part(&self, source: &mut impl BufRead, total: &mut u64) -> Result<(), String> {
+        let part_start = *total;
+        let mut part = self
+            .pipeline
+            .encoded(source.take(self.part_size))
+            .map_err(|e| format!("starting zstd: {}", e.into_io()))?;
+        loop {
+            let chunk = part.next_chunk(SEND_CHUNK);
+            *total = part_start + part.original_bytes();
+            let bytes = chunk.map_err(describe)?;
+            if bytes.is_empty() {
+                break;
+            }
+            self.send(Message::Chunk { bytes: Bytes::from(bytes), original_so_far: *total })?;
+        }
+        self.send(Message::PartEnd(part.digest().expect("the part has ended")))
     }
 
     /// Fails once the writers have hung up.
     fn send(&self, message: Message) -> Result<(), String> {
         self.sender.blocking_send(message).map_err(|_| "stopped".to_owned())
+    }
+}
+
+/// Whether `source` has another byte: a part starts only where there is one, so that no empty
+/// part follows the last.
+fn has_more(source: &mut impl BufRead) -> Result<bool, String> {
+    loop {
+        match source.fill_buf() {
+            Ok(buf) => return Ok(!buf.is_empty()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(describe(PumpError::Source(e))),
+        }
+    }
+}
+
+/// The reader thread's messages for a failing pump, as they were before the pump existed.
+fn describe(error: PumpError) -> String {
+    match error {
+        PumpError::Source(e) => format!("reading pg_basebackup's output: {e}"),
+        other => format!("compressing: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_all, encode_all};
+
+    /// A tablespace-like archive: one member of `size` bytes that do not compress to nothing.
+    fn archive(size: usize) -> Vec<u8> {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o600);
+        header.set_cksum();
+        builder.append_data(&mut header, "16385/1259", &data[..]).unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    /// Runs the reader thread over `source`; returns each part's stored bytes and digest, and the end.
+    fn cut(source: Box<dyn Read + Send>, part_size: u64) -> (Vec<(Vec<u8>, ContentDigest)>, StreamEnd) {
+        let (sender, mut receiver) = mpsc::channel(2);
+        let encoding = Encoding { part_size, level: 3, workers: 1 };
+        let reader = std::thread::spawn(move || read_stream(source, &sender, encoding, Contents::Tablespace));
+        let (mut parts, mut current) = (Vec::new(), Vec::new());
+        while let Some(message) = receiver.blocking_recv() {
+            match message {
+                Message::Chunk { bytes, .. } => current.extend_from_slice(&bytes),
+                Message::PartEnd(digest) => parts.push((std::mem::take(&mut current), digest)),
+            }
+        }
+        assert!(current.is_empty(), "chunks after the last part's end");
+        (parts, reader.join().unwrap())
+    }
+
+    #[test]
+    fn cuts_parts_that_decode_back_to_the_stream_with_no_empty_part_after_the_last() {
+        let stream = archive(300_000);
+        // A part size that divides the stream, and one that leaves a short last part.
+        for part_size in [stream.len() as u64 / 4, 100_000] {
+            let (parts, end) = cut(Box::new(std::io::Cursor::new(stream.clone())), part_size);
+            assert_eq!(parts.len(), stream.len().div_ceil(part_size as usize));
+            assert_eq!(end.original_bytes, stream.len() as u64);
+            assert!(matches!(end.observed, Ok(None)), "{:?}", end.observed.err());
+            let pieces = stream.chunks(part_size as usize);
+            for ((stored, digest), original) in parts.iter().zip(pieces) {
+                assert_eq!(decode_all(stored).unwrap(), original);
+                assert_eq!(digest.len, original.len() as u64);
+                // The bytes stored do not depend on how the reader thread chunks its reads.
+                assert_eq!(stored, &encode_all(original, 3).unwrap());
+            }
+        }
+    }
+
+    /// A source that yields some bytes, then fails.
+    struct Failing(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.read(buf)? {
+                0 => Err(std::io::Error::other("pipe broke")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_source_is_reported_as_pg_basebackup_output() {
+        let (_, end) = cut(Box::new(Failing(std::io::Cursor::new(archive(50_000)))), 1 << 20);
+        assert_eq!(end.observed.err().as_deref(), Some("reading pg_basebackup's output: pipe broke"));
+        assert!(end.original_bytes > 0);
+    }
+
+    #[test]
+    fn an_empty_source_sends_no_part() {
+        let (parts, end) = cut(Box::new(std::io::empty()), 1 << 20);
+        assert!(parts.is_empty());
+        assert_eq!((end.observed.err().as_deref(), end.original_bytes), (Some("pg_basebackup wrote nothing"), 0));
     }
 }
