@@ -13,7 +13,7 @@
 //! chunks through a bounded channel, so that a write stuck on a hung file system cannot keep the
 //! command's deadline from firing.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::{Receiver, Sender};
 
 use super::Repository;
-use crate::codec::{DecodeError, Decoder};
+use crate::codec::{Pipeline, PumpError};
 use crate::error::Error;
 use crate::fs::{parent_dir, remove_orphaned_temp_files, temp_name};
 use crate::retry::off_runtime;
@@ -171,25 +171,36 @@ fn write_verified(
         .create_new(true)
         .open(temp)
         .map_err(|e| Error::local_io(destination, "create temporary file", e))?;
-    let mut decoder = Decoder::new(BufWriter::with_capacity(READ_CHUNK, file))
-        .map_err(|e| Error::local_io(destination, "decompress", e))?;
-    let corrupt = |e: DecodeError| match e {
-        DecodeError::Format(format) => Error::Corrupt { location: location.to_owned(), reason: format.to_string() },
-        DecodeError::Sink(io) => Error::local_io(destination, "write", io),
-    };
-    loop {
-        match received.blocking_recv() {
-            Some(Some(chunk)) => decoder.update(&chunk).map_err(corrupt)?,
-            Some(None) => break,
-            None => {
-                let stopped = std::io::Error::other("the download stopped before the end of the object");
-                return Err(Error::local_io(destination, "write", stopped));
+    let mut sink = BufWriter::with_capacity(READ_CHUNK, file);
+    let source = Chunks { received, current: Bytes::new() };
+    let pumped = Pipeline::default().decode(source, &mut sink).map_err(|e| match e {
+        PumpError::Format(format) => Error::Corrupt { location: location.to_owned(), reason: format.to_string() },
+        PumpError::Codec(e) => Error::local_io(destination, "decompress", e),
+        PumpError::Source(e) | PumpError::Sink(e) => Error::local_io(destination, "write", e),
+    })?;
+    Ok(pumped.digest.len)
+}
+
+/// The chunks the download hands over, as a reader for the codec's pump: `None` ends the object; a
+/// sender gone before that (the deadline cut the fetch off) is an error, never a short object.
+struct Chunks<'a> {
+    received: &'a mut Receiver<Option<Bytes>>,
+    current: Bytes,
+}
+
+impl std::io::Read for Chunks<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.received.blocking_recv() {
+                Some(Some(chunk)) => self.current = chunk,
+                Some(None) => return Ok(0),
+                None => return Err(std::io::Error::other("the download stopped before the end of the object")),
             }
         }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
     }
-    let (digest, writer) = decoder.finish().map_err(corrupt)?;
-    let _file: File = writer.into_inner().map_err(|e| Error::local_io(destination, "write", e.into_error()))?;
-    Ok(digest.len)
 }
 
 #[cfg(test)]
