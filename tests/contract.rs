@@ -268,12 +268,9 @@ fn corrupt_objects_are_never_handed_over_or_called_identical(backend: Backend) {
         assert_absent(&s.destination());
         s.stop_being_standby();
 
-        // The archive copy is damaged: "identical" would leave no good copy anywhere. On S3 a re-push
-        // trusts the digest in the object's metadata and does not read the bytes (S3 checks integrity
-        // itself), so there it reports "already archived"; only the history file below is decoded.
-        if backend != Backend::S3 {
-            assert_error(&s.push(SEG1), 7, &[&location, "corrupt"]);
-        }
+        // The archive copy is damaged: "identical" would leave no good copy anywhere. On S3 too, where
+        // the object's metadata still names the original digest.
+        assert_error(&s.push(SEG1), 7, &[&location, "corrupt"]);
         assert_eq!(fs::read(&object).unwrap(), damaged, "{what}: the damaged object was replaced silently");
         assert_no_temp_files(object.parent().unwrap());
     }

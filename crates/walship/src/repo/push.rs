@@ -278,12 +278,11 @@ async fn compare_with_archived(
     let already = PushReport { original_bytes: digest.len, stored_bytes: None, digest };
     let is_history = wal.kind() == WalFileKind::History;
     let attributes = repo.storage().head(key).await?.attributes;
-    if let Some(existing) = attributes_digest(&attributes).filter(|_| !is_history) {
-        return if existing == digest {
-            Ok(already)
-        } else {
-            Err(Error::Conflict { name: wal.to_string(), existing, new: digest })
-        };
+    // Attributes that name other content settle a conflict without a download. Attributes that name
+    // ours do not settle "identical": that answer lets PostgreSQL recycle its copy, so the archived
+    // bytes are read and verified first, whatever their metadata says.
+    if let Some(existing) = attributes_digest(&attributes).filter(|existing| !is_history && *existing != digest) {
+        return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
     }
     let location = repo.storage().location(key);
     let reader = repo.storage().get(key).await?;
