@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::codec::ContentDigest;
 use crate::storage::StorageError;
 
+/// Every way a walship command can fail; [`Error::exit_code`] maps each to the documented code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Wrong arguments.
@@ -17,37 +18,77 @@ pub enum Error {
 
     /// A configuration file, flag or environment variable that cannot be used.
     #[error("{source_name}: {message}")]
-    Config { source_name: String, message: String },
+    Config {
+        /// Where the setting came from: the file's path, `--flag` or the environment variable.
+        source_name: String,
+        /// What is wrong with it (never the value of a secret).
+        message: String,
+    },
 
     /// The file handed to us is not what its name says (not WAL, another segment, a bad name).
     #[error("{file}: {reason}")]
-    InvalidInput { file: String, reason: String },
+    InvalidInput {
+        /// The file (or name) refused.
+        file: String,
+        /// Why it is not what it says it is.
+        reason: String,
+    },
 
     /// The repository already holds different content under this name.
     #[error(
         "{name}: already archived with different content (archived: {existing}; new: {new}); \
          refusing to overwrite"
     )]
-    Conflict { name: String, existing: ContentDigest, new: ContentDigest },
+    Conflict {
+        /// The WAL file name both pushes used.
+        name: String,
+        /// The digest of what the repository holds.
+        existing: ContentDigest,
+        /// The digest of what this push brought.
+        new: ContentDigest,
+    },
 
     /// The repository belongs to another cluster, is not a walship repository, or is too new.
     #[error("{location}: {reason}")]
-    WrongRepository { location: String, reason: String },
+    WrongRepository {
+        /// The repository's location.
+        location: String,
+        /// What does not match (system identifier, version, missing identity record...).
+        reason: String,
+    },
 
     /// A stored object failed verification.
     #[error("{location}: corrupt object, not used: {reason}")]
-    Corrupt { location: String, reason: String },
+    Corrupt {
+        /// The damaged object's full location.
+        location: String,
+        /// What verification found.
+        reason: String,
+    },
 
     /// The repository does not have the file (wal-fetch's "definitely absent").
     #[error("{name}: not in the archive ({location})")]
-    NotFound { name: String, location: String },
+    NotFound {
+        /// The WAL file name asked for.
+        name: String,
+        /// Where it would be.
+        location: String,
+    },
 
+    /// The repository failed or was unreachable (permission, missing bucket, network, host key).
     #[error(transparent)]
     Storage(StorageError),
 
     /// Reading the file to archive, or writing the fetched file.
     #[error("{path}: {operation}: {source}")]
-    LocalIo { path: String, operation: &'static str, source: io::Error },
+    LocalIo {
+        /// The local file.
+        path: String,
+        /// What was being done to it (`read`, `create temporary file`, `rename into place`...).
+        operation: &'static str,
+        /// What the operating system said.
+        source: io::Error,
+    },
 
     /// No backup fits the request (an unknown name, or a target older than every backup).
     #[error("{0}")]
@@ -55,15 +96,30 @@ pub enum Error {
 
     /// A PostgreSQL program we run (pg_basebackup, pg_verifybackup) failed or could not be run.
     #[error("{tool}: {reason}")]
-    ToolFailed { tool: String, reason: String },
+    ToolFailed {
+        /// The program's path.
+        tool: String,
+        /// Its exit status and the end of what it said, or why it could not start.
+        reason: String,
+    },
 
     /// A signal (SIGINT, SIGTERM, SIGHUP) stopped the command; what it had written was removed.
     #[error("interrupted by {signal}; nothing partial was left behind")]
-    Interrupted { signal: &'static str },
+    Interrupted {
+        /// The signal's name, `SIGTERM` say.
+        signal: &'static str,
+    },
 
     /// Transient failures kept happening until the command's deadline.
     #[error("{what}: gave up after {seconds} s (deadline_secs): {last}")]
-    DeadlineExceeded { what: String, seconds: u64, last: String },
+    DeadlineExceeded {
+        /// The operation and its location.
+        what: String,
+        /// The deadline, in seconds.
+        seconds: u64,
+        /// The last failure seen before giving up.
+        last: String,
+    },
 
     /// A bug: walship reached a state it should never be in (a task panicked, a stream ended where
     /// it cannot). Says what, for the bug report.
@@ -72,10 +128,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed operation on a local file.
     pub fn local_io(path: &Path, operation: &'static str, source: io::Error) -> Self {
         Error::LocalIo { path: path.display().to_string(), operation, source }
     }
 
+    /// The documented exit code for this failure (before wal-fetch's recovery offset).
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Usage(_) => ExitCode::Usage,
@@ -111,17 +169,29 @@ impl From<StorageError> for Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ExitCode {
+    /// Done (for wal-push: durable in the repository, or identical content already was).
     Success = 0,
+    /// The archive definitely does not have the file, or no backup fits.
     NotFound = 1,
+    /// Wrong arguments.
     Usage = 2,
+    /// Unusable configuration.
     Config = 3,
+    /// The input is not what its name says.
     InvalidInput = 4,
+    /// Different content is already archived under the name.
     Conflict = 5,
+    /// The repository is another cluster's, not a walship repository, or not the one it was.
     WrongRepository = 6,
+    /// A stored object failed verification.
     Corrupt = 7,
+    /// The repository failed, or stayed unreachable until the deadline.
     Storage = 8,
+    /// A local file could not be read or written.
     LocalIo = 9,
+    /// pg_basebackup or pg_verifybackup failed or could not be run.
     ToolFailed = 10,
+    /// A signal stopped the command; what it wrote was removed.
     Interrupted = 11,
     /// A bug: walship panicked or reported [`Error::Internal`]. Distinct from every failure it knows, and never "absent".
     Internal = 12,

@@ -6,6 +6,8 @@
 //! own table; [`fs`] holds the file-system helpers (durable directories, temp-and-rename, the one
 //! temporary-file name) that every layer writing local files shares.
 
+#![warn(missing_docs)]
+
 pub mod base;
 pub mod codec;
 pub mod config;

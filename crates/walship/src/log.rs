@@ -9,6 +9,7 @@
 use std::fmt::Display;
 use std::io::Write;
 
+/// Where a command's lines go: stderr, prefixed with the program's name.
 #[derive(Debug, Clone)]
 pub struct Log {
     program: &'static str,
@@ -17,6 +18,7 @@ pub struct Log {
 }
 
 impl Log {
+    /// A log for `program`; `verbose` adds the `-v` lines.
     pub fn new(program: &'static str, verbose: bool) -> Self {
         Log { program, verbose, quiet: false }
     }
@@ -26,6 +28,7 @@ impl Log {
         Log { program: "walship", verbose: false, quiet: true }
     }
 
+    /// A line always printed: what was done, or why it failed.
     pub fn info(&self, message: impl Display) {
         if !self.quiet {
             line(self.program, message);

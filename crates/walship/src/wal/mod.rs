@@ -37,6 +37,7 @@ pub struct WalFileName {
 pub struct NameError(pub String);
 
 impl WalFileName {
+    /// Parses a name PostgreSQL hands to archive_command or restore_command; refuses anything else.
     pub fn parse(name: &str) -> Result<Self, NameError> {
         if name.is_empty() {
             return Err(NameError("the name is empty".into()));
@@ -82,14 +83,17 @@ impl WalFileName {
         Ok(WalFileName { name: name.to_owned(), kind, timeline, log, seg })
     }
 
+    /// The name as given.
     pub fn as_str(&self) -> &str {
         &self.name
     }
 
+    /// Segment, partial segment, backup history or timeline history.
     pub fn kind(&self) -> WalFileKind {
         self.kind
     }
 
+    /// The timeline the name is on.
     pub fn timeline(&self) -> u32 {
         self.timeline
     }
@@ -146,18 +150,27 @@ const PAGE_MAGIC_BY_MAJOR: &[(u16, u32)] = &[
     (0xD118, 18),
 ];
 
+/// The smallest `--wal-segsize` PostgreSQL allows (1 MiB).
 pub const MIN_SEGMENT_SIZE: u32 = 1 << 20;
+/// The largest `--wal-segsize` PostgreSQL allows (1 GiB).
 pub const MAX_SEGMENT_SIZE: u32 = 1 << 30;
 
 /// `XLogLongPageHeaderData`, the header at the start of every WAL segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LongPageHeader {
+    /// `xlp_magic`: differs by major version.
     pub magic: u16,
+    /// `xlp_info`: the page's flags.
     pub info: u16,
+    /// `xlp_tli`: the timeline the page was written on.
     pub timeline: u32,
+    /// `xlp_pageaddr`: the LSN of the page's start, which names the segment.
     pub page_address: u64,
+    /// `xlp_sysid`: the cluster's system identifier.
     pub system_identifier: u64,
+    /// `xlp_seg_size`: the cluster's segment size.
     pub segment_size: u32,
+    /// `xlp_xlog_blcksz`: the WAL block size.
     pub block_size: u32,
 }
 
@@ -219,6 +232,7 @@ impl LongPageHeader {
         Ok(header)
     }
 
+    /// The PostgreSQL major version the page magic belongs to, when known.
     pub fn pg_major(&self) -> Option<u32> {
         PAGE_MAGIC_BY_MAJOR.iter().find(|(magic, _)| *magic == self.magic).map(|(_, major)| *major)
     }
