@@ -193,7 +193,8 @@ pub enum ExitCode {
     ToolFailed = 10,
     /// A signal stopped the command; what it wrote was removed.
     Interrupted = 11,
-    /// A bug: walship panicked or reported [`Error::Internal`]. Distinct from every failure it knows, and never "absent".
+    /// A bug: walship panicked or reported [`Error::Internal`]. Distinct from every failure it knows,
+    /// and never "absent".
     Internal = 12,
 }
 

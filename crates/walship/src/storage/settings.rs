@@ -1,5 +1,4 @@
-//! What every backend's settings table shares: how a size and a number of seconds are written, and
-//! the one value that carries every backend's settings to [`super::open`].
+//! What every backend's settings table shares: how a size and a number of seconds are written.
 //!
 //! Each backend owns its table (`[s3]` in `s3.rs`, `[ssh]` in `ssh.rs`): the keys, their defaults
 //! and their checks. The configuration reads the file and hands each table to its backend, so that a
@@ -9,18 +8,6 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use super::s3::S3Settings;
-use super::ssh::SshSettings;
-
-/// The settings of every backend; [`super::open`] uses the one the repository URL names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settings {
-    /// The `[s3]` table, resolved.
-    pub s3: S3Settings,
-    /// The `[ssh]` table, resolved.
-    pub ssh: SshSettings,
-}
 
 /// A size given as a number of bytes or a string with a binary unit (`"16MiB"`, `"1GiB"`).
 #[derive(Debug, Clone, Copy, Deserialize)]
