@@ -79,13 +79,20 @@ impl Running {
 
     /// Waits, at most `limit`, until `ready` holds or the command exits; says whether `ready` held
     /// first. Polls often: the moments it catches (a temporary file growing) are short.
+    ///
+    /// `ready` is asked before each check for an exit, and the loop only yields between rounds: a
+    /// local push publishes and exits within a millisecond or two, and a sleep between polls (or a
+    /// check for the exit first) let the kill at publication miss that moment.
     pub fn wait_for(&mut self, limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
         let started = Instant::now();
-        while started.elapsed() < limit && !self.has_exited() {
+        while started.elapsed() < limit {
             if ready() {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            if self.has_exited() {
+                return false;
+            }
+            std::thread::yield_now();
         }
         false
     }
