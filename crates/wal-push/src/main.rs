@@ -126,8 +126,9 @@ struct Call {
 impl Call {
     async fn run(&self, repo: &Repository, config: &Config, deadline: Deadline) -> Result<Outcome, Error> {
         let (log, name) = (&self.log, &self.name);
+        let location = config.store_location();
         // The cheap local check first; a record that holds locally still needs the repository's id.
-        let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &config.store_location())) {
+        let candidate = match self.state.as_ref().map(|s| s.lookup(name, &self.path, &location)) {
             Some(Lookup::Candidate(candidate)) => Some(candidate),
             Some(Lookup::NotAhead(reason)) => {
                 log.debug(format_args!("{name}: {reason}"));
@@ -141,7 +142,7 @@ impl Call {
                 Answer::NotAhead(reason) => log.debug(format_args!("{name}: {reason}")),
             }
         }
-        let remembered = self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &config.store_location()));
+        let remembered = self.state.as_ref().and_then(|s| Remembered::for_pg_wal(s.pg_wal(), &location));
         if let Some(remembered) = &remembered {
             remembered.check(repo, deadline, log).await?;
         }

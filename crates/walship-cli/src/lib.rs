@@ -156,8 +156,7 @@ pub async fn on_repository<T>(
 /// malloc arena of its own that keeps what it freed (a zstd window, a transfer's buffers). Measured
 /// on benches/wal-throughput.sh: with decoding and encoding off the runtime's threads, the prefetch
 /// worker's peak RSS went from 20 to 41 MiB and a look-ahead push to S3 from 34 to 52 MiB; with two
-/// arenas, 25 and 39 MiB at the same throughput. (A fixed mmap threshold instead slowed serial
-/// fetches by a sixth and saved nothing.)
+/// arenas, 24 and 38.5 MiB at the same throughput (BENCHMARKS.md).
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called before the runtime starts a thread.

@@ -175,11 +175,6 @@ impl<R: Read> Encoded<R> {
     pub fn digest(&self) -> Option<ContentDigest> {
         self.digest
     }
-
-    /// The source, for what the caller still needs of it.
-    pub fn into_source(self) -> R {
-        self.source
-    }
 }
 
 impl<R: Read> Read for Encoded<R> {

@@ -241,7 +241,7 @@ async fn upload(
 }
 
 /// Reads and encodes `source` (blocking: it runs on the blocking pool), handing the encoded bytes
-/// to `chunks` about [`WRITE_CHUNK`] at a time and the rest, possibly empty, last.
+/// to `chunks` at least [`WRITE_CHUNK`] at a time, the last chunk possibly shorter.
 fn encode_file(source: &Path, compression_level: i32, chunks: &Sender<Bytes>) -> Result<ContentDigest, Error> {
     let file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
     let mut encoded = Pipeline::zstd(compression_level).encoded(file).map_err(|e| encode_error(source, e))?;
