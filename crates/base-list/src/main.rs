@@ -4,11 +4,11 @@ use std::cell::RefCell;
 use std::io::Write;
 
 use clap::Parser;
-use walship::base::{self, BackupRecord};
+use walship::base::{self, BackupRecord, CatalogEntry};
 use walship::log::Log;
 use walship::repo::Repository;
 use walship::{Error, retry};
-use walship_cli::{COMMON_HELP, CommonArgs};
+use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,20 +77,21 @@ async fn list(repo: &Repository, listing: &RefCell<Listing>) -> Result<(), Error
         } else {
             writeln!(
                 out,
-                "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}",
+                "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  PINNED",
                 "NAME", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
             )
             .map_err(write_error)?;
         }
         listing.borrow_mut().started = true;
     }
-    base::for_each_backup(repo, |record: BackupRecord| {
+    base::for_each_entry(repo, |entry: CatalogEntry| {
+        let Some(record) = entry.record else { return Ok(()) };
         let mut listing = listing.borrow_mut();
         let key = BackupRecord::catalog_key(&record.name);
         if listing.last_key.as_ref().is_some_and(|last| key <= *last) {
             return Ok(());
         }
-        print_row(&mut out, &record, json, listing.count).map_err(write_error)?;
+        print_row(&mut out, &record, entry.pinned, json, listing.count).map_err(write_error)?;
         listing.count += 1;
         listing.last_key = Some(key);
         Ok(())
@@ -103,33 +104,24 @@ async fn list(repo: &Repository, listing: &RefCell<Listing>) -> Result<(), Error
 }
 
 /// One backup: a JSON record (the `index`th, for the separator) or a table row.
-fn print_row(out: &mut impl Write, record: &BackupRecord, json: bool, index: u64) -> std::io::Result<()> {
+fn print_row(out: &mut impl Write, record: &BackupRecord, pinned: bool, json: bool, index: u64) -> std::io::Result<()> {
     if json {
         let separator = if index == 0 { "\n" } else { ",\n" };
-        let text = serde_json::to_string(record).expect("plain struct serializes");
-        return write!(out, "{separator}{text}");
+        let mut value = serde_json::to_value(record).expect("plain struct serializes");
+        value["pinned"] = serde_json::Value::Bool(pinned);
+        return write!(out, "{separator}{value}");
     }
     let finished = record.finished_at.split('.').next().unwrap_or(&record.finished_at).trim_end_matches('Z');
-    writeln!(
-        out,
-        "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}",
+    let row = format!(
+        "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  {}",
         record.name,
         format!("{finished}Z"),
         record.start_lsn,
         record.stop_lsn,
         record.timeline,
-        human(record.original_bytes),
-        human(record.stored_bytes)
-    )
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+        human_bytes(record.original_bytes),
+        human_bytes(record.stored_bytes),
+        if pinned { "pinned" } else { "" }
+    );
+    writeln!(out, "{}", row.trim_end())
 }

@@ -5,6 +5,7 @@ use std::time::Instant;
 use clap::Parser;
 use walship::base::{self, PushOptions};
 use walship::log::Log;
+use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -31,6 +32,10 @@ struct Cli {
 
     /// Extra pg_basebackup options, after `--` (for example -h HOST -U USER --checkpoint=fast
     /// --max-rate=100M). -D, -F, -X, -z, -Z, -R, -T, -l, -t, -P and --no-manifest are base-push's own.
+    /// Pin the new backup: base-expire keeps it forever (unpin with base-expire --unpin NAME)
+    #[arg(long)]
+    pin: bool,
+
     #[arg(last = true, value_name = "PG_BASEBACKUP_ARGS")]
     pg_basebackup_args: Vec<String>,
 }
@@ -58,7 +63,14 @@ fn main() {
             let progress = walship_cli::progress("base-push", config.base.progress_interval);
             let result = base::base_push(repo, &options, progress.as_ref(), &log).await;
             drop(progress);
-            result
+            let record = result?;
+            if cli.pin {
+                // After the record: a new backup is the newest, which no expiry deletes meanwhile.
+                retry::with_deadline(config.deadline, &log, repo.url(), || base::set_pinned(repo, &record.name, true))
+                    .await
+                    .map_err(|e| unpinned(&record.name, e))?;
+            }
+            Ok(record)
         })
         .await
     });
@@ -82,4 +94,15 @@ fn main() {
         }
         Err(e) => walship_cli::exit_with(&log, &e),
     }
+}
+
+/// A pin that failed after the backup completed: the error says the backup is there, unpinned.
+fn unpinned(name: &str, error: Error) -> Error {
+    Error::Storage(walship::storage::StorageError::Other {
+        location: name.to_owned(),
+        message: format!(
+            "backup {name} is complete but could not be pinned ({error}); pin it with base-expire --pin {name}"
+        ),
+        retryable: false,
+    })
 }

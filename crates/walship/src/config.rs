@@ -112,6 +112,73 @@ impl Default for FetchConfig {
     }
 }
 
+/// `[retention] abandoned_after` when unset: a day, far longer than any one part of a base backup or
+/// any segment takes to upload.
+pub const DEFAULT_ABANDONED_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The `[retention]` table: base-expire's policy (flags override it) and housekeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// `keep`: the N newest complete backups stay.
+    pub keep: Option<u32>,
+    /// `keep_within`: what a recovery to any moment of this window needs stays.
+    pub keep_within: Option<Duration>,
+    /// `abandoned_after`: temporary files and multipart uploads older than this are removed.
+    pub abandoned_after: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { keep: None, keep_within: None, abandoned_after: DEFAULT_ABANDONED_AFTER }
+    }
+}
+
+impl RetentionConfig {
+    /// Resolves the `[retention]` table (an absent one is empty); the error names the key at fault.
+    fn from_table(file: RetentionFile) -> Result<Self, String> {
+        if file.keep == Some(0) {
+            return Err("keep = 0 would keep no backup: expected 1 or more".into());
+        }
+        let duration = |value: Option<String>, key: &str| {
+            value.map(|text| parse_duration(&text).map_err(|e| format!("{key} = {text:?}: {e}"))).transpose()
+        };
+        Ok(RetentionConfig {
+            keep: file.keep,
+            keep_within: duration(file.keep_within, "keep_within")?,
+            abandoned_after: duration(file.abandoned_after, "abandoned_after")?.unwrap_or(DEFAULT_ABANDONED_AFTER),
+        })
+    }
+}
+
+/// Parses a duration such as `14d`, `36h`, `1d12h`, `90m`, `2w` or `3600s`: whole numbers, each with
+/// a unit (s, m, h, d, w), added up; at least one second.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let mut total: u64 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err("empty; expected a duration such as 14d, 36h or 90m".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let number: u64 = rest[..digits].parse().map_err(|_| "expected a number before each unit (14d, 36h, 90m)")?;
+        let unit = rest[digits..].chars().next().ok_or("a number without a unit: add s, m, h, d or w")?;
+        let seconds = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            other => return Err(format!("unknown unit {other:?}: use s, m, h, d or w")),
+        };
+        total = number.checked_mul(seconds).and_then(|n| total.checked_add(n)).ok_or("too long")?;
+        rest = &rest[digits + unit.len_utf8()..];
+    }
+    if total == 0 {
+        return Err("must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
 /// Everything a command needs to know about where and how to archive, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -128,6 +195,8 @@ pub struct Config {
     pub push: PushConfig,
     /// The `[fetch]` table.
     pub fetch: FetchConfig,
+    /// The `[retention]` table.
+    pub retention: RetentionConfig,
     /// zstd level for new objects.
     pub compression_level: i32,
     /// How long one command may keep retrying transient failures before giving up.
@@ -178,6 +247,7 @@ struct FileConfig {
     base: Option<BaseFile>,
     push: Option<PushFile>,
     fetch: Option<FetchFile>,
+    retention: Option<RetentionFile>,
     s3: Option<S3Table>,
     ssh: Option<SshTable>,
 }
@@ -205,6 +275,14 @@ struct FetchFile {
     prefetch: Option<usize>,
     parallel: Option<usize>,
     prefetch_idle_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    keep: Option<u32>,
+    keep_within: Option<String>,
+    abandoned_after: Option<String>,
 }
 
 impl BaseConfig {
@@ -319,6 +397,7 @@ impl Config {
             base: BaseConfig::from_table(file.base.unwrap_or_default()).map_err(table("base"))?,
             push: PushConfig::from_table(file.push.unwrap_or_default()).map_err(table("push"))?,
             fetch: FetchConfig::from_table(file.fetch.unwrap_or_default()).map_err(table("fetch"))?,
+            retention: RetentionConfig::from_table(file.retention.unwrap_or_default()).map_err(table("retention"))?,
             storage: Settings {
                 s3: S3Settings::from_table(file.s3.unwrap_or_default()).map_err(table("s3"))?,
                 ssh: SshSettings::from_table(file.ssh.unwrap_or_default()).map_err(table("ssh"))?,
@@ -468,6 +547,37 @@ mod tests {
         assert_eq!(config.repo, RepoUrl::Local("/from/file".into()));
         assert_eq!(config.compression_level, DEFAULT_COMPRESSION_LEVEL);
         assert_eq!(config.deadline, DEFAULT_DEADLINE);
+    }
+
+    #[test]
+    fn retention_keys_are_read_and_checked() {
+        let text = "repo = '/r'\n[retention]\nkeep = 3\nkeep_within = '1d12h'\nabandoned_after = '6h'\n";
+        let retention = load(ConfigFlags::default(), &[], Some(text)).unwrap().retention;
+        assert_eq!(
+            retention,
+            RetentionConfig {
+                keep: Some(3),
+                keep_within: Some(Duration::from_secs(36 * 3600)),
+                abandoned_after: Duration::from_secs(6 * 3600)
+            }
+        );
+        assert_eq!(
+            load(ConfigFlags::default(), &[], Some("repo = '/r'\n")).unwrap().retention,
+            RetentionConfig::default()
+        );
+        assert_refused(
+            "repo = '/r'\n[retention]",
+            &[
+                ("keep = 0", "keep = 0"),
+                ("keep_within = '14'", "without a unit"),
+                ("keep_within = '2y'", "unknown unit"),
+                ("keep_within = '0d'", "at least 1s"),
+                ("abandoned_after = 'soon'", "abandoned_after"),
+                ("keep_for = 3", "keep_for"),
+            ],
+        );
+        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(14 * 86_400));
+        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
     }
 
     #[test]

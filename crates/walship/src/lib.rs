@@ -12,6 +12,7 @@ pub mod base;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod expire;
 pub mod failpoint;
 pub mod fs;
 pub mod log;

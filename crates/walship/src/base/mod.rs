@@ -23,6 +23,7 @@
 //! `recovery.rs` (targets and recovery settings) and `timeline.rs` (which backups a timeline can use).
 
 mod basebackup;
+pub mod catalog;
 mod extract;
 mod fetch;
 mod manifest;
@@ -36,10 +37,12 @@ mod tar_watch;
 mod timeline;
 mod tools;
 
+pub use catalog::{CatalogEntry, for_each_entry, is_pinned, set_pinned};
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
-pub use timeline::Lineage;
+pub(crate) use timeline::read_history;
+pub use timeline::{Lineage, lineage};
 
 use serde::{Deserialize, Serialize};
 
@@ -194,21 +197,7 @@ pub async fn for_each_backup(
     repo: &Repository,
     mut each: impl FnMut(BackupRecord) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let mut after: Option<String> = None;
-    loop {
-        let page = repo.storage().list(CATALOG_PREFIX, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { return Ok(()) };
-        after = Some(last.key.clone());
-        for meta in page {
-            let Some(name) = meta.key.strip_prefix(CATALOG_PREFIX).and_then(|k| k.strip_suffix(".json")) else {
-                continue;
-            };
-            if validate_name(name).is_err() {
-                continue;
-            }
-            each(read_record(repo, name).await?)?;
-        }
-    }
+    catalog::for_each_entry(repo, |entry| entry.record.map_or(Ok(()), &mut each)).await
 }
 
 /// Reads the catalog record of backup `name`.
@@ -347,6 +336,27 @@ async fn select_named(
         }
     }
     Ok(record)
+}
+
+/// A catalog record for unit tests: finished `hour` hours after the epoch, on `timeline`, starting in
+/// segment `start_segment` (16 MiB segments) and consistent 256 bytes later.
+#[cfg(test)]
+pub(crate) fn test_record(hour: i64, timeline: u32, start_segment: u64) -> BackupRecord {
+    let (day, hour_of_day) = (1 + hour / 24, hour % 24);
+    let start = start_segment << 24;
+    let json = serde_json::json!({
+        "format_version": 1, "name": format!("197001{day:02}T{hour_of_day:02}0000Z"),
+        "started_at": format!("1970-01-{day:02}T{hour_of_day:02}:00:00Z"),
+        "finished_at": format!("1970-01-{day:02}T{hour_of_day:02}:00:00Z"),
+        "start_lsn": crate::wal::format_lsn(start), "stop_lsn": crate::wal::format_lsn(start + 0x100),
+        "start_wal_file": format!("{timeline:08X}{:08X}{:08X}", start_segment >> 8, start_segment & 0xFF),
+        "timeline": timeline, "stop_timeline": timeline,
+        "backup_from": "primary", "pg_version": 15, "system_identifier": "1", "wal_segment_size": 16777216,
+        "original_bytes": 1, "stored_bytes": 1, "archives": [],
+        "manifest": { "key": "k", "original_bytes": 1, "stored_bytes": 1, "sha256": "00" },
+        "pg_basebackup": { "version": "15", "arguments": [] }, "created_by": "test"
+    });
+    serde_json::from_value(json).expect("a well-formed record")
 }
 
 #[cfg(test)]

@@ -42,6 +42,12 @@ impl Lineage {
         true
     }
 
+    /// A lineage that follows `target` (with `latest`'s rising), for unit tests elsewhere.
+    #[cfg(test)]
+    pub(crate) fn for_test(target: u32, forks: Vec<(u32, u64)>) -> Lineage {
+        Lineage { target, forks, follows_newest: true }
+    }
+
     /// Why a recovery along this lineage cannot start from `backup`, if it cannot.
     pub fn excludes(&self, backup: &BackupRecord) -> Option<String> {
         // A backup taken from a standby across a promotion ends on a later timeline than it began.
@@ -105,7 +111,7 @@ async fn newest_history_timeline(repo: &Repository) -> Result<Option<u32>, Error
 
 /// The ancestors of `timeline` and where it left each, from its history file; none when the
 /// repository has no history file for it (then only backups on `timeline` itself qualify).
-async fn read_history(repo: &Repository, timeline: u32) -> Result<Vec<(u32, u64)>, Error> {
+pub(crate) async fn read_history(repo: &Repository, timeline: u32) -> Result<Vec<(u32, u64)>, Error> {
     let name = WalFileName::parse(&format!("{timeline:08X}.history")).expect("a well-formed history name");
     let key = Repository::wal_key(&name);
     let location = repo.storage().location(&key);

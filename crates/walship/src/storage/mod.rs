@@ -79,6 +79,19 @@ pub struct PutOptions {
     pub size_hint: Option<u64>,
 }
 
+/// PROVISIONAL: what a housekeeping pass removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// Temporary files removed.
+    pub temp_files: u64,
+    /// Their bytes.
+    pub temp_bytes: u64,
+    /// Multipart uploads aborted.
+    pub uploads: u64,
+    /// The store cannot list multipart uploads.
+    pub uploads_unlisted: bool,
+}
+
 /// A repository's backend: keys and bytes, with the promises of this module's documentation.
 #[async_trait]
 pub trait Storage: Send + Sync {
@@ -124,6 +137,28 @@ pub trait Storage: Send + Sync {
     /// when no writer got the chance to abort.
     async fn cleanup(&self) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    /// PROVISIONAL (replaced by the storage branch): removes `keys`, absent ones counting as removed.
+    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
+        for key in keys {
+            match self.delete(key).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(keys.len() as u64)
+    }
+
+    /// PROVISIONAL: housekeeping of what killed writers left.
+    async fn remove_stale(&self, _older_than: std::time::Duration) -> Result<Housekeeping, StorageError> {
+        Ok(Housekeeping::default())
+    }
+
+    /// PROVISIONAL: notices for the operator.
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Removes what unfinished writes left under the directory `prefix` (temporary files, open

@@ -1,0 +1,160 @@
+//! The catalog directory, name by name: a backup's record, its pin and its expiry mark.
+//!
+//! ```text
+//! catalog/<NAME>.expiring   base-expire is removing the backup (written before the record goes)
+//! catalog/<NAME>.json       the catalog record: the backup exists
+//! catalog/<NAME>.pin        the backup is kept forever
+//! ```
+//!
+//! All three sit in one directory so that one listing, in key order, brings each name's entries
+//! together (`.expiring` < `.json` < `.pin`), whatever the size of the catalog and without a request
+//! per backup. Older walship versions read only `.json` and skip the rest.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::recovery::now_rfc3339;
+use super::{BackupRecord, CATALOG_PREFIX, read_record, validate_name};
+use crate::error::Error;
+use crate::repo::Repository;
+use crate::storage::{PutOptions, StorageError};
+
+/// What `catalog/` holds for one backup name.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    /// The backup name.
+    pub name: String,
+    /// Its catalog record, when there is one (the backup is complete and listed).
+    pub record: Option<BackupRecord>,
+    /// A pin: the backup is kept forever.
+    pub pinned: bool,
+    /// An expiry mark: a base-expire began removing the backup and may not have finished.
+    pub expiring: bool,
+}
+
+/// What a pin or an expiry mark records, for people reading the repository.
+#[derive(Debug, Serialize, Deserialize)]
+struct Mark {
+    name: String,
+    at: String,
+    by: String,
+}
+
+/// The key of backup `name`'s pin.
+pub fn pin_key(name: &str) -> String {
+    format!("{CATALOG_PREFIX}{name}.pin")
+}
+
+/// The key of backup `name`'s expiry mark.
+pub fn expiring_key(name: &str) -> String {
+    format!("{CATALOG_PREFIX}{name}.expiring")
+}
+
+/// Calls `each` for every name with an entry in `catalog/`, oldest name first, reading the listing
+/// page by page and each record as its name comes up: memory stays that of one entry.
+pub async fn for_each_entry(
+    repo: &Repository,
+    mut each: impl FnMut(CatalogEntry) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut pending: Option<(String, Flags)> = None;
+    let mut after: Option<String> = None;
+    loop {
+        let page = repo.storage().list(CATALOG_PREFIX, after.as_deref(), 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for meta in page {
+            let Some((name, kind)) = meta.key.strip_prefix(CATALOG_PREFIX).and_then(|k| k.rsplit_once('.')) else {
+                continue;
+            };
+            if validate_name(name).is_err() {
+                continue;
+            }
+            if pending.as_ref().is_some_and(|(pending_name, _)| pending_name != name) {
+                let (done, flags) = pending.take().expect("checked");
+                each(flags.into_entry(repo, done).await?)?;
+            }
+            let flags = &mut pending.get_or_insert_with(|| (name.to_owned(), Flags::default())).1;
+            match kind {
+                "json" => flags.record = true,
+                "pin" => flags.pinned = true,
+                "expiring" => flags.expiring = true,
+                _ => {}
+            }
+        }
+    }
+    if let Some((name, flags)) = pending {
+        each(flags.into_entry(repo, name).await?)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Flags {
+    record: bool,
+    pinned: bool,
+    expiring: bool,
+}
+
+impl Flags {
+    async fn into_entry(self, repo: &Repository, name: String) -> Result<CatalogEntry, Error> {
+        let record = match self.record {
+            true => match read_record(repo, &name).await {
+                Ok(record) => Some(record),
+                // Removed since the listing (a base-expire at work): the name has no record now.
+                Err(Error::NoSuchBackup(_)) => None,
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        Ok(CatalogEntry { name, record, pinned: self.pinned, expiring: self.expiring })
+    }
+}
+
+/// Writes a small mark object (`catalog/<NAME>.pin` or `.expiring`); one already there is as good.
+pub(crate) async fn write_mark(repo: &Repository, key: &str, name: &str, by: &str) -> Result<(), Error> {
+    let mark = Mark { name: name.to_owned(), at: now_rfc3339(), by: by.to_owned() };
+    let mut json = serde_json::to_vec_pretty(&mark).expect("plain struct serializes");
+    json.push(b'\n');
+    let mut writer = repo.storage().create(key, PutOptions::default()).await?;
+    writer.write(Bytes::from(json)).await?;
+    match writer.commit().await {
+        Ok(()) | Err(StorageError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes a mark; one already gone is as good.
+pub(crate) async fn remove_mark(repo: &Repository, key: &str) -> Result<(), Error> {
+    match repo.storage().delete(key).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Pins backup `name` (kept forever by base-expire) or, with `pinned = false`, unpins it. The backup
+/// must exist: a pin for a missing backup would protect nothing and mislead whoever reads it.
+pub async fn set_pinned(repo: &Repository, name: &str, pinned: bool) -> Result<(), Error> {
+    validate_name(name).map_err(Error::Usage)?;
+    let record = match read_record(repo, name).await {
+        Err(e @ Error::NoSuchBackup(_)) => {
+            repo.require_identity().await?;
+            return Err(e);
+        }
+        other => other?,
+    };
+    if pinned {
+        write_mark(repo, &pin_key(&record.name), &record.name, "pin").await
+    } else {
+        remove_mark(repo, &pin_key(&record.name)).await
+    }
+}
+
+/// Whether backup `name` is pinned now (asked again just before an expiry removes its record).
+pub async fn is_pinned(repo: &Repository, name: &str) -> Result<bool, Error> {
+    match repo.storage().head(&pin_key(name)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,218 @@
+//! The deleting half of a run, in its safe order, and its dry twin: the same walk that would delete
+//! reports instead, so `--dry-run` lists exactly what a real run removes.
+//!
+//! A backup: its expiry mark (`catalog/<NAME>.expiring`), then its catalog record (from then on no
+//! command sees the backup), then its objects under `backups/<NAME>/` with the owner record last,
+//! then the mark. A run killed anywhere in between leaves the mark without a record, and the next
+//! run finishes the removal. WAL files go in batches while the listing streams.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::base::catalog::{expiring_key, remove_mark, write_mark};
+use crate::base::{BACKUPS_PREFIX, BackupRecord, is_pinned};
+use crate::error::Error;
+use crate::failpoint;
+use crate::log::Log;
+use crate::repo::Repository;
+use crate::retry::with_deadline;
+use crate::storage::ObjectMeta;
+use crate::wal::{WalFileKind, WalFileName};
+
+use super::{Deletions, WalRule};
+
+/// Where the timeline history files are.
+pub(super) const HISTORY_PREFIX: &str = "wal/history/";
+const WAL_PREFIX: &str = "wal/";
+/// Keys deleted at once: one S3 DeleteObjects request.
+const BATCH: usize = 1000;
+
+/// The timeline of the history file under `key`, if it is one.
+pub(super) fn history_timeline(key: &str) -> Option<u32> {
+    let name = WalFileName::parse(key.strip_prefix(HISTORY_PREFIX)?).ok()?;
+    (name.kind() == WalFileKind::History).then(|| name.timeline())
+}
+
+/// Deletes (or, dry, reports) and counts what it deleted.
+pub(super) struct Remover<'a> {
+    repo: &'a Repository,
+    log: &'a Log,
+    /// How long one step (a listing page, a batch of deletes, one backup's records) may retry.
+    deadline: Duration,
+    dry_run: bool,
+    deletions: &'a mut dyn Deletions,
+    objects: u64,
+    bytes: u64,
+    timelines: BTreeSet<u32>,
+}
+
+impl<'a> Remover<'a> {
+    pub(super) fn new(
+        repo: &'a Repository,
+        log: &'a Log,
+        deadline: Duration,
+        dry_run: bool,
+        deletions: &'a mut dyn Deletions,
+    ) -> Self {
+        Remover { repo, log, deadline, dry_run, deletions, objects: 0, bytes: 0, timelines: BTreeSet::new() }
+    }
+
+    /// One listing page, retried within the step's deadline.
+    async fn list(&self, prefix: &str, after: Option<&str>) -> Result<Vec<ObjectMeta>, Error> {
+        let what = self.repo.storage().location(prefix);
+        with_deadline(self.deadline, self.log, &what, || async {
+            Ok(self.repo.storage().list(prefix, after, BATCH).await?)
+        })
+        .await
+    }
+
+    /// The stored size of `key` (0 when it is gone), retried within the step's deadline.
+    async fn size_of(&self, key: &str) -> Result<u64, Error> {
+        let what = self.repo.storage().location(key);
+        with_deadline(self.deadline, self.log, &what, || async {
+            match self.repo.storage().head(key).await {
+                Ok(meta) => Ok(meta.size),
+                Err(e) if e.is_not_found() => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    /// Objects and bytes removed so far.
+    pub(super) fn counted(&self) -> (u64, u64) {
+        (self.objects, self.bytes)
+    }
+
+    /// The timelines of the WAL files the sweep saw.
+    pub(super) fn timelines_seen(&self) -> BTreeSet<u32> {
+        self.timelines.clone()
+    }
+
+    /// Removes an expired backup; `false` when it was pinned meanwhile (it stays).
+    pub(super) async fn backup(&mut self, record: &BackupRecord) -> Result<bool, Error> {
+        let name = &record.name;
+        // A pin set since the catalog was read wins; the window left is this one request.
+        let mark = expiring_key(name);
+        let location = self.repo.storage().location(&BackupRecord::catalog_key(name));
+        let pinned = with_deadline(self.deadline, self.log, &location, || async {
+            if is_pinned(self.repo, name).await? {
+                return Ok(true);
+            }
+            if !self.dry_run {
+                write_mark(self.repo, &mark, name, "base-expire").await?;
+            }
+            Ok(false)
+        })
+        .await?;
+        if pinned {
+            return Ok(false);
+        }
+        failpoint::hit("base-expire:marked");
+        let key = BackupRecord::catalog_key(name);
+        let size = self.size_of(&key).await?;
+        self.delete(vec![(key, size)]).await?;
+        failpoint::hit("base-expire:unlisted");
+        self.backup_objects(name, false).await?;
+        Ok(true)
+    }
+
+    /// Removes everything under `backups/<name>/`, the owner record last, then the expiry mark.
+    /// `resuming`: the mark was there before this run (it is reported as deleted too).
+    pub(super) async fn backup_objects(&mut self, name: &str, resuming: bool) -> Result<(), Error> {
+        let prefix = format!("{BACKUPS_PREFIX}{name}/");
+        if !self.dry_run {
+            // Open uploads and temporary files of the writer: it finished or died long ago.
+            let what = self.repo.storage().location(&prefix);
+            with_deadline(self.deadline, self.log, &what, || async {
+                Ok(self.repo.storage().remove_incomplete(&prefix).await?)
+            })
+            .await?;
+        }
+        let owner_key = format!("{prefix}owner.json");
+        let mut owner = None;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list(&prefix, after.as_deref()).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            let mut batch = Vec::with_capacity(page.len());
+            for meta in page {
+                if meta.key == owner_key {
+                    owner = Some((meta.key, meta.size));
+                } else {
+                    batch.push((meta.key, meta.size));
+                }
+            }
+            self.delete(batch).await?;
+            failpoint::hit("base-expire:parts");
+        }
+        self.delete(owner.into_iter().collect()).await?;
+        let mark = expiring_key(name);
+        if resuming {
+            let size = self.size_of(&mark).await?;
+            self.report(&[(mark.clone(), size)]);
+        }
+        if !self.dry_run {
+            let what = self.repo.storage().location(&mark);
+            with_deadline(self.deadline, self.log, &what, || remove_mark(self.repo, &mark)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sweeps `wal/` (history files aside): every file `rule` does not keep goes, a batch at a time.
+    /// Returns the files and bytes removed.
+    pub(super) async fn wal(&mut self, rule: &WalRule) -> Result<(u64, u64), Error> {
+        let before = (self.objects, self.bytes);
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list(WAL_PREFIX, after.as_deref()).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for meta in page {
+                if meta.key.starts_with(HISTORY_PREFIX) {
+                    continue;
+                }
+                let file_name = meta.key.rsplit('/').next().unwrap_or_default();
+                // Anything that is not a WAL file name is not ours to judge.
+                let Ok(name) = WalFileName::parse(file_name) else { continue };
+                self.timelines.insert(name.timeline());
+                if !rule.keeps(&name) {
+                    batch.push((meta.key, meta.size));
+                }
+            }
+            if batch.len() >= BATCH {
+                self.delete(std::mem::take(&mut batch)).await?;
+                failpoint::hit("base-expire:wal");
+            }
+        }
+        self.delete(batch).await?;
+        Ok((self.objects - before.0, self.bytes - before.1))
+    }
+
+    /// Deletes `objects` (key, stored bytes), or in a dry run only reports them.
+    async fn delete(&mut self, objects: Vec<(String, u64)>) -> Result<(), Error> {
+        if objects.is_empty() {
+            return Ok(());
+        }
+        if !self.dry_run {
+            let keys: Vec<String> = objects.iter().map(|(key, _)| key.clone()).collect();
+            let what = self.repo.storage().location(&keys[0]);
+            with_deadline(self.deadline, self.log, &what, || async {
+                Ok(self.repo.storage().delete_many(&keys).await?)
+            })
+            .await?;
+        }
+        self.report(&objects);
+        Ok(())
+    }
+
+    fn report(&mut self, objects: &[(String, u64)]) {
+        for (key, size) in objects {
+            self.deletions.object(key, *size);
+            self.objects += 1;
+            self.bytes += size;
+        }
+    }
+}
