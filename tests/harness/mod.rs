@@ -90,7 +90,7 @@ impl Scratch {
 }
 
 /// Every walship binary the tests run.
-pub const BINARIES: [&str; 5] = ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list"];
+pub const BINARIES: [&str; 6] = ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire"];
 
 /// The directory holding freshly built walship binaries ([`BINARIES`]), executable by the server
 /// user.

@@ -1,0 +1,313 @@
+//! base-expire against a real PostgreSQL 15, on all three repositories (local disk, S3 on s3s-fs,
+//! SSH on a real sshd): it deletes exactly the backups the policy lets go and exactly the WAL no
+//! kept backup can need, and every backup it keeps still restores, by point-in-time recovery, to the
+//! rows expected.
+//!
+//! - `--keep 2` over four backups with a timeline switch between the second and the third (a
+//!   standby promoted): the two oldest go with exactly the WAL before the third's start, on both
+//!   timelines; history files stay; `--dry-run` listed exactly that first; base-fetch of an expired
+//!   backup exits 1 naming it; a point-in-time recovery from each kept one counts its rows.
+//! - `--keep-within` with backups on both sides of the boundary, and a pinned backup older than all:
+//!   the newest backup before the boundary stays (a recovery to the boundary starts there), older
+//!   ones go, the pinned one stays with only its own WAL and restores to its consistency point;
+//!   unpinned, it goes at the next run.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use walship::wal::WalFileName;
+use walship_tests::backups::{base_command, base_fetch, base_push};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
+use walship_tests::repository::{Backend, ConfigLines, Repository};
+use walship_tests::{Output, Scratch, run};
+
+walship_tests::every_backend!(keep_two_of_four_across_a_timeline_switch, keep_within_and_a_pinned_backup);
+
+/// The test clusters' segments are 1 MiB.
+const SEGMENT_SIZE: u32 = 1 << 20;
+const ROWS_PER_BATCH: i64 = 1000;
+
+fn base_expire(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> Output {
+    run(base_command("base-expire", repo_args, cwd).args(args))
+}
+
+/// A run that succeeded, with its JSON report (`--json` is added).
+#[track_caller]
+fn expire_json(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> serde_json::Value {
+    let out = base_expire(repo_args, cwd, &[args, &["--json"]].concat());
+    assert_eq!(out.code, Some(0), "base-expire {args:?}: {out:#?}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("base-expire --json: {e}: {out:#?}"))
+}
+
+/// What `--dry-run` lists: the keys it would delete (each line `BYTES<TAB>KEY`).
+#[track_caller]
+fn dry_run(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> BTreeSet<String> {
+    let out = base_expire(repo_args, cwd, &[args, &["--dry-run"]].concat());
+    assert_eq!(out.code, Some(0), "base-expire --dry-run {args:?}: {out:#?}");
+    out.stdout
+        .lines()
+        .map(|line| {
+            let (bytes, key) = line.split_once('\t').unwrap_or_else(|| panic!("not BYTES<TAB>KEY: {line:?}"));
+            assert!(bytes.parse::<u64>().is_ok(), "{line:?}");
+            key.to_owned()
+        })
+        .collect()
+}
+
+fn names_in(report: &serde_json::Value, field: &str) -> Vec<String> {
+    let list = report[field].as_array().unwrap_or_else(|| panic!("{field} in {report:#}"));
+    list.iter().map(|b| b["name"].as_str().expect("name").to_owned()).collect()
+}
+
+/// A backup's catalog record, from base-list --json.
+fn record(repo_args: &[OsString], cwd: &Path, name: &str) -> serde_json::Value {
+    let out = run(base_command("base-list", repo_args, cwd).arg("--json"));
+    assert_eq!(out.code, Some(0), "base-list: {out:#?}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).expect("base-list --json");
+    records.into_iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} not listed: {}", out.stdout))
+}
+
+/// The segment number of a WAL file name (or of a WAL key's last part); `None` for history files.
+fn segment_number(name: &str) -> Option<u64> {
+    let name = WalFileName::parse(name.rsplit('/').next().unwrap_or(name)).ok()?;
+    name.timeline_and_log()?;
+    name.segment_number(SEGMENT_SIZE)
+}
+
+fn start_segment(record: &serde_json::Value) -> u64 {
+    segment_number(record["start_wal_file"].as_str().expect("start_wal_file")).expect("a segment name")
+}
+
+fn stop_segment(record: &serde_json::Value) -> u64 {
+    let (hi, lo) = record["stop_lsn"].as_str().expect("stop_lsn").split_once('/').expect("an LSN");
+    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap();
+    lsn / u64::from(SEGMENT_SIZE)
+}
+
+/// The objects of backup `name`: its catalog record and everything under `backups/<name>/`.
+fn backup_objects(keys: &BTreeSet<String>, name: &str) -> BTreeSet<String> {
+    keys.iter()
+        .filter(|k| **k == format!("catalog/{name}.json") || k.starts_with(&format!("backups/{name}/")))
+        .cloned()
+        .collect()
+}
+
+fn all_keys(repo: &Repository) -> BTreeSet<String> {
+    repo.keys_under("").into_iter().collect()
+}
+
+/// A primary archiving into `repo`, with a table `t` of numbered batches.
+fn primary(name: &str, repo: &Repository) -> Cluster {
+    let mut cluster = Cluster::init(name, Some(1));
+    cluster.configure(&[
+        ("wal_level", "replica"),
+        ("archive_mode", "on"),
+        ("archive_command", &repo.archive_command()),
+        ("wal_keep_size", "256MB"),
+    ]);
+    cluster.start();
+    cluster.psql("create table t(batch int, n int)");
+    cluster
+}
+
+/// Inserts batch `batch` and closes its segment, so that every batch lies in WAL of its own.
+fn insert_batch(cluster: &Cluster, batch: i64) {
+    cluster.psql(&format!("insert into t select {batch}, g from generate_series(1, {ROWS_PER_BATCH}) g"));
+    cluster.switch_wal();
+}
+
+fn now_text(cluster: &Cluster) -> String {
+    cluster.psql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+}
+
+/// Archives everything `cluster` wrote and stops it: the repository is then still.
+fn archive_and_stop(mut cluster: Cluster) {
+    let last = cluster.switch_wal();
+    cluster.wait_archived(&last, WAIT_TIMEOUT);
+    cluster.stop();
+}
+
+/// Restores backup `name` into a new cluster with `extra` base-fetch flags, starts it and returns the
+/// number of rows of `t` it recovered.
+fn restored_rows(repo_args: &[OsString], cwd: &Path, label: &str, name: &str, extra: &[&str]) -> i64 {
+    let mut restored = Cluster::without_data_dir(label);
+    let fetch = base_fetch(repo_args, cwd, name, restored.data_dir(), extra);
+    assert_eq!(fetch.code, Some(0), "base-fetch {name} {extra:?}: {fetch:#?}");
+    restored.adopt_data_dir();
+    // The restored copy must not archive into the repository under test.
+    restored.configure(&[("archive_mode", "off")]);
+    restored.start();
+    restored.wait_recovered(WAIT_TIMEOUT);
+    let log = restored.log_contents();
+    assert!(!log.contains("wal-fetch: error"), "wal-fetch failed during recovery\n{}", restored.log_tail());
+    restored.psql("select count(*) from t").parse().expect("a count")
+}
+
+fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
+    let label = backend.label();
+    let store = &Scratch::new(&format!("expire-keep-{label}"));
+    let repo = &Repository::new(backend, store);
+    let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
+    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
+    let cwd = store.path();
+
+    // --- Four backups, the last two on timeline 2. ---
+    let old = primary(&format!("{label}-expire-keep-tl1"), repo);
+    insert_batch(&old, 1);
+    let (first, _) = base_push(&old, &repo_args, cwd, &[]);
+    insert_batch(&old, 2);
+    let (second, _) = base_push(&old, &repo_args, cwd, &[]);
+    insert_batch(&old, 3);
+    let mut standby = Cluster::standby_of(&old, &format!("{label}-expire-keep-tl2"));
+    standby.start();
+    standby.wait_replayed(&old);
+    archive_and_stop(old);
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    standby.wait_recovered(WAIT_TIMEOUT);
+    let new = standby;
+    assert_eq!(new.checkpoint_timeline(), 2);
+    insert_batch(&new, 4);
+    let (third, _) = base_push(&new, &repo_args, cwd, &[]);
+    insert_batch(&new, 5);
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = now_text(&new);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (fourth, _) = base_push(&new, &repo_args, cwd, &[]);
+    insert_batch(&new, 6);
+    archive_and_stop(new);
+
+    // --- What may go: the two oldest backups and the WAL before the third's start, on both timelines. ---
+    let before = all_keys(repo);
+    let third_record = record(&repo_args, cwd, &third);
+    assert_eq!(third_record["timeline"], 2, "{third_record:#}");
+    let boundary = start_segment(&third_record);
+    let mut expected: BTreeSet<String> = &backup_objects(&before, &first) | &backup_objects(&before, &second);
+    let old_wal: Vec<&String> = before
+        .iter()
+        .filter(|k| k.starts_with("wal/") && segment_number(k).is_some_and(|segment| segment < boundary))
+        .collect();
+    assert!(old_wal.iter().any(|k| k.contains("/00000001")), "timeline 1's WAL is in the way: {old_wal:?}");
+    assert!(old_wal.iter().any(|k| k.ends_with(".partial")), "and its .partial segment: {old_wal:?}");
+    expected.extend(old_wal.into_iter().cloned());
+    let histories: Vec<&String> = before.iter().filter(|k| k.starts_with("wal/history/")).collect();
+    assert!(!histories.is_empty(), "the promotion archived 00000002.history: {before:?}");
+
+    // --- The dry run lists exactly that, and deletes nothing. ---
+    assert_eq!(dry_run(&repo_args, cwd, &["--keep", "2"]), expected, "--dry-run's list");
+    assert_eq!(all_keys(repo), before, "a dry run deletes nothing");
+
+    // --- The real run deletes exactly that. ---
+    let report = expire_json(&repo_args, cwd, &["--keep", "2"]);
+    assert_eq!(names_in(&report, "expired"), [first.clone(), second.clone()], "{report:#}");
+    assert_eq!(names_in(&report, "kept"), [third.clone(), fourth.clone()], "{report:#}");
+    let after = all_keys(repo);
+    let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
+    assert_eq!(gone, expected, "what the run deleted");
+    assert!(after.is_subset(&before), "nothing new is left behind: {:?}", after.difference(&before));
+    assert_eq!(report["wal_files"].as_u64(), Some(expected.iter().filter(|k| k.starts_with("wal/")).count() as u64));
+    for history in histories {
+        assert!(after.contains(history), "{history} was deleted");
+    }
+
+    // --- An expired backup is gone for base-fetch; each kept one restores. ---
+    let scratch_dir = store.mkdir("expired-restore");
+    let refused = base_fetch(&repo_args, cwd, &first, &scratch_dir.join("data"), &[]);
+    assert_eq!(refused.code, Some(1), "base-fetch of an expired backup: {refused:#?}");
+    assert!(refused.stderr.contains(&first), "the error names the backup: {}", refused.stderr);
+    let at_target =
+        restored_rows(&repo_args, cwd, &format!("{label}-expire-keep-r3"), &third, &["--target-time", &target]);
+    assert_eq!(at_target, 5 * ROWS_PER_BATCH, "from the third backup to the target time");
+    let at_end = restored_rows(&repo_args, cwd, &format!("{label}-expire-keep-r4"), &fourth, &[]);
+    assert_eq!(at_end, 6 * ROWS_PER_BATCH, "from the fourth backup to the end of the archive");
+
+    // --- A second run finds nothing due. ---
+    let again = expire_json(&repo_args, cwd, &["--keep", "2"]);
+    assert_eq!((names_in(&again, "expired").len(), again["wal_files"].as_u64()), (0, Some(0)), "{again:#}");
+}
+
+/// A `--keep-within` window that reaches back to `boundary` (rounded up to whole seconds).
+fn window_to(boundary: Instant) -> String {
+    format!("{}s", boundary.elapsed().as_secs_f64().ceil() as u64)
+}
+
+fn keep_within_and_a_pinned_backup(backend: Backend) {
+    let label = backend.label();
+    let store = &Scratch::new(&format!("expire-within-{label}"));
+    let repo = &Repository::new(backend, store);
+    let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
+    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
+    let cwd = store.path();
+
+    // --- A pinned backup, two more, the boundary, two after it. ---
+    let cluster = primary(&format!("{label}-expire-within"), repo);
+    insert_batch(&cluster, 1);
+    let pin_args: Vec<OsString> = [&repo_args[..], &["--pin".into()]].concat();
+    let (pinned, _) = base_push(&cluster, &pin_args, cwd, &[]);
+    insert_batch(&cluster, 2);
+    let (older, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    insert_batch(&cluster, 3);
+    let (before_boundary, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    insert_batch(&cluster, 4);
+    // Wide gaps on both sides, because the window is given in whole seconds and a command runs a
+    // moment after the window was worked out.
+    std::thread::sleep(Duration::from_secs(3));
+    let boundary_text = now_text(&cluster);
+    let boundary = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let (after_boundary, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    insert_batch(&cluster, 5);
+    let (newest, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    archive_and_stop(cluster);
+    let listed = run(&mut base_command("base-list", &repo_args, cwd));
+    let pinned_row = listed.stdout.lines().find(|l| l.starts_with(&pinned)).unwrap_or_default().to_owned();
+    assert!(pinned_row.ends_with("pinned"), "base-list shows the pin: {}", listed.stdout);
+
+    // --- What may go: the backup older than the newest before the boundary, and the WAL before that
+    // one's start, except the pinned backup's own range. ---
+    let before = all_keys(repo);
+    let (pinned_record, kept_record) = (record(&repo_args, cwd, &pinned), record(&repo_args, cwd, &before_boundary));
+    let pinned_range = start_segment(&pinned_record)..=stop_segment(&pinned_record);
+    let kept_from = start_segment(&kept_record);
+    let mut expected = backup_objects(&before, &older);
+    expected.extend(
+        before
+            .iter()
+            .filter(|k| {
+                k.starts_with("wal/") && segment_number(k).is_some_and(|s| s < kept_from && !pinned_range.contains(&s))
+            })
+            .cloned(),
+    );
+    assert!(expected.iter().any(|k| k.starts_with("wal/")), "WAL between the pin and the window goes: {before:?}");
+    assert_eq!(dry_run(&repo_args, cwd, &["--keep-within", &window_to(boundary)]), expected, "--dry-run's list");
+
+    let report = expire_json(&repo_args, cwd, &["--keep-within", &window_to(boundary)]);
+    assert_eq!(names_in(&report, "expired"), [older], "{report:#}");
+    assert_eq!(names_in(&report, "kept"), [&pinned, &before_boundary, &after_boundary, &newest].map(String::clone));
+    let gone: BTreeSet<String> = before.difference(&all_keys(repo)).cloned().collect();
+    assert_eq!(gone, expected, "what the run deleted");
+
+    // --- The pinned backup restores to its consistency point; the one before the boundary to it. ---
+    let at_pin = restored_rows(&repo_args, cwd, &format!("{label}-expire-pin"), &pinned, &["--target-immediate"]);
+    assert_eq!(at_pin, ROWS_PER_BATCH, "the pinned backup, consistent");
+    let at_boundary = restored_rows(
+        &repo_args,
+        cwd,
+        &format!("{label}-expire-edge"),
+        &before_boundary,
+        &["--target-time", &boundary_text],
+    );
+    assert_eq!(at_boundary, 4 * ROWS_PER_BATCH, "from the newest backup before the boundary to the boundary");
+
+    // --- Unpinned, it goes at the next run (with its WAL). ---
+    let unpin = base_expire(&repo_args, cwd, &["--unpin", &pinned]);
+    assert_eq!(unpin.code, Some(0), "{unpin:#?}");
+    let report = expire_json(&repo_args, cwd, &["--keep-within", &window_to(boundary)]);
+    assert_eq!(names_in(&report, "expired"), [pinned.as_str()], "{report:#}");
+    let left = all_keys(repo);
+    assert!(
+        !left.iter().any(|k| k.starts_with("wal/") && segment_number(k).is_some_and(|s| s < kept_from)),
+        "no WAL before the oldest kept backup is left: {left:?}"
+    );
+}
