@@ -183,9 +183,12 @@ impl<'a> Remover<'a> {
                 }
             }
             if batch.len() >= BATCH {
-                self.delete(std::mem::take(&mut batch)).await?;
                 failpoint::hit("base-expire:wal");
+                self.delete(std::mem::take(&mut batch)).await?;
             }
+        }
+        if !batch.is_empty() {
+            failpoint::hit("base-expire:wal");
         }
         self.delete(batch).await?;
         Ok((self.objects - before.0, self.bytes - before.1))
