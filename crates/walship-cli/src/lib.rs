@@ -36,6 +36,11 @@ Configuration file keys (TOML; unknown keys are an error):
                                       pg_wal/walship/prefetch/ (0: off)
   [fetch] parallel = 4                wal-fetch: segments the prefetch worker downloads at once
   [fetch] prefetch_idle_secs = 30     the prefetch worker exits after this long without a request
+  [retention] keep = 7                base-expire: keep the 7 newest complete backups
+  [retention] keep_within = \"14d\"     base-expire: keep what a recovery into the last 14 days
+                                      needs (s, m, h, d, w); with keep, kept if either keeps it
+  [retention] abandoned_after = \"24h\" base-expire: temporary files and multipart uploads older
+                                      than this are removed
   [s3] and [ssh] tables: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
