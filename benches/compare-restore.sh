@@ -5,8 +5,9 @@
 # hour apart differs by 10% and more, which is larger than most changes worth looking at. Here
 # both revisions run in turns (A, B, A, B, …) within minutes, so drift falls on both alike.
 #
-# 1. Each revision is checked out into a temporary worktree and built (release; the repository's
-#    own target/ directory, so dependencies are not built again).
+# 1. Each revision is checked out into a worktree at a fixed place (target/compare/a and .../b, so
+#    that cargo, which keys artifacts by path, rebuilds only what changed since the last run) and
+#    built (release; the repository's own target/ directory, so dependencies are not built again).
 # 2. WAL: a PostgreSQL 15 cluster, pgbench -i -s 30, then pgbench -c 4 -j 2 until SEGMENTS
 #    segments wait as .ready (archive_command = '', checkpoint_timeout = 30s, as wal-throughput.sh).
 # 3. For each of ROUNDS rounds, for each revision: a fresh local repository filled by that
@@ -30,7 +31,6 @@ work=$(mktemp -d /var/tmp/walship-compare.XXXXXX)
 chmod 755 "$work"
 cleanup() {
   [ -f "$work/src/postmaster.pid" ] && pg "$PG_BIN/pg_ctl" -D "$work/src" -m immediate stop >/dev/null 2>&1
-  for label in a b; do git worktree remove --force "$work/tree-$label" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -41,9 +41,14 @@ cp benches/archiver.py "$work/bin/"
 # --- 1. the builds ---------------------------------------------------------------------------------
 for label in a b; do
   rev=$([ $label = a ] && echo "$rev_a" || echo "$rev_b")
-  git worktree add --quiet --detach "$work/tree-$label" "$rev"
+  tree=$PWD/target/compare/$label
+  if [ -d "$tree" ]; then
+    git -C "$tree" checkout --quiet --detach "$rev"
+  else
+    git worktree add --quiet --detach "$tree" "$rev"
+  fi
   echo "building $label = $rev ($(git rev-parse --short "$rev"))" >&2
-  cargo build --release --quiet --manifest-path "$work/tree-$label/Cargo.toml" --target-dir target -p wal-push -p wal-fetch
+  cargo build --release --quiet --manifest-path "$tree/Cargo.toml" --target-dir target -p wal-push -p wal-fetch
   mkdir -p "$work/bin/$label"
   cp target/release/wal-push target/release/wal-fetch "$work/bin/$label/"
 done
