@@ -145,20 +145,33 @@ fn restored_rows(repo_args: &[OsString], cwd: &Path, label: &str, name: &str, ex
     restored.psql("select count(*) from t").parse().expect("a count")
 }
 
+/// A repository of kind `backend`, the configuration file that names it, and where commands run.
+struct Setup {
+    store: Scratch,
+    repo: Repository,
+    repo_args: Vec<OsString>,
+}
+
+impl Setup {
+    fn new(backend: Backend, scenario: &str) -> Setup {
+        let store = Scratch::new(&format!("expire-{scenario}-{}", backend.label()));
+        let repo = Repository::new(backend, &store);
+        let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
+        Setup { repo_args: vec!["--config".into(), config.into()], store, repo }
+    }
+}
+
 fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     let label = backend.label();
-    let store = &Scratch::new(&format!("expire-keep-{label}"));
-    let repo = &Repository::new(backend, store);
-    let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
-    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
-    let cwd = store.path();
+    let setup = Setup::new(backend, "keep");
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Four backups, the last two on timeline 2. ---
     let old = primary(&format!("{label}-expire-keep-tl1"), repo);
     insert_batch(&old, 1);
-    let (first, _) = base_push(&old, &repo_args, cwd, &[]);
+    let (first, _) = base_push(&old, repo_args, cwd, &[]);
     insert_batch(&old, 2);
-    let (second, _) = base_push(&old, &repo_args, cwd, &[]);
+    let (second, _) = base_push(&old, repo_args, cwd, &[]);
     insert_batch(&old, 3);
     let mut standby = Cluster::standby_of(&old, &format!("{label}-expire-keep-tl2"));
     standby.start();
@@ -169,18 +182,18 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     let new = standby;
     assert_eq!(new.checkpoint_timeline(), 2);
     insert_batch(&new, 4);
-    let (third, _) = base_push(&new, &repo_args, cwd, &[]);
+    let (third, _) = base_push(&new, repo_args, cwd, &[]);
     insert_batch(&new, 5);
     std::thread::sleep(Duration::from_millis(1100));
     let target = now_text(&new);
     std::thread::sleep(Duration::from_millis(1100));
-    let (fourth, _) = base_push(&new, &repo_args, cwd, &[]);
+    let (fourth, _) = base_push(&new, repo_args, cwd, &[]);
     insert_batch(&new, 6);
     archive_and_stop(new);
 
     // --- What may go: the two oldest backups and the WAL before the third's start, on both timelines. ---
     let before = all_keys(repo);
-    let third_record = record(&repo_args, cwd, &third);
+    let third_record = record(repo_args, cwd, &third);
     assert_eq!(third_record["timeline"], 2, "{third_record:#}");
     let boundary = start_segment(&third_record);
     let mut expected: BTreeSet<String> = &backup_objects(&before, &first) | &backup_objects(&before, &second);
@@ -195,11 +208,11 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     assert!(!histories.is_empty(), "the promotion archived 00000002.history: {before:?}");
 
     // --- The dry run lists exactly that, and deletes nothing. ---
-    assert_eq!(dry_run(&repo_args, cwd, &["--keep", "2"]), expected, "--dry-run's list");
+    assert_eq!(dry_run(repo_args, cwd, &["--keep", "2"]), expected, "--dry-run's list");
     assert_eq!(all_keys(repo), before, "a dry run deletes nothing");
 
     // --- The real run deletes exactly that. ---
-    let report = expire_json(&repo_args, cwd, &["--keep", "2"]);
+    let report = expire_json(repo_args, cwd, &["--keep", "2"]);
     assert_eq!(names_in(&report, "expired"), [first.clone(), second.clone()], "{report:#}");
     assert_eq!(names_in(&report, "kept"), [third.clone(), fourth.clone()], "{report:#}");
     let after = all_keys(repo);
@@ -212,18 +225,18 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     }
 
     // --- An expired backup is gone for base-fetch; each kept one restores. ---
-    let scratch_dir = store.mkdir("expired-restore");
-    let refused = base_fetch(&repo_args, cwd, &first, &scratch_dir.join("data"), &[]);
+    let scratch_dir = setup.store.mkdir("expired-restore");
+    let refused = base_fetch(repo_args, cwd, &first, &scratch_dir.join("data"), &[]);
     assert_eq!(refused.code, Some(1), "base-fetch of an expired backup: {refused:#?}");
     assert!(refused.stderr.contains(&first), "the error names the backup: {}", refused.stderr);
     let at_target =
-        restored_rows(&repo_args, cwd, &format!("{label}-expire-keep-r3"), &third, &["--target-time", &target]);
+        restored_rows(repo_args, cwd, &format!("{label}-expire-keep-r3"), &third, &["--target-time", &target]);
     assert_eq!(at_target, 5 * ROWS_PER_BATCH, "from the third backup to the target time");
-    let at_end = restored_rows(&repo_args, cwd, &format!("{label}-expire-keep-r4"), &fourth, &[]);
+    let at_end = restored_rows(repo_args, cwd, &format!("{label}-expire-keep-r4"), &fourth, &[]);
     assert_eq!(at_end, 6 * ROWS_PER_BATCH, "from the fourth backup to the end of the archive");
 
     // --- A second run finds nothing due. ---
-    let again = expire_json(&repo_args, cwd, &["--keep", "2"]);
+    let again = expire_json(repo_args, cwd, &["--keep", "2"]);
     assert_eq!((names_in(&again, "expired").len(), again["wal_files"].as_u64()), (0, Some(0)), "{again:#}");
 }
 
@@ -234,11 +247,8 @@ fn window_to(boundary: Instant) -> String {
 
 fn keep_within_and_a_pinned_backup(backend: Backend) {
     let label = backend.label();
-    let store = &Scratch::new(&format!("expire-within-{label}"));
-    let repo = &Repository::new(backend, store);
-    let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
-    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
-    let cwd = store.path();
+    let setup = Setup::new(backend, "within");
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
 
     // --- A pinned backup, two more, the boundary, two after it. ---
     let cluster = primary(&format!("{label}-expire-within"), repo);
@@ -246,9 +256,9 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
     let pin_args: Vec<OsString> = [&repo_args[..], &["--pin".into()]].concat();
     let (pinned, _) = base_push(&cluster, &pin_args, cwd, &[]);
     insert_batch(&cluster, 2);
-    let (older, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    let (older, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 3);
-    let (before_boundary, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    let (before_boundary, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 4);
     // Wide gaps on both sides, because the window is given in whole seconds and a command runs a
     // moment after the window was worked out.
@@ -256,18 +266,18 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
     let boundary_text = now_text(&cluster);
     let boundary = Instant::now();
     std::thread::sleep(Duration::from_secs(4));
-    let (after_boundary, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    let (after_boundary, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 5);
-    let (newest, _) = base_push(&cluster, &repo_args, cwd, &[]);
+    let (newest, _) = base_push(&cluster, repo_args, cwd, &[]);
     archive_and_stop(cluster);
-    let listed = run(&mut base_command("base-list", &repo_args, cwd));
+    let listed = run(&mut base_command("base-list", repo_args, cwd));
     let pinned_row = listed.stdout.lines().find(|l| l.starts_with(&pinned)).unwrap_or_default().to_owned();
     assert!(pinned_row.ends_with("pinned"), "base-list shows the pin: {}", listed.stdout);
 
     // --- What may go: the backup older than the newest before the boundary, and the WAL before that
     // one's start, except the pinned backup's own range. ---
     let before = all_keys(repo);
-    let (pinned_record, kept_record) = (record(&repo_args, cwd, &pinned), record(&repo_args, cwd, &before_boundary));
+    let (pinned_record, kept_record) = (record(repo_args, cwd, &pinned), record(repo_args, cwd, &before_boundary));
     let pinned_range = start_segment(&pinned_record)..=stop_segment(&pinned_record);
     let kept_from = start_segment(&kept_record);
     let mut expected = backup_objects(&before, &older);
@@ -280,19 +290,19 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
             .cloned(),
     );
     assert!(expected.iter().any(|k| k.starts_with("wal/")), "WAL between the pin and the window goes: {before:?}");
-    assert_eq!(dry_run(&repo_args, cwd, &["--keep-within", &window_to(boundary)]), expected, "--dry-run's list");
+    assert_eq!(dry_run(repo_args, cwd, &["--keep-within", &window_to(boundary)]), expected, "--dry-run's list");
 
-    let report = expire_json(&repo_args, cwd, &["--keep-within", &window_to(boundary)]);
+    let report = expire_json(repo_args, cwd, &["--keep-within", &window_to(boundary)]);
     assert_eq!(names_in(&report, "expired"), [older], "{report:#}");
     assert_eq!(names_in(&report, "kept"), [&pinned, &before_boundary, &after_boundary, &newest].map(String::clone));
     let gone: BTreeSet<String> = before.difference(&all_keys(repo)).cloned().collect();
     assert_eq!(gone, expected, "what the run deleted");
 
     // --- The pinned backup restores to its consistency point; the one before the boundary to it. ---
-    let at_pin = restored_rows(&repo_args, cwd, &format!("{label}-expire-pin"), &pinned, &["--target-immediate"]);
+    let at_pin = restored_rows(repo_args, cwd, &format!("{label}-expire-pin"), &pinned, &["--target-immediate"]);
     assert_eq!(at_pin, ROWS_PER_BATCH, "the pinned backup, consistent");
     let at_boundary = restored_rows(
-        &repo_args,
+        repo_args,
         cwd,
         &format!("{label}-expire-edge"),
         &before_boundary,
@@ -301,9 +311,9 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
     assert_eq!(at_boundary, 4 * ROWS_PER_BATCH, "from the newest backup before the boundary to the boundary");
 
     // --- Unpinned, it goes at the next run (with its WAL). ---
-    let unpin = base_expire(&repo_args, cwd, &["--unpin", &pinned]);
+    let unpin = base_expire(repo_args, cwd, &["--unpin", &pinned]);
     assert_eq!(unpin.code, Some(0), "{unpin:#?}");
-    let report = expire_json(&repo_args, cwd, &["--keep-within", &window_to(boundary)]);
+    let report = expire_json(repo_args, cwd, &["--keep-within", &window_to(boundary)]);
     assert_eq!(names_in(&report, "expired"), [pinned.as_str()], "{report:#}");
     let left = all_keys(repo);
     assert!(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::recovery::now_rfc3339;
-use super::{BackupRecord, CATALOG_PREFIX, read_record, validate_name};
+use super::{BackupRecord, CATALOG_PREFIX, read_named, read_record, validate_name};
 use crate::error::Error;
 use crate::repo::Repository;
 use crate::storage::{PutOptions, StorageError};
@@ -135,14 +135,7 @@ pub(crate) async fn remove_mark(repo: &Repository, key: &str) -> Result<(), Erro
 /// Pins backup `name` (kept forever by base-expire) or, with `pinned = false`, unpins it. The backup
 /// must exist: a pin for a missing backup would protect nothing and mislead whoever reads it.
 pub async fn set_pinned(repo: &Repository, name: &str, pinned: bool) -> Result<(), Error> {
-    validate_name(name).map_err(Error::Usage)?;
-    let record = match read_record(repo, name).await {
-        Err(e @ Error::NoSuchBackup(_)) => {
-            repo.require_identity().await?;
-            return Err(e);
-        }
-        other => other?,
-    };
+    let record = read_named(repo, name).await?;
     if pinned {
         write_mark(repo, &pin_key(&record.name), &record.name, "pin").await
     } else {

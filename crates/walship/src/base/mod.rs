@@ -227,6 +227,20 @@ pub async fn read_record(repo: &Repository, name: &str) -> Result<BackupRecord, 
     Ok(record)
 }
 
+/// Reads the record of the backup a user named, checking the name first. A missing backup in a
+/// location that is not a repository at all is reported as that (a wrong directory or prefix makes
+/// every backup look missing).
+pub(crate) async fn read_named(repo: &Repository, name: &str) -> Result<BackupRecord, Error> {
+    validate_name(name).map_err(Error::Usage)?;
+    match read_record(repo, name).await {
+        Err(e @ Error::NoSuchBackup(_)) => {
+            repo.require_identity().await?;
+            Err(e)
+        }
+        other => other,
+    }
+}
+
 /// Picks the backup to restore: `name`, or for `LATEST` the newest one, and with a target the newest
 /// one that finished before it (a recovery cannot stop before its backup's end). Either way the
 /// backup must lie on the history of the timeline the recovery will follow (`timeline`, as
@@ -313,15 +327,7 @@ async fn select_named(
     target: &RecoveryTarget,
     timeline: Option<&str>,
 ) -> Result<BackupRecord, Error> {
-    validate_name(name).map_err(Error::Usage)?;
-    let record = match read_record(repo, name).await {
-        // In a wrong directory or prefix every backup is missing; say that instead.
-        Err(e @ Error::NoSuchBackup(_)) => {
-            repo.require_identity().await?;
-            return Err(e);
-        }
-        other => other?,
-    };
+    let record = read_named(repo, name).await?;
     if let Some(reason) = target.excludes(&record) {
         return Err(Error::NoSuchBackup(format!("backup {name} cannot reach the target: {reason}")));
     }
