@@ -49,7 +49,8 @@ struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     keep_within: Option<Duration>,
 
-    /// List every object a real run would delete (stored bytes, tab, key) and delete nothing
+    /// List every object a real run would delete (stored bytes, tab, key) and delete nothing; with
+    /// --json, print the report of what it would delete instead of the list
     #[arg(long)]
     dry_run: bool,
 
