@@ -246,15 +246,24 @@ fn two_runs_at_once_end_as_one_and_runs_beside_archiving_lose_no_row() {
     assert_eq!(gone, predicted, "two runs at once deleted other than one run would");
     assert!(all_keys(repo).iter().all(|k| !k.ends_with(".expiring")), "an expiry mark is left");
 
-    // --- Beside wal-push and base-push under load: runs before, between and after a new backup. ---
+    // --- Beside wal-push and base-push under load: runs while a new backup is written, and after. ---
     let mut load = spawn(&mut cluster.pgbench_command(&["-n", "-c", "2", "-j", "2", "-T", "10"]));
     let check = |when: &str| {
         let out = base_expire(repo_args, cwd, &["--keep", "1", "--json"]);
         assert_eq!(out.code, Some(0), "base-expire {when}, under load: {out:#?}");
         report_of(&out)
     };
-    check("before the new backup");
-    let (newest, _) = base_push(&cluster, repo_args, cwd, &[]);
+    let mut push = spawn(&mut base_push_command(&cluster, repo_args, cwd, &[]));
+    let mut runs_beside_push = 0;
+    while !push.has_exited() {
+        check("while base-push runs");
+        runs_beside_push += 1;
+    }
+    assert!(runs_beside_push > 0, "no base-expire ran beside base-push");
+    let pushed = finish(push, RUN_LIMIT).output;
+    assert_eq!(pushed.code, Some(0), "base-push under load, beside base-expire: {pushed:#?}");
+    let newest = pushed.stdout.trim().to_owned();
+    walship_tests::backups::assert_backup_name(&newest);
     let report = check("after the new backup");
     assert_eq!(names_in(&report, "kept"), [newest.as_str()], "{report:#}");
     while !load.has_exited() {
