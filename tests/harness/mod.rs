@@ -7,6 +7,7 @@
 pub mod assertions;
 pub mod backups;
 pub mod datadir;
+pub mod expire;
 pub mod fixture;
 pub mod pg;
 pub mod proxy;
