@@ -17,68 +17,18 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use walship::wal::WalFileName;
 use walship_tests::backups::{base_command, base_fetch, base_push};
+use walship_tests::expire::{
+    SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in, primary,
+    record, restored_count, segment_number, start_segment,
+};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::{Backend, ConfigLines, Repository};
-use walship_tests::{Output, Scratch, run};
+use walship_tests::{Scratch, run};
 
 walship_tests::every_backend!(keep_two_of_four_across_a_timeline_switch, keep_within_and_a_pinned_backup);
 
-/// The test clusters' segments are 1 MiB.
-const SEGMENT_SIZE: u32 = 1 << 20;
 const ROWS_PER_BATCH: i64 = 1000;
-
-fn base_expire(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> Output {
-    run(base_command("base-expire", repo_args, cwd).args(args))
-}
-
-/// A run that succeeded, with its JSON report (`--json` is added).
-#[track_caller]
-fn expire_json(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> serde_json::Value {
-    let out = base_expire(repo_args, cwd, &[args, &["--json"]].concat());
-    assert_eq!(out.code, Some(0), "base-expire {args:?}: {out:#?}");
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("base-expire --json: {e}: {out:#?}"))
-}
-
-/// What `--dry-run` lists: the keys it would delete (each line `BYTES<TAB>KEY`).
-#[track_caller]
-fn dry_run(repo_args: &[OsString], cwd: &Path, args: &[&str]) -> BTreeSet<String> {
-    let out = base_expire(repo_args, cwd, &[args, &["--dry-run"]].concat());
-    assert_eq!(out.code, Some(0), "base-expire --dry-run {args:?}: {out:#?}");
-    out.stdout
-        .lines()
-        .map(|line| {
-            let (bytes, key) = line.split_once('\t').unwrap_or_else(|| panic!("not BYTES<TAB>KEY: {line:?}"));
-            assert!(bytes.parse::<u64>().is_ok(), "{line:?}");
-            key.to_owned()
-        })
-        .collect()
-}
-
-fn names_in(report: &serde_json::Value, field: &str) -> Vec<String> {
-    let list = report[field].as_array().unwrap_or_else(|| panic!("{field} in {report:#}"));
-    list.iter().map(|b| b["name"].as_str().expect("name").to_owned()).collect()
-}
-
-/// A backup's catalog record, from base-list --json.
-fn record(repo_args: &[OsString], cwd: &Path, name: &str) -> serde_json::Value {
-    let out = run(base_command("base-list", repo_args, cwd).arg("--json"));
-    assert_eq!(out.code, Some(0), "base-list: {out:#?}");
-    let records: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).expect("base-list --json");
-    records.into_iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} not listed: {}", out.stdout))
-}
-
-/// The segment number of a WAL file name (or of a WAL key's last part); `None` for history files.
-fn segment_number(name: &str) -> Option<u64> {
-    let name = WalFileName::parse(name.rsplit('/').next().unwrap_or(name)).ok()?;
-    name.timeline_and_log()?;
-    name.segment_number(SEGMENT_SIZE)
-}
-
-fn start_segment(record: &serde_json::Value) -> u64 {
-    segment_number(record["start_wal_file"].as_str().expect("start_wal_file")).expect("a segment name")
-}
 
 fn stop_segment(record: &serde_json::Value) -> u64 {
     let (hi, lo) = record["stop_lsn"].as_str().expect("stop_lsn").split_once('/').expect("an LSN");
@@ -94,55 +44,13 @@ fn backup_objects(keys: &BTreeSet<String>, name: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn all_keys(repo: &Repository) -> BTreeSet<String> {
-    repo.keys_under("").into_iter().collect()
-}
-
-/// A primary archiving into `repo`, with a table `t` of numbered batches.
-fn primary(name: &str, repo: &Repository) -> Cluster {
-    let mut cluster = Cluster::init(name, Some(1));
-    cluster.configure(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "on"),
-        ("archive_command", &repo.archive_command()),
-        ("wal_keep_size", "256MB"),
-    ]);
-    cluster.start();
-    cluster.psql("create table t(batch int, n int)");
-    cluster
-}
-
-/// Inserts batch `batch` and closes its segment, so that every batch lies in WAL of its own.
-fn insert_batch(cluster: &Cluster, batch: i64) {
-    cluster.psql(&format!("insert into t select {batch}, g from generate_series(1, {ROWS_PER_BATCH}) g"));
-    cluster.switch_wal();
-}
-
 fn now_text(cluster: &Cluster) -> String {
     cluster.psql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
 }
 
-/// Archives everything `cluster` wrote and stops it: the repository is then still.
-fn archive_and_stop(mut cluster: Cluster) {
-    let last = cluster.switch_wal();
-    cluster.wait_archived(&last, WAIT_TIMEOUT);
-    cluster.stop();
-}
-
-/// Restores backup `name` into a new cluster with `extra` base-fetch flags, starts it and returns the
-/// number of rows of `t` it recovered.
+/// Restores backup `name` with `extra` base-fetch flags and returns the rows of `t` it recovered.
 fn restored_rows(repo_args: &[OsString], cwd: &Path, label: &str, name: &str, extra: &[&str]) -> i64 {
-    let mut restored = Cluster::without_data_dir(label);
-    let fetch = base_fetch(repo_args, cwd, name, restored.data_dir(), extra);
-    assert_eq!(fetch.code, Some(0), "base-fetch {name} {extra:?}: {fetch:#?}");
-    restored.adopt_data_dir();
-    // The restored copy must not archive into the repository under test.
-    restored.configure(&[("archive_mode", "off")]);
-    restored.start();
-    restored.wait_recovered(WAIT_TIMEOUT);
-    let log = restored.log_contents();
-    assert!(!log.contains("wal-fetch: error"), "wal-fetch failed during recovery\n{}", restored.log_tail());
-    restored.psql("select count(*) from t").parse().expect("a count")
+    restored_count(repo_args, cwd, label, name, extra, "select count(*) from t")
 }
 
 /// A repository of kind `backend`, the configuration file that names it, and where commands run.
@@ -168,11 +76,11 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
 
     // --- Four backups, the last two on timeline 2. ---
     let old = primary(&format!("{label}-expire-keep-tl1"), repo);
-    insert_batch(&old, 1);
+    insert_batch(&old, 1, ROWS_PER_BATCH);
     let (first, _) = base_push(&old, repo_args, cwd, &[]);
-    insert_batch(&old, 2);
+    insert_batch(&old, 2, ROWS_PER_BATCH);
     let (second, _) = base_push(&old, repo_args, cwd, &[]);
-    insert_batch(&old, 3);
+    insert_batch(&old, 3, ROWS_PER_BATCH);
     let mut standby = Cluster::standby_of(&old, &format!("{label}-expire-keep-tl2"));
     standby.start();
     standby.wait_replayed(&old);
@@ -181,14 +89,14 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     standby.wait_recovered(WAIT_TIMEOUT);
     let new = standby;
     assert_eq!(new.checkpoint_timeline(), 2);
-    insert_batch(&new, 4);
+    insert_batch(&new, 4, ROWS_PER_BATCH);
     let (third, _) = base_push(&new, repo_args, cwd, &[]);
-    insert_batch(&new, 5);
+    insert_batch(&new, 5, ROWS_PER_BATCH);
     std::thread::sleep(Duration::from_millis(1100));
     let target = now_text(&new);
     std::thread::sleep(Duration::from_millis(1100));
     let (fourth, _) = base_push(&new, repo_args, cwd, &[]);
-    insert_batch(&new, 6);
+    insert_batch(&new, 6, ROWS_PER_BATCH);
     archive_and_stop(new);
 
     // --- What may go: the two oldest backups and the WAL before the third's start, on both timelines. ---
@@ -252,14 +160,14 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
 
     // --- A pinned backup, two more, the boundary, two after it. ---
     let cluster = primary(&format!("{label}-expire-within"), repo);
-    insert_batch(&cluster, 1);
+    insert_batch(&cluster, 1, ROWS_PER_BATCH);
     let pin_args: Vec<OsString> = [&repo_args[..], &["--pin".into()]].concat();
     let (pinned, _) = base_push(&cluster, &pin_args, cwd, &[]);
-    insert_batch(&cluster, 2);
+    insert_batch(&cluster, 2, ROWS_PER_BATCH);
     let (older, _) = base_push(&cluster, repo_args, cwd, &[]);
-    insert_batch(&cluster, 3);
+    insert_batch(&cluster, 3, ROWS_PER_BATCH);
     let (before_boundary, _) = base_push(&cluster, repo_args, cwd, &[]);
-    insert_batch(&cluster, 4);
+    insert_batch(&cluster, 4, ROWS_PER_BATCH);
     // Wide gaps on both sides, because the window is given in whole seconds and a command runs a
     // moment after the window was worked out.
     std::thread::sleep(Duration::from_secs(3));
@@ -267,7 +175,7 @@ fn keep_within_and_a_pinned_backup(backend: Backend) {
     let boundary = Instant::now();
     std::thread::sleep(Duration::from_secs(4));
     let (after_boundary, _) = base_push(&cluster, repo_args, cwd, &[]);
-    insert_batch(&cluster, 5);
+    insert_batch(&cluster, 5, ROWS_PER_BATCH);
     let (newest, _) = base_push(&cluster, repo_args, cwd, &[]);
     archive_and_stop(cluster);
     let listed = run(&mut base_command("base-list", repo_args, cwd));
