@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use walship_tests::backups::{base_command, base_fetch, base_push};
 use walship_tests::expire::{
-    SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in, primary,
-    record, restored_count, segment_number, start_segment,
+    ExpireSetup, SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in,
+    primary, record, restored_count, segment_number, start_segment,
 };
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
-use walship_tests::repository::{Backend, ConfigLines, Repository};
-use walship_tests::{Scratch, run};
+use walship_tests::repository::{Backend, ConfigLines};
+use walship_tests::run;
 
 walship_tests::every_backend!(keep_two_of_four_across_a_timeline_switch, keep_within_and_a_pinned_backup);
 
@@ -53,25 +53,9 @@ fn restored_rows(repo_args: &[OsString], cwd: &Path, label: &str, name: &str, ex
     restored_count(repo_args, cwd, label, name, extra, "select count(*) from t")
 }
 
-/// A repository of kind `backend`, the configuration file that names it, and where commands run.
-struct Setup {
-    store: Scratch,
-    repo: Repository,
-    repo_args: Vec<OsString>,
-}
-
-impl Setup {
-    fn new(backend: Backend, scenario: &str) -> Setup {
-        let store = Scratch::new(&format!("expire-{scenario}-{}", backend.label()));
-        let repo = Repository::new(backend, &store);
-        let config = repo.write_config(store.path(), "expire.toml", ConfigLines::default());
-        Setup { repo_args: vec!["--config".into(), config.into()], store, repo }
-    }
-}
-
 fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     let label = backend.label();
-    let setup = Setup::new(backend, "keep");
+    let setup = ExpireSetup::new(backend, "keep", ConfigLines::default());
     let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Four backups, the last two on timeline 2. ---
@@ -155,7 +139,7 @@ fn window_to(boundary: Instant) -> String {
 
 fn keep_within_and_a_pinned_backup(backend: Backend) {
     let label = backend.label();
-    let setup = Setup::new(backend, "within");
+    let setup = ExpireSetup::new(backend, "within", ConfigLines::default());
     let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
 
     // --- A pinned backup, two more, the boundary, two after it. ---

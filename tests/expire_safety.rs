@@ -21,8 +21,8 @@ use std::time::Duration;
 use walship_tests::assertions::assert_error;
 use walship_tests::backups::{base_fetch, base_push, base_push_command};
 use walship_tests::expire::{
-    all_keys, archive_and_stop, base_expire, base_expire_command, dry_run, expire_json, insert_batch, listed_names,
-    names_in, primary, record, report_of, restored_count, resumed_in, start_segment, wal_from,
+    ExpireSetup, all_keys, archive_and_stop, base_expire, base_expire_command, dry_run, expire_json, insert_batch,
+    listed_names, names_in, primary, record, report_of, restored_count, resumed_in, start_segment, wal_from,
 };
 use walship_tests::pg::WAIT_TIMEOUT;
 use walship_tests::repository::{Backend, ConfigLines, Repository};
@@ -101,12 +101,10 @@ fn assert_killed_state(repo: &Repository, repo_args: &[OsString], cwd: &Path, st
 
 fn a_kill_at_each_step_leaves_listed_backups_restorable_and_a_rerun_finishes(backend: Backend) {
     let label = backend.label();
-    let store = &Scratch::new(&format!("expire-kill-{label}"));
-    let repo = &Repository::new(backend, store);
     // Small parts: a backup is several objects, so a kill can fall between them.
     let lines = ConfigLines { tables: "[base]\npart_size = \"1MiB\"", ..ConfigLines::default() };
-    let repo_args = &repo_args_of(&repo.write_config(store.path(), "expire.toml", lines));
-    let cwd = store.path();
+    let setup = ExpireSetup::new(backend, "kill", lines);
+    let (store, repo, repo_args, cwd) = (&setup.store, &setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Five backups, a batch of rows before each and one after the last. ---
     let cluster = primary(&format!("{label}-expire-kill"), repo);
@@ -167,11 +165,9 @@ fn backup_under_way(repo: &Repository) -> Option<String> {
 
 #[test]
 fn a_backup_being_written_is_not_touched() {
-    let store = &Scratch::new("expire-writing");
-    let repo = &Repository::new(Backend::Local, store);
     let lines = ConfigLines { tables: "[base]\npart_size = \"1MiB\"", ..ConfigLines::default() };
-    let repo_args = &repo_args_of(&repo.write_config(store.path(), "expire.toml", lines));
-    let cwd = store.path();
+    let setup = ExpireSetup::new(Backend::Local, "writing", lines);
+    let (store, repo, repo_args, cwd) = (&setup.store, &setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Two complete backups (the older one is due), then a third being written, slowly. ---
     let cluster = primary("expire-writing", repo);
@@ -217,10 +213,8 @@ fn a_backup_being_written_is_not_touched() {
 
 #[test]
 fn two_runs_at_once_end_as_one_and_runs_beside_archiving_lose_no_row() {
-    let store = &Scratch::new("expire-concurrent");
-    let repo = &Repository::new(Backend::Local, store);
-    let repo_args = &repo_args_of(&repo.write_config(store.path(), "expire.toml", ConfigLines::default()));
-    let cwd = store.path();
+    let setup = ExpireSetup::new(Backend::Local, "concurrent", ConfigLines::default());
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Three backups, the archive complete and still (an idle server archives nothing). ---
     let cluster = primary("expire-concurrent", repo);
@@ -281,10 +275,8 @@ fn two_runs_at_once_end_as_one_and_runs_beside_archiving_lose_no_row() {
 
 #[test]
 fn bad_input_is_one_line_with_its_code_and_deletes_nothing() {
-    let store = &Scratch::new("expire-bad");
-    let repo = &Repository::new(Backend::Local, store);
-    let repo_args = &repo_args_of(&repo.write_config(store.path(), "expire.toml", ConfigLines::default()));
-    let cwd = store.path();
+    let setup = ExpireSetup::new(Backend::Local, "bad", ConfigLines::default());
+    let (store, repo, repo_args, cwd) = (&setup.store, &setup.repo, &setup.repo_args, setup.store.path());
 
     // --- Two backups: any run with a policy would delete the older one and WAL. ---
     let cluster = primary("expire-bad", repo);

@@ -10,11 +10,32 @@ use walship::wal::WalFileName;
 
 use crate::backups::{base_command, base_fetch};
 use crate::pg::{Cluster, WAIT_TIMEOUT};
-use crate::repository::Repository;
-use crate::{Output, run};
+use crate::repository::{Backend, ConfigLines, Repository};
+use crate::{Output, Scratch, run};
 
 /// The test clusters' segments are 1 MiB.
 pub const SEGMENT_SIZE: u32 = 1 << 20;
+
+/// A repository of kind `backend`, the configuration file that names it (with `lines`), and the
+/// scratch directory commands run in.
+pub struct ExpireSetup {
+    /// The scratch directory (it also holds the configuration file and a local repository).
+    pub store: Scratch,
+    /// The repository.
+    pub repo: Repository,
+    /// `--config FILE`, selecting the repository.
+    pub repo_args: Vec<OsString>,
+}
+
+impl ExpireSetup {
+    /// A new repository for `scenario` (which names the scratch directory) on `backend`.
+    pub fn new(backend: Backend, scenario: &str, lines: ConfigLines) -> ExpireSetup {
+        let store = Scratch::new(&format!("expire-{scenario}-{}", backend.label()));
+        let repo = Repository::new(backend, &store);
+        let config = repo.write_config(store.path(), "expire.toml", lines);
+        ExpireSetup { repo_args: vec!["--config".into(), config.into()], store, repo }
+    }
+}
 
 /// The base-expire command on the repository `repo_args` selects, with `args`, not yet run (for
 /// running it in the background, or with a failpoint set).
