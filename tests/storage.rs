@@ -464,6 +464,12 @@ fn delete_many_batches_and_falls_back_to_single_deletes(backend: Backend) {
         Rule::new(Fault::Respond(Response::s3_error(501, "Not Implemented", "NotImplemented", "no DeleteObjects")))
             .when(|request| request.method == "POST" && request.has_query("delete")),
     );
+    // Some stores answer a DELETE of a missing key with 404 NoSuchKey rather than S3's 204.
+    let absent_path = repo.request_path("backups/absent/2");
+    proxy.add(
+        Rule::new(Fault::Respond(Response::s3_error(404, "Not Found", "NoSuchKey", "no such key")))
+            .when(move |request| request.method == "DELETE" && request.path() == absent_path),
+    );
     let store = open_via(&mut repo, &scratch, &proxy, "no-batches.toml");
     plant(&repo, &keys[..1_100]);
     proxy.forget_seen();
