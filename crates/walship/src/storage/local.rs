@@ -7,7 +7,12 @@
 //!
 //! Temporary files start with `.` and end in `.tmp`: readers and listings skip them. One left by a
 //! killed process is removed by a later commit into the same directory once it is an hour old; no
-//! live write leaves a file untouched for that long.
+//! live write leaves a file untouched for that long; housekeeping (`remove_stale`) walks the whole
+//! repository for them.
+//!
+//! Batch deletes (expiry) remove the directories they emptied, never the layout's own, and fsync each
+//! directory that lost entries once, so that a crash cannot bring back a deleted name after a later
+//! delete that depended on it (a backup's parts after its catalog record) became durable.
 //!
 //! File operations run on tokio's blocking pool so that a command's deadline still fires when a
 //! network file system hangs.
@@ -167,7 +172,7 @@ impl Storage for LocalStorage {
 
     async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
         let paths = keys.iter().map(|key| self.path_of(key)).collect::<Result<Vec<_>, _>>()?;
-        bounded_each(paths.into_iter().zip(keys), |(path, key)| {
+        bounded_each(&self.location(""), paths.into_iter().zip(keys), |(path, key)| {
             let location = self.location(key);
             async move { blocking(&location.clone(), move || remove_file_if_present(&path, location)).await }
         })

@@ -187,8 +187,8 @@ pub(crate) const DELETE_CONCURRENCY: usize = 8;
 /// Runs `work` on every item with at most [`DELETE_CONCURRENCY`] of them in flight, and stops at the
 /// first failure (those in flight then are cancelled; what they already did stays done). Tasks on
 /// the runtime rather than a stream combinator: the same bound, without another feature of
-/// `futures-util`.
-pub(crate) async fn bounded_each<I, F, Fut>(items: I, mut work: F) -> Result<(), StorageError>
+/// `futures-util`. `location` names the whole batch should a task panic.
+pub(crate) async fn bounded_each<I, F, Fut>(location: &str, items: I, mut work: F) -> Result<(), StorageError>
 where
     I: IntoIterator,
     F: FnMut(I::Item) -> Fut,
@@ -196,11 +196,8 @@ where
 {
     let joined = |done: Result<Result<(), StorageError>, tokio::task::JoinError>| {
         done.unwrap_or_else(|e| {
-            Err(StorageError::Other {
-                location: String::new(),
-                message: format!("delete task failed: {e}"),
-                retryable: false,
-            })
+            let message = format!("a delete task failed: {e}");
+            Err(StorageError::Other { location: location.to_owned(), message, retryable: false })
         })
     };
     let mut running = tokio::task::JoinSet::new();

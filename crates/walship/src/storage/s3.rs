@@ -11,6 +11,10 @@
 //! upload that fails is aborted so that no parts are left behind (a killed process cannot abort; a
 //! bucket lifecycle rule for incomplete multipart uploads covers that, see README).
 //!
+//! Expiry deletes in DeleteObjects batches of 1,000 keys; a store that answers DeleteObjects with
+//! "not implemented" gets one DeleteObject per key from then on, and [`Storage::notices`] says so.
+//! Housekeeping aborts multipart uploads begun before an age, which killed writers left.
+//!
 //! "Not found" is reported only for a 404 on the key itself; a missing bucket, 403, 5xx and timeouts
 //! are errors, the transient ones marked retryable.
 
@@ -465,7 +469,8 @@ impl Bucket {
     /// Deletes each key with its own DeleteObject, a few at a time: for stores without DeleteObjects.
     /// No HEAD first: S3 answers a DELETE of a missing key with success already.
     async fn delete_each(self: &Arc<Self>, keys: &[String], full_keys: &[String]) -> Result<(), StorageError> {
-        bounded_each(keys.iter().cloned().zip(full_keys.iter().cloned()), |(key, full_key)| {
+        let batch = keys.iter().cloned().zip(full_keys.iter().cloned());
+        bounded_each(&self.location(""), batch, |(key, full_key)| {
             let bucket = Arc::clone(self);
             async move {
                 let sent = bucket.client.delete_object().bucket(&bucket.bucket).key(&full_key).send().await;

@@ -19,6 +19,9 @@
 //! with that check removed (`vendor/openssh-sftp-client`, see `[patch.crates-io]`). A failed fsync,
 //! of a file or a directory, fails the write.
 //!
+//! Batch deletes (expiry) go several at a time over the one channel, remove the directories they
+//! emptied (never the layout's own) and fsync each directory that lost entries once, as on local disk.
+//!
 //! "No such file" from the server is not taken for absence on its own word: sftp-server's
 //! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
 //! directory replaced by a file, or a link loop, would look like a missing segment. Before a read
@@ -713,7 +716,7 @@ impl Storage for SshStorage {
         let inner = self.session().await?;
         let paths = keys.iter().map(|key| inner.path_of(key)).collect::<Result<Vec<_>, _>>()?;
         // Requests on one SFTP channel are pipelined: several in flight hide the round trips.
-        bounded_each(keys.iter().cloned().zip(paths), |(key, path)| {
+        bounded_each(&self.location(""), keys.iter().cloned().zip(paths), |(key, path)| {
             let inner = Arc::clone(&inner);
             async move { inner.remove_if_present(&key, &path).await }
         })
