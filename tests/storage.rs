@@ -37,6 +37,7 @@ walship_tests::every_backend!(
 );
 
 walship_tests::some_backends!([s3] delete_many_batches_and_falls_back_to_single_deletes, remove_stale_pages_through_uploads);
+walship_tests::some_backends!([local, ssh] a_write_survives_an_expiry_removing_its_directory);
 
 /// A repository of kind `backend` in `store`, and the store opened on it.
 fn open(backend: Backend, store: &Scratch) -> (Repository, Store) {
@@ -570,4 +571,44 @@ fn remove_stale_pages_through_uploads(backend: Backend) {
     store.run(young_writer.commit()).expect("the young upload completes");
     drop(old_writer);
     assert_eq!(get(&store, young_key).unwrap().0.len(), part.len());
+}
+
+/// On the backends with directories: a write into a directory that an expiry keeps emptying and
+/// removing still succeeds (the directory may vanish between its creation and the temporary file's,
+/// and is made again), and a write below a dangling link fails rather than trying for ever.
+fn a_write_survives_an_expiry_removing_its_directory(backend: Backend) {
+    let scratch = Scratch::new(&format!("storage-write-vs-expiry-{}", backend.label()));
+    let (repo, store) = open(backend, &scratch);
+    let storage = store.storage();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let absent = ["wal/0000000100000000/absent".to_owned()];
+    store.run(async {
+        // Deleting an absent key of the directory removes the directory whenever it is empty.
+        let expiry = async {
+            let mut passes = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                storage.delete_many(&absent).await.expect("expiry pass");
+                passes += 1;
+            }
+            passes
+        };
+        let writes = async {
+            for i in 0..150 {
+                let key = format!("wal/0000000100000000/{i:024}");
+                let mut writer =
+                    storage.create(&key, PutOptions::default()).await.unwrap_or_else(|e| panic!("{i}: {e}"));
+                writer.write(Bytes::from_static(b"x")).await.unwrap();
+                writer.commit().await.unwrap_or_else(|e| panic!("commit {i}: {e}"));
+                storage.delete_many(std::slice::from_ref(&key)).await.unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        };
+        let (passes, ()) = tokio::join!(expiry, writes);
+        eprintln!("{passes} expiry passes beside 150 writes");
+    });
+    std::os::unix::fs::symlink("/nonexistent/walship", repo.object_file("wal/dangling")).unwrap();
+    match put(&store, "wal/dangling/x", b"x", 1) {
+        Err(e) => assert!(!e.is_not_found(), "a write below a dangling link: {e}"),
+        Ok(()) => panic!("a write below a dangling link succeeded"),
+    }
 }

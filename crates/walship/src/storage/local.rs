@@ -31,7 +31,7 @@ use super::{
     PutOptions, Storage, StorageError, bounded_each, confirm_absent, is_stale_temp, is_temp_older_than, listing_steps,
     may_remove_dir, parent_dir_key, parent_dirs, validate_key,
 };
-use crate::fs::{create_dirs_durably, fsync_dir, is_temp_name, temp_name};
+use crate::fs::{fsync_dir, is_temp_name, temp_name};
 
 pub use super::STALE_TEMP_AGE;
 
@@ -101,14 +101,9 @@ impl Storage for LocalStorage {
         let root = self.root.clone();
         blocking(&location.clone(), move || {
             let dir = final_path.parent().expect("a key has a parent directory").to_owned();
-            create_dirs_durably(&root, &dir).map_err(|e| StorageError::io(&location, "create directory", e))?;
             let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy();
             let temp_path = dir.join(temp_name(&file_name));
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp_path)
-                .map_err(|e| StorageError::io(&location, "create temporary file", e))?;
+            let file = create_temp_file(&root, &dir, &temp_path, &location)?;
             Ok(Box::new(LocalWriter { file: Some(file), temp_path, final_path, dir, location })
                 as Box<dyn ObjectWriter>)
         })
@@ -254,6 +249,56 @@ impl PathProbe for LocalStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PathKind::Missing),
             Err(e) => Err(StorageError::io(format!("file://{}", path.display()), "stat", e)),
         }
+    }
+}
+
+/// Creates the temporary file `temp_path` in `dir`, and first `dir` and its missing parents below
+/// `root` where they are missing, then fsyncs each directory that gained an entry. An expiry removes
+/// the directories its deletes emptied, so an empty directory may vanish before the file is in it:
+/// the directories are made again (up to a bound), and the fsyncs wait until the file is there, so that
+/// the window between a directory's creation and the file's is one system call wide. Once the file is
+/// in it, the directory stays. A pass that created nothing cannot help (a dangling link is in the
+/// way): the failure is reported.
+fn create_temp_file(root: &Path, dir: &Path, temp_path: &Path, location: &str) -> Result<File, StorageError> {
+    const ATTEMPTS: usize = 50;
+    let (mut gained, mut attempt, mut last_pass_created) = (Vec::new(), 1, true);
+    let file = loop {
+        match OpenOptions::new().write(true).create_new(true).open(temp_path) {
+            Ok(file) => break file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < ATTEMPTS && last_pass_created => {
+                attempt += 1;
+                let before = gained.len();
+                create_dirs_below(root, dir, &mut gained)
+                    .map_err(|e| StorageError::io(location, "create directory", e))?;
+                last_pass_created = gained.len() > before;
+            }
+            Err(e) => return Err(StorageError::io(location, "create temporary file", e)),
+        }
+    };
+    gained.sort();
+    gained.dedup();
+    for parent in &gained {
+        fsync_dir(parent).map_err(|e| StorageError::io(location, "fsync directory", e))?;
+    }
+    Ok(file)
+}
+
+/// Creates `dir` and its missing parents, but never `root` itself (a missing root is an unmounted or
+/// mistyped repository, not one to make afresh), and notes in `gained` each directory that gained an
+/// entry, for the caller to fsync.
+fn create_dirs_below(root: &Path, dir: &Path, gained: &mut Vec<PathBuf>) -> io::Result<()> {
+    if dir == root || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().expect("below the root");
+    create_dirs_below(root, parent, gained)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            gained.push(parent.to_owned());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -681,6 +726,32 @@ mod tests {
         assert!(storage.delete_many(&[]).await.unwrap() == 0);
         let refused = storage.delete_many(&["wal/../escape".to_owned()]).await.unwrap_err();
         assert!(matches!(refused, StorageError::InvalidKey { .. }), "{refused}");
+    }
+
+    /// A write into a directory that an expiry keeps emptying and removing still succeeds: the
+    /// directory may vanish between its creation and the temporary file's, and is then made again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_survives_an_expiry_removing_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(LocalStorage::open(dir.path()).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let expiry = {
+            let (storage, stop) = (std::sync::Arc::clone(&storage), std::sync::Arc::clone(&stop));
+            // Deleting an absent key in the directory removes the directory whenever it is empty.
+            tokio::spawn(async move {
+                let absent = ["wal/0000000100000000/absent".to_owned()];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    storage.delete_many(&absent).await.unwrap();
+                }
+            })
+        };
+        for i in 0..300 {
+            let key = format!("wal/0000000100000000/{i:024}");
+            put(&storage, &key, b"x").await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+            storage.delete_many(&[key]).await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        expiry.await.unwrap();
     }
 
     /// Housekeeping removes old temporary files anywhere below the root, and nothing else: not a

@@ -379,9 +379,9 @@ impl Connection {
         }
     }
 
-    /// Creates `dir` and its missing parents below the root, each entry made durable by an fsync of
-    /// the directory that holds it.
-    async fn create_dirs(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
+    /// Creates `dir` and its missing parents below the root, and notes in `gained` each directory
+    /// that gained an entry, for the caller to fsync once the file it creates is in `dir`.
+    async fn create_dirs(&self, key: &str, dir: &Path, gained: &mut Vec<PathBuf>) -> Result<(), StorageError> {
         let relative = dir.strip_prefix(&self.root).unwrap_or(dir);
         let mut current = self.root.clone();
         for component in relative.components() {
@@ -389,15 +389,43 @@ impl Connection {
             if self.exists(key, &current).await? {
                 continue;
             }
-            if let Err(e) = self.sftp.fs().create_dir(&current).await {
+            match self.sftp.fs().create_dir(&current).await {
+                Ok(()) => gained.push(current.parent().unwrap_or(&self.root).to_owned()),
                 // A racing writer may have created it; only a directory that is still missing is an error.
-                if !self.exists(key, &current).await? {
-                    return Err(self.classify(key, "create directory", e));
-                }
+                Err(e) if !self.exists(key, &current).await? => return Err(self.classify(key, "create directory", e)),
+                Err(_) => {}
             }
-            self.fsync_dir(key, current.parent().unwrap_or(&self.root)).await?;
         }
         Ok(())
+    }
+
+    /// Creates the temporary file `temp_path` in `dir`, and first `dir` and its missing parents where
+    /// they are missing (which saves the lookups when they exist, as they mostly do). Returns the file
+    /// and the directories that gained an entry, to be fsynced by the caller. An expiry removes the
+    /// directories its deletes emptied, so an empty directory may vanish before the file is in it:
+    /// the directories are made again (up to a bound); the fsyncs wait until the file is there, which
+    /// keeps the window between a directory's creation and the file's one request wide. A pass that
+    /// created nothing cannot help: what is in the way is reported.
+    async fn create_temp(&self, key: &str, dir: &Path, temp_path: &Path) -> Result<(File, Vec<PathBuf>), StorageError> {
+        const ATTEMPTS: usize = 50;
+        let (mut gained, mut attempt, mut last_pass_created) = (Vec::new(), 1, true);
+        loop {
+            let error = match self.sftp.options().write(true).create_new(true).open(temp_path).await {
+                Ok(file) => return Ok((file, gained)),
+                Err(e) => self.classify(key, "create temporary file", e),
+            };
+            if !error.is_not_found() {
+                return Err(error);
+            }
+            if attempt >= ATTEMPTS || !last_pass_created {
+                // "No such file" here may be a file where the directory belongs: say so.
+                return Err(self.absent_or_in_the_way(dir, PathKind::Directory, error).await);
+            }
+            attempt += 1;
+            let before = gained.len();
+            self.create_dirs(key, dir, &mut gained).await?;
+            last_pass_created = gained.len() > before;
+        }
     }
 
     /// fsyncs the directory `dir` on the server (see the module comment).
@@ -648,18 +676,19 @@ impl Storage for SshStorage {
         inner.require_fsync(key)?;
         let final_path = inner.path_of(key)?;
         let dir = final_path.parent().expect("a key has a parent").to_owned();
-        inner.create_dirs(key, &dir).await?;
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
         let temp_path = dir.join(temp_name(&file_name));
-        let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
-            Ok(file) => file,
-            // "No such file" here is most likely a file where the directory belongs: say so.
-            Err(e) => {
-                let error = inner.classify(key, "create temporary file", e);
-                return Err(inner.absent_or_in_the_way(&dir, PathKind::Directory, error).await);
-            }
-        };
+        let (file, mut gained) = inner.create_temp(key, &dir, &temp_path).await?;
         self.pending_temps.register(&temp_path);
+        gained.sort();
+        gained.dedup();
+        for parent in &gained {
+            if let Err(e) = inner.fsync_dir(key, parent).await {
+                let _ = file.close().await;
+                self.pending_temps.remove(inner, key, &temp_path).await;
+                return Err(e);
+            }
+        }
         Ok(Box::new(SshWriter {
             pending_temps: self.pending_temps.clone(),
             inner: Arc::clone(inner),
