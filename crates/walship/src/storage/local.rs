@@ -7,7 +7,12 @@
 //!
 //! Temporary files start with `.` and end in `.tmp`: readers and listings skip them. One left by a
 //! killed process is removed by a later commit into the same directory once it is an hour old; no
-//! live write leaves a file untouched for that long.
+//! live write leaves a file untouched for that long; housekeeping (`remove_stale`) walks the whole
+//! repository for them.
+//!
+//! Batch deletes (expiry) remove the directories they emptied, never the layout's own, and fsync each
+//! directory that lost entries once, so that a crash cannot bring back a deleted name after a later
+//! delete that depended on it (a backup's parts after its catalog record) became durable.
 //!
 //! File operations run on tokio's blocking pool so that a command's deadline still fires when a
 //! network file system hangs.
@@ -22,10 +27,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DirEntryInfo, ListResult, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe, PutOptions,
-    Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
+    DirEntryInfo, Housekeeping, ListResult, ListStep, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe,
+    PutOptions, Storage, StorageError, bounded_each, confirm_absent, is_stale_temp, is_temp_older_than, listing_steps,
+    may_remove_dir, parent_dir_key, parent_dirs, validate_key,
 };
-use crate::fs::{create_dirs_durably, fsync_dir, is_temp_name, temp_name};
+use crate::fs::{fsync_dir, is_temp_name, temp_name};
 
 pub use super::STALE_TEMP_AGE;
 
@@ -95,14 +101,9 @@ impl Storage for LocalStorage {
         let root = self.root.clone();
         blocking(&location.clone(), move || {
             let dir = final_path.parent().expect("a key has a parent directory").to_owned();
-            create_dirs_durably(&root, &dir).map_err(|e| StorageError::io(&location, "create directory", e))?;
             let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy();
             let temp_path = dir.join(temp_name(&file_name));
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp_path)
-                .map_err(|e| StorageError::io(&location, "create temporary file", e))?;
+            let file = create_temp_file(&root, &dir, &temp_path, &location)?;
             Ok(Box::new(LocalWriter { file: Some(file), temp_path, final_path, dir, location })
                 as Box<dyn ObjectWriter>)
         })
@@ -164,6 +165,36 @@ impl Storage for LocalStorage {
         .await
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
+        let paths = keys.iter().map(|key| self.path_of(key)).collect::<Result<Vec<_>, _>>()?;
+        bounded_each(&self.location(""), paths.into_iter().zip(keys), |(path, key)| {
+            let location = self.location(key);
+            async move { blocking(&location.clone(), move || remove_file_if_present(&path, location)).await }
+        })
+        .await?;
+        let (root, dirs) = (self.root.clone(), parent_dirs(keys));
+        blocking(&self.location(""), move || prune_and_sync(&root, &dirs)).await?;
+        Ok(keys.len() as u64)
+    }
+
+    async fn remove_stale(&self, older_than: std::time::Duration) -> Result<Housekeeping, StorageError> {
+        let now = SystemTime::now();
+        let mut found = Housekeeping::default();
+        // Directories still to visit: the walk never holds more than these and one directory's
+        // subdirectories, however many objects the repository has.
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let is_root = dir == self.root;
+            let location = format!("file://{}", dir.display());
+            let swept =
+                blocking(&location.clone(), move || sweep_dir(&dir, is_root, now, older_than, &location)).await?;
+            found.temp_files += swept.temp_files;
+            found.temp_bytes += swept.temp_bytes;
+            pending.extend(swept.subdirs);
+        }
+        Ok(found)
+    }
+
     async fn make_durable(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
         let location = self.location(key);
@@ -219,6 +250,152 @@ impl PathProbe for LocalStorage {
             Err(e) => Err(StorageError::io(format!("file://{}", path.display()), "stat", e)),
         }
     }
+}
+
+/// Creates the temporary file `temp_path` in `dir`, and first `dir` and its missing parents below
+/// `root` where they are missing, then fsyncs each directory that gained an entry. An expiry removes
+/// the directories its deletes emptied, so an empty directory may vanish before the file is in it:
+/// the directories are made again (up to a bound), and the fsyncs wait until the file is there, so that
+/// the window between a directory's creation and the file's is one system call wide. Once the file is
+/// in it, the directory stays. A pass that created nothing cannot help (a dangling link is in the
+/// way): the failure is reported.
+fn create_temp_file(root: &Path, dir: &Path, temp_path: &Path, location: &str) -> Result<File, StorageError> {
+    const ATTEMPTS: usize = 50;
+    let (mut gained, mut attempt, mut last_pass_created) = (Vec::new(), 1, true);
+    let file = loop {
+        match OpenOptions::new().write(true).create_new(true).open(temp_path) {
+            Ok(file) => break file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < ATTEMPTS && last_pass_created => {
+                attempt += 1;
+                let before = gained.len();
+                create_dirs_below(root, dir, &mut gained)
+                    .map_err(|e| StorageError::io(location, "create directory", e))?;
+                last_pass_created = gained.len() > before;
+            }
+            Err(e) => return Err(StorageError::io(location, "create temporary file", e)),
+        }
+    };
+    gained.sort();
+    gained.dedup();
+    for parent in &gained {
+        fsync_dir(parent).map_err(|e| StorageError::io(location, "fsync directory", e))?;
+    }
+    Ok(file)
+}
+
+/// Creates `dir` and its missing parents, but never `root` itself (a missing root is an unmounted or
+/// mistyped repository, not one to make afresh), and notes in `gained` each directory that gained an
+/// entry, for the caller to fsync.
+fn create_dirs_below(root: &Path, dir: &Path, gained: &mut Vec<PathBuf>) -> io::Result<()> {
+    if dir == root || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().expect("below the root");
+    create_dirs_below(root, parent, gained)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            gained.push(parent.to_owned());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the file at `path`; one already gone counts as removed (another expiry got there first).
+fn remove_file_if_present(path: &Path, location: String) -> Result<(), StorageError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io(location, "delete", e)),
+    }
+}
+
+/// After a batch of deletes: removes the directories in `dirs` (relative to `root`, each before its
+/// ancestors) that the deletes emptied, and their ancestors that became empty in turn, as far as
+/// [`may_remove_dir`] allows; then fsyncs, once each, every directory that lost entries. Every
+/// directory of the batch is fsynced, also where a key was already absent: a concurrent run may have
+/// unlinked it without an fsync yet, and our caller goes on (to a backup's parts after its catalog
+/// record) believing the removal durable. A directory that is not empty (a writer just put something
+/// there) stays; nothing is ever removed recursively.
+fn prune_and_sync(root: &Path, dirs: &[String]) -> Result<(), StorageError> {
+    let location = |dir: &str| format!("file://{}", root.join(dir).display());
+    let mut to_sync: std::collections::BTreeSet<String> = dirs.iter().cloned().collect();
+    for dir in dirs {
+        let mut current = dir.as_str();
+        while may_remove_dir(current) {
+            match fs::remove_dir(root.join(current)) {
+                // Gone already counts as removed: a concurrent run emptied it first.
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST | libc::EBUSY)) => break,
+                Err(e) => return Err(StorageError::io(location(current), "remove emptied directory", e)),
+            }
+            to_sync.remove(current);
+            current = parent_dir_key(current);
+            to_sync.insert(current.to_owned());
+        }
+    }
+    for dir in &to_sync {
+        match fsync_dir(&root.join(dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(location(dir), "fsync directory", e)),
+        }
+    }
+    Ok(())
+}
+
+/// What [`sweep_dir`] found in one directory.
+struct Swept {
+    temp_files: u64,
+    temp_bytes: u64,
+    subdirs: Vec<PathBuf>,
+}
+
+/// Removes the temporary files in `dir` untouched for more than `older_than`, and names its
+/// subdirectories for the walk to visit. Symbolic links are neither followed nor removed. A directory
+/// that vanished meanwhile (an expiry emptied and removed it) holds nothing; the root must be there.
+fn sweep_dir(
+    dir: &Path,
+    is_root: bool,
+    now: SystemTime,
+    older_than: std::time::Duration,
+    location: &str,
+) -> Result<Swept, StorageError> {
+    let mut swept = Swept { temp_files: 0, temp_bytes: 0, subdirs: Vec::new() };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !is_root => return Ok(swept),
+        Err(e) => return Err(StorageError::io(location, "read directory", e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::io(location, "read directory", e))?;
+        // lstat: a link is looked at, never through.
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(StorageError::io(location, "stat", e)),
+        };
+        if meta.is_dir() {
+            swept.subdirs.push(entry.path());
+        } else if meta.is_file()
+            && is_temp_older_than(&entry.file_name().to_string_lossy(), meta.modified().ok(), now, older_than)
+        {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    swept.temp_files += 1;
+                    swept.temp_bytes += meta.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let location = format!("file://{}", entry.path().display());
+                    return Err(StorageError::io(location, "remove temporary file", e));
+                }
+            }
+        }
+    }
+    Ok(swept)
 }
 
 fn path_kind(file_type: fs::FileType) -> PathKind {
@@ -517,6 +694,93 @@ mod tests {
         assert_eq!(keys(storage.list("nothing/", None, 3).await.unwrap()), Vec::<String>::new());
         storage.delete("wal/c").await.unwrap();
         assert!(storage.delete("wal/c").await.unwrap_err().is_not_found());
+    }
+
+    /// A batch delete takes absent keys for deleted ones (a second run over the same keys succeeds),
+    /// removes the directories it emptied from the deepest up, and leaves a directory that still holds
+    /// something, the depth-1 layout directories, `wal/history` and the root.
+    #[tokio::test]
+    async fn delete_many_prunes_only_what_it_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        let doomed: Vec<String> =
+            ["wal/0000000100000000/a", "wal/0000000100000001/b", "backups/b1/sub/p", "backups/b1/q", "catalog/c"]
+                .into_iter()
+                .chain(["wal/history/00000002.history", "top"])
+                .map(str::to_owned)
+                .collect();
+        for key in doomed.iter().chain(&["wal/0000000100000001/stays".to_owned()]) {
+            put(&storage, key, b"x").await.unwrap();
+        }
+        let mut keys = doomed.clone();
+        keys.push("wal/0000000100000000/absent".into());
+        keys.push("nothing/below/here".into());
+        assert_eq!(storage.delete_many(&keys).await.unwrap(), keys.len() as u64);
+        assert_eq!(storage.delete_many(&keys).await.unwrap(), keys.len() as u64, "a second run");
+        assert_eq!(entries(dir.path()), ["backups", "catalog", "wal"]);
+        assert_eq!(entries(&dir.path().join("wal")), ["0000000100000001", "history"]);
+        assert_eq!(entries(&dir.path().join("wal/0000000100000001")), ["stays"]);
+        assert!(entries(&dir.path().join("backups")).is_empty());
+        assert!(entries(&dir.path().join("catalog")).is_empty());
+        assert!(entries(&dir.path().join("wal/history")).is_empty());
+        assert!(storage.delete_many(&[]).await.unwrap() == 0);
+        let refused = storage.delete_many(&["wal/../escape".to_owned()]).await.unwrap_err();
+        assert!(matches!(refused, StorageError::InvalidKey { .. }), "{refused}");
+    }
+
+    /// A write into a directory that an expiry keeps emptying and removing still succeeds: the
+    /// directory may vanish between its creation and the temporary file's, and is then made again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_survives_an_expiry_removing_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(LocalStorage::open(dir.path()).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let expiry = {
+            let (storage, stop) = (std::sync::Arc::clone(&storage), std::sync::Arc::clone(&stop));
+            // Deleting an absent key in the directory removes the directory whenever it is empty.
+            tokio::spawn(async move {
+                let absent = ["wal/0000000100000000/absent".to_owned()];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    storage.delete_many(&absent).await.unwrap();
+                }
+            })
+        };
+        for i in 0..300 {
+            let key = format!("wal/0000000100000000/{i:024}");
+            put(&storage, &key, b"x").await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+            storage.delete_many(&[key]).await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        expiry.await.unwrap();
+    }
+
+    /// Housekeeping removes old temporary files anywhere below the root, and nothing else: not a
+    /// fresh temporary file, not an old object, not what a symbolic link leads to.
+    #[tokio::test]
+    async fn remove_stale_takes_old_temp_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::open(dir.path()).unwrap();
+        put(&storage, "backups/b1/sub/part", b"object").await.unwrap();
+        let old = SystemTime::now() - std::time::Duration::from_secs(7200);
+        let age = |path: &Path| File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+        let stale = [dir.path().join(".top.1.1.tmp"), dir.path().join("backups/b1/sub/.part.walship.9.9.tmp")];
+        for path in &stale {
+            fs::write(path, b"12345").unwrap();
+            age(path);
+        }
+        let fresh = dir.path().join("backups/b1/.q.walship.1.2.tmp");
+        fs::write(&fresh, b"x").unwrap();
+        age(&dir.path().join("backups/b1/sub/part"));
+        let beyond_link = outside.path().join(".other.1.1.tmp");
+        fs::write(&beyond_link, b"x").unwrap();
+        age(&beyond_link);
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("backups/link")).unwrap();
+        let found = storage.remove_stale(std::time::Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(found, Housekeeping { temp_files: 2, temp_bytes: 10, ..Housekeeping::default() });
+        assert!(stale.iter().all(|path| !path.exists()));
+        assert!(fresh.exists() && beyond_link.exists());
+        assert_eq!(read(&storage, "backups/b1/sub/part").await, b"object");
     }
 
     #[test]

@@ -79,19 +79,6 @@ pub struct PutOptions {
     pub size_hint: Option<u64>,
 }
 
-/// PROVISIONAL: what a housekeeping pass removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Housekeeping {
-    /// Temporary files removed.
-    pub temp_files: u64,
-    /// Their bytes.
-    pub temp_bytes: u64,
-    /// Multipart uploads aborted.
-    pub uploads: u64,
-    /// The store cannot list multipart uploads.
-    pub uploads_unlisted: bool,
-}
-
 /// A repository's backend: keys and bytes, with the promises of this module's documentation.
 #[async_trait]
 pub trait Storage: Send + Sync {
@@ -114,6 +101,41 @@ pub trait Storage: Send + Sync {
 
     /// Removes `key`; [`StorageError::NotFound`] where nothing was there.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Removes `keys` (any number; the caller passes at most a few thousand at once). A key that is
+    /// already absent counts as removed: two expiry runs at once both succeed. Returns how many keys
+    /// were removed by this call or already absent (= `keys.len()` on success).
+    /// Stops at the first real failure and returns it (the keys before it may be gone).
+    ///
+    /// Backends that keep directories also remove the ones these deletes emptied, up to but never
+    /// including a directory at depth 1 (see [`may_remove_dir`]). The default deletes one key after
+    /// the other, for stores (test doubles) that have nothing better.
+    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
+        for key in keys {
+            match self.delete(key).await {
+                Ok(()) | Err(StorageError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(keys.len() as u64)
+    }
+
+    /// Removes what killed writers left anywhere in the repository and nobody will finish: temporary
+    /// files ([`crate::fs::is_temp_name`]) older than `older_than` on local disk and SFTP, and S3
+    /// multipart uploads initiated more than `older_than` ago. Younger ones may belong to a writer
+    /// still at work and are left alone. The default finds nothing: a store whose writes leave
+    /// nothing behind.
+    async fn remove_stale(&self, older_than: std::time::Duration) -> Result<Housekeeping, StorageError> {
+        let _ = older_than;
+        Ok(Housekeeping::default())
+    }
+
+    /// What this store had to do differently from what was asked, one human line each, for the
+    /// command to say once (a fallback to one request per object where the store lacks a batch
+    /// request). Empty by default.
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Makes the existing object `key` durable: its bytes and every directory entry on the way to it.
     /// A push that finds identical content already archived calls it before reporting success, because
@@ -139,32 +161,84 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
-    /// PROVISIONAL (replaced by the storage branch): removes `keys`, absent ones counting as removed.
-    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
-        for key in keys {
-            match self.delete(key).await {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(keys.len() as u64)
-    }
-
-    /// PROVISIONAL: housekeeping of what killed writers left.
-    async fn remove_stale(&self, _older_than: std::time::Duration) -> Result<Housekeeping, StorageError> {
-        Ok(Housekeeping::default())
-    }
-
-    /// PROVISIONAL: notices for the operator.
-    fn notices(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     /// Removes what unfinished writes left under the directory `prefix` (temporary files, open
     /// multipart uploads), whatever their age. Only for a prefix whose writer is known to be dead: a
     /// killed base-push, found by the next one.
     async fn remove_incomplete(&self, prefix: &str) -> Result<(), StorageError>;
+}
+
+/// What a housekeeping pass ([`Storage::remove_stale`]) removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// Temporary files (local disk, SFTP) older than the age, removed.
+    pub temp_files: u64,
+    /// Their bytes.
+    pub temp_bytes: u64,
+    /// Open multipart uploads (S3) begun before the age, aborted.
+    pub uploads: u64,
+    /// The store cannot list multipart uploads (s3s-fs): nothing was checked there.
+    pub uploads_unlisted: bool,
+}
+
+/// How many deletes a backend without a batch request keeps in flight at once: enough to hide the
+/// latency of a network file system or an SFTP round trip, few enough not to flood the server.
+pub(crate) const DELETE_CONCURRENCY: usize = 8;
+
+/// Runs `work` on every item with at most [`DELETE_CONCURRENCY`] of them in flight, and stops at the
+/// first failure (those in flight then are cancelled; what they already did stays done). Tasks on
+/// the runtime rather than a stream combinator: the same bound, without another feature of
+/// `futures-util`. `location` names the whole batch should a task panic.
+pub(crate) async fn bounded_each<I, F, Fut>(location: &str, items: I, mut work: F) -> Result<(), StorageError>
+where
+    I: IntoIterator,
+    F: FnMut(I::Item) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StorageError>> + Send + 'static,
+{
+    let joined = |done: Result<Result<(), StorageError>, tokio::task::JoinError>| {
+        done.unwrap_or_else(|e| {
+            let message = format!("a delete task failed: {e}");
+            Err(StorageError::Other { location: location.to_owned(), message, retryable: false })
+        })
+    };
+    let mut running = tokio::task::JoinSet::new();
+    for item in items {
+        if running.len() >= DELETE_CONCURRENCY
+            && let Some(done) = running.join_next().await
+        {
+            joined(done)?;
+        }
+        running.spawn(work(item));
+    }
+    while let Some(done) = running.join_next().await {
+        joined(done)?;
+    }
+    Ok(())
+}
+
+/// Directories at depth 2 or more that stay even when empty: the history files' home is never
+/// expired, and a directory that comes and goes there buys nothing.
+const KEPT_DIRECTORIES: [&str; 1] = ["wal/history"];
+
+/// Whether [`Storage::delete_many`] may remove the directory `dir_key` (relative to the root) once
+/// it is empty. Never the root nor a directory at depth 1 (`wal/`, `backups/`, `catalog/`): they
+/// are the repository's layout, and a writer that finds one missing would have to create it again
+/// under the feet of another. Nor those in [`KEPT_DIRECTORIES`].
+pub(crate) fn may_remove_dir(dir_key: &str) -> bool {
+    dir_key.contains('/') && !KEPT_DIRECTORIES.contains(&dir_key)
+}
+
+/// The distinct directories (relative to the root, `""` for the root) that hold `keys`, deepest
+/// first in the sense that every directory comes before its ancestors: the order in which emptied
+/// directories can be removed.
+pub(crate) fn parent_dirs(keys: &[String]) -> Vec<String> {
+    let parents: std::collections::BTreeSet<&str> =
+        keys.iter().map(|key| key.rsplit_once('/').map_or("", |(dir, _)| dir)).collect();
+    parents.into_iter().rev().map(str::to_owned).collect()
+}
+
+/// The directory that holds `dir_key` (relative to the root; `""` is the root).
+pub(crate) fn parent_dir_key(dir_key: &str) -> &str {
+    dir_key.rsplit_once('/').map_or("", |(dir, _)| dir)
 }
 
 /// An object being written. Dropping it without [`commit`](Self::commit) discards it.
@@ -400,8 +474,19 @@ pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3
 /// writer that died (hidden, `.tmp`, older than [`STALE_TEMP_AGE`]). For backends that keep
 /// temporary files beside their objects (local, SSH).
 pub(crate) fn is_stale_temp(name: &str, modified: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
+    is_temp_older_than(name, modified, now, STALE_TEMP_AGE)
+}
+
+/// Whether `name`, last modified at `modified`, is a temporary file untouched for more than `age`.
+/// An unknown time or one in the future is a file being written.
+pub(crate) fn is_temp_older_than(
+    name: &str,
+    modified: Option<std::time::SystemTime>,
+    now: std::time::SystemTime,
+    age: std::time::Duration,
+) -> bool {
     crate::fs::is_temp_name(name)
-        && modified.is_some_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP_AGE)
+        && modified.is_some_and(|modified| now.duration_since(modified).is_ok_and(|untouched| untouched > age))
 }
 
 /// A directory entry as a listing sees it.
@@ -517,6 +602,40 @@ mod tests {
             })
             .collect();
         assert_eq!(listed, ["wal/x/000000010000000000000001"]);
+    }
+
+    /// Expiry removes emptied directories from the deepest up, but never the repository's layout
+    /// (the root, `wal/`, `backups/`, `catalog/`) nor the history files' directory.
+    #[test]
+    fn emptied_directories_go_deepest_first_but_never_the_layout() {
+        for kept in ["", "wal", "backups", "catalog", "wal/history"] {
+            assert!(!may_remove_dir(kept), "{kept:?} may be removed");
+        }
+        for removable in ["wal/0000000100000000", "backups/b1", "backups/b1/sub", "wal/history/x"] {
+            assert!(may_remove_dir(removable), "{removable:?} is kept");
+        }
+        let keys: Vec<String> =
+            ["backups/b1/x", "top", "backups/b1/sub/y", "wal/0000000100000000/a", "backups/b1/z", "backups/b1-2/w"]
+                .map(str::to_owned)
+                .into();
+        let dirs = parent_dirs(&keys);
+        assert_eq!(dirs, ["wal/0000000100000000", "backups/b1/sub", "backups/b1-2", "backups/b1", ""]);
+        assert_eq!(parent_dir_key("backups/b1/sub"), "backups/b1");
+        assert_eq!(parent_dir_key("wal"), "");
+    }
+
+    /// A temporary file is stale only when its time is known and older than the age: a time in the
+    /// future (a clock step) is a file being written.
+    #[test]
+    fn only_temp_files_older_than_the_age_are_stale() {
+        let now = std::time::SystemTime::now();
+        let age = std::time::Duration::from_secs(60);
+        let name = crate::fs::temp_name("part");
+        assert!(is_temp_older_than(&name, Some(now - age * 2), now, age));
+        assert!(!is_temp_older_than(&name, Some(now - age / 2), now, age));
+        assert!(!is_temp_older_than(&name, Some(now + age), now, age), "a time in the future");
+        assert!(!is_temp_older_than(&name, None, now, age), "an unknown time");
+        assert!(!is_temp_older_than("part", Some(now - age * 2), now, age), "not a temporary name");
     }
 
     #[test]

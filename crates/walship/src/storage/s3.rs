@@ -11,6 +11,10 @@
 //! upload that fails is aborted so that no parts are left behind (a killed process cannot abort; a
 //! bucket lifecycle rule for incomplete multipart uploads covers that, see README).
 //!
+//! Expiry deletes in DeleteObjects batches of 1,000 keys; a store that answers DeleteObjects with
+//! "not implemented" gets one DeleteObject per key from then on, and [`Storage::notices`] says so.
+//! Housekeeping aborts multipart uploads begun before an age, which killed writers left.
+//!
 //! "Not found" is reported only for a 404 on the key itself; a missing bucket, 403, 5xx and timeouts
 //! are errors, the transient ones marked retryable.
 
@@ -28,14 +32,17 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption as SdkSse, StorageClass};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier, ServerSideEncryption as SdkSse, StorageClass,
+};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
 use super::settings::{ByteSize, seconds};
 use super::{
-    ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError, validate_key,
+    Housekeeping, ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError,
+    bounded_each, validate_key,
 };
 use serde::Deserialize;
 
@@ -193,6 +200,9 @@ impl S3Settings {
 /// S3 allows at most this many parts in one upload.
 const MAX_PARTS: u64 = 10_000;
 
+/// S3 takes at most this many keys in one DeleteObjects request.
+const DELETE_BATCH: usize = 1000;
+
 /// Used when neither the configuration nor the environment names a region; S3-compatible stores
 /// mostly ignore the region but the SDK insists on one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -219,6 +229,9 @@ struct Bucket {
     settle_timeout: Duration,
     /// Multipart uploads started and neither completed nor aborted yet: upload id to (key, full key).
     open_uploads: Mutex<HashMap<String, (String, String)>>,
+    /// The store answered DeleteObjects with "not implemented": from then on one DeleteObject per key,
+    /// without asking again.
+    no_batch_delete: std::sync::atomic::AtomicBool,
 }
 
 impl S3Storage {
@@ -277,6 +290,7 @@ impl S3Storage {
                 upload_concurrency: config.upload_concurrency,
                 settle_timeout: config.read_timeout * 2,
                 open_uploads: Mutex::new(HashMap::new()),
+                no_batch_delete: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -412,6 +426,63 @@ impl Bucket {
         Ok(upload_id)
     }
 
+    /// `s3://bucket/prefix`, for messages about the repository as a whole.
+    fn repository_url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix).trim_end_matches('/').to_owned()
+    }
+
+    /// Deletes one batch of at most [`DELETE_BATCH`] keys with one DeleteObjects request (Quiet: the
+    /// answer lists only failures). `Ok(false)`: the store does not implement the request.
+    async fn delete_batch(&self, keys: &[String], full_keys: &[String]) -> Result<bool, StorageError> {
+        let first = keys.first().map_or("", String::as_str);
+        let malformed = |e: aws_sdk_s3::error::BuildError| StorageError::Other {
+            location: self.location(first),
+            message: format!("DeleteObjects: {e}"),
+            retryable: false,
+        };
+        let objects = full_keys
+            .iter()
+            .map(|full_key| ObjectIdentifier::builder().key(full_key).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(malformed)?;
+        let delete = Delete::builder().set_objects(Some(objects)).quiet(true).build().map_err(malformed)?;
+        let sent = self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await;
+        let output = match sent {
+            Ok(output) => output,
+            Err(e) if not_implemented(e.raw_response().map(|r| r.status().as_u16()), e.code()) => return Ok(false),
+            Err(e) => return Err(self.classify(first, "DeleteObjects", e)),
+        };
+        for error in output.errors() {
+            let full_key = error.key().unwrap_or("");
+            let key = full_key.strip_prefix(&self.prefix).unwrap_or(full_key);
+            if let Some(failure) = key_delete_failure(error.code(), error.message()) {
+                return Err(StorageError::Other {
+                    location: self.location(key),
+                    message: format!("DeleteObjects: {}", failure.0),
+                    retryable: failure.1,
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes each key with its own DeleteObject, a few at a time: for stores without DeleteObjects.
+    /// No HEAD first: S3 answers a DELETE of a missing key with success already.
+    async fn delete_each(self: &Arc<Self>, keys: &[String], full_keys: &[String]) -> Result<(), StorageError> {
+        let batch = keys.iter().cloned().zip(full_keys.iter().cloned());
+        bounded_each(&self.location(""), batch, |(key, full_key)| {
+            let bucket = Arc::clone(self);
+            async move {
+                let sent = bucket.client.delete_object().bucket(&bucket.bucket).key(&full_key).send().await;
+                match sent.map_err(|e| bucket.classify(&key, "DELETE", e)) {
+                    Ok(_) | Err(StorageError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+    }
+
     fn open_uploads(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
         self.open_uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -464,6 +535,23 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text.replace('\n', " ")
+}
+
+/// Whether an error answer (its HTTP status and S3 error code, where known) says that the store does
+/// not implement the request at all (s3s-fs for ListMultipartUploads), rather than that it failed.
+fn not_implemented(status: Option<u16>, code: Option<&str>) -> bool {
+    status == Some(501) || code == Some("NotImplemented")
+}
+
+/// Why DeleteObjects failed to delete one key (its entry in the answer's `Errors`), and whether trying
+/// again may help; `None` where the entry is no failure: a key that is not there is as good as deleted.
+fn key_delete_failure(code: Option<&str>, message: Option<&str>) -> Option<(String, bool)> {
+    let code = code.unwrap_or("");
+    if code == "NoSuchKey" {
+        return None;
+    }
+    let retryable = matches!(code, "InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout");
+    Some((format!("{code}: {}", message.unwrap_or("the store gave no reason")), retryable))
 }
 
 /// Uniform parts, as some S3-compatible stores require: the configured size, grown (in whole MiB) so
@@ -572,6 +660,76 @@ impl Storage for S3Storage {
             .map_err(|e| self.inner.classify(key, "DELETE", e))
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
+        let inner = &self.inner;
+        let full_keys = keys.iter().map(|key| inner.full_key(key)).collect::<Result<Vec<_>, _>>()?;
+        for (batch, full_batch) in keys.chunks(DELETE_BATCH).zip(full_keys.chunks(DELETE_BATCH)) {
+            if !inner.no_batch_delete.load(std::sync::atomic::Ordering::Relaxed) {
+                if inner.delete_batch(batch, full_batch).await? {
+                    continue;
+                }
+                inner.no_batch_delete.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            inner.delete_each(batch, full_batch).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+
+    async fn remove_stale(&self, older_than: Duration) -> Result<Housekeeping, StorageError> {
+        let inner = &self.inner;
+        let cutoff = std::time::SystemTime::now().checked_sub(older_than).unwrap_or(std::time::UNIX_EPOCH);
+        let mut found = Housekeeping::default();
+        let (mut key_marker, mut upload_id_marker) = (None::<String>, None::<String>);
+        loop {
+            let listed = inner
+                .client
+                .list_multipart_uploads()
+                .bucket(&inner.bucket)
+                .prefix(&inner.prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take())
+                .send()
+                .await;
+            let output = match listed {
+                Ok(output) => output,
+                Err(e) if not_implemented(e.raw_response().map(|r| r.status().as_u16()), e.code()) => {
+                    found.uploads_unlisted = true;
+                    return Ok(found);
+                }
+                Err(e) => return Err(inner.classify("", "ListMultipartUploads", e)),
+            };
+            for upload in output.uploads() {
+                let (Some(full_key), Some(upload_id)) = (upload.key(), upload.upload_id()) else { continue };
+                // An upload of unknown age may be one under way: left alone.
+                let begun = upload.initiated().and_then(|at| std::time::SystemTime::try_from(*at).ok());
+                if begun.is_none_or(|begun| begun >= cutoff) {
+                    continue;
+                }
+                let key = full_key.strip_prefix(&inner.prefix).unwrap_or(full_key);
+                inner.abort_multipart(key, full_key, upload_id).await?;
+                found.uploads += 1;
+            }
+            key_marker = output.next_key_marker().map(str::to_owned);
+            upload_id_marker = output.next_upload_id_marker().map(str::to_owned);
+            // A truncated page without a marker to go on from would list the same page forever.
+            if output.is_truncated() != Some(true) || (key_marker.is_none() && upload_id_marker.is_none()) {
+                return Ok(found);
+            }
+        }
+    }
+
+    fn notices(&self) -> Vec<String> {
+        let inner = &self.inner;
+        let mut notices = Vec::new();
+        if inner.no_batch_delete.load(std::sync::atomic::Ordering::Relaxed) {
+            notices.push(format!(
+                "{}: the store does not implement DeleteObjects; deleting one object per request",
+                inner.repository_url()
+            ));
+        }
+        notices
+    }
+
     /// Nothing to do: S3 acknowledges a PUT (or a completed multipart upload) only once the object is
     /// stored durably, and an object is never visible before that.
     async fn make_durable(&self, _key: &str) -> Result<(), StorageError> {
@@ -597,7 +755,7 @@ impl Storage for S3Storage {
             Ok(output) => output,
             // Some S3-compatible servers (s3s-fs among them) do not list uploads; a lifecycle rule for
             // incomplete multipart uploads covers those (README).
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 501) => return Ok(()),
+            Err(e) if not_implemented(e.raw_response().map(|r| r.status().as_u16()), e.code()) => return Ok(()),
             Err(e) => return Err(inner.classify(prefix, "LIST uploads", e)),
         };
         for upload in output.uploads() {
@@ -788,6 +946,32 @@ impl ObjectWriter for S3Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an answer that says the request itself is unknown to the store turns DeleteObjects into
+    /// single deletes (or ListMultipartUploads into "unlisted"); a denied or failed request is an
+    /// error to report.
+    #[test]
+    fn not_implemented_is_told_from_a_failure() {
+        assert!(not_implemented(Some(501), None));
+        assert!(not_implemented(Some(501), Some("NotImplemented")));
+        assert!(not_implemented(Some(400), Some("NotImplemented")));
+        assert!(!not_implemented(Some(403), Some("AccessDenied")));
+        assert!(!not_implemented(Some(500), Some("InternalError")));
+        assert!(!not_implemented(Some(400), Some("MalformedXML")));
+        assert!(!not_implemented(None, None), "no answer at all (a timeout) is no verdict");
+    }
+
+    /// In a DeleteObjects answer a missing key is as good as deleted; anything else fails the call,
+    /// retryable only where the store said it was busy or broken.
+    #[test]
+    fn a_missing_key_is_no_delete_failure() {
+        assert_eq!(key_delete_failure(Some("NoSuchKey"), Some("gone")), None);
+        let (message, retryable) = key_delete_failure(Some("AccessDenied"), Some("no")).unwrap();
+        assert!(message.contains("AccessDenied") && !retryable, "{message}");
+        assert!(key_delete_failure(Some("InternalError"), None).unwrap().1);
+        assert!(key_delete_failure(Some("SlowDown"), None).unwrap().1);
+        assert!(!key_delete_failure(None, None).unwrap().1, "an error without a code is still an error");
+    }
 
     #[test]
     fn parts_grow_to_stay_within_the_part_limit() {

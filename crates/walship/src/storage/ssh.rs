@@ -19,6 +19,9 @@
 //! with that check removed (`vendor/openssh-sftp-client`, see `[patch.crates-io]`). A failed fsync,
 //! of a file or a directory, fails the write.
 //!
+//! Batch deletes (expiry) go several at a time over the one channel, remove the directories they
+//! emptied (never the layout's own) and fsync each directory that lost entries once, as on local disk.
+//!
 //! "No such file" from the server is not taken for absence on its own word: sftp-server's
 //! `errno_to_portable` maps ENOENT, ENOTDIR, ELOOP and EBADF all to SSH2_FX_NO_SUCH_FILE, so a shard
 //! directory replaced by a file, or a link loop, would look like a missing segment. Before a read
@@ -42,8 +45,9 @@ use tokio::process::{Child, Command};
 
 use super::settings::seconds;
 use super::{
-    DirEntryInfo, ListResult, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind, PathProbe,
-    PutOptions, Storage, StorageError, confirm_absent, is_stale_temp, listing_steps, validate_key,
+    DirEntryInfo, Housekeeping, ListResult, ListStep, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PathKind,
+    PathProbe, PutOptions, Storage, StorageError, bounded_each, confirm_absent, is_stale_temp, is_temp_older_than,
+    listing_steps, may_remove_dir, parent_dir_key, parent_dirs, validate_key,
 };
 use crate::fs::{is_temp_name, temp_name};
 use serde::Deserialize;
@@ -375,9 +379,9 @@ impl Connection {
         }
     }
 
-    /// Creates `dir` and its missing parents below the root, each entry made durable by an fsync of
-    /// the directory that holds it.
-    async fn create_dirs(&self, key: &str, dir: &Path) -> Result<(), StorageError> {
+    /// Creates `dir` and its missing parents below the root, and notes in `gained` each directory
+    /// that gained an entry, for the caller to fsync once the file it creates is in `dir`.
+    async fn create_dirs(&self, key: &str, dir: &Path, gained: &mut Vec<PathBuf>) -> Result<(), StorageError> {
         let relative = dir.strip_prefix(&self.root).unwrap_or(dir);
         let mut current = self.root.clone();
         for component in relative.components() {
@@ -385,15 +389,43 @@ impl Connection {
             if self.exists(key, &current).await? {
                 continue;
             }
-            if let Err(e) = self.sftp.fs().create_dir(&current).await {
+            match self.sftp.fs().create_dir(&current).await {
+                Ok(()) => gained.push(current.parent().unwrap_or(&self.root).to_owned()),
                 // A racing writer may have created it; only a directory that is still missing is an error.
-                if !self.exists(key, &current).await? {
-                    return Err(self.classify(key, "create directory", e));
-                }
+                Err(e) if !self.exists(key, &current).await? => return Err(self.classify(key, "create directory", e)),
+                Err(_) => {}
             }
-            self.fsync_dir(key, current.parent().unwrap_or(&self.root)).await?;
         }
         Ok(())
+    }
+
+    /// Creates the temporary file `temp_path` in `dir`, and first `dir` and its missing parents where
+    /// they are missing (which saves the lookups when they exist, as they mostly do). Returns the file
+    /// and the directories that gained an entry, to be fsynced by the caller. An expiry removes the
+    /// directories its deletes emptied, so an empty directory may vanish before the file is in it:
+    /// the directories are made again (up to a bound); the fsyncs wait until the file is there, which
+    /// keeps the window between a directory's creation and the file's one request wide. A pass that
+    /// created nothing cannot help: what is in the way is reported.
+    async fn create_temp(&self, key: &str, dir: &Path, temp_path: &Path) -> Result<(File, Vec<PathBuf>), StorageError> {
+        const ATTEMPTS: usize = 50;
+        let (mut gained, mut attempt, mut last_pass_created) = (Vec::new(), 1, true);
+        loop {
+            let error = match self.sftp.options().write(true).create_new(true).open(temp_path).await {
+                Ok(file) => return Ok((file, gained)),
+                Err(e) => self.classify(key, "create temporary file", e),
+            };
+            if !error.is_not_found() {
+                return Err(error);
+            }
+            if attempt >= ATTEMPTS || !last_pass_created {
+                // "No such file" here may be a file where the directory belongs: say so.
+                return Err(self.absent_or_in_the_way(dir, PathKind::Directory, error).await);
+            }
+            attempt += 1;
+            let before = gained.len();
+            self.create_dirs(key, dir, &mut gained).await?;
+            last_pass_created = gained.len() > before;
+        }
     }
 
     /// fsyncs the directory `dir` on the server (see the module comment).
@@ -485,6 +517,107 @@ impl Connection {
         }
     }
 
+    /// Removes the file at `path`; one already gone counts as removed (another expiry got there first).
+    async fn remove_if_present(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        match self.sftp.fs().remove_file(path).await {
+            Ok(()) => Ok(()),
+            Err(e) => match self.classify(key, "delete", e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// After a batch of deletes, as the local backend does: removes the directories in `dirs`
+    /// (relative to the root, each before its ancestors) that the deletes emptied, and ancestors
+    /// emptied in turn, as far as [`may_remove_dir`] allows; then fsyncs once each directory that
+    /// lost entries, also where a concurrent run removed them, since our caller goes on believing
+    /// them durable. sftp-server reports a directory that is not empty as a plain failure: such a
+    /// directory (a writer just put something there) stays. Nothing is removed recursively.
+    async fn prune_and_sync(&self, dirs: &[String]) -> Result<(), StorageError> {
+        let mut to_sync: std::collections::BTreeSet<String> = dirs.iter().cloned().collect();
+        for dir in dirs {
+            let mut current = dir.as_str();
+            while may_remove_dir(current) {
+                match self.sftp.fs().remove_dir(self.root.join(current)).await {
+                    Ok(()) => {}
+                    Err(SftpError::SftpError(SftpErrorKind::Failure, _)) => break,
+                    Err(e) => match self.classify(current, "remove emptied directory", e) {
+                        // Gone already counts as removed: a concurrent run emptied it first.
+                        StorageError::NotFound { .. } => {}
+                        other => return Err(other),
+                    },
+                }
+                to_sync.remove(current);
+                current = parent_dir_key(current);
+                to_sync.insert(current.to_owned());
+            }
+        }
+        for dir in &to_sync {
+            let path = if dir.is_empty() { self.root.clone() } else { self.root.join(dir) };
+            match self.fsync_dir(dir, &path).await {
+                Ok(()) | Err(StorageError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the temporary files in `dir` untouched for more than `older_than`, counting them in
+    /// `found`, and adds its subdirectories to `pending`. sftp-server describes entries as `lstat`
+    /// does, so symbolic links are neither followed nor removed. A directory that vanished meanwhile
+    /// (an expiry removed it) holds nothing; the root must be there.
+    async fn sweep_dir(
+        &self,
+        dir: &Path,
+        older_than: Duration,
+        now: SystemTime,
+        pending: &mut Vec<PathBuf>,
+        found: &mut Housekeeping,
+    ) -> Result<(), StorageError> {
+        use futures_util::StreamExt;
+        let key = dir.strip_prefix(&self.root).unwrap_or(dir).to_string_lossy().into_owned();
+        let handle = match self.sftp.fs().open_dir(dir).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                return match self.classify(&key, "open directory", e) {
+                    StorageError::NotFound { .. } if dir != self.root => Ok(()),
+                    other => Err(other),
+                };
+            }
+        };
+        let mut stale = Vec::new();
+        let stream = handle.read_dir();
+        futures_util::pin_mut!(stream);
+        while let Some(entry) = stream.next().await {
+            let entry = entry.map_err(|e| self.classify(&key, "read directory", e))?;
+            let name = entry.filename().to_string_lossy().into_owned();
+            let meta = entry.metadata();
+            let Some(file_type) = meta.file_type() else { continue };
+            if file_type.is_dir() && name != "." && name != ".." {
+                pending.push(dir.join(&name));
+            } else if file_type.is_file()
+                && is_temp_older_than(&name, meta.modified().map(|m| m.as_system_time()), now, older_than)
+            {
+                stale.push((dir.join(&name), meta.len().unwrap_or(0)));
+            }
+        }
+        for (path, size) in stale {
+            let key = path.strip_prefix(&self.root).unwrap_or(&path).to_string_lossy().into_owned();
+            match self.sftp.fs().remove_file(&path).await {
+                Ok(()) => {
+                    found.temp_files += 1;
+                    found.temp_bytes += size;
+                }
+                Err(e) => match self.classify(&key, "remove temporary file", e) {
+                    StorageError::NotFound { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses to write where nothing can be made durable, unless `allow_no_fsync` accepts the risk.
     fn require_fsync(&self, key: &str) -> Result<(), StorageError> {
         if self.allow_no_fsync || self.sftp.support_fsync() {
@@ -543,18 +676,19 @@ impl Storage for SshStorage {
         inner.require_fsync(key)?;
         let final_path = inner.path_of(key)?;
         let dir = final_path.parent().expect("a key has a parent").to_owned();
-        inner.create_dirs(key, &dir).await?;
         let file_name = final_path.file_name().expect("a key has a file name").to_string_lossy().into_owned();
         let temp_path = dir.join(temp_name(&file_name));
-        let file = match inner.sftp.options().write(true).create_new(true).open(&temp_path).await {
-            Ok(file) => file,
-            // "No such file" here is most likely a file where the directory belongs: say so.
-            Err(e) => {
-                let error = inner.classify(key, "create temporary file", e);
-                return Err(inner.absent_or_in_the_way(&dir, PathKind::Directory, error).await);
-            }
-        };
+        let (file, mut gained) = inner.create_temp(key, &dir, &temp_path).await?;
         self.pending_temps.register(&temp_path);
+        gained.sort();
+        gained.dedup();
+        for parent in &gained {
+            if let Err(e) = inner.fsync_dir(key, parent).await {
+                let _ = file.close().await;
+                self.pending_temps.remove(inner, key, &temp_path).await;
+                return Err(e);
+            }
+        }
         Ok(Box::new(SshWriter {
             pending_temps: self.pending_temps.clone(),
             inner: Arc::clone(inner),
@@ -602,6 +736,34 @@ impl Storage for SshStorage {
         let path = inner.path_of(key)?;
         // Not made durable: a removal that a crash undoes leaves an object that is deleted again later.
         inner.sftp.fs().remove_file(&path).await.map_err(|e| inner.classify(key, "delete", e))
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<u64, StorageError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let inner = self.session().await?;
+        let paths = keys.iter().map(|key| inner.path_of(key)).collect::<Result<Vec<_>, _>>()?;
+        // Requests on one SFTP channel are pipelined: several in flight hide the round trips.
+        bounded_each(&self.location(""), keys.iter().cloned().zip(paths), |(key, path)| {
+            let inner = Arc::clone(&inner);
+            async move { inner.remove_if_present(&key, &path).await }
+        })
+        .await?;
+        inner.prune_and_sync(&parent_dirs(keys)).await?;
+        Ok(keys.len() as u64)
+    }
+
+    async fn remove_stale(&self, older_than: Duration) -> Result<Housekeeping, StorageError> {
+        let inner = self.session().await?;
+        let now = SystemTime::now();
+        let mut found = Housekeeping::default();
+        // Directories still to visit: never the whole tree, however many objects it holds.
+        let mut pending = vec![inner.root.clone()];
+        while let Some(dir) = pending.pop() {
+            inner.sweep_dir(&dir, older_than, now, &mut pending, &mut found).await?;
+        }
+        Ok(found)
     }
 
     async fn make_durable(&self, key: &str) -> Result<(), StorageError> {
