@@ -185,6 +185,9 @@ echo "$(nproc) cores, load average at the start $load_before and at the end $(cu
 echo "Each repository: COUNT segments (16 MiB, timeline 1; each object $(stat -c %s "$seed_object") bytes) and two backups;"
 echo "\`base-expire --keep 1\` deletes the older backup (6 objects) and the 90% of the WAL before the newer one's start (plus one .backup file)."
 echo "Wall time from fork to exit; objects/s = objects deleted / run s; peak RSS of base-expire (maximum resident set size)."
+echo "s3s-fs answers each ListObjectsV2 page by walking, statting and sorting every file under the prefix: a page costs"
+echo "time in proportion to the objects left, so a sweep of pages of 1000 grows with the square of the count (the dry run"
+echo "lists everything; the real run lists what is left as it deletes). A real S3 store pages in constant time."
 echo
 echo "| backend | WAL objects | objects deleted | dry-run s | run s | objects/s | peak RSS MiB (dry run / run) |"
 echo "|---|---|---|---|---|---|---|"
