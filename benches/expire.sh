@@ -23,6 +23,7 @@
 # Usage: benches/expire.sh [COUNT...]          (default: 10000 100000)
 # Environment: WALSHIP_BENCH_DIR  scratch parent directory (default /var/tmp: not tmpfs; needs about
 #                                 COUNT x 4 KiB x 2 free, 0.8 GB for 100000, one COUNT at a time)
+#              WALSHIP_BENCH_BACKENDS  which to run (default "local s3")
 #              WALSHIP_BENCH_KEEP=1  keep the scratch directory (logs, listings) at the end
 # Release build; any user (no PostgreSQL server is started). Installs s3s-fs when missing
 # (scripts/install-deps.sh).
@@ -35,7 +36,7 @@ for count in "${counts[@]}"; do
   [ "$count" -ge 10 ] || { echo "COUNT must be at least 10" >&2; exit 2; }
 done
 scratch_parent=${WALSHIP_BENCH_DIR:-/var/tmp}
-echo "Command: WALSHIP_BENCH_DIR=$scratch_parent benches/expire.sh ${counts[*]}"
+echo "Command: WALSHIP_BENCH_DIR=$scratch_parent WALSHIP_BENCH_BACKENDS=\"${WALSHIP_BENCH_BACKENDS:-local s3}\" benches/expire.sh ${counts[*]}"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 scripts/install-deps.sh
@@ -173,7 +174,7 @@ run_case() {
 }
 
 for count in "${counts[@]}"; do
-  for backend in local s3; do
+  for backend in ${WALSHIP_BENCH_BACKENDS:-local s3}; do
     echo "base-expire --keep 1, $(label_of "$backend"), $count WAL objects:" >&2
     run_case "$backend" "$count"
   done
