@@ -7,7 +7,9 @@
 #
 # 1. Each revision is checked out into a worktree at a fixed place (target/compare/a and .../b, so
 #    that cargo, which keys artifacts by path, rebuilds only what changed since the last run) and
-#    built (release; the repository's own target/ directory, so dependencies are not built again).
+#    built (release) into target/compare/target: not the repository's own target/, where cargo, which
+#    names a workspace member's artifacts the same whatever its path, would hand another revision's
+#    library to the next build of the checkout.
 # 2. WAL: a PostgreSQL 15 cluster, pgbench -i -s 30, then pgbench -c 4 -j 2 until SEGMENTS
 #    segments wait as .ready (archive_command = '', checkpoint_timeout = 30s, as wal-throughput.sh).
 # 3. For each of ROUNDS rounds, for each revision: a fresh local repository filled by that
@@ -48,9 +50,9 @@ for label in a b; do
     git worktree add --quiet --detach "$tree" "$rev"
   fi
   echo "building $label = $rev ($(git rev-parse --short "$rev"))" >&2
-  cargo build --release --quiet --manifest-path "$tree/Cargo.toml" --target-dir target -p wal-push -p wal-fetch
+  cargo build --release --quiet --manifest-path "$tree/Cargo.toml" --target-dir target/compare/target -p wal-push -p wal-fetch
   mkdir -p "$work/bin/$label"
-  cp target/release/wal-push target/release/wal-fetch "$work/bin/$label/"
+  cp target/compare/target/release/wal-push target/compare/target/release/wal-fetch "$work/bin/$label/"
 done
 
 # --- 2. the WAL ------------------------------------------------------------------------------------
