@@ -5,8 +5,8 @@
 //! - Kills (every backend): a run aborted at each step of its order (mark written; record gone;
 //!   first page of parts gone; backups gone, WAL not yet) leaves every listed backup complete
 //!   (base-fetch verifies it), and a rerun finishes the work: it names the interrupted removal,
-//!   leaves no expiry mark and no object of the expired backup. The last backup then recovers every
-//!   row.
+//!   leaves no expiry mark and no object of the expired backup; PostgreSQL started on the oldest
+//!   backup left then recovers every row.
 //! - A backup being written (local disk): base-push throttled, base-expire --keep 1 runs while it
 //!   uploads; none of its objects or of the WAL from its start goes, and it finishes and restores.
 //! - Concurrency (local disk): two runs at once end as one run would (as --dry-run predicted);
@@ -142,17 +142,18 @@ fn a_kill_at_each_step_leaves_listed_backups_restorable_and_a_rerun_finishes(bac
         assert!(report["wal_files"].as_u64().is_some_and(|n| n > 0), "the rerun deletes the WAL: {report:#}");
         assert_gone(repo, victim, &format!("the rerun after {step}"));
         assert_eq!(listed_names(repo_args, cwd), backups[5 - keep..], "after the rerun after {step}");
+        // The oldest backup left is the one whose WAL lies next to what went: it recovers every row.
+        let oldest = &backups[5 - keep];
+        let sql = "select count(*) from t";
+        let rows = restored_count(repo_args, cwd, &format!("{label}-expire-kill-r{keep}"), oldest, &[], sql);
+        assert_eq!(rows, 6 * ROWS_PER_BATCH, "after the rerun after {step}, {oldest} recovers every row");
     }
 
-    // --- The last backup keeps the WAL from its start on and recovers every row. ---
-    let last = &backups[4];
-    let from = start_segment(&record(repo_args, cwd, last));
+    // --- Only the last backup is left, with the WAL from its start on (it recovered every row above). ---
+    let from = start_segment(&record(repo_args, cwd, &backups[4]));
     let keys = all_keys(repo);
     let older_wal = &wal_from(&keys, 0) - &wal_from(&keys, from);
     assert!(older_wal.is_empty(), "WAL before the last backup's start is left: {older_wal:?}");
-    let sql = "select count(*) from t";
-    let rows = restored_count(repo_args, cwd, &format!("{label}-expire-kill-r"), last, &[], sql);
-    assert_eq!(rows, 6 * ROWS_PER_BATCH, "every row, the last batch written after the last backup");
 }
 
 /// The name of the backup under way: its directory has an owner record and the catalog no record.
