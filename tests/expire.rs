@@ -17,6 +17,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use walship::wal::parse_lsn;
 use walship_tests::backups::{base_command, base_fetch, base_push};
 use walship_tests::expire::{
     ExpireSetup, SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in,
@@ -31,8 +32,7 @@ walship_tests::every_backend!(keep_two_of_four_across_a_timeline_switch, keep_wi
 const ROWS_PER_BATCH: i64 = 1000;
 
 fn stop_segment(record: &serde_json::Value) -> u64 {
-    let (hi, lo) = record["stop_lsn"].as_str().expect("stop_lsn").split_once('/').expect("an LSN");
-    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap();
+    let lsn = parse_lsn(record["stop_lsn"].as_str().expect("stop_lsn")).expect("an LSN");
     lsn / u64::from(SEGMENT_SIZE)
 }
 

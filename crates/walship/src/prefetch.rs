@@ -44,7 +44,7 @@ use crate::error::Error;
 use crate::fs::{parent_dir, replace_file, temp_prefix};
 use crate::log::Log;
 use crate::repo::{self, Repository};
-use crate::wal::{WalFileKind, WalFileName};
+use crate::wal::{WalFileKind, WalFileName, segment_file_name};
 
 /// The spools' parent, relative to `pg_wal`.
 pub const SPOOL_ROOT: &str = "walship/prefetch";
@@ -221,12 +221,8 @@ fn recovery_signalled(data_dir: &Path) -> bool {
 
 /// The `count` segments after `after`, on its timeline.
 pub fn following_segments(after: &WalFileName, segment_size: u32, count: usize) -> Vec<String> {
-    let per_log = 0x1_0000_0000u64 / u64::from(segment_size.max(1));
     let Some(first) = after.segment_number(segment_size).map(|n| n + 1) else { return Vec::new() };
-    (first..first + count as u64)
-        .filter(|n| n / per_log <= u64::from(u32::MAX))
-        .map(|n| format!("{:08X}{:08X}{:08X}", after.timeline(), n / per_log, n % per_log))
-        .collect()
+    (first..first + count as u64).filter_map(|n| segment_file_name(after.timeline(), n, segment_size)).collect()
 }
 
 /// The repository's segment size, from its identity record, within `deadline`: a repository that stops

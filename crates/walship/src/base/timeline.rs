@@ -16,7 +16,8 @@ use crate::error::Error;
 use crate::repo::Repository;
 use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn, parse_lsn};
 
-const HISTORY_PREFIX: &str = "wal/history/";
+/// Where the timeline history files are.
+pub(crate) const HISTORY_PREFIX: &str = "wal/history/";
 
 /// The timeline a restore will follow, and where it left each of its ancestors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,20 +93,21 @@ pub async fn lineage(repo: &Repository, timeline: Option<&str>) -> Result<Option
 
 /// The highest timeline with a history file in the repository, if any.
 async fn newest_history_timeline(repo: &Repository) -> Result<Option<u32>, Error> {
-    let mut newest = None;
+    Ok(history_timelines(repo).await?.into_iter().max())
+}
+
+/// The timelines that have a history file in the repository, in key order.
+pub(crate) async fn history_timelines(repo: &Repository) -> Result<Vec<u32>, Error> {
+    let mut timelines = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = repo.storage().list(HISTORY_PREFIX, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { return Ok(newest) };
+        let Some(last) = page.last() else { return Ok(timelines) };
         after = Some(last.key.clone());
-        for meta in &page {
-            let Some(name) = meta.key.strip_prefix(HISTORY_PREFIX) else { continue };
-            if let Ok(wal) = WalFileName::parse(name)
-                && wal.kind() == WalFileKind::History
-            {
-                newest = newest.max(Some(wal.timeline()));
-            }
-        }
+        timelines.extend(page.iter().filter_map(|meta| {
+            let wal = WalFileName::parse(meta.key.strip_prefix(HISTORY_PREFIX)?).ok()?;
+            (wal.kind() == WalFileKind::History).then(|| wal.timeline())
+        }));
     }
 }
 

@@ -25,6 +25,7 @@ use crate::log::Log;
 use crate::repo::Repository;
 use crate::retry;
 use crate::storage::Housekeeping;
+use crate::wal::segment_file_name;
 
 /// How a run goes.
 #[derive(Debug, Clone)]
@@ -140,8 +141,8 @@ pub async fn base_expire(
     (report.wal_files, report.wal_bytes) = remover.wal(&rule).await?;
     report.first_kept_segment = remover
         .timelines_seen()
-        .into_iter()
-        .filter_map(|t| Some((t, segment_name(t, rule.first_kept(t)?, identity.wal_segment_size))))
+        .iter()
+        .filter_map(|&t| Some((t, segment_file_name(t, rule.first_kept(t)?, identity.wal_segment_size)?)))
         .collect();
     if !options.dry_run {
         let stale = options.stale_after;
@@ -205,24 +206,10 @@ fn wal_rule(segment_size: u32, kept: &[&Decision], ancestry: HashMap<u32, Vec<u3
 
 /// Every timeline's ancestors, from the history files in the repository.
 async fn ancestry(repo: &Repository) -> Result<HashMap<u32, Vec<u32>>, Error> {
-    let mut timelines = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = repo.storage().list(remove::HISTORY_PREFIX, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        timelines.extend(page.iter().filter_map(|meta| remove::history_timeline(&meta.key)));
-    }
     let mut ancestors = HashMap::new();
-    for timeline in timelines {
+    for timeline in base::history_timelines(repo).await? {
         let forks = base::read_history(repo, timeline).await?;
         ancestors.insert(timeline, forks.into_iter().map(|(parent, _)| parent).collect());
     }
     Ok(ancestors)
-}
-
-/// The file name of segment number `segment` on `timeline`.
-fn segment_name(timeline: u32, segment: u64, segment_size: u32) -> String {
-    let per_log = 0x1_0000_0000 / u64::from(segment_size);
-    format!("{timeline:08X}{:08X}{:08X}", segment / per_log, segment % per_log)
 }

@@ -10,28 +10,20 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::base::catalog::{expiring_key, remove_mark, write_mark};
-use crate::base::{BACKUPS_PREFIX, BackupRecord, is_pinned};
+use crate::base::{BACKUPS_PREFIX, BackupRecord, HISTORY_PREFIX, is_pinned};
 use crate::error::Error;
 use crate::failpoint;
 use crate::log::Log;
 use crate::repo::Repository;
 use crate::retry::with_deadline;
 use crate::storage::ObjectMeta;
-use crate::wal::{WalFileKind, WalFileName};
+use crate::wal::WalFileName;
 
 use super::{Deletions, WalRule};
 
-/// Where the timeline history files are.
-pub(super) const HISTORY_PREFIX: &str = "wal/history/";
 const WAL_PREFIX: &str = "wal/";
 /// Keys deleted at once: one S3 DeleteObjects request.
 const BATCH: usize = 1000;
-
-/// The timeline of the history file under `key`, if it is one.
-pub(super) fn history_timeline(key: &str) -> Option<u32> {
-    let name = WalFileName::parse(key.strip_prefix(HISTORY_PREFIX)?).ok()?;
-    (name.kind() == WalFileKind::History).then(|| name.timeline())
-}
 
 /// Deletes (or, dry, reports) and counts what it deleted.
 pub(super) struct Remover<'a> {
@@ -85,8 +77,8 @@ impl<'a> Remover<'a> {
     }
 
     /// The timelines of the WAL files the sweep saw.
-    pub(super) fn timelines_seen(&self) -> BTreeSet<u32> {
-        self.timelines.clone()
+    pub(super) fn timelines_seen(&self) -> &BTreeSet<u32> {
+        &self.timelines
     }
 
     /// Removes an expired backup; `false` when it was pinned meanwhile (it stays).

@@ -119,6 +119,14 @@ impl WalFileName {
     }
 }
 
+/// The file name of segment number `segment` on `timeline`, the inverse of
+/// [`WalFileName::segment_number`]; `None` past the last segment a name can hold.
+pub fn segment_file_name(timeline: u32, segment: u64, segment_size: u32) -> Option<String> {
+    let per_log = segments_per_log(segment_size);
+    let log = u32::try_from(segment / per_log).ok()?;
+    Some(format!("{timeline:08X}{log:08X}{:08X}", segment % per_log))
+}
+
 impl fmt::Display for WalFileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)
@@ -356,6 +364,8 @@ mod tests {
         assert_eq!(seg.timeline_and_log(), Some("000000010000000A"));
         assert_eq!(seg.segment_number(16 << 20), Some(0xA * 256 + 0xFF));
         assert_eq!(seg.segment_number(32 << 20), None, "0xFF is past the 128 segments of a 32 MiB log");
+        assert_eq!(segment_file_name(1, 0xA * 256 + 0xFF, 16 << 20).as_deref(), Some(seg.as_str()));
+        assert_eq!(segment_file_name(3, 0x1_0000_0000 * 256, 16 << 20), None, "past the last log a name holds");
         let partial = WalFileName::parse("000000020000000000000003.partial").unwrap();
         assert_eq!(partial.kind(), WalFileKind::Partial);
         assert!(partial.is_segment_data());
