@@ -39,6 +39,7 @@ mod tools;
 
 pub use catalog::{CatalogEntry, for_each_entry, is_pinned, set_pinned};
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
+pub(crate) use owner::owner_key;
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
 pub(crate) use timeline::{HISTORY_PREFIX, history_timelines, read_history};

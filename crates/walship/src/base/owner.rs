@@ -57,7 +57,7 @@ fn read_trimmed(path: &str) -> String {
 const MAX_OWNER_LEN: u64 = 64 * 1024;
 
 /// The key of backup `name`'s owner record.
-pub(super) fn owner_key(name: &str) -> String {
+pub(crate) fn owner_key(name: &str) -> String {
     format!("{BACKUPS_PREFIX}{name}/owner.json")
 }
 

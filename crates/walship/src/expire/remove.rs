@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::base::catalog::{expiring_key, remove_mark, write_mark};
-use crate::base::{BACKUPS_PREFIX, BackupRecord, HISTORY_PREFIX, is_pinned};
+use crate::base::{BACKUPS_PREFIX, BackupRecord, HISTORY_PREFIX, is_pinned, owner_key};
 use crate::error::Error;
 use crate::failpoint;
 use crate::log::Log;
@@ -85,8 +85,8 @@ impl<'a> Remover<'a> {
     pub(super) async fn backup(&mut self, record: &BackupRecord) -> Result<bool, Error> {
         let name = &record.name;
         // A pin set since the catalog was read wins; the window left is this one request.
-        let mark = expiring_key(name);
-        let location = self.repo.storage().location(&BackupRecord::catalog_key(name));
+        let (mark, key) = (expiring_key(name), BackupRecord::catalog_key(name));
+        let location = self.repo.storage().location(&key);
         let pinned = with_deadline(self.deadline, self.log, &location, || async {
             if is_pinned(self.repo, name).await? {
                 return Ok(true);
@@ -101,7 +101,6 @@ impl<'a> Remover<'a> {
             return Ok(false);
         }
         failpoint::hit("base-expire:marked");
-        let key = BackupRecord::catalog_key(name);
         let size = self.size_of(&key).await?;
         self.delete(vec![(key, size)]).await?;
         failpoint::hit("base-expire:unlisted");
@@ -121,7 +120,7 @@ impl<'a> Remover<'a> {
             })
             .await?;
         }
-        let owner_key = format!("{prefix}owner.json");
+        let owner_key = owner_key(name);
         let mut owner = None;
         let mut after: Option<String> = None;
         loop {

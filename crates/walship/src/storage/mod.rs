@@ -231,8 +231,7 @@ pub(crate) fn may_remove_dir(dir_key: &str) -> bool {
 /// first in the sense that every directory comes before its ancestors: the order in which emptied
 /// directories can be removed.
 pub(crate) fn parent_dirs(keys: &[String]) -> Vec<String> {
-    let parents: std::collections::BTreeSet<&str> =
-        keys.iter().map(|key| key.rsplit_once('/').map_or("", |(dir, _)| dir)).collect();
+    let parents: std::collections::BTreeSet<&str> = keys.iter().map(|key| parent_dir_key(key)).collect();
     parents.into_iter().rev().map(str::to_owned).collect()
 }
 
