@@ -97,14 +97,15 @@ struct Flags {
 
 impl Flags {
     async fn into_entry(self, repo: &Repository, name: String) -> Result<CatalogEntry, Error> {
-        let record = match self.record {
-            true => match read_record(repo, &name).await {
+        let record = if self.record {
+            match read_record(repo, &name).await {
                 Ok(record) => Some(record),
                 // Removed since the listing (a base-expire at work): the name has no record now.
                 Err(Error::NoSuchBackup(_)) => None,
                 Err(e) => return Err(e),
-            },
-            false => None,
+            }
+        } else {
+            None
         };
         Ok(CatalogEntry { name, record, pinned: self.pinned, expiring: self.expiring })
     }
