@@ -60,6 +60,8 @@ Exit codes (shared by all walship commands):
  10  pg_basebackup or pg_verifybackup failed or could not be run
  11  interrupted by SIGINT, SIGTERM or SIGHUP (what was written was removed)
  12  internal error: a bug in walship (it panicked)
+ 13  problems found (wal-verify, base-verify): the check ran and found gaps, a stale archive,
+     damaged objects or a failed restore test; every other non-zero code means it could not check
 wal-fetch adds 200 to codes 2-12 (202-212) so that PostgreSQL stops a point-in-time recovery
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
 and the standby retries.";
@@ -314,6 +316,21 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// Ends a verify command that could check: each finding as one line on stderr and a summary, then
+/// exit 0 when there is none, else [`ExitCode::ProblemsFound`].
+pub fn finish_verify(log: &Log, findings: &[walship::verify::Finding], summary: &str) -> ! {
+    for finding in findings {
+        log.info(format_args!("problem: {}: {}", finding.kind.label(), finding.message));
+    }
+    if findings.is_empty() {
+        log.info(format_args!("healthy: {summary}"));
+        std::process::exit(0);
+    }
+    let code = ExitCode::ProblemsFound as u8;
+    log.info(format_args!("{} problems found: {summary} (exit {code})", findings.len()));
+    std::process::exit(i32::from(code));
 }
 
 /// Logs `error` as one line and exits with its code.

@@ -196,6 +196,9 @@ pub enum ExitCode {
     /// A bug: walship panicked or reported [`Error::Internal`]. Distinct from every failure it knows,
     /// and never "absent".
     Internal = 12,
+    /// wal-verify, base-verify: the check ran and found problems (gaps, a stale archive, damaged
+    /// objects, a failed restore test); distinct from every code that means "could not check".
+    ProblemsFound = 13,
 }
 
 /// Added to wal-fetch's failure codes during archive recovery: PostgreSQL treats an exit above 125 as
@@ -234,6 +237,7 @@ mod tests {
             ExitCode::ToolFailed,
             ExitCode::Interrupted,
             ExitCode::Internal,
+            ExitCode::ProblemsFound,
         ];
         for code in all {
             assert!((code as u8) < 126, "{code:?} must be retryable for the archiver");

@@ -23,6 +23,7 @@ pub mod remembered;
 pub mod repo;
 pub mod retry;
 pub mod storage;
+pub mod verify;
 pub mod wal;
 
 pub use config::{Config, ConfigFlags};
