@@ -34,6 +34,7 @@ walship_tests::every_backend!(
     absent_is_only_said_of_absent_keys,
     delete_many_takes_absent_keys_and_prunes_what_it_emptied,
     remove_stale_takes_old_leftovers_only,
+    listed_and_headed_objects_carry_their_time,
 );
 
 walship_tests::some_backends!([s3] delete_many_batches_and_falls_back_to_single_deletes, remove_stale_pages_through_uploads);
@@ -610,5 +611,21 @@ fn a_write_survives_an_expiry_removing_its_directory(backend: Backend) {
     match put(&store, "wal/dangling/x", b"x", 1) {
         Err(e) => assert!(!e.is_not_found(), "a write below a dangling link: {e}"),
         Ok(()) => panic!("a write below a dangling link succeeded"),
+    }
+}
+
+/// A listed object and its `head` say when it was stored (wal-verify's "newest segment archived X
+/// ago" rests on it): within a minute of now on every backend.
+fn listed_and_headed_objects_carry_their_time(backend: Backend) {
+    let scratch = Scratch::new(&format!("storage-mtime-{}", backend.label()));
+    let (_repo, store) = open(backend, &scratch);
+    put(&store, "timed/object", b"bytes", 5).expect("create");
+    let listed = store.run(store.storage().list("timed/", None, 10)).expect("list");
+    let headed = store.run(store.storage().head("timed/object")).expect("head");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    for (what, modified) in [("list", listed[0].modified), ("head", headed.modified)] {
+        let modified = modified.unwrap_or_else(|| panic!("{what}: no modification time"));
+        let off = SystemTime::now().duration_since(modified).unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_secs(60), "{what}: stored {off:?} away from now");
     }
 }

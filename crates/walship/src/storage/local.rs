@@ -127,9 +127,12 @@ impl Storage for LocalStorage {
         let path = self.path_of(key)?;
         let location = self.location(key);
         match tokio::fs::metadata(&path).await {
-            Ok(meta) if meta.is_file() => {
-                Ok(ObjectMeta { key: key.to_owned(), size: meta.len(), attributes: Default::default() })
-            }
+            Ok(meta) if meta.is_file() => Ok(ObjectMeta {
+                key: key.to_owned(),
+                size: meta.len(),
+                attributes: Default::default(),
+                modified: meta.modified().ok(),
+            }),
             Ok(_) => Err(StorageError::Other { location, message: "not a regular file".into(), retryable: false }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(confirm_absent(self, &self.root, &path, PathKind::File, location).await)
@@ -582,6 +585,7 @@ fn walk(
             name: entry.file_name().to_string_lossy().into_owned(),
             is_dir: meta.is_dir(),
             size: meta.len(),
+            modified: meta.modified().ok(),
         });
     }
     for step in listing_steps(dir_key, infos, prefix, start_after) {

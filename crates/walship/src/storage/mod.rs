@@ -64,6 +64,9 @@ pub struct ObjectMeta {
     /// Key/value attributes stored with the object by backends that keep them (S3 user metadata);
     /// empty where the backend has none.
     pub attributes: BTreeMap<String, String>,
+    /// When the object was stored (a file's mtime, S3's LastModified), where the backend says:
+    /// wal-verify judges from it how long ago archiving last succeeded.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// A page of [`Storage::list`]: objects in key order.
@@ -493,6 +496,7 @@ pub(crate) struct DirEntryInfo {
     pub name: String,
     pub is_dir: bool,
     pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// What a listing walk does next, in key order.
@@ -533,7 +537,12 @@ pub(crate) fn listing_steps(
                     start_after.is_some_and(|after| !after.starts_with(&sort_key) && after > sort_key.as_str());
                 (!all_listed).then_some(ListStep::Descend(key))
             } else if key.starts_with(prefix) && start_after.is_none_or(|after| key.as_str() > after) {
-                Some(ListStep::Emit(ObjectMeta { key, size: entry.size, attributes: BTreeMap::new() }))
+                Some(ListStep::Emit(ObjectMeta {
+                    key,
+                    size: entry.size,
+                    attributes: BTreeMap::new(),
+                    modified: entry.modified,
+                }))
             } else {
                 None
             }
@@ -590,9 +599,11 @@ mod tests {
             assert!(is_stale_temp(name, Some(old), now), "{name}");
             assert!(!is_stale_temp(name, Some(now), now), "{name}: a fresh one is being written");
         }
-        let mut entries: Vec<DirEntryInfo> =
-            names.iter().map(|name| DirEntryInfo { name: name.clone(), is_dir: false, size: 1 }).collect();
-        entries.push(DirEntryInfo { name: "000000010000000000000001".into(), is_dir: false, size: 1 });
+        let mut entries: Vec<DirEntryInfo> = names
+            .iter()
+            .map(|name| DirEntryInfo { name: name.clone(), is_dir: false, size: 1, modified: None })
+            .collect();
+        entries.push(DirEntryInfo { name: "000000010000000000000001".into(), is_dir: false, size: 1, modified: None });
         let listed: Vec<String> = listing_steps("wal/x", entries, "wal/", None)
             .into_iter()
             .filter_map(|step| match step {

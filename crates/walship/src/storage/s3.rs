@@ -614,6 +614,7 @@ impl Storage for S3Storage {
                 .metadata()
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default(),
+            modified: output.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         })
     }
 
@@ -638,6 +639,7 @@ impl Storage for S3Storage {
                     key: key.to_owned(),
                     size: object.size().unwrap_or(0).max(0) as u64,
                     attributes: Default::default(),
+                    modified: object.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 })
             })
             .collect())

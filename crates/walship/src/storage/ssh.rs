@@ -721,7 +721,12 @@ impl Storage for SshStorage {
                 return Err(inner.absent_or_in_the_way(&path, PathKind::File, inner.classify(key, "stat", e)).await);
             }
         };
-        Ok(ObjectMeta { key: key.to_owned(), size: meta.len().unwrap_or(0), attributes: BTreeMap::new() })
+        Ok(ObjectMeta {
+            key: key.to_owned(),
+            size: meta.len().unwrap_or(0),
+            attributes: BTreeMap::new(),
+            modified: meta.modified().map(|m| m.as_system_time()),
+        })
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> ListResult {
@@ -839,7 +844,8 @@ async fn read_dir_entries(handle: openssh_sftp_client::fs::Dir) -> Result<Vec<Di
         }
         let meta = entry.metadata();
         let is_dir = meta.file_type().is_some_and(|t| t.is_dir());
-        entries.push(DirEntryInfo { name, is_dir, size: meta.len().unwrap_or(0) });
+        let modified = meta.modified().map(|m| m.as_system_time());
+        entries.push(DirEntryInfo { name, is_dir, size: meta.len().unwrap_or(0), modified });
     }
     Ok(entries)
 }
