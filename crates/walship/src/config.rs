@@ -150,8 +150,8 @@ impl RetentionConfig {
     }
 }
 
-/// Parses a duration such as `14d`, `36h`, `1d12h`, `90m`, `2w` or `3600s`: whole numbers, each with
-/// a unit (s, m, h, d, w), added up; at least one second.
+/// Parses a duration such as `14d`, `36h`, `1d12h`, `90m` (or `90min`), `2w` or `3600s`: whole
+/// numbers, each with a unit (s, m or min, h, d, w), added up; at least one second.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total: u64 = 0;
     let mut rest = text.trim();
@@ -162,6 +162,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         let number: u64 = rest[..digits].parse().map_err(|_| "expected a number before each unit (14d, 36h, 90m)")?;
         let unit = rest[digits..].chars().next().ok_or("a number without a unit: add s, m, h, d or w")?;
+        // `min` as cron users and the README's `--max-age 15min` write minutes.
+        let unit_len = if rest[digits..].starts_with("min") { 3 } else { unit.len_utf8() };
         let seconds = match unit {
             's' => 1,
             'm' => 60,
@@ -171,7 +173,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             other => return Err(format!("unknown unit {other:?}: use s, m, h, d or w")),
         };
         total = number.checked_mul(seconds).and_then(|n| total.checked_add(n)).ok_or("too long")?;
-        rest = &rest[digits + unit.len_utf8()..];
+        rest = &rest[digits + unit_len..];
     }
     if total == 0 {
         return Err("must be at least 1s".into());
@@ -578,6 +580,9 @@ mod tests {
         );
         assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(14 * 86_400));
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("15min").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("1h30min").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("15mi").is_err());
     }
 
     #[test]

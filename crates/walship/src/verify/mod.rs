@@ -13,6 +13,7 @@
 //! scratch directory of its own with archiving off.
 
 pub mod metrics;
+pub mod wal;
 
 use serde::Serialize;
 
