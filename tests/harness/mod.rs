@@ -16,6 +16,7 @@ pub mod running;
 pub mod s3;
 pub mod segments;
 pub mod ssh;
+pub mod verify_wal;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -91,7 +92,8 @@ impl Scratch {
 }
 
 /// Every walship binary the tests run.
-pub const BINARIES: [&str; 6] = ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire"];
+pub const BINARIES: [&str; 7] =
+    ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire", "wal-verify"];
 
 /// The directory holding freshly built walship binaries ([`BINARIES`]), executable by the server
 /// user.
