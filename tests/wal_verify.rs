@@ -10,7 +10,8 @@
 //! - A byte flipped in a stored segment: unseen without `--deep` (exit 0, nothing read), named with
 //!   `--deep` (exit 13); another segment's intact object under a segment's name: named too.
 //! - An archive older than `--max-age`: stale_archive naming the newest segment.
-//! - After a promotion the history file of timeline 2 is followed; removed, missing_history.
+//! - After a promotion the history file of timeline 2 is followed; removed, missing_history; one
+//!   that says the timeline began after its first archived segment, history_mismatch.
 //! - A location that is not a repository, or a store that cannot be reached: exit 6 or 8, never
 //!   13, and the metrics say "could not check".
 
@@ -263,6 +264,19 @@ fn a_missing_history_file_after_a_promotion(backend: Backend) {
     assert_eq!(missing[0]["subject"], "00000002.history");
     assert!(missing[0]["message"].as_str().unwrap().contains(history), "{report:#}");
     put_back(&setup.repo, history, &from);
+    assert_eq!(setup.report(&[], 0)["healthy"], true);
+
+    // A history file that says timeline 2 began long after its first archived segment.
+    let file = setup.repo.object_file(history);
+    let original = std::fs::read(&file).unwrap();
+    let later = walship::codec::encode_all(b"1\t0/7F000000\tno recovery target specified\n", 1).unwrap();
+    std::fs::write(&file, later).unwrap();
+    let report = setup.report(&[], 13);
+    let mismatch = findings(&report, "history_mismatch");
+    assert_eq!(mismatch.len(), 1, "{report:#}");
+    assert_eq!(mismatch[0]["subject"], "00000002.history");
+    assert!(mismatch[0]["message"].as_str().unwrap().contains("began at 0/7F000000"), "{report:#}");
+    std::fs::write(&file, original).unwrap();
     assert_eq!(setup.report(&[], 0)["healthy"], true);
 }
 
