@@ -76,7 +76,7 @@ pub struct DeepReport {
 /// What a run found.
 #[derive(Debug, Clone, Default)]
 pub struct WalReport {
-    /// The problems, in kind order of discovery: backups' own WAL, gaps, history, age, damage.
+    /// The problems: backups' own WAL, gaps, history files, the archive's age, damaged objects, no backups.
     pub findings: Vec<Finding>,
     /// WAL objects listed (segments, `.partial` segments, history files, backup labels).
     pub objects: u64,
