@@ -269,15 +269,9 @@ impl<'a> PartStream<'a> {
         let (decoded, path, permit) = self.current.take().expect("a part is open");
         let part = &self.parts[self.index];
         let digest = decoded.digest().expect("the part has ended");
-        if digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes {
+        if let Some(reason) = super::fetch::part_mismatch(part, &digest) {
             let location = self.locations[self.index].clone();
-            return Err(self.fail(Error::Corrupt {
-                location,
-                reason: format!(
-                    "the part decodes to {digest}, but the catalog record says sha256 {}, {} bytes",
-                    part.sha256, part.original_bytes
-                ),
-            }));
+            return Err(self.fail(Error::Corrupt { location, reason }));
         }
         let _ = fs::remove_file(&path);
         drop(permit);

@@ -82,6 +82,11 @@ pub struct RestoreReport {
     pub record: BackupRecord,
     /// Whether pg_verifybackup checked the restored files.
     pub verification: Verification,
+    /// How long downloading and extracting the parts took (with the manifest, the tablespace links
+    /// and the flush to disk).
+    pub download_and_extract: Duration,
+    /// How long pg_verifybackup took (zero when it is not installed).
+    pub verify: Duration,
 }
 
 /// Restores a backup into `options.data_dir`.
@@ -131,7 +136,9 @@ pub async fn base_fetch(
         data_dir.display()
     ));
     match restore(repo, options, &record, &targets, progress, log).await {
-        Ok(verification) => Ok(RestoreReport { record, verification }),
+        Ok(Restored { verification, download_and_extract, verify }) => {
+            Ok(RestoreReport { record, verification, download_and_extract, verify })
+        }
         Err(e) => {
             undo(&prepared);
             Err(e)
@@ -194,6 +201,13 @@ fn undo(prepared: &[(PathBuf, bool)]) {
     }
 }
 
+/// What [`restore`] did, and how long its steps took.
+struct Restored {
+    verification: Verification,
+    download_and_extract: Duration,
+    verify: Duration,
+}
+
 async fn restore(
     repo: &Repository,
     options: &FetchOptions,
@@ -201,7 +215,8 @@ async fn restore(
     targets: &[PathBuf],
     progress: &Arc<dyn Progress>,
     log: &Log,
-) -> Result<Verification, Error> {
+) -> Result<Restored, Error> {
+    let started = std::time::Instant::now();
     let data_dir = options.data_dir.clone();
     let staging = data_dir.join(STAGING_DIR);
     fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| Error::local_io(&staging, "create", e))?;
@@ -254,12 +269,15 @@ async fn restore(
     crate::failpoint::hit("base-fetch:synced");
     write_settings(options, record, log)?;
     crate::failpoint::hit("base-fetch:configured");
+    let download_and_extract = started.elapsed();
+    let verify_started = std::time::Instant::now();
     let verification = verify(options, record, &staging, progress.as_ref(), log)?;
+    let verify = verify_started.elapsed();
     crate::failpoint::hit("base-fetch:verified");
     let _ = fs::remove_dir_all(&staging);
     install_control(&data_dir)?;
     crate::failpoint::hit("base-fetch:installed");
-    Ok(verification)
+    Ok(Restored { verification, download_and_extract, verify })
 }
 
 /// Starts each part's download as a permit frees up, in order, handing the extractor a receiver
@@ -325,13 +343,27 @@ async fn download(repo: &Repository, key: &str, path: &Path, expected: u64) -> R
             .map_err(|e| Error::local_io(path, "write", e))?;
     }
     tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| Error::local_io(path, "write", e))?;
-    if len != expected {
-        return Err(Error::Corrupt {
-            location,
-            reason: format!("{len} bytes stored, but the catalog record says {expected}"),
-        });
+    if let Some(reason) = stored_mismatch(len, expected) {
+        return Err(Error::Corrupt { location, reason });
     }
     Ok(())
+}
+
+/// Why a part that decoded (its trailer checked out) to `digest` is still not the part the catalog
+/// records; `None` when it is. Restores and base-verify both judge parts by this.
+pub(crate) fn part_mismatch(part: &PartRecord, digest: &crate::codec::ContentDigest) -> Option<String> {
+    (digest.sha256_hex() != part.sha256 || digest.len != part.original_bytes).then(|| {
+        format!(
+            "the part decodes to {digest}, but the catalog record says sha256 {}, {} bytes",
+            part.sha256, part.original_bytes
+        )
+    })
+}
+
+/// Why an object of `len` stored bytes is not the one the catalog records at `expected`; `None`
+/// when the sizes agree.
+pub(crate) fn stored_mismatch(len: u64, expected: u64) -> Option<String> {
+    (len != expected).then(|| format!("{len} bytes stored, but the catalog record says {expected}"))
 }
 
 /// Points `pg_tblspc/<OID>` at each tablespace's directory, and rewrites `tablespace_map` to match:

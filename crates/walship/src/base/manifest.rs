@@ -36,6 +36,40 @@ pub(super) struct WalRange {
     pub(super) end_lsn: String,
 }
 
+/// What base-verify compares with the catalog record: the manifest's version, its system identifier
+/// (version 2 manifests, PostgreSQL 17 on, carry one) and every WAL range with its start.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ManifestSummary {
+    /// `PostgreSQL-Backup-Manifest-Version`.
+    #[serde(rename = "PostgreSQL-Backup-Manifest-Version")]
+    pub(crate) version: u32,
+    /// `System-Identifier` (version 2 on).
+    #[serde(rename = "System-Identifier", default)]
+    pub(crate) system_identifier: Option<u64>,
+    /// `WAL-Ranges`, in the manifest's order.
+    #[serde(rename = "WAL-Ranges")]
+    pub(crate) wal_ranges: Vec<FullWalRange>,
+}
+
+/// One `WAL-Ranges` entry with both its ends.
+#[derive(Debug, Deserialize)]
+pub(crate) struct FullWalRange {
+    /// The timeline of the range.
+    #[serde(rename = "Timeline")]
+    pub(crate) timeline: u32,
+    /// Where the range starts.
+    #[serde(rename = "Start-LSN")]
+    pub(crate) start_lsn: String,
+    /// Where it ends.
+    #[serde(rename = "End-LSN")]
+    pub(crate) end_lsn: String,
+}
+
+/// Reads a manifest's [`ManifestSummary`] as a stream: its file list is skipped, not kept.
+pub(crate) fn manifest_summary(reader: impl io::Read) -> Result<ManifestSummary, String> {
+    serde_json::from_reader(io::BufReader::new(reader)).map_err(|e| format!("not readable: {e}"))
+}
+
 /// The WAL ranges of a manifest, read without keeping its (possibly long) file list.
 pub(super) fn manifest_wal_ranges(file: &mut File) -> Result<Vec<WalRange>, String> {
     use std::io::{Seek, SeekFrom};

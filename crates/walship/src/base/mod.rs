@@ -39,11 +39,15 @@ mod tools;
 
 pub use catalog::{CatalogEntry, for_each_entry, is_pinned, set_pinned};
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
-pub(crate) use owner::owner_key;
+pub(crate) use fetch::{part_mismatch, stored_mismatch};
+pub(crate) use manifest::{ManifestSummary, manifest_summary};
+pub(crate) use owner::{Owner, owner_key};
 pub use push::{PushOptions, base_push};
 pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_command};
+pub(crate) use signals::Signals;
 pub(crate) use timeline::{HISTORY_PREFIX, history_timelines, read_history};
 pub use timeline::{Lineage, lineage};
+pub(crate) use tools::{find_tool, tool_version};
 
 use serde::{Deserialize, Serialize};
 

@@ -21,7 +21,7 @@ use crate::storage::{PutOptions, StorageError};
 
 /// Who is writing a backup, so that a later base-push can tell a dead writer from a live one.
 #[derive(Debug, Serialize, Deserialize)]
-struct Owner {
+pub(crate) struct Owner {
     host: String,
     boot_id: String,
     pid: u32,
@@ -31,7 +31,8 @@ struct Owner {
 }
 
 impl Owner {
-    fn current() -> Owner {
+    /// This process, now.
+    pub(crate) fn current() -> Owner {
         let pid = std::process::id();
         Owner {
             host: read_trimmed("/proc/sys/kernel/hostname"),
@@ -43,7 +44,7 @@ impl Owner {
     }
 
     /// Certain to be dead: on this host, and either booted since or its process is gone.
-    fn is_dead(&self, me: &Owner) -> bool {
+    pub(crate) fn is_dead(&self, me: &Owner) -> bool {
         self.host == me.host
             && (self.boot_id != me.boot_id || process_start(self.pid).is_none_or(|start| start != self.pid_start))
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::Error;
 
 /// SIGINT, SIGTERM and SIGHUP: stop, remove what was written, exit.
-pub(super) struct Signals {
+pub(crate) struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
@@ -14,7 +14,7 @@ pub(super) struct Signals {
 
 impl Signals {
     /// Starts catching the three signals (until dropped).
-    pub(super) fn new() -> Result<Self, Error> {
+    pub(crate) fn new() -> Result<Self, Error> {
         use tokio::signal::unix::{SignalKind, signal};
         let install = |kind| signal(kind).map_err(|e| Error::local_io(Path::new("signal handler"), "install", e));
         Ok(Signals {
@@ -25,7 +25,7 @@ impl Signals {
     }
 
     /// Waits for one of them; returns its name.
-    pub(super) async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",

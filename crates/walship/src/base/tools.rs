@@ -10,7 +10,7 @@ use crate::error::Error;
 /// Where to find a PostgreSQL program: in `pg_bin_dir` when configured; else on PATH; else, for a
 /// known major version, where Debian/Ubuntu (`/usr/lib/postgresql/V/bin`) and the PGDG RPMs
 /// (`/usr/pgsql-V/bin`) install it, since their PATH carries only some programs. `None`: not found.
-pub(super) fn find_tool(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Option<u32>) -> Option<PathBuf> {
+pub(crate) fn find_tool(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Option<u32>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if let Some(dir) = pg_bin_dir {
@@ -53,7 +53,7 @@ pub(super) fn tool_error(tool: &Path, e: std::io::Error) -> Error {
 }
 
 /// What `tool --version` prints, for the catalog record.
-pub(super) fn tool_version(tool: &Path) -> Result<String, Error> {
+pub(crate) fn tool_version(tool: &Path) -> Result<String, Error> {
     let output = Command::new(tool).arg("--version").stdin(Stdio::null()).output().map_err(|e| tool_error(tool, e))?;
     let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     if !output.status.success() || text.is_empty() {

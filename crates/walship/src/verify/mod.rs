@@ -12,7 +12,10 @@
 //! Verifying never writes into the repository: every check reads, and a restore test restores into a
 //! scratch directory of its own with archiving off.
 
+pub mod backup;
 pub mod metrics;
+pub mod restore_test;
+pub mod scratch;
 pub mod wal;
 
 use serde::Serialize;
