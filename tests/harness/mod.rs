@@ -16,6 +16,7 @@ pub mod running;
 pub mod s3;
 pub mod segments;
 pub mod ssh;
+pub mod verify_base;
 pub mod verify_wal;
 
 use std::ffi::OsStr;
@@ -92,8 +93,8 @@ impl Scratch {
 }
 
 /// Every walship binary the tests run.
-pub const BINARIES: [&str; 7] =
-    ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire", "wal-verify"];
+pub const BINARIES: [&str; 8] =
+    ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire", "wal-verify", "base-verify"];
 
 /// The directory holding freshly built walship binaries ([`BINARIES`]), executable by the server
 /// user.

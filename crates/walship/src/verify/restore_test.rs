@@ -133,6 +133,7 @@ impl Run {
         }
         let postgres = postgres_of(options.pg_bin_dir.as_deref(), record.pg_version)?;
         self.prepare_config()?;
+        self.drop_backup_wal()?;
         let started = Instant::now();
         self.server = Some(self.start(&postgres, options.port)?);
         let ready = self.wait_until_ready(&postgres, options.timeout).await?;
@@ -225,6 +226,26 @@ impl Run {
         Ok(())
     }
 
+    /// Removes the WAL segments the backup carries in pg_wal (pg_basebackup -X fetch; pg_verifybackup
+    /// has checked them by now), so that recovery reads every segment from the repository through
+    /// wal-fetch: the test proves the archive's WAL for the backup and the restore_command path, as
+    /// a recovery beyond the backup needs them, not only the backup's own copy.
+    fn drop_backup_wal(&self) -> Result<(), Error> {
+        let pg_wal = self.scratch.data_dir().join("pg_wal");
+        let is_segment = |name: &str| name.len() >= 24 && name.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit);
+        for dir in [pg_wal.clone(), pg_wal.join("archive_status")] {
+            let entries = fs::read_dir(&dir).map_err(|e| Error::local_io(&dir, "read", e))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                if is_file && name.to_str().is_some_and(is_segment) && !name.to_string_lossy().ends_with(".history") {
+                    fs::remove_file(entry.path()).map_err(|e| Error::local_io(&entry.path(), "remove", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Starts `postgres` as a child that dies with this process, its output in the scratch log.
     fn start(&self, postgres: &Path, port: u16) -> Result<Child, Error> {
         let data = self.scratch.data_dir();
@@ -242,7 +263,8 @@ impl Run {
             "archive_mode=off".into(),
             format!("hba_file={}", root.join("pg_hba.conf").display()),
             format!("ident_file={}", root.join("pg_ident.conf").display()),
-            "external_pid_file=".into(),
+            // Not the backed-up server's: the live one's pid file would be overwritten.
+            format!("external_pid_file={}", root.join("postgres.external.pid").display()),
             "logging_collector=off".into(),
             "log_destination=stderr".into(),
             "recovery_end_command=".into(),
@@ -272,8 +294,8 @@ impl Run {
         })
     }
 
-    /// Waits until postmaster.pid says "ready" (as pg_ctl does), the server exits, or the timeout
-    /// passes. `false`: the server did not come up, and a finding says why.
+    /// Waits until postmaster.pid says "ready" (as pg_ctl does) and recovery has ended, the server
+    /// exits, or the timeout passes. `false`: the server did not come up, and a finding says why.
     async fn wait_until_ready(&mut self, postgres: &Path, timeout: Option<Duration>) -> Result<bool, Error> {
         let started = Instant::now();
         let data = self.scratch.data_dir();
@@ -283,7 +305,9 @@ impl Run {
                 self.server = None;
                 return self.exited(postgres, status);
             }
-            if postmaster_status(&data).as_deref() == Some("ready") {
+            // A hot standby says "ready" once consistent; recovery has ended (and promoted) only once
+            // recovery.signal is gone too.
+            if postmaster_status(&data).as_deref() == Some("ready") && !data.join("recovery.signal").exists() {
                 return Ok(true);
             }
             if timeout.is_some_and(|t| started.elapsed() > t) {

@@ -3,7 +3,7 @@
 //!
 //! `<parent>/walship-restore-test-<NAME>-<pid>-<random>/` holds an owner record (host, boot, pid and
 //! its start time: the notion base-push's owner records use, against pid reuse), `data/` (the
-//! restored cluster), `tablespaces/<OID>/`, `socket/` (the server's private Unix socket), the hba
+//! restored cluster), `tablespaces/<OID>/`, `s/` (the server's private Unix socket), the hba
 //! file and the server's log. A run killed with SIGKILL cannot clean up; its server goes down with it
 //! (parent-death signal), and the next run, finding the owner dead, stops what may still run there
 //! and removes the directory. A live owner's directory is never touched.
@@ -70,9 +70,10 @@ impl Scratch {
         self.root.join("tablespaces").join(oid.to_string())
     }
 
-    /// The server's private socket directory (0700: only this user can connect).
+    /// The server's private socket directory (0700: only this user can connect); short, for the
+    /// socket's path limit.
     pub fn socket_dir(&self) -> PathBuf {
-        self.root.join("socket")
+        self.root.join("s")
     }
 
     /// Checks that the socket of `port` fits in a Unix socket address.

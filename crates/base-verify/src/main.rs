@@ -1,0 +1,420 @@
+//! `base-verify`: from cron, whether a base backup is whole (every part and its manifest checked
+//! against the catalog), and with `--restore-test` whether it really restores: restored into a
+//! scratch directory, PostgreSQL started on it and queried, every step timed (the measured RTO).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use walship::base::{self, BackupRecord};
+use walship::config::{Config, ENV_CONFIG, ENV_REPO, parse_duration};
+use walship::log::Log;
+use walship::repo::Repository;
+use walship::verify::Finding;
+use walship::verify::backup::{IntegrityOptions, verify_backup};
+use walship::verify::metrics::{self, Metrics};
+use walship::verify::restore_test::{RestoreTestOptions, RestoreTestReport, restore_test};
+use walship::{Error, retry};
+use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
+
+const COMMAND: &str = "base-verify";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "base-verify",
+    version,
+    about = "Check that a base backup is whole, and with --restore-test that it really restores",
+    long_about = "Check that a base backup is whole, and with --restore-test that it really restores.\n\n\
+        NAME is a backup name from base-list, or LATEST (the default): the newest complete backup; --all \
+        checks every backup in the catalog.\n\n\
+        Without --restore-test: every part of every archive is read from the repository and decoded \
+        (streamed, transfer_concurrency parts at a time), and checked against its own trailer and the \
+        catalog record (SHA-256, original and stored size); the stored backup_manifest is checked the same \
+        way, and its WAL ranges (timeline, start and end LSN) and system identifier compared with the \
+        record.\n\n\
+        With --restore-test: the backup is restored (as base-fetch does, pg_verifybackup included) into a \
+        new directory under --scratch, PostgreSQL of the backup's major version is started on it as a child \
+        of base-verify (no TCP listener, a private Unix socket, archiving off, this test's own hba file), \
+        recovery runs to the first consistent point (--to-end: through all archived WAL of the backup's \
+        timeline and those after it) and promotes, the check statements run (select 1, or each \
+        --check-sql), the server is stopped and the directory removed. Each step's time is reported: \
+        download_and_extract, verify, replay, check, stop_and_cleanup, and the RTO (the first three). \
+        SIGINT, SIGTERM or SIGHUP stop the server and remove the directory (exit 11); a base-verify killed \
+        outright takes its server down with it (parent-death signal), and the next run removes what it \
+        left. Run it as the database's OS user (not root), with the PostgreSQL binaries of the backup's \
+        version (pg_bin_dir, PATH or the packages' directories). The repository is only read.\n\n\
+        Output: one line per step, per problem and a summary on stderr; --json prints the report on stdout; \
+        --metrics FILE writes the figures for node_exporter's textfile collector (also when it could not \
+        check). Exit 0: healthy; 13: problems found (damaged parts, a manifest that disagrees, a failed \
+        restore test); 1: no such backup, or no backup at all; other codes: could not check.\n\n\
+        Examples (cron, as postgres):\n    \
+        30 5 * * *  base-verify --restore-test LATEST --metrics /var/lib/prometheus/node-exporter/walship-base.prom\n    \
+        0 3 * * 0   base-verify --all --metrics /var/lib/prometheus/node-exporter/walship-base.prom\n    \
+        base-verify --restore-test --to-end --check-sql 'select count(*) from pgbench_accounts' 20261122T031500Z",
+    after_long_help = COMMON_HELP
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// The backup to check: a name from base-list, or LATEST [default: LATEST]
+    #[arg(conflicts_with = "all")]
+    name: Option<String>,
+
+    /// Check every backup in the catalog
+    #[arg(long)]
+    all: bool,
+
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
+
+    /// Restore the backup into a scratch directory, start PostgreSQL on it and run the check
+    /// statements, instead of only reading its parts
+    #[arg(long)]
+    restore_test: bool,
+
+    /// With --restore-test: replay all archived WAL (the backup's timeline and its descendants)
+    /// rather than stopping at the first consistent point
+    #[arg(long, requires = "restore_test")]
+    to_end: bool,
+
+    /// With --restore-test: where to make the scratch directory [default: $TMPDIR, else /tmp]
+    #[arg(long, value_name = "DIR", requires = "restore_test")]
+    scratch: Option<PathBuf>,
+
+    /// With --restore-test: a statement to run on the restored server (repeatable; each must
+    /// succeed) [default: select 1]
+    #[arg(long, value_name = "SQL", requires = "restore_test")]
+    check_sql: Vec<String>,
+
+    /// With --restore-test: the database the check statements connect to
+    #[arg(long, value_name = "NAME", default_value = "postgres", requires = "restore_test")]
+    check_database: String,
+
+    /// With --restore-test: fail when the server does not accept connections within DURATION
+    /// (30m, 2h) [default: no limit]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "restore_test")]
+    timeout: Option<Duration>,
+
+    /// Write the figures in Prometheus' text format to FILE (atomically), for node_exporter
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
+}
+
+/// The port the restored server's socket is named after; it listens on no TCP port.
+const SCRATCH_PORT: u16 = 5432;
+
+fn main() {
+    walship_cli::exit_on_panic(COMMAND, |code| code as u8);
+    let cli: Cli = walship_cli::parse_or_exit(COMMAND, |code| code as u8);
+    let log = Log::new(COMMAND, cli.common.verbose);
+    let started = Instant::now();
+    let config = cli.common.load_config();
+    let workers = config.as_ref().map_or(1, |c| c.base.transfer_concurrency);
+    let repo_url = config.as_ref().map_or_else(|_| cli.common.repo.clone().unwrap_or_default(), |c| c.repo.to_string());
+    let work = async {
+        let config = config?;
+        walship_cli::on_repository(&config, &log, async |repo, deadline| run(&cli, &config, repo, deadline, &log).await)
+            .await
+    };
+    // The restore test's server must be spawned by a thread that lives as long as base-verify (its
+    // parent-death signal follows the thread): the current-thread runtime's. Reading parts only
+    // decodes on every core.
+    let result =
+        if cli.restore_test { walship_cli::block_on(work) } else { walship_cli::block_on_parallel(workers, work) };
+    let took = started.elapsed();
+    match result {
+        Ok(checked) => {
+            let findings: Vec<Finding> = checked.iter().flat_map(|c| c.findings()).collect();
+            write_metrics(&cli, &repo_url, Some(&checked), &findings, took, &log);
+            if cli.json {
+                walship_cli::print_result_line(&json_report(&checked, &findings, took).to_string());
+            }
+            let summary = summary(&checked, took);
+            walship_cli::finish_verify(&log, &findings, &summary);
+        }
+        Err(e) => {
+            write_metrics(&cli, &repo_url, None, &[], took, &log);
+            walship_cli::exit_with(&log, &e)
+        }
+    }
+}
+
+/// What base-verify learnt about the catalog and each backup it checked.
+struct Checked {
+    /// Every complete backup in the catalog (for the metrics), oldest first.
+    catalog: Vec<Summary>,
+    backup: Summary,
+    /// The integrity check's findings, when it ran.
+    integrity: Option<Vec<Finding>>,
+    restore_test: Option<RestoreTestReport>,
+}
+
+impl Checked {
+    fn findings(&self) -> Vec<Finding> {
+        let restore = self.restore_test.iter().flat_map(|r| r.findings.iter());
+        self.integrity.iter().flatten().chain(restore).cloned().collect()
+    }
+
+    /// Every part and the manifest were read and passed: by the integrity check, or by the restore
+    /// test's restore (which checks each part and runs pg_verifybackup).
+    fn verified(&self) -> bool {
+        match (&self.integrity, &self.restore_test) {
+            (Some(findings), _) => findings.is_empty(),
+            (None, Some(report)) => report.steps.iter().any(|(step, _)| *step == "verify"),
+            (None, None) => false,
+        }
+    }
+}
+
+/// A backup as the metrics and the report show it.
+#[derive(Debug, Clone)]
+struct Summary {
+    name: String,
+    finished_at: String,
+    finished_unix: Option<i128>,
+    original_bytes: u64,
+    stored_bytes: u64,
+}
+
+impl Summary {
+    fn of(record: &BackupRecord) -> Self {
+        Summary {
+            name: record.name.clone(),
+            finished_at: record.finished_at.clone(),
+            finished_unix: record.finished_at_unix(),
+            original_bytes: record.original_bytes,
+            stored_bytes: record.stored_bytes,
+        }
+    }
+}
+
+/// Reads the catalog, picks the backups to check and checks each.
+async fn run(
+    cli: &Cli,
+    config: &Config,
+    repo: &Repository,
+    deadline: retry::Deadline,
+    log: &Log,
+) -> Result<Vec<Checked>, Error> {
+    let (catalog, records) = select(cli, repo, deadline, log).await?;
+    let restore = if cli.restore_test { Some(restore_options(cli, config)?) } else { None };
+    let mut checked = Vec::new();
+    for record in records {
+        let (integrity, restore_test) = match &restore {
+            None => {
+                log.info(format_args!(
+                    "verifying backup {} ({} in {} parts)",
+                    record.name,
+                    human_bytes(record.stored_bytes),
+                    record.archives.iter().map(|a| a.parts.len()).sum::<usize>()
+                ));
+                let options = IntegrityOptions {
+                    transfer_concurrency: config.base.transfer_concurrency,
+                    deadline: config.deadline,
+                };
+                (Some(verify_backup(repo, &record, options, log).await?), None)
+            }
+            Some(options) => (None, Some(restore_test(repo, &record, options, log).await?)),
+        };
+        checked.push(Checked { catalog: Vec::new(), backup: Summary::of(&record), integrity, restore_test });
+    }
+    if let Some(first) = checked.first_mut() {
+        first.catalog = catalog;
+    }
+    Ok(checked)
+}
+
+/// Every backup's summary, and the records of those to check: NAME, the newest (LATEST) or all.
+async fn select(
+    cli: &Cli,
+    repo: &Repository,
+    deadline: retry::Deadline,
+    log: &Log,
+) -> Result<(Vec<Summary>, Vec<BackupRecord>), Error> {
+    let name = cli.name.as_deref().unwrap_or("LATEST");
+    let (catalog, mut records) = retry::until(deadline, log, repo.url(), || async {
+        let (mut catalog, mut records) = (Vec::new(), Vec::new());
+        base::for_each_backup(repo, |record| {
+            catalog.push(Summary::of(&record));
+            if cli.all || name == "LATEST" {
+                if !cli.all {
+                    records.clear();
+                }
+                records.push(record);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok((catalog, records))
+    })
+    .await?;
+    if !cli.all && name != "LATEST" {
+        base::validate_name(name).map_err(Error::Usage)?;
+        let record = retry::until(deadline, log, repo.url(), || base::read_record(repo, name)).await;
+        if matches!(record, Err(Error::NoSuchBackup(_))) {
+            repo.require_identity().await?;
+        }
+        records = vec![record?];
+    }
+    if records.is_empty() {
+        repo.require_identity().await?;
+        return Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())));
+    }
+    Ok((catalog, records))
+}
+
+fn restore_options(cli: &Cli, config: &Config) -> Result<RestoreTestOptions, Error> {
+    let scratch_parent = match &cli.scratch {
+        Some(dir) => absolute(dir)?,
+        None => std::env::temp_dir(),
+    };
+    Ok(RestoreTestOptions {
+        scratch_parent,
+        to_end: cli.to_end,
+        check_sql: cli.check_sql.clone(),
+        check_database: cli.check_database.clone(),
+        timeout: cli.timeout,
+        restore_command: restore_command(cli, config)?,
+        pg_bin_dir: config.pg_bin_dir.clone(),
+        transfer_concurrency: config.base.transfer_concurrency,
+        deadline: config.deadline,
+        port: SCRATCH_PORT,
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, Error> {
+    std::path::absolute(path).map_err(|e| Error::local_io(path, "resolve", e))
+}
+
+/// restore_command for the restored server: the wal-fetch installed beside this base-verify,
+/// reading the same repository (settings from flags or the environment written out as flags, as
+/// base-fetch does: the server's environment differs from ours).
+fn restore_command(cli: &Cli, config: &Config) -> Result<String, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::local_io(Path::new("/proc/self/exe"), "resolve", e))?;
+    let wal_fetch = exe.with_file_name("wal-fetch");
+    if !wal_fetch.is_file() {
+        return Err(Error::Config {
+            source_name: wal_fetch.display().to_string(),
+            message: "wal-fetch is not installed beside base-verify; install both from the same build".into(),
+        });
+    }
+    let mut arguments = Vec::new();
+    let config_named = cli.common.config.is_some() || std::env::var_os(ENV_CONFIG).is_some_and(|v| !v.is_empty());
+    if config_named && let Some(file) = &config.source_file {
+        arguments.push("--config".to_owned());
+        arguments.push(absolute(file)?.display().to_string());
+    }
+    if cli.common.repo.is_some() || std::env::var_os(ENV_REPO).is_some_and(|v| !v.is_empty()) {
+        arguments.push("--repo".to_owned());
+        arguments.push(config.repo.to_string());
+    }
+    Ok(base::restore_command(&wal_fetch, &arguments))
+}
+
+fn summary(checked: &[Checked], took: Duration) -> String {
+    let tests: Vec<String> = checked
+        .iter()
+        .filter_map(|c| {
+            let rto = c.restore_test.as_ref()?.rto?;
+            Some(format!(
+                "backup {} restored and accepting connections in {:.1} s (RTO)",
+                c.backup.name,
+                rto.as_secs_f64()
+            ))
+        })
+        .collect();
+    let names: Vec<&str> = checked.iter().map(|c| c.backup.name.as_str()).collect();
+    let what = if checked.iter().any(|c| c.restore_test.is_some()) { "restore-tested" } else { "verified" };
+    let mut text = format!("{} backup(s) {what} ({}) in {:.1} s", checked.len(), names.join(", "), took.as_secs_f64());
+    for test in tests {
+        text.push_str("; ");
+        text.push_str(&test);
+    }
+    text
+}
+
+fn json_report(checked: &[Checked], findings: &[Finding], took: Duration) -> serde_json::Value {
+    let backups: Vec<serde_json::Value> = checked
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.backup.name,
+                "finished_at": c.backup.finished_at,
+                "original_bytes": c.backup.original_bytes,
+                "stored_bytes": c.backup.stored_bytes,
+                "verified": c.verified(),
+                "findings": c.findings(),
+                "restore_test": c.restore_test.as_ref().map(json_restore_test),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "healthy": findings.is_empty(),
+        "backups": backups,
+        "findings": findings,
+        "duration_seconds": took.as_secs_f64(),
+    })
+}
+
+fn json_restore_test(report: &RestoreTestReport) -> serde_json::Value {
+    let steps: serde_json::Map<String, serde_json::Value> =
+        report.steps.iter().map(|(step, took)| ((*step).to_owned(), took.as_secs_f64().into())).collect();
+    serde_json::json!({
+        "healthy": report.healthy(),
+        "steps": steps,
+        "rto_seconds": report.rto.map(|d| d.as_secs_f64()),
+        "check_output": report.check_output,
+    })
+}
+
+/// Writes `--metrics FILE`; `checked` is `None` when base-verify could not check.
+fn write_metrics(
+    cli: &Cli,
+    repo_url: &str,
+    checked: Option<&[Checked]>,
+    findings: &[Finding],
+    took: Duration,
+    log: &Log,
+) {
+    let Some(path) = &cli.metrics else { return };
+    let mut out = Metrics::new(repo_url);
+    if let Some(checked) = checked {
+        catalog_metrics(&mut out, checked.first().map_or(&[][..], |c| &c.catalog[..]));
+        for c in checked {
+            backup_metrics(&mut out, c);
+        }
+    }
+    metrics::set_outcome(&mut out, COMMAND, checked.map(|_| findings), took);
+    if let Err(e) = out.write(path) {
+        log.info(format_args!("error: {e}"));
+    }
+}
+
+fn catalog_metrics(out: &mut Metrics, catalog: &[Summary]) {
+    out.set(metrics::BACKUPS, &[], catalog.len() as f64);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    if let Some(newest) = catalog.iter().filter_map(|s| s.finished_unix).max() {
+        out.set(metrics::BACKUP_NEWEST_AGE, &[], ((now - newest).max(0) / 1_000_000) as f64 / 1000.0);
+    }
+    for backup in catalog {
+        out.set(metrics::BACKUP_ORIGINAL_BYTES, &[("backup", &backup.name)], backup.original_bytes as f64);
+        out.set(metrics::BACKUP_STORED_BYTES, &[("backup", &backup.name)], backup.stored_bytes as f64);
+    }
+}
+
+fn backup_metrics(out: &mut Metrics, checked: &Checked) {
+    let backup = [("backup", checked.backup.name.as_str())];
+    out.set(metrics::BACKUP_VERIFIED, &backup, f64::from(u8::from(checked.verified())));
+    let Some(report) = &checked.restore_test else { return };
+    out.set(metrics::RESTORE_TEST_HEALTHY, &backup, f64::from(u8::from(report.healthy())));
+    if let Some(rto) = report.rto {
+        out.set(metrics::RESTORE_TEST_RTO, &backup, rto.as_secs_f64());
+    }
+    for (step, took) in &report.steps {
+        out.set(metrics::RESTORE_TEST_STEP, &[backup[0], ("step", step)], took.as_secs_f64());
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    out.set(metrics::RESTORE_TEST_TIMESTAMP, &backup, now.as_secs() as f64);
+}

@@ -1,0 +1,221 @@
+//! base-verify against a real PostgreSQL 15, on all three repositories (local disk, S3 on s3s-fs,
+//! SSH on a real sshd). Every run leaves the repository byte for byte as it was (every object's
+//! size and SHA-256 compared before and after), and every restore test leaves no directory, no
+//! server and no wal-fetch worker in its scratch directory.
+//!
+//! - `integrity_and_restore_tests`: a healthy backup passes the integrity check (exit 0, JSON and
+//!   metrics read back); `--restore-test` reports each step's time, the RTO and the check query's
+//!   output (the rows of the first consistent point; with `--to-end`, those of the end of the
+//!   archive); a damaged part makes the integrity check exit 13 with a `damaged_part` finding
+//!   naming its key; with the backup's WAL start segment removed, `--restore-test` exits 13 with the
+//!   server's reason naming the segment.
+//! - `killed_mid_replay`: replay is held (recovery_min_apply_delay on a commit after the backup) so
+//!   that base-verify can be signalled while its server replays: SIGTERM stops the server and
+//!   removes the directory (exit 11); SIGKILL takes the server down with it (parent-death signal)
+//!   and the next run removes the directory its predecessor left.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use walship_tests::Scratch;
+use walship_tests::backups::base_push;
+use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, primary, record};
+use walship_tests::repository::{Backend, ConfigLines};
+use walship_tests::running::{Running, finish, spawn};
+use walship_tests::verify_base::{
+    alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs, scratch_postmaster,
+    snapshot, verify_report,
+};
+
+walship_tests::every_backend!(integrity_and_restore_tests, killed_mid_replay);
+
+const ROWS: i64 = 1000;
+const STEPS: [&str; 5] = ["download_and_extract", "verify", "replay", "check", "stop_and_cleanup"];
+
+fn path_arg(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+fn integrity_and_restore_tests(backend: Backend) {
+    let label = backend.label();
+    let setup = ExpireSetup::new(backend, "bv", ConfigLines::default());
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
+    let cluster = primary(&format!("{label}-bv"), repo);
+    insert_batch(&cluster, 1, ROWS);
+    let (name, _) = base_push(&cluster, repo_args, cwd, &[]);
+    insert_batch(&cluster, 2, ROWS);
+    archive_and_stop(cluster);
+    // Its own short path: the restore test's socket lives inside.
+    let scratch_dir = Scratch::new("bvs");
+    let scratch = scratch_dir.path().to_owned();
+    let metrics = cwd.join("base.prom");
+    let before = snapshot(repo);
+
+    // --- A healthy backup passes; the report and the metrics say so. ---
+    let out = base_verify(repo_args, cwd, &["--json", "--metrics", path_arg(&metrics)]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let report = verify_report(&out);
+    assert_eq!(report["healthy"], true, "{report:#}");
+    let backup = &report["backups"][0];
+    assert_eq!((backup["name"].as_str(), backup["verified"].as_bool()), (Some(&*name), Some(true)), "{report:#}");
+    assert_eq!(backup["restore_test"], serde_json::Value::Null);
+    let catalog = record(repo_args, cwd, &name);
+    assert_eq!(backup["stored_bytes"], catalog["stored_bytes"]);
+    let samples = metrics_of(&metrics);
+    let this = format!("backup=\"{name}\"");
+    assert_eq!(sample(&samples, "walship_backups", &[]), 1.0);
+    assert_eq!(sample(&samples, "walship_backup_verify_healthy", &[&this]), 1.0);
+    assert_eq!(
+        sample(&samples, "walship_backup_original_bytes", &[&this]),
+        catalog["original_bytes"].as_f64().unwrap()
+    );
+    assert_eq!(sample(&samples, "walship_verify_healthy", &["command=\"base-verify\""]), 1.0);
+    assert_eq!(sample(&samples, "walship_verify_findings", &["kind=\"damaged_part\""]), 0.0);
+    assert_eq!(snapshot(repo), before, "the integrity check changed the repository");
+
+    // --- A restore test to the first consistent point: each step timed, the check's rows. ---
+    let check = ["--check-sql", "select count(*) from t"];
+    let restore_test = ["--restore-test", "--json", "--scratch", path_arg(&scratch), "--metrics", path_arg(&metrics)];
+    let out = base_verify(repo_args, cwd, &[&restore_test[..], &check].concat());
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let tested = &verify_report(&out)["backups"][0]["restore_test"];
+    assert_eq!(tested["healthy"], true, "{tested:#}");
+    let seconds = |step: &str| tested["steps"][step].as_f64().unwrap_or_else(|| panic!("{step} in {tested:#}"));
+    for step in STEPS {
+        assert!(seconds(step) >= 0.0, "{step}");
+        assert!(out.stderr.contains(&format!("{step}: ")), "a line for {step}: {}", out.stderr);
+    }
+    let rto = tested["rto_seconds"].as_f64().expect("rto_seconds");
+    let sum = seconds("download_and_extract") + seconds("verify") + seconds("replay");
+    assert!(rto > 0.0 && (rto - sum).abs() < 0.01, "rto {rto} = {sum}: {tested:#}");
+    assert_eq!(tested["check_output"], serde_json::json!([ROWS.to_string()]), "only the rows before the backup");
+    let samples = metrics_of(&metrics);
+    assert_eq!(sample(&samples, "walship_restore_test_healthy", &[&this]), 1.0);
+    assert_eq!(sample(&samples, "walship_restore_test_rto_seconds", &[&this]), (rto * 1000.0).round() / 1000.0);
+    assert_nothing_left(&scratch, "a restore test");
+
+    // --- To the end of the archive: the rows inserted after the backup too. ---
+    let out = base_verify(repo_args, cwd, &[&restore_test[..], &check, &["--to-end"]].concat());
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let tested = &verify_report(&out)["backups"][0]["restore_test"];
+    assert_eq!(tested["check_output"], serde_json::json!([(2 * ROWS).to_string()]), "{tested:#}");
+    assert_nothing_left(&scratch, "a restore test --to-end");
+    assert_eq!(snapshot(repo), before, "the restore tests changed the repository");
+
+    // --- A damaged part: exit 13, the part's key named. ---
+    let key = format!("backups/{name}/base.tar.000001");
+    let part = repo.object_file(&key);
+    let original = fs::read(&part).unwrap();
+    let mut bytes = original.clone();
+    let middle = bytes.len() / 2;
+    for byte in &mut bytes[middle..middle + 64] {
+        *byte = !*byte;
+    }
+    fs::write(&part, &bytes).unwrap();
+    let damaged = snapshot(repo);
+    let out = base_verify(repo_args, cwd, &["--json"]);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let report = verify_report(&out);
+    assert_eq!(report["healthy"], false);
+    let finding = &report["findings"][0];
+    assert_eq!(
+        (finding["kind"].as_str(), finding["subject"].as_str()),
+        (Some("damaged_part"), Some(&*key)),
+        "{report:#}"
+    );
+    assert_eq!(report["findings"].as_array().unwrap().len(), 1, "{report:#}");
+    assert_eq!(report["backups"][0]["verified"], false);
+    assert!(out.stderr.contains("problem: damaged_part") && out.stderr.contains(&key), "{}", out.stderr);
+    assert_eq!(snapshot(repo), damaged, "the integrity check changed the repository");
+    fs::write(&part, &original).unwrap();
+
+    // --- The backup's WAL start segment removed: the restore test fails with the cause. ---
+    let start = catalog["start_wal_file"].as_str().expect("start_wal_file").to_owned();
+    let segment = repo
+        .keys_under("wal/")
+        .into_iter()
+        .find(|k| k.rsplit('/').next().is_some_and(|file| file.starts_with(&start)))
+        .unwrap_or_else(|| panic!("{start} in the repository"));
+    fs::remove_file(repo.object_file(&segment)).unwrap();
+    let without = snapshot(repo);
+    let out = base_verify(repo_args, cwd, &restore_test);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let report = verify_report(&out);
+    let finding = &report["findings"][0];
+    assert_eq!(finding["kind"], "restore_test_failed", "{report:#}");
+    let message = finding["message"].as_str().unwrap();
+    assert!(message.contains(&start) && message.contains("FATAL"), "the cause: {message}");
+    assert_eq!(report["backups"][0]["restore_test"]["healthy"], false);
+    assert_nothing_left(&scratch, "a failed restore test");
+    assert_eq!(snapshot(repo), without, "the failed restore test changed the repository");
+}
+
+/// Waits until the restore test's server under `scratch` is consistent and replaying (a hot standby
+/// is "ready" while recovery.signal is still there), the moment to signal base-verify; returns the postmaster's pid and
+/// base-verify, or fails with what base-verify said if it exited first.
+#[track_caller]
+fn wait_replaying(scratch: &Path, mut running: Running) -> (i32, Running) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        if let Some((pid, status, in_recovery)) = scratch_postmaster(scratch)
+            && status == "ready"
+            && in_recovery
+        {
+            return (pid, running);
+        }
+        if running.has_exited() {
+            let out = finish(running, Duration::from_secs(1)).output;
+            panic!("base-verify exited before its server replayed: {out:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the restore test's server never came to replay");
+}
+
+fn killed_mid_replay(backend: Backend) {
+    let label = backend.label();
+    let setup = ExpireSetup::new(backend, "bv-kill", ConfigLines::default());
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
+    let cluster = primary(&format!("{label}-bv-kill"), repo);
+    // Carried into the backup's postgresql.auto.conf: replay to the end holds an hour at the first
+    // commit after the consistent point (none is delayed before it).
+    cluster.psql("alter system set recovery_min_apply_delay = '1h'");
+    cluster.psql("select pg_reload_conf()");
+    insert_batch(&cluster, 1, ROWS);
+    base_push(&cluster, repo_args, cwd, &[]);
+    insert_batch(&cluster, 2, ROWS);
+    archive_and_stop(cluster);
+    let scratch_dir = Scratch::new("bvs");
+    let scratch = scratch_dir.path().to_owned();
+    let before = snapshot(repo);
+    let args: Vec<OsString> =
+        ["--restore-test", "--to-end", "--scratch", path_arg(&scratch)].map(OsString::from).into();
+    let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+
+    // --- SIGTERM mid-replay: the server stopped, the directory removed, exit 11. ---
+    let (_, running) = wait_replaying(&scratch, spawn(&mut base_verify_command(repo_args, cwd, &args)));
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(running.id() as i32, libc::SIGTERM) };
+    let out = finish(running, Duration::from_secs(120)).output;
+    assert_eq!(out.code, Some(11), "{out:#?}");
+    assert!(out.stderr.contains("SIGTERM"), "{}", out.stderr);
+    assert_nothing_left(&scratch, "base-verify stopped by SIGTERM");
+
+    // --- SIGKILL mid-replay: the server goes down with base-verify; the next run cleans up. ---
+    let (postmaster, running) = wait_replaying(&scratch, spawn(&mut base_verify_command(repo_args, cwd, &args)));
+    running.kill();
+    let started = Instant::now();
+    while alive(postmaster) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(postmaster), "the server outlived base-verify's SIGKILL");
+    let left = scratch_dirs(&scratch);
+    assert_eq!(left.len(), 1, "a killed run leaves its directory: {left:?}");
+    let out = base_verify(repo_args, cwd, &["--restore-test", "--scratch", path_arg(&scratch)]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains(&format!("removed {}", left[0].display())), "{}", out.stderr);
+    assert_nothing_left(&scratch, "the run after a SIGKILL");
+    assert_eq!(snapshot(repo), before, "the restore tests changed the repository");
+}
