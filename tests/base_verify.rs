@@ -17,17 +17,21 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use walship_tests::Scratch;
+use walship_tests::assertions::assert_error;
 use walship_tests::backups::base_push;
+use walship_tests::backups::path_with_pg_bin;
 use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, primary, record};
+use walship_tests::pg::clear_pg_env;
 use walship_tests::repository::{Backend, ConfigLines};
 use walship_tests::running::{Running, finish, spawn};
 use walship_tests::verify_base::{
     alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs, scratch_postmaster,
     snapshot, verify_report,
 };
+use walship_tests::{Output, Scratch, isolate_environment, run};
 
 walship_tests::every_backend!(integrity_and_restore_tests, killed_mid_replay);
 
@@ -44,14 +48,25 @@ fn integrity_and_restore_tests(backend: Backend) {
     let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
     let cluster = primary(&format!("{label}-bv"), repo);
     insert_batch(&cluster, 1, ROWS);
+    let metrics = cwd.join("base.prom");
+
+    // --- A repository without a backup yet: exit 1, and the metrics say it could not check. ---
+    wait_until(|| repo.keys_under("").iter().any(|k| k == "repository.json"), "wal-push wrote the identity record");
+    let out = base_verify(repo_args, cwd, &["--metrics", path_arg(&metrics)]);
+    assert_error(&out, 1, &["holds no base backup"]);
+    assert_eq!(sample(&metrics_of(&metrics), "walship_verify_completed", &[]), 0.0);
+
     let (name, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 2, ROWS);
     archive_and_stop(cluster);
     // Its own short path: the restore test's socket lives inside.
     let scratch_dir = Scratch::new("bvs");
     let scratch = scratch_dir.path().to_owned();
-    let metrics = cwd.join("base.prom");
     let before = snapshot(repo);
+
+    // --- An unknown backup: exit 1, named. ---
+    let out = base_verify(repo_args, cwd, &["20000101T000000Z"]);
+    assert_error(&out, 1, &["no backup named 20000101T000000Z"]);
 
     // --- A healthy backup passes; the report and the metrics say so. ---
     let out = base_verify(repo_args, cwd, &["--json", "--metrics", path_arg(&metrics)]);
@@ -103,6 +118,21 @@ fn integrity_and_restore_tests(backend: Backend) {
     assert_eq!(tested["check_output"], serde_json::json!([(2 * ROWS).to_string()]), "{tested:#}");
     assert_nothing_left(&scratch, "a restore test --to-end");
     assert_eq!(snapshot(repo), before, "the restore tests changed the repository");
+    could_not_start(repo_args, cwd, &scratch);
+    assert_eq!(snapshot(repo), before, "the failed starts changed the repository");
+
+    // --- A catalog record that disagrees with the stored manifest: exit 13, manifest_mismatch. ---
+    let record_file = repo.object_file(&format!("catalog/{name}.json"));
+    let record_bytes = fs::read(&record_file).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_slice(&record_bytes).unwrap();
+    edited["stop_lsn"] = "0/FFFFFF".into();
+    fs::write(&record_file, serde_json::to_vec_pretty(&edited).unwrap()).unwrap();
+    let out = base_verify(repo_args, cwd, &["--json"]);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let finding = &verify_report(&out)["findings"][0];
+    assert_eq!(finding["kind"], "manifest_mismatch", "{finding:#}");
+    assert!(finding["message"].as_str().unwrap().contains("0/FFFFFF"), "{finding:#}");
+    fs::write(&record_file, &record_bytes).unwrap();
 
     // --- A damaged part: exit 13, the part's key named. ---
     let key = format!("backups/{name}/base.tar.000001");
@@ -150,6 +180,53 @@ fn integrity_and_restore_tests(backend: Backend) {
     assert_eq!(report["backups"][0]["restore_test"]["healthy"], false);
     assert_nothing_left(&scratch, "a failed restore test");
     assert_eq!(snapshot(repo), without, "the failed restore test changed the repository");
+}
+
+/// A restore test that could not check: exit `code`, nothing on stdout, and its last line the one
+/// error line, with every needle (the lines before it are the steps it logged).
+#[track_caller]
+fn assert_ends_in_error(out: &Output, code: i32, needles: &[&str]) {
+    assert_eq!(out.code, Some(code), "{out:#?}");
+    assert!(out.stdout.is_empty(), "{out:#?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("base-verify: error: ") && last.ends_with(&format!("(exit {code})")), "{out:#?}");
+    for needle in needles {
+        assert!(last.contains(needle), "the error line should mention {needle:?}: {last}");
+    }
+}
+
+#[track_caller]
+fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restore tests that cannot start a server say why in one line, as "could not check" (exit 10),
+/// and leave nothing: a `postgres` of another major version first on PATH (refused before anything
+/// is downloaded), and base-verify run as root (PostgreSQL refuses to start).
+fn could_not_start(repo_args: &[OsString], cwd: &Path, scratch: &Path) {
+    let scratch_arg = ["--restore-test", "--scratch", path_arg(scratch)];
+    let fake = Scratch::new("bv-fake-postgres");
+    let postgres = fake.path().join("postgres");
+    fs::write(&postgres, "#!/bin/sh\necho 'postgres (PostgreSQL) 14.9'\n").unwrap();
+    fs::set_permissions(&postgres, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut path = vec![fake.path().to_owned()];
+    path.extend(std::env::split_paths(&path_with_pg_bin()));
+    let out = run(base_verify_command(repo_args, cwd, &scratch_arg).env("PATH", std::env::join_paths(path).unwrap()));
+    assert_ends_in_error(&out, 10, &["(PostgreSQL) 14.9: not PostgreSQL 15"]);
+    assert!(!out.stderr.contains("download_and_extract"), "refused before the download: {}", out.stderr);
+    assert_nothing_left(scratch, "a restore test with the wrong postgres");
+    if walship_tests::server_user().is_some() {
+        let mut as_root = Command::new(walship_tests::bin("base-verify"));
+        isolate_environment(&mut as_root);
+        clear_pg_env(&mut as_root).env("PATH", path_with_pg_bin()).current_dir(cwd).args(repo_args).args(scratch_arg);
+        let out = run(&mut as_root);
+        assert_ends_in_error(&out, 10, &["before accepting connections", "root"]);
+        assert_nothing_left(scratch, "a restore test run as root");
+    }
 }
 
 /// Waits until the restore test's server under `scratch` is consistent and replaying (a hot standby

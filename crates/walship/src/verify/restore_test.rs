@@ -128,10 +128,11 @@ impl Run {
         log: &Log,
     ) -> Result<(), Error> {
         self.scratch.check_socket_path(options.port)?;
+        // Before the download: a missing or wrong server is the cheaper mistake to report.
+        let postgres = postgres_of(options.pg_bin_dir.as_deref(), record.pg_version)?;
         if !self.restore(repo, record, options, log).await? {
             return Ok(());
         }
-        let postgres = postgres_of(options.pg_bin_dir.as_deref(), record.pg_version)?;
         self.prepare_config()?;
         self.drop_backup_wal()?;
         let started = Instant::now();
@@ -328,7 +329,16 @@ impl Run {
     /// error (nothing was learnt about the backup).
     fn exited(&mut self, postgres: &Path, status: std::process::ExitStatus) -> Result<bool, Error> {
         let log_path = self.scratch.root().join("postgres.log");
-        let why = last_lines(&log_path, &["FATAL:", "PANIC:", "wal-fetch: error", "is not in the archive"], 3);
+        let mut why = last_lines(&log_path, &["FATAL:", "PANIC:", "wal-fetch: error", "is not in the archive"], 3);
+        if why.is_empty() {
+            // Refusals before logging starts ("root" execution...) have no severity; their first
+            // lines say it.
+            let said = fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = said.lines().map(str::trim).filter(|l| !l.is_empty()).take(2).collect();
+            if !lines.is_empty() {
+                why = format!(": {}", lines.join(" "));
+            }
+        }
         let began = fs::read_to_string(&log_path).is_ok_and(|text| {
             ["starting point-in-time recovery", "starting archive recovery", "redo starts at", "restored log file"]
                 .iter()
@@ -402,7 +412,10 @@ fn postgres_of(pg_bin_dir: Option<&Path>, pg_version: u32) -> Result<PathBuf, Er
     if major != Some(pg_version) {
         return Err(Error::ToolFailed {
             tool: postgres.display().to_string(),
-            reason: format!("is {version:?}, but the backup is of PostgreSQL {pg_version}; set pg_bin_dir"),
+            reason: format!(
+                "{version}: not PostgreSQL {pg_version}, the backup's major version; set pg_bin_dir to that version's \
+                 bin directory"
+            ),
         });
     }
     Ok(postgres)
@@ -419,6 +432,9 @@ fn last_lines(log: &Path, markers: &[&str], count: usize) -> String {
     let Ok(file) = fs::File::open(log) else { return String::new() };
     let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     for line in BufReader::new(file).lines().map_while(Result::ok) {
+        if line.trim().is_empty() {
+            continue;
+        }
         if markers.iter().any(|m| line.contains(m)) {
             if kept.len() == count {
                 kept.pop_front();
