@@ -28,8 +28,8 @@ use walship_tests::pg::clear_pg_env;
 use walship_tests::repository::{Backend, ConfigLines};
 use walship_tests::running::{Running, finish, spawn};
 use walship_tests::verify_base::{
-    alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs, scratch_postmaster,
-    snapshot, verify_report,
+    Reaper, alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs,
+    scratch_postmaster, snapshot, verify_report,
 };
 use walship_tests::{Output, Scratch, isolate_environment, run};
 
@@ -62,6 +62,7 @@ fn integrity_and_restore_tests(backend: Backend) {
     // Its own short path: the restore test's socket lives inside.
     let scratch_dir = Scratch::new("bvs");
     let scratch = scratch_dir.path().to_owned();
+    let _reaper = Reaper(scratch.clone());
     let before = snapshot(repo);
 
     // --- An unknown backup: exit 1, named. ---
@@ -266,6 +267,7 @@ fn killed_mid_replay(backend: Backend) {
     archive_and_stop(cluster);
     let scratch_dir = Scratch::new("bvs");
     let scratch = scratch_dir.path().to_owned();
+    let _reaper = Reaper(scratch.clone());
     let before = snapshot(repo);
     let args: Vec<OsString> =
         ["--restore-test", "--to-end", "--scratch", path_arg(&scratch)].map(OsString::from).into();

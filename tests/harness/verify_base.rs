@@ -122,3 +122,18 @@ pub fn alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) != Some("Z"))
 }
+
+/// Kills (SIGKILL) whatever still runs under a scratch directory when dropped: a test that fails
+/// must not leave a restore test's server running.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for process in processes_under(&self.0) {
+            if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process of the test's own scratch directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
