@@ -92,7 +92,8 @@ fn integrity_and_restore_tests(backend: Backend) {
     assert_eq!(snapshot(repo), before, "the integrity check changed the repository");
 
     // --- A restore test to the first consistent point: each step timed, the check's rows. ---
-    let check = ["--check-sql", "select count(*) from t"];
+    // Run once recovery has ended: the server is promoted, no longer in recovery.
+    let check = ["--check-sql", "select count(*) from t", "--check-sql", "select pg_is_in_recovery()"];
     let restore_test = ["--restore-test", "--json", "--scratch", path_arg(&scratch), "--metrics", path_arg(&metrics)];
     let out = base_verify(repo_args, cwd, &[&restore_test[..], &check].concat());
     assert_eq!(out.code, Some(0), "{out:#?}");
@@ -106,7 +107,7 @@ fn integrity_and_restore_tests(backend: Backend) {
     let rto = tested["rto_seconds"].as_f64().expect("rto_seconds");
     let sum = seconds("download_and_extract") + seconds("verify") + seconds("replay");
     assert!(rto > 0.0 && (rto - sum).abs() < 0.01, "rto {rto} = {sum}: {tested:#}");
-    assert_eq!(tested["check_output"], serde_json::json!([ROWS.to_string()]), "only the rows before the backup");
+    assert_eq!(tested["check_output"], serde_json::json!([ROWS.to_string(), "f"]), "only the rows before the backup");
     let samples = metrics_of(&metrics);
     assert_eq!(sample(&samples, "walship_restore_test_healthy", &[&this]), 1.0);
     assert_eq!(sample(&samples, "walship_restore_test_rto_seconds", &[&this]), (rto * 1000.0).round() / 1000.0);
@@ -116,7 +117,7 @@ fn integrity_and_restore_tests(backend: Backend) {
     let out = base_verify(repo_args, cwd, &[&restore_test[..], &check, &["--to-end"]].concat());
     assert_eq!(out.code, Some(0), "{out:#?}");
     let tested = &verify_report(&out)["backups"][0]["restore_test"];
-    assert_eq!(tested["check_output"], serde_json::json!([(2 * ROWS).to_string()]), "{tested:#}");
+    assert_eq!(tested["check_output"], serde_json::json!([(2 * ROWS).to_string(), "f"]), "{tested:#}");
     assert_nothing_left(&scratch, "a restore test --to-end");
     assert_eq!(snapshot(repo), before, "the restore tests changed the repository");
     could_not_start(repo_args, cwd, &scratch);

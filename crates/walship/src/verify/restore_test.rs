@@ -130,6 +130,7 @@ impl Run {
         self.scratch.check_socket_path(options.port)?;
         // Before the download: a missing or wrong server is the cheaper mistake to report.
         let postgres = postgres_of(options.pg_bin_dir.as_deref(), record.pg_version)?;
+        let psql = Psql::find(record.pg_version, options)?;
         if !self.restore(repo, record, options, log).await? {
             return Ok(());
         }
@@ -137,7 +138,7 @@ impl Run {
         self.drop_backup_wal()?;
         let started = Instant::now();
         self.server = Some(self.start(&postgres, options.port)?);
-        let ready = self.wait_until_ready(&postgres, options.timeout).await?;
+        let ready = self.wait_until_ready(&postgres, &psql, options.timeout).await?;
         let replay = started.elapsed();
         self.time("replay", replay, log);
         if !ready {
@@ -147,7 +148,7 @@ impl Run {
         let verified = self.report.step("verify").unwrap_or_default();
         self.report.rto = Some(restored + verified + replay);
         let checking = Instant::now();
-        self.check(record.pg_version, options).await?;
+        self.check(&psql).await?;
         self.time("check", checking.elapsed(), log);
         Ok(())
     }
@@ -297,7 +298,12 @@ impl Run {
 
     /// Waits until postmaster.pid says "ready" (as pg_ctl does) and recovery has ended, the server
     /// exits, or the timeout passes. `false`: the server did not come up, and a finding says why.
-    async fn wait_until_ready(&mut self, postgres: &Path, timeout: Option<Duration>) -> Result<bool, Error> {
+    async fn wait_until_ready(
+        &mut self,
+        postgres: &Path,
+        psql: &Psql,
+        timeout: Option<Duration>,
+    ) -> Result<bool, Error> {
         let started = Instant::now();
         let data = self.scratch.data_dir();
         loop {
@@ -306,9 +312,12 @@ impl Run {
                 self.server = None;
                 return self.exited(postgres, status);
             }
-            // A hot standby says "ready" once consistent; recovery has ended (and promoted) only once
-            // recovery.signal is gone too.
-            if postmaster_status(&data).as_deref() == Some("ready") && !data.join("recovery.signal").exists() {
+            // A hot standby says "ready" once consistent; recovery is ending once recovery.signal is
+            // gone, and has ended (promoted) once the server says it is out of recovery.
+            if postmaster_status(&data).as_deref() == Some("ready")
+                && !data.join("recovery.signal").exists()
+                && psql.run(&self.scratch.socket_dir(), "select pg_is_in_recovery()").await?.as_deref() == Ok("f")
+            {
                 return Ok(true);
             }
             if timeout.is_some_and(|t| started.elapsed() > t) {
@@ -353,38 +362,17 @@ impl Run {
     }
 
     /// Runs each check statement with psql over the private socket.
-    async fn check(&mut self, pg_version: u32, options: &RestoreTestOptions) -> Result<(), Error> {
-        let psql = find_tool(options.pg_bin_dir.as_deref(), "psql", Some(pg_version))
-            .ok_or_else(|| Error::ToolFailed { tool: "psql".into(), reason: "not found".into() })?;
+    async fn check(&mut self, psql: &Psql) -> Result<(), Error> {
         let default = ["select 1".to_owned()];
-        let statements = if options.check_sql.is_empty() { &default[..] } else { &options.check_sql[..] };
+        let statements = if psql.check_sql.is_empty() { &default[..] } else { &psql.check_sql[..] };
         for sql in statements {
-            let output = tokio::process::Command::new(&psql)
-                .args(["-X", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-h"])
-                .arg(self.scratch.socket_dir())
-                .arg("-p")
-                .arg(options.port.to_string())
-                .arg("-d")
-                .arg(&options.check_database)
-                .arg("-c")
-                .arg(sql)
-                .env_remove("PGSERVICE")
-                .env_remove("PGOPTIONS")
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|e| Error::ToolFailed {
-                    tool: psql.display().to_string(),
-                    reason: format!("cannot run: {e}"),
-                })?;
-            let said = String::from_utf8_lossy(&output.stdout).trim_end().to_owned();
-            if !output.status.success() {
-                let error = String::from_utf8_lossy(&output.stderr).trim().replace('\n', "; ");
-                self.fail(sql, format!("check {sql:?} failed ({}): {error}", output.status));
-                return Ok(());
+            match psql.run(&self.scratch.socket_dir(), sql).await? {
+                Ok(said) => self.report.check_output.push(said),
+                Err(error) => {
+                    self.fail(sql, format!("check {sql:?} failed: {error}"));
+                    return Ok(());
+                }
             }
-            self.report.check_output.push(said);
         }
         Ok(())
     }
@@ -397,6 +385,54 @@ impl Run {
         }
         wait_for_prefetch_worker(&self.scratch.data_dir().join("pg_wal").join(SPOOL_ROOT));
         self.scratch.remove();
+    }
+}
+
+/// psql of the backup's version, pointed at the restored server.
+struct Psql {
+    path: PathBuf,
+    port: u16,
+    database: String,
+    check_sql: Vec<String>,
+}
+
+impl Psql {
+    fn find(pg_version: u32, options: &RestoreTestOptions) -> Result<Psql, Error> {
+        let path =
+            find_tool(options.pg_bin_dir.as_deref(), "psql", Some(pg_version)).ok_or_else(|| Error::ToolFailed {
+                tool: "psql".into(),
+                reason: format!("PostgreSQL {pg_version}'s psql is not installed"),
+            })?;
+        let (port, database, check_sql) = (options.port, options.check_database.clone(), options.check_sql.clone());
+        Ok(Psql { path, port, database, check_sql })
+    }
+
+    /// Runs `sql` over the socket in `socket_dir`: what it printed (-At), or what it said on failure.
+    async fn run(&self, socket_dir: &Path, sql: &str) -> Result<Result<String, String>, Error> {
+        let output = tokio::process::Command::new(&self.path)
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-h"])
+            .arg(socket_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(&self.database)
+            .arg("-c")
+            .arg(sql)
+            .env_remove("PGSERVICE")
+            .env_remove("PGOPTIONS")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| Error::ToolFailed {
+                tool: self.path.display().to_string(),
+                reason: format!("cannot run: {e}"),
+            })?;
+        if output.status.success() {
+            return Ok(Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_owned()));
+        }
+        let error = String::from_utf8_lossy(&output.stderr).trim().replace('\n', "; ");
+        Ok(Err(format!("{} ({})", error, output.status)))
     }
 }
 
