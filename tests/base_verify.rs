@@ -11,7 +11,7 @@
 //!   server's reason naming the segment.
 //! - `killed_mid_replay`: replay is held (recovery_min_apply_delay on a commit after the backup) so
 //!   that base-verify can be signalled while its server replays: SIGTERM stops the server and
-//!   removes the directory (exit 11); SIGKILL takes the server down with it (parent-death signal)
+//!   removes the directory (exit 11); `--timeout` ends the wait with a failed restore test; SIGKILL takes the server down with it (parent-death signal)
 //!   and the next run removes the directory its predecessor left.
 
 use std::ffi::OsString;
@@ -64,6 +64,9 @@ fn integrity_and_restore_tests(backend: Backend) {
     let scratch = scratch_dir.path().to_owned();
     let _reaper = Reaper(scratch.clone());
     let before = snapshot(repo);
+
+    let all = verify_report(&base_verify(repo_args, cwd, &["--all", "--json"]));
+    assert_eq!((all["healthy"].as_bool(), all["backups"].as_array().map(Vec::len)), (Some(true), Some(1)), "{all:#}");
 
     // --- An unknown backup: exit 1, named. ---
     let out = base_verify(repo_args, cwd, &["20000101T000000Z"]);
@@ -282,6 +285,14 @@ fn killed_mid_replay(backend: Backend) {
     assert_eq!(out.code, Some(11), "{out:#?}");
     assert!(out.stderr.contains("SIGTERM"), "{}", out.stderr);
     assert_nothing_left(&scratch, "base-verify stopped by SIGTERM");
+
+    // --- Replay held past --timeout: a failed restore test (exit 13), nothing left. ---
+    let out = base_verify(repo_args, cwd, &[&args[..], &["--timeout", "2s", "--json"]].concat());
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let finding = &verify_report(&out)["findings"][0];
+    assert_eq!(finding["kind"], "restore_test_failed", "{finding:#}");
+    assert!(finding["message"].as_str().unwrap().contains("within 2 s (--timeout)"), "{finding:#}");
+    assert_nothing_left(&scratch, "a restore test past its timeout");
 
     // --- SIGKILL mid-replay: the server goes down with base-verify; the next run cleans up. ---
     let (postmaster, running) = wait_replaying(&scratch, spawn(&mut base_verify_command(repo_args, cwd, &args)));

@@ -214,7 +214,16 @@ async fn run(
                     transfer_concurrency: config.base.transfer_concurrency,
                     deadline: config.deadline,
                 };
-                (Some(verify_backup(repo, &record, options, log).await?), None)
+                let started = Instant::now();
+                let findings = verify_backup(repo, &record, options, log).await?;
+                let took = started.elapsed().as_secs_f64();
+                log.info(format_args!(
+                    "verify: backup {}: every part and the manifest read in {took:.1} s ({:.1} MB/s), {} problem(s)",
+                    record.name,
+                    record.stored_bytes as f64 / 1e6 / took.max(0.001),
+                    findings.len()
+                ));
+                (Some(findings), None)
             }
             Some(options) => (None, Some(restore_test(repo, &record, options, log).await?)),
         };

@@ -320,8 +320,8 @@ impl Run {
             {
                 return Ok(true);
             }
-            if timeout.is_some_and(|t| started.elapsed() > t) {
-                let waited = started.elapsed().as_secs();
+            if let Some(limit) = timeout.filter(|t| started.elapsed() > *t) {
+                let waited = limit.as_secs_f64();
                 let last = last_lines(&self.scratch.root().join("postgres.log"), &["LOG:", "FATAL:", "PANIC:"], 1);
                 let subject = data.display().to_string();
                 self.fail(
