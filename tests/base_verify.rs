@@ -35,6 +35,39 @@ use walship_tests::{Output, Scratch, isolate_environment, run};
 
 walship_tests::every_backend!(integrity_and_restore_tests, killed_mid_replay);
 
+/// A backup with a tablespace: the restore test restores the tablespace inside its scratch
+/// directory, never where it lived (which still holds the live cluster's files), and leaves that
+/// untouched. Local disk only: where the tablespace goes is not the backend's business.
+#[test]
+fn a_tablespace_is_restored_inside_the_scratch_directory() {
+    let store = Scratch::new("bv-tablespace");
+    let spool = store.mkdir("spool");
+    let old_location = store.mkdir("tablespace");
+    let tables = format!("[base]\nspool_dir = \"{}\"", spool.display());
+    let repo = walship_tests::repository::Repository::local(&store);
+    let config = repo.write_config(store.path(), "bv.toml", ConfigLines { tables: &tables, ..ConfigLines::default() });
+    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
+    let cwd = store.path();
+    let cluster = primary("bv-ts", &repo);
+    cluster.psql(&format!("create tablespace extra location '{}'", old_location.display()));
+    cluster.psql("create table far(n int) tablespace extra");
+    cluster.psql("insert into far select g from generate_series(1, 5000) g");
+    base_push(&cluster, &repo_args, cwd, &[]);
+    archive_and_stop(cluster);
+    let live_files = walship_tests::assertions::files_below(&old_location);
+    let scratch_dir = Scratch::new("bvs");
+    let scratch = scratch_dir.path().to_owned();
+    let _reaper = Reaper(scratch.clone());
+    let check = ["--check-sql", "select count(*) from far", "--json"];
+    let out =
+        base_verify(&repo_args, cwd, &[&["--restore-test", "--scratch", path_arg(&scratch)][..], &check].concat());
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let tested = &verify_report(&out)["backups"][0]["restore_test"];
+    assert_eq!(tested["check_output"], serde_json::json!(["5000"]), "{tested:#}");
+    assert_eq!(walship_tests::assertions::files_below(&old_location), live_files, "the old location was touched");
+    assert_nothing_left(&scratch, "a restore test with a tablespace");
+}
+
 const ROWS: i64 = 1000;
 const STEPS: [&str; 5] = ["download_and_extract", "verify", "replay", "check", "stop_and_cleanup"];
 
