@@ -125,13 +125,13 @@ fn main() {
         if cli.restore_test { walship_cli::block_on(work) } else { walship_cli::block_on_parallel(workers, work) };
     let took = started.elapsed();
     match result {
-        Ok(checked) => {
-            let findings: Vec<Finding> = checked.iter().flat_map(|c| c.findings()).collect();
-            write_metrics(&cli, &repo_url, Some(&checked), &findings, took, &log);
+        Ok(outcome) => {
+            let findings: Vec<Finding> = outcome.checked.iter().flat_map(Checked::findings).collect();
+            write_metrics(&cli, &repo_url, Some(&outcome), &findings, took, &log);
             if cli.json {
-                walship_cli::print_result_line(&json_report(&checked, &findings, took).to_string());
+                walship_cli::print_result_line(&json_report(&outcome.checked, &findings, took).to_string());
             }
-            let summary = summary(&checked, took);
+            let summary = summary(&outcome.checked, took);
             walship_cli::finish_verify(&log, &findings, &summary);
         }
         Err(e) => {
@@ -141,10 +141,15 @@ fn main() {
     }
 }
 
-/// What base-verify learnt about the catalog and each backup it checked.
-struct Checked {
+/// What base-verify learnt: the catalog, and each backup it checked.
+struct Outcome {
     /// Every complete backup in the catalog (for the metrics), oldest first.
     catalog: Vec<Summary>,
+    checked: Vec<Checked>,
+}
+
+/// What base-verify learnt about one backup it checked.
+struct Checked {
     backup: Summary,
     /// The integrity check's findings, when it ran.
     integrity: Option<Vec<Finding>>,
@@ -197,7 +202,7 @@ async fn run(
     repo: &Repository,
     deadline: retry::Deadline,
     log: &Log,
-) -> Result<Vec<Checked>, Error> {
+) -> Result<Outcome, Error> {
     let (catalog, records) = select(cli, repo, deadline, log).await?;
     let restore = if cli.restore_test { Some(restore_options(cli, config)?) } else { None };
     let mut checked = Vec::new();
@@ -227,12 +232,9 @@ async fn run(
             }
             Some(options) => (None, Some(restore_test(repo, &record, options, log).await?)),
         };
-        checked.push(Checked { catalog: Vec::new(), backup: Summary::of(&record), integrity, restore_test });
+        checked.push(Checked { backup: Summary::of(&record), integrity, restore_test });
     }
-    if let Some(first) = checked.first_mut() {
-        first.catalog = catalog;
-    }
-    Ok(checked)
+    Ok(Outcome { catalog, checked })
 }
 
 /// Every backup's summary, and the records of those to check: NAME, the newest (LATEST) or all.
@@ -378,24 +380,24 @@ fn json_restore_test(report: &RestoreTestReport) -> serde_json::Value {
     })
 }
 
-/// Writes `--metrics FILE`; `checked` is `None` when base-verify could not check.
+/// Writes `--metrics FILE`; `outcome` is `None` when base-verify could not check.
 fn write_metrics(
     cli: &Cli,
     repo_url: &str,
-    checked: Option<&[Checked]>,
+    outcome: Option<&Outcome>,
     findings: &[Finding],
     took: Duration,
     log: &Log,
 ) {
     let Some(path) = &cli.metrics else { return };
     let mut out = Metrics::new(repo_url);
-    if let Some(checked) = checked {
-        catalog_metrics(&mut out, checked.first().map_or(&[][..], |c| &c.catalog[..]));
-        for c in checked {
-            backup_metrics(&mut out, c);
+    if let Some(outcome) = outcome {
+        catalog_metrics(&mut out, &outcome.catalog);
+        for checked in &outcome.checked {
+            backup_metrics(&mut out, checked);
         }
     }
-    metrics::set_outcome(&mut out, COMMAND, checked.map(|_| findings), took);
+    metrics::set_outcome(&mut out, COMMAND, outcome.map(|_| findings), took);
     if let Err(e) = out.write(path) {
         log.info(format_args!("error: {e}"));
     }

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncSeekExt as _;
 use tokio::sync::Semaphore;
 
 use super::{Finding, FindingKind};
@@ -80,7 +81,7 @@ pub async fn verify_backup(
 async fn check_with_retries(
     repo: &Repository,
     part: &PartRecord,
-    keep: Option<&std::path::Path>,
+    keep: Option<&std::fs::File>,
     deadline: Duration,
     log: &Log,
 ) -> Result<Option<String>, Error> {
@@ -90,11 +91,13 @@ async fn check_with_retries(
         async move {
             match keep {
                 None => check_part(repo, part, tokio::io::sink(), location).await,
-                Some(path) => {
-                    // Created anew (truncated) by each attempt.
-                    let file = tokio::fs::File::create(path).await.map_err(|e| Error::local_io(path, "create", e))?;
-                    let mut file = tokio::io::BufWriter::new(file);
-                    check_part(repo, part, &mut file, location).await
+                Some(file) => {
+                    // Started over by each attempt.
+                    let scratch = |e| Error::local_io(&std::env::temp_dir(), "write a temporary file", e);
+                    let mut file = tokio::fs::File::from_std(file.try_clone().map_err(scratch)?);
+                    file.set_len(0).await.map_err(scratch)?;
+                    file.rewind().await.map_err(scratch)?;
+                    check_part(repo, part, tokio::io::BufWriter::new(file), location).await
                 }
             }
         }
@@ -135,8 +138,9 @@ async fn verify_manifest(
     log: &Log,
 ) -> Result<Vec<Finding>, Error> {
     let part = &record.manifest;
-    let scratch = tempfile::NamedTempFile::new().map_err(|e| Error::local_io(&std::env::temp_dir(), "create", e))?;
-    let damage = check_with_retries(repo, part, Some(scratch.path()), options.deadline, log).await?;
+    // Unnamed (O_TMPFILE or unlinked at once): nothing is left behind whatever ends base-verify.
+    let mut scratch = tempfile::tempfile().map_err(|e| Error::local_io(&std::env::temp_dir(), "create", e))?;
+    let damage = check_with_retries(repo, part, Some(&scratch), options.deadline, log).await?;
     let location = repo.storage().location(&part.key);
     let finding = |cause: String| {
         vec![Finding::new(
@@ -149,8 +153,9 @@ async fn verify_manifest(
         return Ok(finding(cause));
     }
     let summary = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(scratch.path()).map_err(|e| Error::local_io(scratch.path(), "open", e))?;
-        Ok::<_, Error>(manifest_summary(file))
+        use std::io::Seek;
+        scratch.rewind().map_err(|e| Error::local_io(&std::env::temp_dir(), "rewind a temporary file", e))?;
+        Ok::<_, Error>(manifest_summary(scratch))
     })
     .await
     .map_err(|e| Error::Internal(format!("reading the manifest panicked: {e}")))??;

@@ -96,7 +96,7 @@ pub async fn restore_test(
     clean_predecessors(&options.scratch_parent, log);
     let mut signals = Signals::new()?;
     let scratch = Scratch::create(&options.scratch_parent, &record.name, record.original_bytes)?;
-    let mut run = Run { scratch, server: None, report: RestoreTestReport::default() };
+    let mut run = Run { backup: record.name.clone(), scratch, server: None, report: RestoreTestReport::default() };
     log.info(format_args!("restore test of backup {} in {}", record.name, run.scratch.root().display()));
     let outcome = tokio::select! {
         outcome = run.steps(repo, record, options, log) => outcome,
@@ -114,6 +114,8 @@ pub async fn restore_test(
 
 /// One restore test's state: what [`Run::finish`] must undo whichever way the steps ended.
 struct Run {
+    /// The backup under test: every finding's subject.
+    backup: String,
     scratch: Scratch,
     server: Option<Child>,
     report: RestoreTestReport,
@@ -158,8 +160,9 @@ impl Run {
         self.report.steps.push((step, took));
     }
 
-    fn fail(&mut self, subject: &str, message: String) {
-        self.report.findings.push(Finding::new(FindingKind::RestoreTestFailed, subject, message));
+    fn fail(&mut self, message: String) {
+        let message = format!("backup {}: {message}", self.backup);
+        self.report.findings.push(Finding::new(FindingKind::RestoreTestFailed, self.backup.clone(), message));
     }
 
     /// base-fetch into the scratch directory. `false`: the restore failed, a finding says why.
@@ -207,7 +210,7 @@ impl Run {
                 Ok(true)
             }
             Err(e @ Error::Corrupt { .. }) => {
-                self.fail(&record.name, format!("backup {}: the restore failed: {e}", record.name));
+                self.fail(format!("the restore failed: {e}"));
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -323,11 +326,7 @@ impl Run {
             if let Some(limit) = timeout.filter(|t| started.elapsed() > *t) {
                 let waited = limit.as_secs_f64();
                 let last = last_lines(&self.scratch.root().join("postgres.log"), &["LOG:", "FATAL:", "PANIC:"], 1);
-                let subject = data.display().to_string();
-                self.fail(
-                    &subject,
-                    format!("the server did not accept connections within {waited} s (--timeout){last}"),
-                );
+                self.fail(format!("the server did not accept connections within {waited} s (--timeout){last}"));
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -357,7 +356,7 @@ impl Run {
         if !began {
             return Err(Error::ToolFailed { tool: postgres.display().to_string(), reason: message });
         }
-        self.fail(&self.scratch.data_dir().display().to_string(), format!("recovery failed: {message}"));
+        self.fail(format!("recovery failed: {message}"));
         Ok(false)
     }
 
@@ -369,7 +368,7 @@ impl Run {
             match psql.run(&self.scratch.socket_dir(), sql).await? {
                 Ok(said) => self.report.check_output.push(said),
                 Err(error) => {
-                    self.fail(sql, format!("check {sql:?} failed: {error}"));
+                    self.fail(format!("check {sql:?} failed: {error}"));
                     return Ok(());
                 }
             }
