@@ -83,11 +83,17 @@ fn integrity_and_restore_tests(backend: Backend) {
     insert_batch(&cluster, 1, ROWS);
     let metrics = cwd.join("base.prom");
 
-    // --- A repository without a backup yet: exit 1, and the metrics say it could not check. ---
+    // --- A repository without a backup yet: a problem found (nothing can be restored), exit 13. ---
     wait_until(|| repo.keys_under("").iter().any(|k| k == "repository.json"), "wal-push wrote the identity record");
-    let out = base_verify(repo_args, cwd, &["--metrics", path_arg(&metrics)]);
-    assert_error(&out, 1, &["holds no base backup"]);
-    assert_eq!(sample(&metrics_of(&metrics), "walship_verify_completed", &[]), 0.0);
+    let out = base_verify(repo_args, cwd, &["--json", "--metrics", path_arg(&metrics)]);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let finding = &verify_report(&out)["findings"][0];
+    assert_eq!(finding["kind"], "no_backups", "{finding:#}");
+    assert!(out.stderr.contains("problem: no_backups"), "{}", out.stderr);
+    let samples = metrics_of(&metrics);
+    assert_eq!(sample(&samples, "walship_verify_completed", &[]), 1.0);
+    assert_eq!(sample(&samples, "walship_verify_findings", &["kind=\"no_backups\""]), 1.0);
+    assert_eq!(sample(&samples, "walship_backups", &[]), 0.0);
 
     let (name, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 2, ROWS);
@@ -170,6 +176,14 @@ fn integrity_and_restore_tests(backend: Backend) {
     let finding = &verify_report(&out)["findings"][0];
     assert_eq!(finding["kind"], "manifest_mismatch", "{finding:#}");
     assert!(finding["message"].as_str().unwrap().contains("0/FFFFFF"), "{finding:#}");
+    // The restore test checks the files against the manifest, not the manifest against the catalog:
+    // base-verify does that beside it.
+    let out = base_verify(repo_args, cwd, &restore_test);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    let report = verify_report(&out);
+    assert_eq!(report["findings"][0]["kind"], "manifest_mismatch", "{report:#}");
+    assert_eq!(report["backups"][0]["verified"], false, "{report:#}");
+    assert_nothing_left(&scratch, "a restore test of a backup whose manifest disagrees");
     fs::write(&record_file, &record_bytes).unwrap();
 
     // --- A damaged part: exit 13, the part's key named. ---

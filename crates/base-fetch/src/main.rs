@@ -1,14 +1,13 @@
 //! `base-fetch`: restores a base backup into an empty data directory, with the recovery settings
 //! that make `pg_ctl start` complete a point-in-time recovery.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{ArgGroup, Parser};
+use walship::Error;
 use walship::base::{self, FetchOptions, RecoveryTarget, TargetAction};
-use walship::config::{ENV_CONFIG, ENV_REPO};
 use walship::log::Log;
-use walship::{Config, Error};
 use walship_cli::{COMMON_HELP, CommonArgs};
 
 #[derive(Parser, Debug)]
@@ -103,9 +102,9 @@ fn main() {
     let result = walship_cli::block_on(async {
         let (target, action, timeline) = targets(&cli)?;
         let config = cli.common.load_config()?;
-        let restore_command = restore_command(&cli, &config)?;
+        let restore_command = cli.common.restore_command(&config, "base-fetch")?;
         log.debug(format_args!("restore_command = {restore_command}"));
-        let data_dir = absolute(&cli.data_dir)?;
+        let data_dir = walship_cli::absolute(&cli.data_dir)?;
         let options = FetchOptions {
             name: cli.name.clone(),
             data_dir,
@@ -194,33 +193,4 @@ fn tablespace_mapping(args: &[String]) -> Result<Vec<(String, PathBuf)>, Error> 
             _ => Err(Error::Usage(format!("--tablespace-mapping {arg:?}: expected OLDDIR=NEWDIR, both absolute"))),
         })
         .collect()
-}
-
-fn absolute(path: &Path) -> Result<PathBuf, Error> {
-    std::path::absolute(path).map_err(|e| Error::local_io(path, "resolve", e))
-}
-
-/// restore_command for the restored server: the wal-fetch installed beside this base-fetch, reading
-/// the same repository as this run did. The server's environment differs from ours, so settings
-/// that came from flags or the environment are written out as flags.
-fn restore_command(cli: &Cli, config: &Config) -> Result<String, Error> {
-    let exe = std::env::current_exe().map_err(|e| Error::local_io(Path::new("/proc/self/exe"), "resolve", e))?;
-    let wal_fetch = exe.with_file_name("wal-fetch");
-    if !wal_fetch.is_file() {
-        return Err(Error::Config {
-            source_name: wal_fetch.display().to_string(),
-            message: "wal-fetch is not installed beside base-fetch; install both from the same build".into(),
-        });
-    }
-    let mut arguments = Vec::new();
-    let config_named = cli.common.config.is_some() || std::env::var_os(ENV_CONFIG).is_some_and(|v| !v.is_empty());
-    if config_named && let Some(file) = &config.source_file {
-        arguments.push("--config".to_owned());
-        arguments.push(absolute(file)?.display().to_string());
-    }
-    if cli.common.repo.is_some() || std::env::var_os(ENV_REPO).is_some_and(|v| !v.is_empty()) {
-        arguments.push("--repo".to_owned());
-        arguments.push(config.repo.to_string());
-    }
-    Ok(base::restore_command(&wal_fetch, &arguments))
 }

@@ -2,18 +2,18 @@
 //! against the catalog), and with `--restore-test` whether it really restores: restored into a
 //! scratch directory, PostgreSQL started on it and queried, every step timed (the measured RTO).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use walship::base::{self, BackupRecord};
-use walship::config::{Config, ENV_CONFIG, ENV_REPO, parse_duration};
+use walship::config::{Config, parse_duration};
 use walship::log::Log;
 use walship::repo::Repository;
-use walship::verify::Finding;
-use walship::verify::backup::{IntegrityOptions, verify_backup};
+use walship::verify::backup::{IntegrityOptions, verify_backup, verify_manifest};
 use walship::verify::metrics::{self, Metrics};
 use walship::verify::restore_test::{RestoreTestOptions, RestoreTestReport, restore_test};
+use walship::verify::{Finding, FindingKind};
 use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
 
@@ -126,7 +126,8 @@ fn main() {
     let took = started.elapsed();
     match result {
         Ok(outcome) => {
-            let findings: Vec<Finding> = outcome.checked.iter().flat_map(Checked::findings).collect();
+            let checked = outcome.checked.iter().flat_map(Checked::findings);
+            let findings: Vec<Finding> = outcome.findings.iter().cloned().chain(checked).collect();
             write_metrics(&cli, &repo_url, Some(&outcome), &findings, took, &log);
             if cli.json {
                 walship_cli::print_result_line(&json_report(&outcome.checked, &findings, took).to_string());
@@ -145,6 +146,8 @@ fn main() {
 struct Outcome {
     /// Every complete backup in the catalog (for the metrics), oldest first.
     catalog: Vec<Summary>,
+    /// What concerns the catalog as a whole (no backup at all).
+    findings: Vec<Finding>,
     checked: Vec<Checked>,
 }
 
@@ -162,13 +165,14 @@ impl Checked {
         self.integrity.iter().flatten().chain(restore).cloned().collect()
     }
 
-    /// Every part and the manifest were read and passed: by the integrity check, or by the restore
-    /// test's restore (which checks each part and runs pg_verifybackup).
+    /// Every part and the manifest were read and passed: by the integrity check, or with a restore
+    /// test by its restore (which checks each part and runs pg_verifybackup) and the manifest's
+    /// comparison with the catalog.
     fn verified(&self) -> bool {
-        match (&self.integrity, &self.restore_test) {
-            (Some(findings), _) => findings.is_empty(),
-            (None, Some(report)) => report.steps.iter().any(|(step, _)| *step == "verify"),
-            (None, None) => false,
+        let integrity = self.integrity.as_ref().is_some_and(Vec::is_empty);
+        match &self.restore_test {
+            None => integrity,
+            Some(report) => integrity && report.steps.iter().any(|(step, _)| *step == "verify"),
         }
     }
 }
@@ -205,6 +209,11 @@ async fn run(
 ) -> Result<Outcome, Error> {
     let (catalog, records) = select(cli, repo, deadline, log).await?;
     let restore = if cli.restore_test { Some(restore_options(cli, config)?) } else { None };
+    let mut findings = Vec::new();
+    if records.is_empty() {
+        let message = format!("{}: the catalog holds no complete base backup: nothing can be restored", repo.url());
+        findings.push(Finding::new(FindingKind::NoBackups, repo.url(), message));
+    }
     let mut checked = Vec::new();
     for record in records {
         let (integrity, restore_test) = match &restore {
@@ -215,12 +224,8 @@ async fn run(
                     human_bytes(record.stored_bytes),
                     record.archives.iter().map(|a| a.parts.len()).sum::<usize>()
                 ));
-                let options = IntegrityOptions {
-                    transfer_concurrency: config.base.transfer_concurrency,
-                    deadline: config.deadline,
-                };
                 let started = Instant::now();
-                let findings = verify_backup(repo, &record, options, log).await?;
+                let findings = verify_backup(repo, &record, integrity_options(config), log).await?;
                 let took = started.elapsed().as_secs_f64();
                 log.info(format_args!(
                     "verify: backup {}: every part and the manifest read in {took:.1} s ({:.1} MB/s), {} problem(s)",
@@ -230,11 +235,16 @@ async fn run(
                 ));
                 (Some(findings), None)
             }
-            Some(options) => (None, Some(restore_test(repo, &record, options, log).await?)),
+            Some(options) => {
+                // The restore checks every part and runs pg_verifybackup, but only against the
+                // manifest itself: whether the manifest agrees with the catalog is checked here.
+                let manifest = verify_manifest(repo, &record, integrity_options(config), log).await?;
+                (Some(manifest), Some(restore_test(repo, &record, options, log).await?))
+            }
         };
         checked.push(Checked { backup: Summary::of(&record), integrity, restore_test });
     }
-    Ok(Outcome { catalog, checked })
+    Ok(Outcome { catalog, findings, checked })
 }
 
 /// Every backup's summary, and the records of those to check: NAME, the newest (LATEST) or all.
@@ -270,15 +280,20 @@ async fn select(
         records = vec![record?];
     }
     if records.is_empty() {
+        // An empty catalog is a finding, not "no such backup": nothing can be restored from here. An
+        // empty or wrong location must not pass for an empty repository.
         repo.require_identity().await?;
-        return Err(Error::NoSuchBackup(format!("{}: the repository holds no base backup", repo.url())));
     }
     Ok((catalog, records))
 }
 
+fn integrity_options(config: &Config) -> IntegrityOptions {
+    IntegrityOptions { transfer_concurrency: config.base.transfer_concurrency, deadline: config.deadline }
+}
+
 fn restore_options(cli: &Cli, config: &Config) -> Result<RestoreTestOptions, Error> {
     let scratch_parent = match &cli.scratch {
-        Some(dir) => absolute(dir)?,
+        Some(dir) => walship_cli::absolute(dir)?,
         None => std::env::temp_dir(),
     };
     Ok(RestoreTestOptions {
@@ -287,41 +302,12 @@ fn restore_options(cli: &Cli, config: &Config) -> Result<RestoreTestOptions, Err
         check_sql: cli.check_sql.clone(),
         check_database: cli.check_database.clone(),
         timeout: cli.timeout,
-        restore_command: restore_command(cli, config)?,
+        restore_command: cli.common.restore_command(config, COMMAND)?,
         pg_bin_dir: config.pg_bin_dir.clone(),
         transfer_concurrency: config.base.transfer_concurrency,
         deadline: config.deadline,
         port: SCRATCH_PORT,
     })
-}
-
-fn absolute(path: &Path) -> Result<PathBuf, Error> {
-    std::path::absolute(path).map_err(|e| Error::local_io(path, "resolve", e))
-}
-
-/// restore_command for the restored server: the wal-fetch installed beside this base-verify,
-/// reading the same repository (settings from flags or the environment written out as flags, as
-/// base-fetch does: the server's environment differs from ours).
-fn restore_command(cli: &Cli, config: &Config) -> Result<String, Error> {
-    let exe = std::env::current_exe().map_err(|e| Error::local_io(Path::new("/proc/self/exe"), "resolve", e))?;
-    let wal_fetch = exe.with_file_name("wal-fetch");
-    if !wal_fetch.is_file() {
-        return Err(Error::Config {
-            source_name: wal_fetch.display().to_string(),
-            message: "wal-fetch is not installed beside base-verify; install both from the same build".into(),
-        });
-    }
-    let mut arguments = Vec::new();
-    let config_named = cli.common.config.is_some() || std::env::var_os(ENV_CONFIG).is_some_and(|v| !v.is_empty());
-    if config_named && let Some(file) = &config.source_file {
-        arguments.push("--config".to_owned());
-        arguments.push(absolute(file)?.display().to_string());
-    }
-    if cli.common.repo.is_some() || std::env::var_os(ENV_REPO).is_some_and(|v| !v.is_empty()) {
-        arguments.push("--repo".to_owned());
-        arguments.push(config.repo.to_string());
-    }
-    Ok(base::restore_command(&wal_fetch, &arguments))
 }
 
 fn summary(checked: &[Checked], took: Duration) -> String {

@@ -87,6 +87,36 @@ impl CommonArgs {
     pub fn load_config(&self) -> Result<Config, Error> {
         Config::load(&ConfigFlags { config_file: self.config.clone(), repo: self.repo.clone() })
     }
+
+    /// restore_command for a server that `program` (base-fetch, base-verify) restores: the
+    /// wal-fetch installed beside it, reading the same repository as this run. The server's
+    /// environment differs from ours, so settings that came from flags or the environment are
+    /// written out as flags.
+    pub fn restore_command(&self, config: &Config, program: &str) -> Result<String, Error> {
+        use walship::config::{ENV_CONFIG, ENV_REPO};
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::local_io(std::path::Path::new("/proc/self/exe"), "resolve", e))?;
+        let wal_fetch = exe.with_file_name("wal-fetch");
+        if !wal_fetch.is_file() {
+            return Err(Error::Config {
+                source_name: wal_fetch.display().to_string(),
+                message: format!("wal-fetch is not installed beside {program}; install both from the same build"),
+            });
+        }
+        let set = |flag: bool, var: &str| flag || std::env::var_os(var).is_some_and(|v| !v.is_empty());
+        let mut arguments = Vec::new();
+        if set(self.config.is_some(), ENV_CONFIG)
+            && let Some(file) = &config.source_file
+        {
+            arguments.push("--config".to_owned());
+            arguments.push(absolute(file)?.display().to_string());
+        }
+        if set(self.repo.is_some(), ENV_REPO) {
+            arguments.push("--repo".to_owned());
+            arguments.push(config.repo.to_string());
+        }
+        Ok(walship::base::restore_command(&wal_fetch, &arguments))
+    }
 }
 
 /// Makes a panic (a bug) end the command with `code_of(ExitCode::Internal)` and one log line, from
@@ -331,6 +361,11 @@ pub fn finish_verify(log: &Log, findings: &[walship::verify::Finding], summary: 
     let code = ExitCode::ProblemsFound as u8;
     log.info(format_args!("{} problems found: {summary} (exit {code})", findings.len()));
     std::process::exit(i32::from(code));
+}
+
+/// `path` made absolute (against the working directory), for paths handed to another process.
+pub fn absolute(path: &std::path::Path) -> Result<PathBuf, Error> {
+    std::path::absolute(path).map_err(|e| Error::local_io(path, "resolve", e))
 }
 
 /// Logs `error` as one line and exits with its code.

@@ -131,7 +131,7 @@ async fn check_part(
 
 /// Reads the stored manifest into a temporary file, checks it like a part, then compares what it says
 /// with the record.
-async fn verify_manifest(
+pub async fn verify_manifest(
     repo: &Repository,
     record: &BackupRecord,
     options: IntegrityOptions,
