@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use walship_tests::assertions::{assert_absent, assert_error, files_below};
-use walship_tests::backups::{base_command, base_fetch, base_push, base_push_command};
+use walship_tests::backups::{base_command, base_fetch, base_push, base_push_command, damage_middle};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, pg_bin_dir, pg_command};
 use walship_tests::repository::{Backend, ConfigLines, Repository};
 use walship_tests::s3::assert_no_multipart_leftovers;
@@ -609,13 +609,7 @@ fn base_fetch_refuses_damage_and_bad_requests_and_leaves_nothing() {
     // restore is rightly accepted); 64 inverted bytes always change something.
     let key = format!("backups/{name}/base.tar.000001");
     let part = repo.object_file(&key);
-    let original = fs::read(&part).unwrap();
-    let mut bytes = original.clone();
-    let middle = bytes.len() / 2;
-    for byte in &mut bytes[middle..middle + 64] {
-        *byte = !*byte;
-    }
-    fs::write(&part, &bytes).unwrap();
+    let original = damage_middle(&part);
     let out = base_fetch(&args, cwd, "LATEST", &dir, &[]);
     assert_failed(&out, "base-fetch", 7, &[&key, "corrupt"]);
     assert_absent(&dir);

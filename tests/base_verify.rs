@@ -21,8 +21,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use walship_tests::assertions::assert_error;
-use walship_tests::backups::base_push;
 use walship_tests::backups::path_with_pg_bin;
+use walship_tests::backups::{base_push, damage_middle};
 use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, primary, record};
 use walship_tests::pg::clear_pg_env;
 use walship_tests::repository::{Backend, ConfigLines};
@@ -189,13 +189,7 @@ fn integrity_and_restore_tests(backend: Backend) {
     // --- A damaged part: exit 13, the part's key named. ---
     let key = format!("backups/{name}/base.tar.000001");
     let part = repo.object_file(&key);
-    let original = fs::read(&part).unwrap();
-    let mut bytes = original.clone();
-    let middle = bytes.len() / 2;
-    for byte in &mut bytes[middle..middle + 64] {
-        *byte = !*byte;
-    }
-    fs::write(&part, &bytes).unwrap();
+    let original = damage_middle(&part);
     let damaged = snapshot(repo);
     let out = base_verify(repo_args, cwd, &["--json"]);
     assert_eq!(out.code, Some(13), "{out:#?}");

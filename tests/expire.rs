@@ -21,7 +21,7 @@ use walship::wal::parse_lsn;
 use walship_tests::backups::{base_command, base_fetch, base_push};
 use walship_tests::expire::{
     ExpireSetup, SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in,
-    primary, record, restored_count, segment_number, start_segment,
+    primary, promoted_standby, record, restored_count, segment_number, start_segment,
 };
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::{Backend, ConfigLines};
@@ -65,13 +65,7 @@ fn keep_two_of_four_across_a_timeline_switch(backend: Backend) {
     insert_batch(&old, 2, ROWS_PER_BATCH);
     let (second, _) = base_push(&old, repo_args, cwd, &[]);
     insert_batch(&old, 3, ROWS_PER_BATCH);
-    let mut standby = Cluster::standby_of(&old, &format!("{label}-expire-keep-tl2"));
-    standby.start();
-    standby.wait_replayed(&old);
-    archive_and_stop(old);
-    assert_eq!(standby.psql("select pg_promote()"), "t");
-    standby.wait_recovered(WAIT_TIMEOUT);
-    let new = standby;
+    let new = promoted_standby(old, &format!("{label}-expire-keep-tl2"));
     assert_eq!(new.checkpoint_timeline(), 2);
     insert_batch(&new, 4, ROWS_PER_BATCH);
     let (third, _) = base_push(&new, repo_args, cwd, &[]);

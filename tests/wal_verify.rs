@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use walship::wal::{WalFileKind, WalFileName, parse_lsn, segment_file_name};
 use walship_tests::backups::base_push;
-use walship_tests::expire::{SEGMENT_SIZE, all_keys, archive_and_stop, insert_batch, primary, record, start_segment};
+use walship_tests::expire::{
+    SEGMENT_SIZE, all_keys, archive_and_stop, insert_batch, primary, promoted_standby, record, start_segment,
+};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::{Backend, ConfigLines, Repository};
 use walship_tests::verify_wal::{
@@ -234,13 +236,7 @@ fn a_missing_history_file_after_a_promotion(backend: Backend) {
     insert_batch(&old, 1, ROWS);
     let (first, _) = base_push(&old, repo_args, cwd, &[]);
     insert_batch(&old, 2, ROWS);
-    let mut standby = Cluster::standby_of(&old, &format!("{label}-walverify-tl2"));
-    standby.start();
-    standby.wait_replayed(&old);
-    archive_and_stop(old);
-    assert_eq!(standby.psql("select pg_promote()"), "t");
-    standby.wait_recovered(WAIT_TIMEOUT);
-    let new = standby;
+    let new = promoted_standby(old, &format!("{label}-walverify-tl2"));
     insert_batch(&new, 3, ROWS);
     let (second, _) = base_push(&new, repo_args, cwd, &[]);
     insert_batch(&new, 4, ROWS);

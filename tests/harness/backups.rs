@@ -60,3 +60,16 @@ pub fn assert_backup_name(name: &str) {
 pub fn base_fetch(repo_args: &[OsString], cwd: &Path, name: &str, dir: &Path, extra: &[&str]) -> Output {
     run(base_command("base-fetch", repo_args, cwd).arg(name).arg(dir).args(extra))
 }
+
+/// Inverts 64 bytes in the middle of the stored object at `path` (a part damaged at rest, its size
+/// unchanged); returns the original bytes, to put back.
+pub fn damage_middle(path: &Path) -> Vec<u8> {
+    let original = std::fs::read(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut bytes = original.clone();
+    let middle = bytes.len() / 2;
+    for byte in &mut bytes[middle..middle + 64] {
+        *byte = !*byte;
+    }
+    std::fs::write(path, &bytes).unwrap();
+    original
+}

@@ -161,6 +161,18 @@ pub fn archive_and_stop(mut cluster: Cluster) {
     cluster.stop();
 }
 
+/// A failover: a standby `name` of `old` replays everything, `old` archives what it wrote and stops,
+/// and the standby is promoted onto the next timeline. Returns the new primary.
+pub fn promoted_standby(old: Cluster, name: &str) -> Cluster {
+    let mut standby = Cluster::standby_of(&old, name);
+    standby.start();
+    standby.wait_replayed(&old);
+    archive_and_stop(old);
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    standby.wait_recovered(WAIT_TIMEOUT);
+    standby
+}
+
 /// Restores backup `name` into a new cluster `label` with `extra` base-fetch flags, recovers it to
 /// the end of the archive (or the target `extra` gives) and returns what `sql` (a count) says there.
 #[track_caller]

@@ -30,40 +30,13 @@ pub fn verify_report(out: &Output) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("base-verify --json: {e}: {out:#?}"))
 }
 
-/// Every object of the repository with its size and SHA-256: what "byte for byte unchanged" compares.
-pub fn snapshot(repo: &Repository) -> BTreeMap<String, (u64, String)> {
-    repo.keys_under("")
-        .into_iter()
-        .map(|key| {
-            let bytes = fs::read(repo.object_file(&key)).unwrap_or_else(|e| panic!("{key}: {e}"));
-            let digest = crate::assertions::sha256_hex(&bytes);
-            (key, (bytes.len() as u64, digest))
-        })
-        .collect()
-}
+// One "byte for byte unchanged" and one metrics parser for both verify commands.
+pub use crate::verify_wal::{metric as sample, snapshot};
 
-/// The samples of a metrics file: `name{labels}` -> value.
-pub fn metrics_of(path: &Path) -> BTreeMap<String, f64> {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
-            (series.to_owned(), value.parse().unwrap_or_else(|_| panic!("not a number: {line:?}")))
-        })
-        .collect()
-}
-
-/// The value of the one sample of `metric` whose labels contain every one of `labels`.
+/// The samples of the metrics file at `path` (see [`crate::verify_wal::parse_metrics`]).
 #[track_caller]
-pub fn sample(samples: &BTreeMap<String, f64>, metric: &str, labels: &[&str]) -> f64 {
-    let found: Vec<f64> = samples
-        .iter()
-        .filter(|(series, _)| series.starts_with(&format!("{metric}{{")) && labels.iter().all(|l| series.contains(l)))
-        .map(|(_, v)| *v)
-        .collect();
-    assert_eq!(found.len(), 1, "{metric} {labels:?} in {samples:#?}");
-    found[0]
+pub fn metrics_of(path: &Path) -> BTreeMap<String, f64> {
+    crate::verify_wal::parse_metrics(&fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}")))
 }
 
 /// The restore tests' directories in `scratch`.

@@ -3,8 +3,9 @@
 //!
 //! `<parent>/walship-restore-test-<NAME>-<pid>-<random>/` holds an owner record (host, boot, pid and
 //! its start time: the notion base-push's owner records use, against pid reuse), `data/` (the
-//! restored cluster), `tablespaces/<OID>/`, `s/` (the server's private Unix socket), the hba
-//! file and the server's log. A run killed with SIGKILL cannot clean up; its server goes down with it
+//! restored cluster), `tablespaces/<OID>/`, `s/` (the server's private Unix socket directory, or a
+//! link to one under /tmp where the path would not fit in a socket address), the hba file and the
+//! server's log. A run killed with SIGKILL cannot clean up; its server goes down with it
 //! (parent-death signal), and the next run, finding the owner dead, stops what may still run there
 //! and removes the directory. A live owner's directory is never touched.
 
@@ -23,6 +24,8 @@ pub const SCRATCH_PREFIX: &str = "walship-restore-test-";
 const OWNER_FILE: &str = "owner.json";
 /// How long a predecessor's server gets between SIGQUIT and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Where the socket directory goes when the scratch directory's path is too long for it.
+const SHORT_SOCKET_PREFIX: &str = "/tmp/walship-restore-test-socket-";
 /// A Unix socket's path must fit in `sun_path` (108 bytes with its NUL), `.s.PGSQL.<port>` included.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -47,12 +50,39 @@ impl Scratch {
             scratch.remove();
             return Err(Error::local_io(&path, "write", e));
         }
-        let socket = scratch.socket_dir();
-        if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&socket) {
+        if let Err(e) = scratch.make_socket_dir(random) {
             scratch.remove();
-            return Err(Error::local_io(&socket, "create", e));
+            return Err(e);
         }
         Ok(scratch)
+    }
+
+    /// `s/` in the scratch directory, private (0700). Where the socket's path would not fit in a
+    /// Unix socket address (a long `--scratch`), `s` is instead a link to a private directory under
+    /// /tmp, which [`Scratch::remove`] removes with it.
+    fn make_socket_dir(&self, random: u32) -> Result<(), Error> {
+        let inside = self.root.join("s");
+        let longest = inside.join(".s.PGSQL.65535");
+        let socket = if longest.as_os_str().len() <= MAX_SOCKET_PATH {
+            inside.clone()
+        } else {
+            PathBuf::from(format!("{SHORT_SOCKET_PREFIX}{}-{random:08x}", std::process::id()))
+        };
+        fs::DirBuilder::new().mode(0o700).create(&socket).map_err(|e| Error::local_io(&socket, "create", e))?;
+        if socket != inside {
+            std::os::unix::fs::symlink(&socket, &inside).map_err(|e| {
+                let _ = fs::remove_dir(&socket);
+                Error::local_io(&inside, "link", e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The socket directory under /tmp that `s` links to, if it does (only ever one of ours).
+    fn short_socket_dir(&self) -> Option<PathBuf> {
+        let target = fs::read_link(self.root.join("s")).ok()?;
+        let ours = target.to_str().is_some_and(|t| t.starts_with(SHORT_SOCKET_PREFIX) && !t.contains("/.."));
+        ours.then_some(target)
     }
 
     /// The scratch directory.
@@ -73,7 +103,7 @@ impl Scratch {
     /// The server's private socket directory (0700: only this user can connect); short, for the
     /// socket's path limit.
     pub fn socket_dir(&self) -> PathBuf {
-        self.root.join("s")
+        self.short_socket_dir().unwrap_or_else(|| self.root.join("s"))
     }
 
     /// Checks that the socket of `port` fits in a Unix socket address.
@@ -93,6 +123,9 @@ impl Scratch {
     /// Removes the directory and everything in it. Retried a few times: a restore cut off by a
     /// signal may still be writing into it for a moment.
     pub fn remove(&self) {
+        if let Some(dir) = self.short_socket_dir() {
+            let _ = fs::remove_dir_all(dir);
+        }
         for _ in 0..20 {
             match fs::remove_dir_all(&self.root) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(Duration::from_millis(100)),
@@ -252,10 +285,20 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let error = Scratch::create(parent.path(), "N", u64::MAX / 4).unwrap_err();
         assert!(error.to_string().contains("MiB free"), "{error}");
+        // A scratch path too long for a socket: the socket directory moves to /tmp, and goes with it.
         let long = parent.path().join("x".repeat(90));
         fs::create_dir(&long).unwrap();
         let scratch = Scratch::create(&long, "20261122T080000Z", 0).unwrap();
-        assert!(scratch.check_socket_path(5432).is_err());
+        scratch.check_socket_path(5432).unwrap();
+        let socket = scratch.socket_dir();
+        assert!(socket.starts_with("/tmp") && socket.is_dir(), "{socket:?}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o700);
+        scratch.remove();
+        assert!(!socket.exists() && !scratch.root().exists());
+        // A short one keeps it inside.
+        let scratch = Scratch::create(parent.path(), "20261122T080000Z", 0).unwrap();
+        assert_eq!(scratch.socket_dir(), scratch.root().join("s"));
         scratch.remove();
     }
 }
