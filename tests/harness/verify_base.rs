@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::backups::base_command;
-use crate::repository::Repository;
 use crate::{Output, run};
 
 /// The base-verify command on the repository `repo_args` selects, with `args`, not yet run.
