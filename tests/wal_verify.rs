@@ -23,7 +23,6 @@ use walship_tests::backups::base_push;
 use walship_tests::expire::{
     SEGMENT_SIZE, all_keys, archive_and_stop, insert_batch, primary, promoted_standby, record, start_segment,
 };
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::{Backend, ConfigLines, Repository};
 use walship_tests::verify_wal::{
     VerifySetup, findings, flip_byte, metric, move_aside, parse_metrics, put_back, snapshot, wal_verify,
