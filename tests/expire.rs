@@ -23,7 +23,7 @@ use walship_tests::expire::{
     ExpireSetup, SEGMENT_SIZE, all_keys, archive_and_stop, base_expire, dry_run, expire_json, insert_batch, names_in,
     primary, promoted_standby, record, restored_count, segment_number, start_segment,
 };
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
+use walship_tests::pg::Cluster;
 use walship_tests::repository::{Backend, ConfigLines};
 use walship_tests::run;
 
