@@ -190,5 +190,5 @@ drill_total=$(col "$work/out/drill" 1); drill_fetch=$(col "$work/out/drill" 2); 
 printf '| download, extract, pg_verifybackup | %s | %s + %s |\n' "$drill_fetch" "$(col "$work/out/rt" 1)" "$(col "$work/out/rt" 2)"
 printf '| start: replay to consistency, accept connections | %s | %s |\n' "$drill_start" "$(col "$work/out/rt" 3)"
 printf '| check query, stop, clean up | (in the total) | %s + %s |\n' "$(col "$work/out/rt" 4)" "$(col "$work/out/rt" 5)"
-printf '| RTO (download to accepting connections) | - | %s |\n' "$(col "$work/out/rt" 6)"
+printf '| RTO (download to accepting connections) | %s + %s | %s |\n' "$drill_fetch" "$drill_start" "$(col "$work/out/rt" 6)"
 printf '| total | %s | %s |\n' "$drill_total" "$(col "$work/out/rt" 7)"
