@@ -106,6 +106,11 @@ fn integrity_and_restore_tests(backend: Backend) {
 
     let all = verify_report(&base_verify(repo_args, cwd, &["--all", "--json"]));
     assert_eq!((all["healthy"].as_bool(), all["backups"].as_array().map(Vec::len)), (Some(true), Some(1)), "{all:#}");
+    // The catalog's figures, as the metrics carry them.
+    let catalog = &all["catalog"];
+    assert_eq!(catalog["backups"][0]["name"], *name, "{all:#}");
+    assert_eq!(catalog["backups"][0]["stored_bytes"], all["backups"][0]["stored_bytes"], "{all:#}");
+    assert!(catalog["newest_backup_age_seconds"].as_f64().is_some_and(|age| age >= 0.0), "{all:#}");
 
     // --- An unknown backup: exit 1, named. ---
     let out = base_verify(repo_args, cwd, &["20000101T000000Z"]);

@@ -130,7 +130,7 @@ fn main() {
             let findings: Vec<Finding> = outcome.findings.iter().cloned().chain(checked).collect();
             write_metrics(&cli, &repo_url, Some(&outcome), &findings, took, &log);
             if cli.json {
-                walship_cli::print_result_line(&json_report(&outcome.checked, &findings, took).to_string());
+                walship_cli::print_result_line(&json_report(&outcome, &findings, took).to_string());
             }
             let summary = summary(&outcome.checked, took);
             walship_cli::finish_verify(&log, &findings, &summary);
@@ -332,8 +332,9 @@ fn summary(checked: &[Checked], took: Duration) -> String {
     text
 }
 
-fn json_report(checked: &[Checked], findings: &[Finding], took: Duration) -> serde_json::Value {
-    let backups: Vec<serde_json::Value> = checked
+fn json_report(outcome: &Outcome, findings: &[Finding], took: Duration) -> serde_json::Value {
+    let backups: Vec<serde_json::Value> = outcome
+        .checked
         .iter()
         .map(|c| {
             serde_json::json!({
@@ -347,8 +348,19 @@ fn json_report(checked: &[Checked], findings: &[Finding], took: Duration) -> ser
             })
         })
         .collect();
+    let catalog: Vec<serde_json::Value> = outcome
+        .catalog
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "name": b.name, "finished_at": b.finished_at,
+                "original_bytes": b.original_bytes, "stored_bytes": b.stored_bytes,
+            })
+        })
+        .collect();
     serde_json::json!({
         "healthy": findings.is_empty(),
+        "catalog": { "backups": catalog, "newest_backup_age_seconds": newest_age_seconds(&outcome.catalog) },
         "backups": backups,
         "findings": findings,
         "duration_seconds": took.as_secs_f64(),
@@ -389,11 +401,17 @@ fn write_metrics(
     }
 }
 
+/// How long ago the newest complete backup finished, in seconds (millisecond precision).
+fn newest_age_seconds(catalog: &[Summary]) -> Option<f64> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    let newest = catalog.iter().filter_map(|s| s.finished_unix).max()?;
+    Some(((now - newest).max(0) / 1_000_000) as f64 / 1000.0)
+}
+
 fn catalog_metrics(out: &mut Metrics, catalog: &[Summary]) {
     out.set(metrics::BACKUPS, &[], catalog.len() as f64);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
-    if let Some(newest) = catalog.iter().filter_map(|s| s.finished_unix).max() {
-        out.set(metrics::BACKUP_NEWEST_AGE, &[], ((now - newest).max(0) / 1_000_000) as f64 / 1000.0);
+    if let Some(age) = newest_age_seconds(catalog) {
+        out.set(metrics::BACKUP_NEWEST_AGE, &[], age);
     }
     for backup in catalog {
         out.set(metrics::BACKUP_ORIGINAL_BYTES, &[("backup", &backup.name)], backup.original_bytes as f64);
