@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use walship_tests::assertions::assert_error;
 use walship_tests::backups::path_with_pg_bin;
-use walship_tests::backups::{base_push, damage_middle};
+use walship_tests::backups::{base_command, base_push, damage_middle};
 use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, primary, record};
 use walship_tests::pg::clear_pg_env;
 use walship_tests::repository::{Backend, ConfigLines};
@@ -167,7 +167,8 @@ fn integrity_and_restore_tests(backend: Backend) {
     assert_eq!(tested["check_output"], serde_json::json!([(2 * ROWS).to_string(), "f"]), "{tested:#}");
     assert_nothing_left(&scratch, "a restore test --to-end");
     assert_eq!(snapshot(repo), before, "the restore tests changed the repository");
-    could_not_start(repo_args, cwd, &scratch);
+    could_not_start(&setup, &scratch);
+    tools_of_the_backups_version(&setup, &name);
     assert_eq!(snapshot(repo), before, "the failed starts changed the repository");
 
     // --- A catalog record that disagrees with the stored manifest: exit 13, manifest_mismatch. ---
@@ -240,7 +241,8 @@ fn assert_ends_in_error(out: &Output, code: i32, needles: &[&str]) {
     assert_eq!(out.code, Some(code), "{out:#?}");
     assert!(out.stdout.is_empty(), "{out:#?}");
     let last = out.stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("base-verify: error: ") && last.ends_with(&format!("(exit {code})")), "{out:#?}");
+    let program = ["base-verify: error: ", "base-fetch: error: "].iter().any(|p| last.starts_with(p));
+    assert!(program && last.ends_with(&format!("(exit {code})")), "{out:#?}");
     for needle in needles {
         assert!(last.contains(needle), "the error line should mention {needle:?}: {last}");
     }
@@ -255,21 +257,69 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
     }
 }
 
-/// Restore tests that cannot start a server say why in one line, as "could not check" (exit 10),
-/// and leave nothing: a `postgres` of another major version first on PATH (refused before anything
-/// is downloaded), and base-verify run as root (PostgreSQL refuses to start).
-fn could_not_start(repo_args: &[OsString], cwd: &Path, scratch: &Path) {
-    let scratch_arg = ["--restore-test", "--scratch", path_arg(scratch)];
-    let fake = Scratch::new("bv-fake-postgres");
-    let postgres = fake.path().join("postgres");
-    fs::write(&postgres, "#!/bin/sh\necho 'postgres (PostgreSQL) 14.9'\n").unwrap();
-    fs::set_permissions(&postgres, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+/// A directory holding fake PostgreSQL `tools` that say they are version `version`, and PATH with it
+/// first.
+fn fake_tools(tools: &[&str], version: &str) -> (Scratch, OsString) {
+    let fake = Scratch::new("bv-fake-tools");
+    for tool in tools {
+        let path = fake.path().join(tool);
+        fs::write(
+            &path,
+            format!("#!/bin/sh\n[ \"$1\" = --version ] && echo '{tool} (PostgreSQL) {version}' && exit 0\nexit 1\n"),
+        )
+        .unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let mut path = vec![fake.path().to_owned()];
     path.extend(std::env::split_paths(&path_with_pg_bin()));
-    let out = run(base_verify_command(repo_args, cwd, &scratch_arg).env("PATH", std::env::join_paths(path).unwrap()));
-    assert_ends_in_error(&out, 10, &["(PostgreSQL) 14.9: not PostgreSQL 15"]);
+    (fake, std::env::join_paths(path).unwrap())
+}
+
+/// The programs that judge or start a backup are chosen by its major version, not by PATH order: a
+/// PostgreSQL 18 pg_verifybackup (or 14 postgres) first on PATH is passed over for 15's; where only
+/// another version is to be had (pg_bin_dir), the refusal names it (exit 10) before anything is
+/// downloaded, and is never reported as a corrupt backup.
+fn tools_of_the_backups_version(setup: &ExpireSetup, name: &str) {
+    let (repo_args, cwd) = (&setup.repo_args, setup.store.path());
+    let (fake, path) = fake_tools(&["pg_verifybackup", "postgres"], "18.6");
+    let restored = cwd.join("restored-by-version");
+    let out = run(base_command("base-fetch", repo_args, cwd).env("PATH", &path).arg(name).arg(&restored));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("backup successfully verified"), "15's pg_verifybackup ran: {}", out.stderr);
+    fs::remove_dir_all(&restored).unwrap();
+    let config = setup.repo.write_config(
+        cwd,
+        "fake-bin.toml",
+        ConfigLines { top: &format!("pg_bin_dir = {:?}", fake.path()), ..ConfigLines::default() },
+    );
+    let config_args = [OsString::from("--config"), config.into()];
+    let out = run(base_command("base-fetch", &config_args, cwd).arg(name).arg(&restored));
+    assert_ends_in_error(&out, 10, &["pg_verifybackup", "the backup is PostgreSQL 15", "(PostgreSQL) 18.6"]);
+    assert!(!out.stderr.contains("corrupt") && !out.stderr.contains("restoring backup"), "{}", out.stderr);
+    assert!(fs::read_dir(&restored).map_or(true, |mut d| d.next().is_none()), "nothing left in {restored:?}");
+}
+
+/// Restore tests that cannot start a server say why in one line, as "could not check" (exit 10),
+/// and leave nothing: only a `postgres` of another major version (pg_bin_dir; refused before
+/// anything is downloaded), and base-verify run as root (PostgreSQL refuses to start). A postgres of
+/// another version first on PATH is passed over for the backup's own.
+fn could_not_start(setup: &ExpireSetup, scratch: &Path) {
+    let (repo_args, cwd) = (&setup.repo_args[..], setup.store.path());
+    let scratch_arg = ["--restore-test", "--scratch", path_arg(scratch)];
+    let (fake, path) = fake_tools(&["postgres"], "14.9");
+    let out = run(base_verify_command(repo_args, cwd, &scratch_arg).env("PATH", &path));
+    assert_eq!(out.code, Some(0), "15's postgres, not 14's first on PATH: {out:#?}");
+    assert_nothing_left(scratch, "a restore test with another postgres first on PATH");
+    let config = setup.repo.write_config(
+        cwd,
+        "fake-postgres.toml",
+        ConfigLines { top: &format!("pg_bin_dir = {:?}", fake.path()), ..ConfigLines::default() },
+    );
+    let config_args = [OsString::from("--config"), config.into()];
+    let out = run(&mut base_verify_command(&config_args, cwd, &scratch_arg));
+    assert_ends_in_error(&out, 10, &["the backup is PostgreSQL 15", "(PostgreSQL) 14.9"]);
     assert!(!out.stderr.contains("download_and_extract"), "refused before the download: {}", out.stderr);
-    assert_nothing_left(scratch, "a restore test with the wrong postgres");
+    assert_nothing_left(scratch, "a restore test with only the wrong postgres");
     if walship_tests::server_user().is_some() {
         let mut as_root = Command::new(walship_tests::bin("base-verify"));
         isolate_environment(&mut as_root);

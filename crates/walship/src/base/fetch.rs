@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::extract::{Downloaded, Layout, Unpacking, extract};
 use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
-use super::tools::find_tool;
+use super::tools::find_tool_of_version;
 use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
 use crate::error::Error;
 use crate::log::Log;
@@ -107,6 +107,14 @@ pub async fn base_fetch(
             return Err(e);
         }
     };
+    // Before anything is downloaded: only the backup's own version may judge it.
+    let verifier = match find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version) {
+        Ok(verifier) => verifier,
+        Err(e) => {
+            undo(&prepared);
+            return Err(e);
+        }
+    };
     // Every tablespace's directory must be as free as DATA_DIR before anything is downloaded.
     let mut targets = Vec::new();
     for archive in &record.archives {
@@ -135,7 +143,7 @@ pub async fn base_fetch(
         record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
         data_dir.display()
     ));
-    match restore(repo, options, &record, &targets, progress, log).await {
+    match restore(repo, options, &record, &targets, verifier.as_deref(), progress, log).await {
         Ok(Restored { verification, download_and_extract, verify }) => {
             Ok(RestoreReport { record, verification, download_and_extract, verify })
         }
@@ -213,6 +221,7 @@ async fn restore(
     options: &FetchOptions,
     record: &BackupRecord,
     targets: &[PathBuf],
+    verifier: Option<&Path>,
     progress: &Arc<dyn Progress>,
     log: &Log,
 ) -> Result<Restored, Error> {
@@ -271,7 +280,7 @@ async fn restore(
     crate::failpoint::hit("base-fetch:configured");
     let download_and_extract = started.elapsed();
     let verify_started = std::time::Instant::now();
-    let verification = verify(options, record, &staging, progress.as_ref(), log)?;
+    let verification = verify(options, record, verifier, &staging, progress.as_ref(), log)?;
     let verify = verify_started.elapsed();
     crate::failpoint::hit("base-fetch:verified");
     let _ = fs::remove_dir_all(&staging);
@@ -460,23 +469,25 @@ fn install_control(data_dir: &Path) -> Result<(), Error> {
 fn verify(
     options: &FetchOptions,
     record: &BackupRecord,
+    verifier: Option<&Path>,
     staging: &Path,
     progress: &dyn Progress,
     log: &Log,
 ) -> Result<Verification, Error> {
     let data_dir = &options.data_dir;
     progress.phase("running pg_verifybackup");
-    let Some(tool) = find_tool(options.pg_bin_dir.as_deref(), "pg_verifybackup", Some(record.pg_version)) else {
+    let Some(tool) = verifier else {
         log.info(format_args!(
-            "pg_verifybackup is not installed: the restored files were not checked against backup_manifest \
-             (every part's checksum was)"
+            "PostgreSQL {}'s pg_verifybackup is not installed: the restored files were not checked against \
+             backup_manifest (every part's checksum was)",
+            record.pg_version
         ));
         return Ok(Verification::NotInstalled);
     };
     let manifest = data_dir.join("backup_manifest");
     let held_back_manifest = staging.join("backup_manifest");
     write_held_back_manifest(&manifest, &held_back_manifest)?;
-    let mut command = Command::new(&tool);
+    let mut command = Command::new(tool);
     command.arg("--manifest-path").arg(&held_back_manifest).arg(format!("--ignore={STAGING_DIR}"));
     // base-fetch rewrites tablespace_map for the directories the tablespaces went to.
     if record.archives.iter().any(|a| a.tablespace.is_some()) {

@@ -47,7 +47,7 @@ pub use recovery::{RecoveryTarget, TargetAction, parse_timestamp, restore_comman
 pub(crate) use signals::Signals;
 pub(crate) use timeline::{HISTORY_PREFIX, history_timelines, read_history};
 pub use timeline::{Lineage, lineage};
-pub(crate) use tools::{find_tool, tool_version};
+pub(crate) use tools::find_tool_of_version;
 
 use serde::{Deserialize, Serialize};
 

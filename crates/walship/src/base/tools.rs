@@ -11,10 +11,15 @@ use crate::error::Error;
 /// known major version, where Debian/Ubuntu (`/usr/lib/postgresql/V/bin`) and the PGDG RPMs
 /// (`/usr/pgsql-V/bin`) install it, since their PATH carries only some programs. `None`: not found.
 pub(crate) fn find_tool(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Option<u32>) -> Option<PathBuf> {
+    candidates(pg_bin_dir, tool, pg_version).next()
+}
+
+/// Every executable `tool` in [`find_tool`]'s places, in its order, each file once.
+fn candidates(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Option<u32>) -> impl Iterator<Item = PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let executable = |path: &PathBuf| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if let Some(dir) = pg_bin_dir {
-        return Some(dir.join(tool)).filter(|p| executable(p));
+        return vec![dir.join(tool)].into_iter().filter(executable);
     }
     let on_path = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).map(|dir| dir.join(tool)).collect::<Vec<_>>())
@@ -27,7 +32,50 @@ pub(crate) fn find_tool(pg_bin_dir: Option<&Path>, tool: &str, pg_version: Optio
             ]
         })
         .unwrap_or_default();
-    on_path.into_iter().chain(packaged).find(|p| executable(p))
+    let mut all: Vec<PathBuf> = on_path.into_iter().chain(packaged).collect();
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
+    all.into_iter().filter(executable)
+}
+
+/// The PostgreSQL program `tool` of major version `pg_version`: in `pg_bin_dir` when configured,
+/// else the first one in [`find_tool`]'s places whose `--version` says that major version. A backup
+/// must be checked (pg_verifybackup) and started (postgres) by the programs of its own version:
+/// PostgreSQL 18's pg_verifybackup calls a version 17 backup's pg_control corrupt. `Ok(None)`: no
+/// such program anywhere; an error, naming what was found, when there are only programs of other
+/// versions, so that a wrong version is never taken for damage.
+pub(crate) fn find_tool_of_version(
+    pg_bin_dir: Option<&Path>,
+    tool: &str,
+    pg_version: u32,
+) -> Result<Option<PathBuf>, Error> {
+    let mut others = Vec::new();
+    for candidate in candidates(pg_bin_dir, tool, Some(pg_version)) {
+        let Ok(version) = tool_version(&candidate) else { continue };
+        if major_version(&version) == Some(pg_version) {
+            return Ok(Some(candidate));
+        }
+        others.push(format!("{} is {version}", candidate.display()));
+    }
+    if others.is_empty() {
+        return Ok(None);
+    }
+    Err(Error::ToolFailed {
+        tool: tool.to_owned(),
+        reason: format!(
+            "the backup is PostgreSQL {pg_version}, but {}; install PostgreSQL {pg_version}'s programs or set \
+             pg_bin_dir to their directory",
+            others.join(", ")
+        ),
+    })
+}
+
+/// The major version in a `--version` line: `pg_verifybackup (PostgreSQL) 17.2 (Debian 17.2-1)`
+/// and `postgres (PostgreSQL) 18beta1` say 17 and 18.
+pub(crate) fn major_version(version_line: &str) -> Option<u32> {
+    let number = version_line.split(") ").nth(1)?.split_whitespace().next()?;
+    let digits: String = number.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// [`find_tool`] on `pg_bin_dir` or PATH, or a [`Error::ToolFailed`] that says where it looked.
@@ -63,4 +111,38 @@ pub(crate) fn tool_version(tool: &Path) -> Result<String, Error> {
         });
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_major_version_is_read_from_the_version_line() {
+        assert_eq!(major_version("pg_verifybackup (PostgreSQL) 17.2 (Debian 17.2-1.pgdg120+1)"), Some(17));
+        assert_eq!(major_version("postgres (PostgreSQL) 18beta1"), Some(18));
+        assert_eq!(major_version("psql (PostgreSQL) 15.10"), Some(15));
+        assert_eq!(major_version("something else"), None);
+    }
+
+    fn fake(dir: &Path, tool: &str, version: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(tool);
+        std::fs::write(&path, format!("#!/bin/sh\necho '{tool} (PostgreSQL) {version}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn only_the_backups_own_version_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        fake(dir.path(), "pg_verifybackup", "18.6");
+        let error = find_tool_of_version(Some(dir.path()), "pg_verifybackup", 17).unwrap_err();
+        assert_eq!(error.exit_code(), crate::ExitCode::ToolFailed);
+        let text = error.to_string();
+        assert!(text.contains("the backup is PostgreSQL 17") && text.contains("(PostgreSQL) 18.6"), "{text}");
+        fake(dir.path(), "pg_verifybackup", "17.10");
+        let found = find_tool_of_version(Some(dir.path()), "pg_verifybackup", 17).unwrap();
+        assert_eq!(found, Some(dir.path().join("pg_verifybackup")));
+        assert_eq!(find_tool_of_version(Some(dir.path()), "pg_combinebackup", 17).unwrap(), None, "not installed");
+    }
 }

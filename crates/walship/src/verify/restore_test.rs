@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use super::scratch::{Scratch, clean_predecessors};
 use super::{Finding, FindingKind};
 use crate::base::{
-    BackupRecord, FetchOptions, NoProgress, Progress, RecoveryTarget, Signals, TargetAction, base_fetch, find_tool,
-    tool_version,
+    BackupRecord, FetchOptions, NoProgress, Progress, RecoveryTarget, Signals, TargetAction, base_fetch,
+    find_tool_of_version,
 };
 use crate::error::Error;
 use crate::log::Log;
@@ -397,11 +397,12 @@ struct Psql {
 
 impl Psql {
     fn find(pg_version: u32, options: &RestoreTestOptions) -> Result<Psql, Error> {
-        let path =
-            find_tool(options.pg_bin_dir.as_deref(), "psql", Some(pg_version)).ok_or_else(|| Error::ToolFailed {
+        let path = find_tool_of_version(options.pg_bin_dir.as_deref(), "psql", pg_version)?.ok_or_else(|| {
+            Error::ToolFailed {
                 tool: "psql".into(),
                 reason: format!("PostgreSQL {pg_version}'s psql is not installed"),
-            })?;
+            }
+        })?;
         let (port, database, check_sql) = (options.port, options.check_database.clone(), options.check_sql.clone());
         Ok(Psql { path, port, database, check_sql })
     }
@@ -435,25 +436,12 @@ impl Psql {
     }
 }
 
-/// The `postgres` of the backup's major version, checked by its `--version`.
+/// The `postgres` of the backup's major version, chosen by its `--version`.
 fn postgres_of(pg_bin_dir: Option<&Path>, pg_version: u32) -> Result<PathBuf, Error> {
-    let postgres = find_tool(pg_bin_dir, "postgres", Some(pg_version)).ok_or_else(|| Error::ToolFailed {
+    find_tool_of_version(pg_bin_dir, "postgres", pg_version)?.ok_or_else(|| Error::ToolFailed {
         tool: "postgres".into(),
         reason: format!("PostgreSQL {pg_version}'s server is not installed (or set pg_bin_dir in the configuration)"),
-    })?;
-    let version = tool_version(&postgres)?;
-    // "postgres (PostgreSQL) 15.10 (Debian 15.10-1)"
-    let major = version.split_whitespace().nth(2).and_then(|v| v.split('.').next()).and_then(|v| v.parse::<u32>().ok());
-    if major != Some(pg_version) {
-        return Err(Error::ToolFailed {
-            tool: postgres.display().to_string(),
-            reason: format!(
-                "{version}: not PostgreSQL {pg_version}, the backup's major version; set pg_bin_dir to that version's \
-                 bin directory"
-            ),
-        });
-    }
-    Ok(postgres)
+    })
 }
 
 /// The status line of postmaster.pid (its 8th): `starting`, `standby`, `ready`, `stopping`.
