@@ -20,8 +20,9 @@ Configuration file keys (TOML; unknown keys are an error):
   compression_level = 1               zstd level for new objects, -7 to 19
   deadline_secs = 120                 how long one command retries transient failures (base
                                       backups: how long a transfer may make no progress)
-  pg_bin_dir = \"/usr/lib/postgresql/15/bin\"   where pg_basebackup and pg_verifybackup are
-                                      [default: found on PATH]
+  pg_bin_dir = \"/usr/lib/postgresql/15/bin\"   where PostgreSQL's programs are [default: PATH, then
+                                      /usr/lib/postgresql/V/bin, /usr/pgsql-V/bin]; pg_verifybackup,
+                                      postgres and psql must be the backup's major version V
   [base] part_size = \"256MiB\"         bytes of the backup stream per stored part
   [base] compression_workers = 0      zstd threads compressing a base backup (0: one per core)
   [base] transfer_concurrency = 4     parts downloaded at once (base-fetch), parts completing at
@@ -57,7 +58,8 @@ Exit codes (shared by all walship commands):
   7  corrupt: a stored object failed verification (it is never handed over)
   8  storage: the repository failed or was unreachable until the deadline
   9  local file: reading the file to archive or writing the restored file failed
- 10  pg_basebackup or pg_verifybackup failed or could not be run
+ 10  a PostgreSQL program (pg_basebackup, pg_verifybackup, postgres, psql) failed or could not
+     be run (not installed, no connection, only another major version than the backup's)
  11  interrupted by SIGINT, SIGTERM or SIGHUP (what was written was removed)
  12  internal error: a bug in walship (it panicked)
  13  problems found (wal-verify, base-verify): the check ran and found gaps, a stale archive,

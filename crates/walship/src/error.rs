@@ -189,7 +189,7 @@ pub enum ExitCode {
     Storage = 8,
     /// A local file could not be read or written.
     LocalIo = 9,
-    /// pg_basebackup or pg_verifybackup failed or could not be run.
+    /// A PostgreSQL program (pg_basebackup, pg_verifybackup, postgres, psql) failed or could not be run.
     ToolFailed = 10,
     /// A signal stopped the command; what it wrote was removed.
     Interrupted = 11,
