@@ -28,7 +28,7 @@ use walship_tests::pg::clear_pg_env;
 use walship_tests::repository::{Backend, ConfigLines};
 use walship_tests::running::{Running, finish, spawn};
 use walship_tests::verify_base::{
-    Reaper, alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs,
+    RestoreScratch, alive, assert_nothing_left, base_verify, base_verify_command, metrics_of, sample, scratch_dirs,
     scratch_postmaster, snapshot, verify_report,
 };
 use walship_tests::{Output, Scratch, isolate_environment, run};
@@ -55,9 +55,8 @@ fn a_tablespace_is_restored_inside_the_scratch_directory() {
     base_push(&cluster, &repo_args, cwd, &[]);
     archive_and_stop(cluster);
     let live_files = walship_tests::assertions::files_below(&old_location);
-    let scratch_dir = Scratch::new("bvs");
+    let scratch_dir = RestoreScratch::create();
     let scratch = scratch_dir.path().to_owned();
-    let _reaper = Reaper(scratch.clone());
     let check = ["--check-sql", "select count(*) from far", "--json"];
     let out =
         base_verify(&repo_args, cwd, &[&["--restore-test", "--scratch", path_arg(&scratch)][..], &check].concat());
@@ -98,10 +97,8 @@ fn integrity_and_restore_tests(backend: Backend) {
     let (name, _) = base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 2, ROWS);
     archive_and_stop(cluster);
-    // Its own short path: the restore test's socket lives inside.
-    let scratch_dir = Scratch::new("bvs");
+    let scratch_dir = RestoreScratch::create();
     let scratch = scratch_dir.path().to_owned();
-    let _reaper = Reaper(scratch.clone());
     let before = snapshot(repo);
 
     let all = verify_report(&base_verify(repo_args, cwd, &["--all", "--json"]));
@@ -136,6 +133,10 @@ fn integrity_and_restore_tests(backend: Backend) {
     );
     assert_eq!(sample(&samples, "walship_verify_healthy", &["command=\"base-verify\""]), 1.0);
     assert_eq!(sample(&samples, "walship_verify_findings", &["kind=\"damaged_part\""]), 0.0);
+    // A healthy run whose metrics file cannot be written fails with the write's code.
+    let unwritable = cwd.join("no-such-dir").join("base.prom");
+    let out = base_verify(repo_args, cwd, &["--metrics", path_arg(&unwritable)]);
+    assert_ends_in_error(&out, 9, &["write metrics"]);
     assert_eq!(snapshot(repo), before, "the integrity check changed the repository");
 
     // --- A restore test to the first consistent point: each step timed, the check's rows. ---
@@ -365,9 +366,8 @@ fn killed_mid_replay(backend: Backend) {
     base_push(&cluster, repo_args, cwd, &[]);
     insert_batch(&cluster, 2, ROWS);
     archive_and_stop(cluster);
-    let scratch_dir = Scratch::new("bvs");
+    let scratch_dir = RestoreScratch::create();
     let scratch = scratch_dir.path().to_owned();
-    let _reaper = Reaper(scratch.clone());
     let before = snapshot(repo);
     let args: Vec<OsString> =
         ["--restore-test", "--to-end", "--scratch", path_arg(&scratch)].map(OsString::from).into();

@@ -114,6 +114,13 @@ fn a_healthy_archive_passes(backend: Backend) {
     let last = human.stderr.lines().last().unwrap_or_default();
     assert!(last.starts_with("wal-verify: healthy: ") && last.contains("2 backups checked"), "{human:#?}");
     assert!(last.contains(newest), "the summary names the newest segment: {last}");
+    // A healthy run whose metrics file cannot be written fails with the write's code: monitoring would
+    // otherwise go on reading a stale file.
+    let unwritable = prom.with_file_name("no-such-dir").join("walship-wal.prom");
+    let out = setup.verify(&["--metrics", unwritable.to_str().unwrap()]);
+    assert_eq!(out.code, Some(9), "{out:#?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("write metrics") && last.ends_with("(exit 9)"), "{out:#?}");
 
     let deep = setup.report(&["--deep", "--parallel", "3"], 0);
     assert_eq!(deep["deep"]["verified_objects"].as_u64(), Some(wal_objects), "{deep:#}");
@@ -153,6 +160,11 @@ fn deleted_segments_are_named_as_a_range(backend: Backend) {
     let human = setup.verify(&[]);
     assert_eq!(human.code, Some(13), "{human:#?}");
     assert!(human.stderr.contains(&format!("problem: gap: {message}")), "{human:#?}");
+    // A metrics file that cannot be written is said, and the problems still decide the code.
+    let unwritable = prom.with_file_name("no-such-dir").join("gap.prom");
+    let out = setup.verify(&["--metrics", unwritable.to_str().unwrap()]);
+    assert_eq!(out.code, Some(13), "{out:#?}");
+    assert!(out.stderr.contains("problem: gap: ") && out.stderr.contains("write metrics"), "{out:#?}");
     for (key, from) in moved {
         put_back(&setup.repo, key, &from);
     }

@@ -95,13 +95,26 @@ pub fn alive(pid: i32) -> bool {
         .is_ok_and(|stat| stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) != Some("Z"))
 }
 
-/// Kills (SIGKILL) whatever still runs under a scratch directory when dropped: a test that fails
-/// must not leave a restore test's server running.
-pub struct Reaper(pub PathBuf);
+/// A scratch parent for restore tests, with a short path of its own (the server's socket may live
+/// inside). Dropped, it kills (SIGKILL) whatever still runs under it before it is removed: a test
+/// that fails must not leave a restore test's server running.
+pub struct RestoreScratch {
+    dir: crate::Scratch,
+}
 
-impl Drop for Reaper {
+impl RestoreScratch {
+    pub fn create() -> RestoreScratch {
+        RestoreScratch { dir: crate::Scratch::new("bvs") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RestoreScratch {
     fn drop(&mut self) {
-        for process in processes_under(&self.0) {
+        for process in processes_under(self.dir.path()) {
             if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
                 // SAFETY: kill(2) on a process of the test's own scratch directory.
                 unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -128,17 +128,14 @@ fn main() {
         Ok(outcome) => {
             let checked = outcome.checked.iter().flat_map(Checked::findings);
             let findings: Vec<Finding> = outcome.findings.iter().cloned().chain(checked).collect();
-            write_metrics(&cli, &repo_url, Some(&outcome), &findings, took, &log);
             if cli.json {
                 walship_cli::print_result_line(&json_report(&outcome, &findings, took).to_string());
             }
-            let summary = summary(&outcome.checked, took);
-            walship_cli::finish_verify(&log, &findings, &summary);
+            let figures = metrics_of(&repo_url, &outcome, &findings, took);
+            let metrics = cli.metrics.as_deref().map(|path| (path, &figures));
+            walship_cli::finish_verify(&log, &findings, &summary(&outcome.checked, took), metrics);
         }
-        Err(e) => {
-            write_metrics(&cli, &repo_url, None, &[], took, &log);
-            walship_cli::exit_with(&log, &e)
-        }
+        Err(e) => walship_cli::could_not_check(&log, COMMAND, cli.metrics.as_deref(), &repo_url, took, &e),
     }
 }
 
@@ -378,27 +375,15 @@ fn json_restore_test(report: &RestoreTestReport) -> serde_json::Value {
     })
 }
 
-/// Writes `--metrics FILE`; `outcome` is `None` when base-verify could not check.
-fn write_metrics(
-    cli: &Cli,
-    repo_url: &str,
-    outcome: Option<&Outcome>,
-    findings: &[Finding],
-    took: Duration,
-    log: &Log,
-) {
-    let Some(path) = &cli.metrics else { return };
+/// The figures of a run that could check, for `--metrics FILE`.
+fn metrics_of(repo_url: &str, outcome: &Outcome, findings: &[Finding], took: Duration) -> Metrics {
     let mut out = Metrics::new(repo_url);
-    if let Some(outcome) = outcome {
-        catalog_metrics(&mut out, &outcome.catalog);
-        for checked in &outcome.checked {
-            backup_metrics(&mut out, checked);
-        }
+    catalog_metrics(&mut out, &outcome.catalog);
+    for checked in &outcome.checked {
+        backup_metrics(&mut out, checked);
     }
-    metrics::set_outcome(&mut out, COMMAND, outcome.map(|_| findings), took);
-    if let Err(e) = out.write(path) {
-        log.info(format_args!("error: {e}"));
-    }
+    metrics::set_outcome(&mut out, COMMAND, Some(findings), took);
+    out
 }
 
 /// How long ago the newest complete backup finished, in seconds (millisecond precision).

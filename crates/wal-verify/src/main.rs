@@ -92,16 +92,12 @@ fn main() {
         Err(e) => could_not_check(&cli, &log, &url, started, &e),
     };
     let took = started.elapsed();
-    if let Some(path) = &cli.metrics {
-        let written = metrics_of(&url, &report, options.now, took).write(path);
-        if let Err(e) = written {
-            walship_cli::exit_with(&log, &e);
-        }
-    }
     if cli.json {
         walship_cli::print_result_line(&json_report(&report, options.now, took).to_string());
     }
-    walship_cli::finish_verify(&log, &report.findings, &summary(&report, options.now));
+    let figures = metrics_of(&url, &report, options.now, took);
+    let metrics = cli.metrics.as_deref().map(|path| (path, &figures));
+    walship_cli::finish_verify(&log, &report.findings, &summary(&report, options.now), metrics);
 }
 
 async fn verify(config: &Config, options: &WalVerifyOptions, log: &Log) -> Result<WalReport, Error> {
@@ -110,14 +106,7 @@ async fn verify(config: &Config, options: &WalVerifyOptions, log: &Log) -> Resul
 
 /// Nothing is known about the archive: the metrics say so (completed 0), then the error's own code.
 fn could_not_check(cli: &Cli, log: &Log, url: &str, started: Instant, error: &Error) -> ! {
-    if let Some(path) = &cli.metrics {
-        let mut figures = Metrics::new(url);
-        metrics::set_outcome(&mut figures, COMMAND, None, started.elapsed());
-        if let Err(e) = figures.write(path) {
-            log.info(format_args!("error: {e}"));
-        }
-    }
-    walship_cli::exit_with(log, error)
+    walship_cli::could_not_check(log, COMMAND, cli.metrics.as_deref(), url, started.elapsed(), error)
 }
 
 fn age_of(at: SystemTime, now: SystemTime) -> Duration {

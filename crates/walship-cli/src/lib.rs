@@ -350,19 +350,54 @@ pub fn human_bytes(bytes: u64) -> String {
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
-/// Ends a verify command that could check: each finding as one line on stderr and a summary, then
-/// exit 0 when there is none, else [`ExitCode::ProblemsFound`].
-pub fn finish_verify(log: &Log, findings: &[walship::verify::Finding], summary: &str) -> ! {
+/// Ends a verify command that could check: the metrics file written where one was asked for, each
+/// finding as one line on stderr and a summary, then exit 0 when there is none, else
+/// [`ExitCode::ProblemsFound`]. A metrics file that cannot be written is an error line, and turns a
+/// healthy run's 0 into the write's own code (monitoring would go on reading a stale file); problems
+/// found still exit 13.
+pub fn finish_verify(
+    log: &Log,
+    findings: &[walship::verify::Finding],
+    summary: &str,
+    metrics: Option<(&std::path::Path, &walship::verify::metrics::Metrics)>,
+) -> ! {
+    let unwritten = metrics.and_then(|(path, figures)| figures.write(path).err());
     for finding in findings {
         log.info(format_args!("problem: {}: {}", finding.kind.label(), finding.message));
     }
     if findings.is_empty() {
         log.info(format_args!("healthy: {summary}"));
+        if let Some(error) = &unwritten {
+            exit_with(log, error);
+        }
         std::process::exit(0);
+    }
+    if let Some(error) = &unwritten {
+        log.info(format_args!("error: {error}"));
     }
     let code = ExitCode::ProblemsFound as u8;
     log.info(format_args!("{} problems found: {summary} (exit {code})", findings.len()));
     std::process::exit(i32::from(code));
+}
+
+/// Ends a verify command that could not check: the metrics file, where one was asked for, says so
+/// (`walship_verify_completed 0`), then `error` with its own code.
+pub fn could_not_check(
+    log: &Log,
+    command: &str,
+    metrics: Option<&std::path::Path>,
+    repository: &str,
+    took: Duration,
+    error: &Error,
+) -> ! {
+    if let Some(path) = metrics {
+        let mut figures = walship::verify::metrics::Metrics::new(repository);
+        walship::verify::metrics::set_outcome(&mut figures, command, None, took);
+        if let Err(e) = figures.write(path) {
+            log.info(format_args!("error: {e}"));
+        }
+    }
+    exit_with(log, error)
 }
 
 /// `path` made absolute (against the working directory), for paths handed to another process.
