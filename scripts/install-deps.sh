@@ -3,7 +3,8 @@
 #   scripts/install-deps.sh drill   PostgreSQL 15 (server and client tools; the package starts no
 #                                   cluster): all that examples/drill.sh runs, on local disk.
 #   scripts/install-deps.sh [test]  that, plus the OpenSSH client and server (the package starts no
-#                                   sshd), strace, and the pinned s3s-fs S3 test server.
+#                                   sshd), strace, the pinned PostgreSQL 13, 14, 16, 17 and 18 builds
+#                                   (scripts/install-postgres.sh) and the pinned s3s-fs S3 test server.
 # Idempotent: installs nothing when everything is present.
 set -euo pipefail
 
@@ -25,6 +26,8 @@ fi
 if [ "$with_test_servers" = 1 ]; then
   # The SSH backend runs the system ssh client; its tests run a real sshd on loopback.
   command -v ssh >/dev/null || missing+=(openssh-client)
+  # scripts/install-postgres.sh downloads the pinned PostgreSQL builds with it.
+  command -v curl >/dev/null || missing+=(curl)
   [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
   # The storage-safety tests watch fsync calls with it.
   [ -x /usr/bin/strace ] || missing+=(strace)
@@ -43,6 +46,9 @@ fi
 
 command -v cargo >/dev/null || { echo "install-deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 [ "$with_test_servers" = 1 ] || exit 0
+
+# The pinned PostgreSQL builds of the version matrix (13, 14, 16, 17, 18), cached.
+scripts/install-postgres.sh
 
 # The S3-compatible server the tests run on loopback, pinned: it checks request signatures and
 # honours If-None-Match. Newer versions need a newer rustc. Building it takes a few minutes, once.

@@ -5,31 +5,33 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 
-use crate::pg::{Cluster, clear_pg_env, pg_bin_dir};
+use crate::pg::{Cluster, clear_pg_env};
+use crate::versions::PgInstall;
 use crate::{Output, run, walship};
 
 /// PATH for the binaries: PostgreSQL's programs first, so that base-push and base-fetch find that
 /// version's pg_basebackup and pg_verifybackup rather than whatever else is installed.
 pub fn path_with_pg_bin() -> OsString {
-    let mut dirs = vec![pg_bin_dir()];
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    std::env::join_paths(dirs).expect("PATH entries without ':'")
+    PgInstall::default_install().path()
 }
 
 /// A walship base-backup command (`base-push`, `base-fetch`, `base-list`) run as the server user
 /// from `cwd`, on the repository `repo_args` selects, with no libpq settings of whoever runs the
 /// tests.
 pub fn base_command(program: &str, repo_args: &[OsString], cwd: &Path) -> Command {
+    base_command_in(&PgInstall::default_install(), program, repo_args, cwd)
+}
+
+/// [`base_command`] with `install`'s programs first on PATH.
+pub fn base_command_in(install: &PgInstall, program: &str, repo_args: &[OsString], cwd: &Path) -> Command {
     let mut cmd = walship(program);
-    clear_pg_env(&mut cmd).env("PATH", path_with_pg_bin()).env("LC_ALL", "C").current_dir(cwd).args(repo_args);
+    clear_pg_env(&mut cmd).env("PATH", install.path()).env("LC_ALL", "C").current_dir(cwd).args(repo_args);
     cmd
 }
 
 /// `base-push REPO -- --checkpoint=fast EXTRA` against `cluster`.
 pub fn base_push_command(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, extra: &[&str]) -> Command {
-    let mut cmd = base_command("base-push", repo_args, cwd);
+    let mut cmd = base_command_in(cluster.install(), "base-push", repo_args, cwd);
     cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]).args(extra);
     cmd
 }

@@ -18,6 +18,7 @@ pub mod segments;
 pub mod ssh;
 pub mod verify_base;
 pub mod verify_wal;
+pub mod versions;
 
 use std::ffi::OsStr;
 use std::fs;

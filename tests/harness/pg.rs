@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::versions::PgInstall;
 use crate::{Output, Scratch, as_server_user, bin, chown_to_server_user, isolate_environment, run};
 
 /// Where the PostgreSQL binaries come from unless `$WALSHIP_PG_BIN` says otherwise.
@@ -43,9 +44,15 @@ pub fn pg_bin_dir() -> PathBuf {
     dir
 }
 
-/// A PostgreSQL program run as the server user, from `cwd`, with a predictable environment.
+/// A PostgreSQL program of the default installation run as the server user, from `cwd`, with a
+/// predictable environment.
 pub fn pg_command(program: &str, cwd: &Path) -> Command {
-    let mut cmd = Command::new(pg_bin_dir().join(program));
+    program_command(&pg_bin_dir().join(program), cwd)
+}
+
+/// The program at `path` run as [`pg_command`] runs one.
+pub fn program_command(path: &Path, cwd: &Path) -> Command {
+    let mut cmd = Command::new(path);
     clear_pg_env(&mut cmd);
     // The server runs archive_command and restore_command with its own environment: no walship or
     // AWS settings of whoever runs the tests may redirect them, and the AWS SDK must never ask the
@@ -125,6 +132,8 @@ fn check(what: &str, out: Output) -> Output {
 /// A throwaway PostgreSQL cluster (its server may or may not be running).
 pub struct Cluster {
     name: String,
+    /// The PostgreSQL installation whose programs run this cluster.
+    install: PgInstall,
     // Dropped after `Drop::drop` has stopped the server, taking data, socket and log with it.
     scratch: Scratch,
     data: PathBuf,
@@ -135,8 +144,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Creates the directories of a cluster named `name` (used in directory names and messages).
-    fn empty(name: &str) -> Cluster {
+    /// Creates the directories of a cluster named `name` (used in directory names and messages), run
+    /// by `install`'s programs.
+    fn empty_in(install: &PgInstall, name: &str) -> Cluster {
         let scratch = Scratch::new(&format!("pg-{name}"));
         let data = scratch.mkdir("data");
         let socket_dir = scratch.mkdir("sock");
@@ -145,14 +155,29 @@ impl Cluster {
         let socket_len = socket_dir.join(format!(".s.PGSQL.{PORT}")).as_os_str().len();
         assert!(socket_len < 100, "socket path under {socket_dir:?} too long ({socket_len} bytes): set TMPDIR shorter");
         let log = scratch.path().join("server.log");
-        Cluster { name: name.to_owned(), scratch, data, socket_dir, log, postmaster: None }
+        Cluster { name: name.to_owned(), install: install.clone(), scratch, data, socket_dir, log, postmaster: None }
+    }
+
+    /// A PostgreSQL program of this cluster's installation, run as [`pg_command`] runs one.
+    pub fn command(&self, program: &str) -> Command {
+        program_command(&self.install.program(program), self.scratch.path())
+    }
+
+    /// The installation whose programs run this cluster.
+    pub fn install(&self) -> &PgInstall {
+        &self.install
     }
 
     /// Runs initdb for a new cluster, with `--wal-segsize` when `wal_segsize_mb` is given; then
     /// points it at its own socket directory with TCP off. Not started.
     pub fn init(name: &str, wal_segsize_mb: Option<u32>) -> Cluster {
-        let cluster = Cluster::empty(name);
-        let mut cmd = pg_command("initdb", cluster.scratch.path());
+        Cluster::init_in(&PgInstall::default_install(), name, wal_segsize_mb)
+    }
+
+    /// [`init`](Self::init) with `install`'s programs.
+    pub fn init_in(install: &PgInstall, name: &str, wal_segsize_mb: Option<u32>) -> Cluster {
+        let cluster = Cluster::empty_in(install, name);
+        let mut cmd = cluster.command("initdb");
         // --no-sync: a throwaway cluster need not survive a power cut, and it saves seconds.
         cmd.arg("-D").arg(&cluster.data).args(["--no-sync", "--auth=trust", "--locale=C", "--encoding=UTF8"]);
         if let Some(mb) = wal_segsize_mb {
@@ -167,7 +192,17 @@ impl Cluster {
     /// `archive_command` (`""`: archiving paused, so segments wait `.ready`), with `settings` on
     /// top; started.
     pub fn start_archiving(name: &str, archive_command: &str, settings: &[(&str, &str)]) -> Cluster {
-        let mut cluster = Cluster::init(name, Some(1));
+        Cluster::start_archiving_in(&PgInstall::default_install(), name, archive_command, settings)
+    }
+
+    /// [`start_archiving`](Self::start_archiving) with `install`'s programs.
+    pub fn start_archiving_in(
+        install: &PgInstall,
+        name: &str,
+        archive_command: &str,
+        settings: &[(&str, &str)],
+    ) -> Cluster {
+        let mut cluster = Cluster::init_in(install, name, Some(1));
         cluster.configure(&[("wal_level", "replica"), ("archive_mode", "on"), ("archive_command", archive_command)]);
         cluster.configure(settings);
         cluster.start();
@@ -179,7 +214,12 @@ impl Cluster {
     /// `recovery.signal` is created. The backup itself is left untouched, so it can be restored
     /// again. Not started.
     pub fn restore(name: &str, backup: &Path, settings: &[(&str, &str)]) -> Cluster {
-        let cluster = Cluster::empty(name);
+        Cluster::restore_in(&PgInstall::default_install(), name, backup, settings)
+    }
+
+    /// [`restore`](Self::restore) with `install`'s programs.
+    pub fn restore_in(install: &PgInstall, name: &str, backup: &Path, settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::empty_in(install, name);
         // cp -a as the server user keeps the modes PostgreSQL insists on and makes it the owner.
         let mut cmd = Command::new("cp");
         cmd.arg("-a").arg(backup.join(".")).arg(&cluster.data).current_dir(cluster.scratch.path());
@@ -199,7 +239,12 @@ impl Cluster {
     /// else creates it there (base-fetch restoring a backup), then [`adopt_data_dir`](Self::adopt_data_dir)
     /// makes it this cluster's. The directory goes with the cluster, like every other one's.
     pub fn without_data_dir(name: &str) -> Cluster {
-        let cluster = Cluster::empty(name);
+        Cluster::without_data_dir_in(&PgInstall::default_install(), name)
+    }
+
+    /// [`without_data_dir`](Self::without_data_dir) with `install`'s programs.
+    pub fn without_data_dir_in(install: &PgInstall, name: &str) -> Cluster {
+        let cluster = Cluster::empty_in(install, name);
         fs::remove_dir(&cluster.data).unwrap_or_else(|e| panic!("{:?}: {e}", cluster.data));
         cluster
     }
@@ -208,7 +253,7 @@ impl Cluster {
     /// `pg_basebackup -R` of it, so that `standby.signal` and a `primary_conninfo` naming the
     /// primary's socket are in place, pointed at its own socket directory. Not started.
     pub fn standby_of(primary: &Cluster, name: &str) -> Cluster {
-        let cluster = Cluster::empty(name);
+        let cluster = Cluster::empty_in(&primary.install, name);
         primary.base_backup(&cluster.data, &["-R", "-X", "stream"]);
         assert!(cluster.data.join("standby.signal").is_file(), "pg_basebackup -R wrote no standby.signal");
         cluster.configure_own();
@@ -305,7 +350,8 @@ impl Cluster {
     /// instead of panicking: for tests of directories that must not start.
     pub fn try_start(&mut self) -> Output {
         let timeout = WAIT_TIMEOUT.as_secs().to_string();
-        let out = run(pg_command("pg_ctl", self.scratch.path())
+        let out = run(self
+            .command("pg_ctl")
             .args(["start", "-w", "-t", &timeout, "-D"])
             .arg(&self.data)
             .arg("-l")
@@ -363,13 +409,11 @@ impl Cluster {
 
     fn pg_ctl_stop(&self, mode: &str) -> Output {
         let timeout = WAIT_TIMEOUT.as_secs().to_string();
-        run(pg_command("pg_ctl", self.scratch.path())
-            .args(["stop", "-w", "-t", &timeout, "-m", mode, "-D"])
-            .arg(&self.data))
+        run(self.command("pg_ctl").args(["stop", "-w", "-t", &timeout, "-m", mode, "-D"]).arg(&self.data))
     }
 
     fn psql_command(&self) -> Command {
-        let mut cmd = pg_command("psql", self.scratch.path());
+        let mut cmd = self.command("psql");
         cmd.args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"]).arg(&self.socket_dir).args([
             "-p",
             &PORT.to_string(),
@@ -403,7 +447,7 @@ impl Cluster {
 
     /// The pgbench command [`pgbench`](Self::pgbench) runs, for running it in the background.
     pub fn pgbench_command(&self, args: &[&str]) -> Command {
-        let mut cmd = pg_command("pgbench", self.scratch.path());
+        let mut cmd = self.command("pgbench");
         cmd.arg("-h").arg(&self.socket_dir).args(["-p", &PORT.to_string()]).args(args).arg("postgres");
         cmd
     }
@@ -411,7 +455,8 @@ impl Cluster {
     /// Takes a base backup into `dir` (which must exist, empty and owned by the server user) with
     /// `pg_basebackup -D dir --checkpoint=fast` plus `args` (say `-Fp -X none`).
     pub fn base_backup(&self, dir: &Path, args: &[&str]) {
-        let out = run(pg_command("pg_basebackup", self.scratch.path())
+        let out = run(self
+            .command("pg_basebackup")
             .arg("-h")
             .arg(&self.socket_dir)
             .args(["-p", &PORT.to_string(), "-D"])

@@ -59,8 +59,16 @@ use crate::storage::StorageError;
 pub const CATALOG_PREFIX: &str = "catalog/";
 /// Where each backup's objects are (`backups/<NAME>/`).
 pub const BACKUPS_PREFIX: &str = "backups/";
-/// The catalog record format this build writes and reads.
-pub const CATALOG_FORMAT_VERSION: u32 = 1;
+/// The newest catalog record format this build reads. It writes format 1 for a full backup, which
+/// every walship reads, and format 2 for an incremental one, so that a walship that knows nothing of
+/// chains refuses it ("upgrade walship") rather than restoring one link as if it were whole.
+pub const CATALOG_FORMAT_VERSION: u32 = 2;
+/// The format of a full backup's record.
+pub const FULL_RECORD_FORMAT: u32 = 1;
+/// The format of an incremental backup's record (it has a parent).
+pub const INCREMENTAL_RECORD_FORMAT: u32 = 2;
+/// A chain longer than this is taken for a damaged catalog (a loop of parents) rather than walked.
+pub const MAX_CHAIN_LEN: usize = 1000;
 /// A catalog record lists its parts; even a petabyte in 256 MiB parts stays far below this.
 const MAX_RECORD_LEN: u64 = 64 << 20;
 
@@ -132,6 +140,28 @@ pub struct ToolRecord {
     pub arguments: Vec<String>,
 }
 
+/// Whether a backup holds every file (`full`) or only what changed since its parent
+/// (`incremental`, PostgreSQL 17+ with `summarize_wal`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    /// Restorable alone.
+    #[default]
+    Full,
+    /// Restorable only with its parent's chain, combined by pg_combinebackup.
+    Incremental,
+}
+
+impl BackupType {
+    /// `full` or `incremental`, as the catalog, base-list and the metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+        }
+    }
+}
+
 /// The catalog record of one complete backup (`catalog/<NAME>.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupRecord {
@@ -173,6 +203,13 @@ pub struct BackupRecord {
     pub pg_basebackup: ToolRecord,
     /// The walship that wrote the record (`walship <version>`).
     pub created_by: String,
+    /// Full or incremental; records written before incremental backups existed are full.
+    #[serde(default)]
+    pub backup_type: BackupType,
+    /// An incremental backup's parent: the backup whose manifest pg_basebackup --incremental was
+    /// given, itself full or incremental. `None` for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl BackupRecord {
@@ -185,6 +222,45 @@ impl BackupRecord {
     pub fn finished_at_unix(&self) -> Option<i128> {
         parse_timestamp(&self.finished_at).ok()
     }
+}
+
+/// The chain a restore of `record` needs, oldest first: the full backup it rests on, each
+/// incremental after it, and `record` itself last (a full backup is a chain of one). Every parent must
+/// still be in the catalog, older than its child, of the same cluster and version; otherwise the
+/// chain is broken and nothing of it may be restored (exit 7 names the missing or wrong link).
+pub async fn chain_of(repo: &Repository, record: BackupRecord) -> Result<Vec<BackupRecord>, Error> {
+    let mut chain = vec![record];
+    loop {
+        let child = chain.last().expect("never empty");
+        let Some(parent_name) = child.parent.clone() else { break };
+        let broken = |reason: String| Error::Corrupt {
+            location: repo.storage().location(&BackupRecord::catalog_key(&child.name)),
+            reason: format!("incremental backup {} cannot be restored: {reason}", child.name),
+        };
+        if chain.len() >= MAX_CHAIN_LEN {
+            return Err(broken(format!("its chain is longer than {MAX_CHAIN_LEN} backups")));
+        }
+        validate_name(&parent_name).map_err(&broken)?;
+        if parent_name >= child.name {
+            return Err(broken(format!("its parent {parent_name} is not older than it")));
+        }
+        let parent = match read_record(repo, &parent_name).await {
+            Ok(parent) => parent,
+            Err(Error::NoSuchBackup(_)) => {
+                return Err(broken(format!("its parent {parent_name} is no longer in the catalog")));
+            }
+            Err(e) => return Err(e),
+        };
+        if parent.system_identifier != child.system_identifier || parent.pg_version != child.pg_version {
+            return Err(broken(format!(
+                "its parent {parent_name} is of another cluster (system {} PostgreSQL {}, not system {} PostgreSQL {})",
+                parent.system_identifier, parent.pg_version, child.system_identifier, child.pg_version
+            )));
+        }
+        chain.push(parent);
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 /// Checks a backup name given by a user or read from a listing: `YYYYMMDDTHHMMSSZ`.

@@ -38,8 +38,8 @@ use super::signals::Signals;
 use super::tar_watch::Observed;
 use super::tools::{required_tool, tool_error, tool_version};
 use super::{
-    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, CATALOG_FORMAT_VERSION, Progress, TablespaceRecord, ToolRecord,
-    Transferred,
+    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, BackupType, FULL_RECORD_FORMAT, Progress, TablespaceRecord,
+    ToolRecord, Transferred,
 };
 use crate::error::Error;
 use crate::log::Log;
@@ -162,7 +162,7 @@ impl Run<'_> {
         let stored_bytes =
             stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
         let record = BackupRecord {
-            format_version: CATALOG_FORMAT_VERSION,
+            format_version: FULL_RECORD_FORMAT,
             name: name.to_owned(),
             started_at,
             finished_at,
@@ -181,6 +181,8 @@ impl Run<'_> {
             manifest,
             pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
+            backup_type: BackupType::Full,
+            parent: None,
         };
         self.log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
         self.to.progress.phase("writing the catalog record");
