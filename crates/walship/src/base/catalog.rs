@@ -3,6 +3,9 @@
 //! ```text
 //! catalog/<NAME>.expiring   base-expire is removing the backup (written before the record goes)
 //! catalog/<NAME>.json       the catalog record: the backup exists
+//! catalog/<NAME>.needed-by-<CHILD>
+//!                           an incremental backup CHILD is being taken on top of NAME (written by
+//!                           base-push before it reads NAME's manifest): base-expire keeps NAME
 //! catalog/<NAME>.pin        the backup is kept forever
 //! ```
 //!
@@ -30,6 +33,9 @@ pub struct CatalogEntry {
     pub pinned: bool,
     /// An expiry mark: a base-expire began removing the backup and may not have finished.
     pub expiring: bool,
+    /// The incremental backups being taken on top of this one (`.needed-by-<CHILD>` claims), by
+    /// name: until they finish (and their records name this backup as parent) or are abandoned.
+    pub needed_by: Vec<String>,
 }
 
 /// What a pin or an expiry mark records, for people reading the repository.
@@ -44,6 +50,14 @@ struct Mark {
 pub fn pin_key(name: &str) -> String {
     format!("{CATALOG_PREFIX}{name}.pin")
 }
+
+/// The key of the claim that incremental backup `child` is being taken on top of `parent`.
+pub fn needed_by_key(parent: &str, child: &str) -> String {
+    format!("{CATALOG_PREFIX}{parent}.{NEEDED_BY}{child}")
+}
+
+/// The start of a claim's kind (after the parent's name and a dot).
+const NEEDED_BY: &str = "needed-by-";
 
 /// The key of backup `name`'s expiry mark.
 pub fn expiring_key(name: &str) -> String {
@@ -78,7 +92,11 @@ pub async fn for_each_entry(
                 "json" => flags.record = true,
                 "pin" => flags.pinned = true,
                 "expiring" => flags.expiring = true,
-                _ => {}
+                claim => {
+                    if let Some(child) = claim.strip_prefix(NEEDED_BY).filter(|c| validate_name(c).is_ok()) {
+                        flags.needed_by.push(child.to_owned());
+                    }
+                }
             }
         }
     }
@@ -93,6 +111,7 @@ struct Flags {
     record: bool,
     pinned: bool,
     expiring: bool,
+    needed_by: Vec<String>,
 }
 
 impl Flags {
@@ -107,7 +126,7 @@ impl Flags {
         } else {
             None
         };
-        Ok(CatalogEntry { name, record, pinned: self.pinned, expiring: self.expiring })
+        Ok(CatalogEntry { name, record, pinned: self.pinned, expiring: self.expiring, needed_by: self.needed_by })
     }
 }
 
@@ -141,6 +160,47 @@ pub async fn set_pinned(repo: &Repository, name: &str, pinned: bool) -> Result<(
         write_mark(repo, &pin_key(&record.name), &record.name, "pin").await
     } else {
         remove_mark(repo, &pin_key(&record.name)).await
+    }
+}
+
+/// Claims `parent` for the incremental backup `child` that base-push is about to take on top of it.
+/// Written before the parent's manifest is read, and followed by [`is_expiring`]: base-expire writes
+/// its expiry mark before it checks for claims, so of a push and an expiry that meet, at least one
+/// sees the other's mark and backs off.
+pub async fn claim_parent(repo: &Repository, parent: &str, child: &str) -> Result<(), Error> {
+    write_mark(repo, &needed_by_key(parent, child), parent, &format!("base-push {child}")).await
+}
+
+/// Withdraws a claim (the incremental backup failed, or its record, naming the parent, now exists).
+pub async fn release_parent(repo: &Repository, parent: &str, child: &str) -> Result<(), Error> {
+    remove_mark(repo, &needed_by_key(parent, child)).await
+}
+
+/// The incremental backups claiming backup `name` now (asked again after an expiry mark is written).
+pub async fn claims_on(repo: &Repository, name: &str) -> Result<Vec<String>, Error> {
+    let prefix = format!("{CATALOG_PREFIX}{name}.{NEEDED_BY}");
+    let mut children = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = repo.storage().list(&prefix, after.as_deref(), 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        children.extend(
+            page.iter()
+                .filter_map(|m| m.key.strip_prefix(&prefix))
+                .filter(|c| validate_name(c).is_ok())
+                .map(str::to_owned),
+        );
+    }
+    Ok(children)
+}
+
+/// Whether a base-expire has marked backup `name` for removal.
+pub async fn is_expiring(repo: &Repository, name: &str) -> Result<bool, Error> {
+    match repo.storage().head(&expiring_key(name)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -37,7 +37,9 @@ mod tar_watch;
 mod timeline;
 mod tools;
 
-pub use catalog::{CatalogEntry, for_each_entry, is_pinned, set_pinned};
+pub use catalog::{
+    CatalogEntry, claim_parent, claims_on, for_each_entry, is_expiring, is_pinned, release_parent, set_pinned,
+};
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub(crate) use fetch::{part_mismatch, stored_mismatch};
 pub(crate) use manifest::{ManifestSummary, manifest_summary};
