@@ -23,7 +23,9 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         failure removes what was extracted. Then restore_command (this walship's wal-fetch, with the \
         same --config/--repo) and the target are written to postgresql.auto.conf, with \
         recovery.signal (or standby.signal with --standby), pg_verifybackup checks the result when \
-        it is installed, and pg_control goes into place last. Tablespaces go back to their old \
+        it is installed, and pg_control goes into place last. pg_verifybackup must be of the \
+        backup's own major version: when only other versions' are found base-fetch refuses (exit \
+        10) before downloading anything; --no-pg-verifybackup skips it instead. Tablespaces go back to their old \
         directories (which must be empty or absent) unless --tablespace-mapping says otherwise.\n\n\
         LATEST follows timelines: it picks only a backup on the target timeline (--target-timeline, \
         else the newest one with a history file in the repository) or on one of its ancestors before \
@@ -92,6 +94,12 @@ struct Cli {
     /// tablespace goes back where it was, which must be empty or absent.
     #[arg(long, value_name = "OLDDIR=NEWDIR")]
     tablespace_mapping: Vec<String>,
+
+    /// Skip pg_verifybackup: the restored files are not checked against backup_manifest; every
+    /// part's SHA-256 still is. For a server whose own version's pg_verifybackup is not installed
+    /// (another version's cannot read its files)
+    #[arg(long)]
+    no_pg_verifybackup: bool,
 }
 
 fn main() {
@@ -118,6 +126,7 @@ fn main() {
             transfer_concurrency: config.base.transfer_concurrency,
             deadline: config.deadline,
             tablespace_mapping: tablespace_mapping(&cli.tablespace_mapping)?,
+            no_pg_verifybackup: cli.no_pg_verifybackup,
         };
         // A restore runs for hours: deadline_secs bounds each transfer (catalog read, part) instead.
         walship_cli::on_repository(&config, &log, async |repo, _deadline| {
@@ -133,8 +142,11 @@ fn main() {
         Ok(report) => {
             let record = &report.record;
             match &report.verification {
-                base::Verification::Passed(said) => log.info(format_args!("pg_verifybackup: {said}")),
-                base::Verification::NotInstalled => {}
+                // Only a pg_verifybackup whose --version says the backup's major is ever run.
+                base::Verification::Passed(said) => {
+                    log.info(format_args!("PostgreSQL {}'s pg_verifybackup: {said}", record.pg_version))
+                }
+                base::Verification::NotInstalled | base::Verification::Skipped => {}
             }
             log.info(format_args!(
                 "restored backup {} ({} bytes, LSN {} to {}) into {} in {seconds:.1} s ({:.1} MB/s); start it with: \

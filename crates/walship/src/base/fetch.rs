@@ -64,6 +64,9 @@ pub struct FetchOptions {
     pub deadline: Duration,
     /// Tablespaces restored elsewhere than where they lived: (old location, new directory).
     pub tablespace_mapping: Vec<(String, PathBuf)>,
+    /// Skip pg_verifybackup (`--no-pg-verifybackup`): for a server whose own version's
+    /// pg_verifybackup is not installed anywhere. Every part's SHA-256 is still checked.
+    pub no_pg_verifybackup: bool,
 }
 
 /// Whether pg_verifybackup checked the restored files against the backup's manifest.
@@ -73,6 +76,8 @@ pub enum Verification {
     Passed(String),
     /// It is not installed: only every part's checksums were checked.
     NotInstalled,
+    /// It was not run, as asked (`--no-pg-verifybackup`): only every part's checksums were checked.
+    Skipped,
 }
 
 /// What a restore did: the backup it restored, and how the result was checked.
@@ -107,8 +112,14 @@ pub async fn base_fetch(
             return Err(e);
         }
     };
-    // Before anything is downloaded: only the backup's own version may judge it.
-    let verifier = match find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version) {
+    // Before anything is downloaded: only the backup's own version may judge it (unless told not
+    // to run it at all, then no other version's stands in the way).
+    let verifier = if options.no_pg_verifybackup {
+        Ok(None)
+    } else {
+        find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version)
+    };
+    let verifier = match verifier {
         Ok(verifier) => verifier,
         Err(e) => {
             undo(&prepared);
@@ -475,6 +486,13 @@ fn verify(
     log: &Log,
 ) -> Result<Verification, Error> {
     let data_dir = &options.data_dir;
+    if options.no_pg_verifybackup {
+        log.info(format_args!(
+            "skipped pg_verifybackup (--no-pg-verifybackup): the restored files are not checked against \
+             backup_manifest; every part's SHA-256 still is"
+        ));
+        return Ok(Verification::Skipped);
+    }
     progress.phase("running pg_verifybackup");
     let Some(tool) = verifier else {
         log.info(format_args!(
