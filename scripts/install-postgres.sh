@@ -5,7 +5,7 @@
 #   scripts/install-postgres.sh        prints nothing when everything is in place
 # The cache: $WALSHIP_PG_CACHE, else /var/cache/walship-tests/postgresql as root (the postgres user
 # must be able to read and run it, which it cannot under /root), else ~/.cache/walship-tests/postgresql.
-# Each major version ends up as <cache>/<major>/bin (initdb, pg_ctl, postgres, and for 16 and 18
+# Each major version ends up as <cache>/<major>/bin (initdb, pg_ctl, postgres, and for 14, 16 and 18
 # every client tool too); the test harness looks there (tests/harness/versions.rs).
 #
 # Sources (the only registries these machines reach), fetched with their own clients:
