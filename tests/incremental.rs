@@ -353,6 +353,49 @@ fn chain_guards() {
     assert_eq!(chain_scratch_in(store.path()), Vec::<String>::new(), "scratch removed after a damaged link");
     fs::write(&part, original).unwrap();
 
+    // --- Killed after each step of a chain restore: pg_control never in place. ---
+    for step in ["chain-restored", "combined", "extracted", "configured", "verified"] {
+        let abort = format!("base-fetch:{step}:abort");
+        let out = run(base_command_in(&install, "base-fetch", &repo_args, cwd)
+            .env(walship::failpoint::FAILPOINT_VAR, &abort)
+            .arg(&second)
+            .arg(&target));
+        assert_eq!(out.code, None, "base-fetch aborted after {step}: {out:#?}");
+        assert!(target.is_dir(), "after {step}: the restore was cut short, not undone");
+        assert!(!target.join("global/pg_control").exists(), "after {step}: pg_control is not in place");
+        let moved = !matches!(step, "chain-restored" | "combined");
+        assert_eq!(target.join("global/pg_control.walship-incomplete").is_file(), moved, "after {step}: held back");
+        fs::remove_dir_all(&target).unwrap();
+        for left in chain_scratch_in(store.path()) {
+            fs::remove_dir_all(store.path().join(left)).unwrap();
+        }
+    }
+
+    // --- A parent being expired is never picked, nor taken with --from. ---
+    let mark = repo.object_file(&format!("catalog/{third}.expiring"));
+    fs::write(&mark, "{}").unwrap();
+    let (fourth, out) = push(&cluster, &repo_args, cwd, &["--incremental"]);
+    assert!(
+        out.stderr.contains(&format!("incremental on top of {second}")),
+        "not on the expiring {third}: {}",
+        out.stderr
+    );
+    let out = run(&mut push_command(&install, &cluster, &repo_args, cwd, &["--incremental", "--from", &third]));
+    assert_failed(&out, 1, &[&third, "being removed by base-expire"]);
+    fs::remove_file(&mark).unwrap();
+
+    // --- A stored manifest that is not the one the parent's record names: refused (exit 7). ---
+    let manifest = repo.object_file(&format!("backups/{full}/backup_manifest"));
+    let original = fs::read(&manifest).unwrap();
+    fs::copy(repo.object_file(&format!("backups/{first}/backup_manifest")), &manifest).unwrap();
+    let out = run(&mut push_command(&install, &cluster, &repo_args, cwd, &["--incremental", "--from", &full]));
+    assert_failed(&out, 7, &[&format!("backup {full}'s backup_manifest is sha256")]);
+    fs::write(&manifest, original).unwrap();
+    let names = |r: &serde_json::Value| r["name"].as_str().unwrap().to_owned();
+    let listed: Vec<String> = listed_records_in(&install, &repo_args, cwd).iter().map(names).collect();
+    assert_eq!(listed, [&*full, &*first, &*second, &*third, &*fourth], "the refused backups left no record");
+    assert_eq!(repo.keys_under("catalog/").len(), 5, "and no claim: {:?}", repo.keys_under("catalog/"));
+
     // --- The chain --from made (full, third) restores without the damaged-then-repaired middle. ---
     lose(cluster);
     let (restored, out) = restore(&install, &repo_args, cwd, "inc-third", &third, &["--target-immediate"]);
