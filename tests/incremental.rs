@@ -489,3 +489,47 @@ fn postgresql_17_chain() {
         assert_absent(&target);
     }
 }
+
+/// A chain of a cluster with a tablespace: each link's tablespace archive restored beside it in the
+/// scratch space, and the combined tablespace mapped to its new directory, as for a full backup.
+#[test]
+fn a_chain_with_a_tablespace_is_restored_elsewhere() {
+    let install = PgInstall::of(18);
+    let store = &Scratch::new("inc-ts");
+    let repo = &Repository::local(store);
+    let spool = store.mkdir("spool");
+    let old_location = store.mkdir("tablespace");
+    let new_location = store.path().join("tablespace-restored");
+    let tables = format!("[base]\nspool_dir = \"{}\"", spool.display());
+    let config = repo.write_config(store.path(), "ts.toml", ConfigLines { tables: &tables, ..ConfigLines::default() });
+    let repo_args: Vec<OsString> = vec!["--config".into(), config.into()];
+    let cwd = store.path();
+    let cluster = cluster_in(&install, "inc-ts", repo, true, "1");
+    cluster.psql(&format!("create tablespace extra location '{}'", old_location.display()));
+    cluster.psql("create table far(n int) tablespace extra");
+    cluster.psql("insert into far select g from generate_series(1, 50000) g");
+    push(&cluster, &repo_args, cwd, &[]);
+    cluster.psql("insert into far select g from generate_series(50001, 50100) g");
+    cluster.psql("update far set n = -n where n <= 10");
+    let (incremental, _) = push(&cluster, &repo_args, cwd, &["--incremental"]);
+    let records = listed_records_in(&install, &repo_args, cwd);
+    assert_eq!(records[1]["archives"].as_array().map(Vec::len), Some(2), "base.tar and the tablespace's");
+    lose(cluster);
+
+    let mapping = format!("{}={}", old_location.display(), new_location.display());
+    let (restored, out) = restore(
+        &install,
+        &repo_args,
+        cwd,
+        "inc-ts-restored",
+        &incremental,
+        &["--target-immediate", "--tablespace-mapping", &mapping],
+    );
+    assert!(out.stderr.contains("combined a chain of 2 backups"), "{}", out.stderr);
+    assert_eq!(count(&restored, "select count(*) from far"), 50100);
+    assert_eq!(count(&restored, "select count(*) from far where n < 0"), 10, "the changed rows, combined");
+    assert_eq!(
+        restored.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'extra'"),
+        new_location.to_str().unwrap()
+    );
+}

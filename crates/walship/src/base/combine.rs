@@ -118,12 +118,9 @@ impl Job<'_> {
         fs::remove_dir_all(&staging).map_err(|e| Error::local_io(&staging, "remove", e))?;
         let control = dir.join("global/pg_control");
         fs::rename(dir.join(HELD_BACK_CONTROL), &control).map_err(|e| Error::local_io(&control, "rename", e))?;
-        if targets.len() > 1 {
-            link_tablespaces(&dir, link, &targets)?;
-            // A plain backup has links and no map; pg_combinebackup would copy this one's stale paths.
-            let map = dir.join("tablespace_map");
-            fs::remove_file(&map).map_err(|e| Error::local_io(&map, "remove", e))?;
-        }
+        // pg_combinebackup finds each tablespace by its link; the tablespace_map this also writes
+        // (pointing into the scratch space) is rewritten for the real directories once combined.
+        link_tablespaces(&dir, link, &targets)?;
         Ok(dir)
     }
 
