@@ -211,6 +211,9 @@ fn chain_under_load_restored_to_each_target(backend: Backend) {
     );
     assert!(records[0]["parent"].is_null(), "a full backup's parent is null in --json: {:#}", records[0]);
     assert_eq!(records[1]["format_version"], 2, "an incremental record is format 2: {:#}", records[1]);
+    let manifest_arg = format!("--incremental=backups/{}/backup_manifest", names[0]);
+    let arguments = records[1]["pg_basebackup"]["arguments"].as_array().unwrap();
+    assert!(arguments.iter().any(|a| *a == manifest_arg.as_str()), "the parent's manifest by its key: {arguments:?}");
     let (full_bytes, first_bytes) = (records[0]["original_bytes"].as_u64(), records[1]["original_bytes"].as_u64());
     assert!(
         first_bytes < full_bytes,
@@ -343,6 +346,19 @@ fn chain_guards() {
     assert_absent(&target);
     assert_eq!(chain_scratch_in(store.path()), Vec::<String>::new(), "scratch removed after SIGTERM");
     assert!(!alive(combiner), "pg_combinebackup stopped with base-fetch");
+    fs::remove_file(&pid_file).unwrap();
+
+    // --- SIGTERM while the links are downloaded and extracted (pg_combinebackup never reached). ---
+    let mut fetch = spawn(base_command_in(&install, "base-fetch", &slow_args, cwd).arg(&second).arg(&target));
+    let started = fetch.wait_for(WAIT_TIMEOUT, || !chain_scratch_in(store.path()).is_empty());
+    assert!(started, "base-fetch never made its scratch space");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(fetch.id() as i32, libc::SIGTERM) };
+    let out = finish(fetch, WAIT_TIMEOUT).output;
+    assert_failed(&out, 11, &["interrupted by SIGTERM"]);
+    assert!(!pid_file.exists(), "stopped before pg_combinebackup ran");
+    assert_absent(&target);
+    assert_eq!(chain_scratch_in(store.path()), Vec::<String>::new(), "scratch removed after SIGTERM");
 
     // --- A damaged part of the middle link: exit 7, nothing startable, no scratch. ---
     let part = repo.object_file(&format!("backups/{first}/base.tar.000001"));

@@ -255,7 +255,7 @@ impl Run<'_> {
             stored_bytes,
             archives: stored.archives,
             manifest,
-            pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
+            pg_basebackup: ToolRecord { version, arguments: recorded_arguments(&stored.arguments, parent) },
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
             backup_type: if parent.is_some() { BackupType::Incremental } else { BackupType::Full },
             parent: parent.map(|p| p.name.clone()),
@@ -414,6 +414,18 @@ impl Run<'_> {
         done.stored += parts.iter().map(|p| p.stored_bytes).sum::<u64>();
         Ok(ArchiveRecord { name, tablespace: Some(TablespaceRecord { oid, location }), parts })
     }
+}
+
+/// The arguments as the catalog records them: passwords redacted, and the parent's manifest named by
+/// its key rather than the temporary file pg_basebackup read it from.
+fn recorded_arguments(arguments: &[String], parent: Option<&BackupRecord>) -> Vec<String> {
+    let mut recorded = redact(arguments);
+    if let Some(parent) = parent {
+        for arg in recorded.iter_mut().filter(|a| a.starts_with("--incremental=")) {
+            *arg = format!("--incremental={}", parent.manifest.key);
+        }
+    }
+    recorded
 }
 
 fn open(path: &Path) -> Result<File, Error> {
