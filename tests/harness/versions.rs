@@ -1,10 +1,13 @@
 //! The PostgreSQL installations the tests run: 15 from Debian (or `$WALSHIP_PG_BIN`) by default, and
 //! the pinned builds of 13, 14, 16, 17 and 18 that `scripts/install-postgres.sh` puts in its cache.
 //!
-//! Some builds carry only the server (initdb, pg_ctl, postgres). Their clusters are driven with
-//! PostgreSQL 18's client programs (pg_basebackup, psql and pgbench speak to older servers), but the
-//! programs that must be of the backup's own major version (pg_verifybackup, pg_combinebackup,
-//! pg_waldump) are taken from the build's own directory only, so a missing one stays missing.
+//! Some builds carry only the server (initdb, pg_ctl, postgres), perhaps with the programs that must
+//! be of a backup's own major version added. Their clusters are driven with PostgreSQL 18's client
+//! programs (pg_basebackup, psql and pgbench speak to older servers), and so are 13's and 14's even in
+//! a complete build: their pg_basebackup writes a tar stream to stdout that is not one (the injected
+//! backup_manifest lacks its padding to 512 bytes), which base-push rightly refuses. The programs that
+//! must be of the backup's own major version (pg_verifybackup, pg_combinebackup, pg_waldump) are
+//! taken from the build's own directory only, so a missing one stays missing.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,10 @@ pub const MATRIX: [u32; 6] = [13, 14, 15, 16, 17, 18];
 
 /// The complete build whose client programs drive the server-only ones.
 pub const CLIENT_MAJOR: u32 = 18;
+
+/// The first major whose pg_basebackup writes a well-formed tar stream to stdout (`-D - -Ft`), as
+/// base-push runs it: 13's and 14's leave the injected backup_manifest unpadded.
+pub const FIRST_STDOUT_TAR_MAJOR: u32 = 15;
 
 /// Programs that run a cluster: always the build's own.
 const SERVER_PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
@@ -64,7 +71,8 @@ impl PgInstall {
             own.join("postgres").is_file(),
             "no PostgreSQL {major} in {own:?}: run scripts/install-postgres.sh (scripts/test.sh does)"
         );
-        let clients = if own.join("pg_basebackup").is_file() { own.clone() } else { PgInstall::of(CLIENT_MAJOR).own };
+        let own_clients = own.join("pg_basebackup").is_file() && major >= FIRST_STDOUT_TAR_MAJOR;
+        let clients = if own_clients { own.clone() } else { PgInstall::of(CLIENT_MAJOR).own };
         PgInstall { major, own, clients }
     }
 
@@ -83,13 +91,15 @@ impl PgInstall {
         self.own.join(name).is_file()
     }
 
-    /// PATH for walship's commands run against this installation's clusters: its own directory
-    /// first, then the client programs' directory, then the inherited PATH. base-push and base-fetch
-    /// then find pg_basebackup, and pg_verifybackup where the build has one of its version.
+    /// PATH for walship's commands run against this installation's clusters: the client programs'
+    /// directory first, so that base-push runs that pg_basebackup even where the build has an older
+    /// one of its own, then the build's own directory, then the inherited PATH. base-fetch picks
+    /// pg_verifybackup by its version, whatever the order, so it finds the build's own where there
+    /// is one.
     pub fn path(&self) -> OsString {
-        let mut dirs = vec![self.own.clone()];
+        let mut dirs = vec![self.clients.clone()];
         if self.clients != self.own {
-            dirs.push(self.clients.clone());
+            dirs.push(self.own.clone());
         }
         if let Some(path) = std::env::var_os("PATH") {
             dirs.extend(std::env::split_paths(&path));

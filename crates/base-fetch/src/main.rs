@@ -23,7 +23,9 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         failure removes what was extracted. Then restore_command (this walship's wal-fetch, with the \
         same --config/--repo) and the target are written to postgresql.auto.conf, with \
         recovery.signal (or standby.signal with --standby), pg_verifybackup checks the result when \
-        it is installed, and pg_control goes into place last. Tablespaces go back to their old \
+        it is installed, and pg_control goes into place last. pg_verifybackup must be of the \
+        backup's own major version: when only other versions' are found base-fetch refuses (exit \
+        10) before downloading anything; --no-pg-verifybackup skips it instead. Tablespaces go back to their old \
         directories (which must be empty or absent) unless --tablespace-mapping says otherwise.\n\n\
         An incremental backup (base-push --incremental) is restored with its whole chain: each \
         backup of it, from the full one it rests on, is restored and checked into a scratch \
@@ -100,6 +102,12 @@ struct Cli {
     #[arg(long, value_name = "OLDDIR=NEWDIR")]
     tablespace_mapping: Vec<String>,
 
+    /// Skip pg_verifybackup: the restored files are not checked against backup_manifest; every
+    /// part's SHA-256 still is. For a server whose own version's pg_verifybackup is not installed
+    /// (another version's cannot read its files)
+    #[arg(long)]
+    no_pg_verifybackup: bool,
+
     /// Where an incremental backup's chain is restored before pg_combinebackup combines it (it
     /// needs every link's size free; removed afterwards) [default: DATA_DIR's parent directory]
     #[arg(long, value_name = "DIR")]
@@ -130,6 +138,7 @@ fn main() {
             transfer_concurrency: config.base.transfer_concurrency,
             deadline: config.deadline,
             tablespace_mapping: tablespace_mapping(&cli.tablespace_mapping)?,
+            no_pg_verifybackup: cli.no_pg_verifybackup,
             scratch_dir: cli.scratch_dir.as_deref().map(walship_cli::absolute).transpose()?,
         };
         // A restore runs for hours: deadline_secs bounds each transfer (catalog read, part) instead.
@@ -146,8 +155,11 @@ fn main() {
         Ok(report) => {
             let record = &report.record;
             match &report.verification {
-                base::Verification::Passed(said) => log.info(format_args!("pg_verifybackup: {said}")),
-                base::Verification::NotInstalled => {}
+                // Only a pg_verifybackup whose --version says the backup's major is ever run.
+                base::Verification::Passed(said) => {
+                    log.info(format_args!("PostgreSQL {}'s pg_verifybackup: {said}", record.pg_version))
+                }
+                base::Verification::NotInstalled | base::Verification::Skipped => {}
             }
             log.info(format_args!(
                 "restored backup {} ({} bytes, LSN {} to {}) into {} in {seconds:.1} s ({:.1} MB/s); start it with: \

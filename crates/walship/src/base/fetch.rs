@@ -66,6 +66,9 @@ pub struct FetchOptions {
     pub deadline: Duration,
     /// Tablespaces restored elsewhere than where they lived: (old location, new directory).
     pub tablespace_mapping: Vec<(String, PathBuf)>,
+    /// Skip pg_verifybackup (`--no-pg-verifybackup`): for a server whose own version's
+    /// pg_verifybackup is not installed anywhere. Every part's SHA-256 is still checked.
+    pub no_pg_verifybackup: bool,
     /// Where an incremental backup's chain is restored before it is combined; `None`: beside
     /// DATA_DIR (in its parent directory).
     pub scratch_dir: Option<PathBuf>,
@@ -78,6 +81,8 @@ pub enum Verification {
     Passed(String),
     /// It is not installed: only every part's checksums were checked.
     NotInstalled,
+    /// It was not run, as asked (`--no-pg-verifybackup`): only every part's checksums were checked.
+    Skipped,
 }
 
 /// What a restore did: the backup it restored, and how the result was checked.
@@ -148,8 +153,12 @@ impl Job<'_> {
         let options = self.options;
         let record = select_backup(self.repo, &options.name, &options.target, options.timeline.as_deref()).await?;
         let chain = if record.parent.is_some() { chain_of(self.repo, record.clone()).await? } else { Vec::new() };
-        // Before anything is downloaded: only the backup's own version may judge (or combine) it.
-        let verifier = find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version)?;
+        // Before anything is downloaded: only the backup's own version may judge (or combine) it
+        // (unless told not to run pg_verifybackup at all, then no other version's stands in the way).
+        let verifier = match options.no_pg_verifybackup {
+            true => None,
+            false => find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version)?,
+        };
         let combiner = match chain.is_empty() {
             true => None,
             false => Some(combiner_of(options.pg_bin_dir.as_deref(), &record)?),
@@ -543,6 +552,13 @@ fn verify(
     log: &Log,
 ) -> Result<Verification, Error> {
     let data_dir = &options.data_dir;
+    if options.no_pg_verifybackup {
+        log.info(format_args!(
+            "skipped pg_verifybackup (--no-pg-verifybackup): the restored files are not checked against \
+             backup_manifest; every part's SHA-256 still is"
+        ));
+        return Ok(Verification::Skipped);
+    }
     progress.phase("running pg_verifybackup");
     let Some(tool) = verifier else {
         log.info(format_args!(
