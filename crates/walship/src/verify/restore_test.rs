@@ -198,6 +198,7 @@ impl Run {
                 .map(|t| (t.location.clone(), self.scratch.tablespace_dir(t.oid)))
                 .collect(),
             no_pg_verifybackup: false,
+            scratch_dir: None,
         };
         if !fetch.tablespace_mapping.is_empty() {
             let dir = self.scratch.root().join("tablespaces");
