@@ -75,3 +75,35 @@ pub fn damage_middle(path: &Path) -> Vec<u8> {
     std::fs::write(path, &bytes).unwrap();
     original
 }
+
+/// [`base_fetch`] with `install`'s programs first on PATH (its pg_verifybackup and pg_combinebackup).
+pub fn base_fetch_in(
+    install: &PgInstall,
+    repo_args: &[OsString],
+    cwd: &Path,
+    name: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> Output {
+    run(base_command_in(install, "base-fetch", repo_args, cwd).arg(name).arg(dir).args(extra))
+}
+
+/// base-list `--json` with `install`'s programs on PATH, parsed: one catalog record per backup.
+#[track_caller]
+pub fn listed_records_in(install: &PgInstall, repo_args: &[OsString], cwd: &Path) -> Vec<serde_json::Value> {
+    let out = run(base_command_in(install, "base-list", repo_args, cwd).arg("--json"));
+    assert_eq!(out.code, Some(0), "base-list --json failed: {out:#?}");
+    let value: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("base-list --json: {e}: {:?}", out.stdout));
+    value.as_array().unwrap_or_else(|| panic!("base-list --json prints an array: {value}")).clone()
+}
+
+/// The scratch directories of chain restores (`.walship-chain-*`) left in `dir`.
+pub fn chain_scratch_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".walship-chain-"))
+        .collect()
+}

@@ -25,6 +25,13 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         recovery.signal (or standby.signal with --standby), pg_verifybackup checks the result when \
         it is installed, and pg_control goes into place last. Tablespaces go back to their old \
         directories (which must be empty or absent) unless --tablespace-mapping says otherwise.\n\n\
+        An incremental backup (base-push --incremental) is restored with its whole chain: each \
+        backup of it, from the full one it rests on, is restored and checked into a scratch \
+        directory (beside DATA_DIR, or --scratch-dir), pg_combinebackup of the backup's major \
+        version combines them into DATA_DIR, and the result is checked and configured as above. \
+        The scratch space needs every link's size free (and DATA_DIR's file system the result's, at \
+        most as much again), checked before anything is downloaded; it is removed afterwards, also \
+        on failure and on SIGINT, SIGTERM or SIGHUP (exit 11).\n\n\
         LATEST follows timelines: it picks only a backup on the target timeline (--target-timeline, \
         else the newest one with a history file in the repository) or on one of its ancestors before \
         the point where the target timeline branched off, never one of an abandoned branch.\n\n\
@@ -92,6 +99,11 @@ struct Cli {
     /// tablespace goes back where it was, which must be empty or absent.
     #[arg(long, value_name = "OLDDIR=NEWDIR")]
     tablespace_mapping: Vec<String>,
+
+    /// Where an incremental backup's chain is restored before pg_combinebackup combines it (it
+    /// needs every link's size free; removed afterwards) [default: DATA_DIR's parent directory]
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -118,6 +130,7 @@ fn main() {
             transfer_concurrency: config.base.transfer_concurrency,
             deadline: config.deadline,
             tablespace_mapping: tablespace_mapping(&cli.tablespace_mapping)?,
+            scratch_dir: cli.scratch_dir.as_deref().map(walship_cli::absolute).transpose()?,
         };
         // A restore runs for hours: deadline_secs bounds each transfer (catalog read, part) instead.
         walship_cli::on_repository(&config, &log, async |repo, _deadline| {
@@ -147,6 +160,9 @@ fn main() {
                 record.original_bytes as f64 / 1e6 / seconds.max(0.001),
                 cli.data_dir.display()
             ));
+            if let Some(full) = report.chain.first() {
+                log.info(format_args!("combined a chain of {} backups, from {full}", report.chain.len()));
+            }
             walship_cli::print_result_line(&record.name);
             std::process::exit(0);
         }

@@ -17,8 +17,11 @@ use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
     about = "List the complete base backups in a walship repository, newest last",
     long_about = "List the complete base backups in a walship repository, newest last.\n\n\
         One row per backup with a catalog record (a backup cut short has none and is not shown): \
-        name, when it finished, its LSN range and timeline, its size and stored size. With --json, \
-        a JSON array of the full catalog records (see README, \"Catalog record\") for scripts.",
+        name, when it finished, its LSN range and timeline, its size and stored size, its type (full \
+        or incremental) and parent (an incremental backup's, - for a full one), and `pinned` last for \
+        a pinned backup. With --json, a JSON array of the full catalog records (see README, \
+        \"Catalog record\") for scripts, each with backup_type, parent (null for a full backup) and \
+        pinned.",
     after_long_help = COMMON_HELP
 )]
 struct Cli {
@@ -77,8 +80,8 @@ async fn list(repo: &Repository, listing: &RefCell<Listing>) -> Result<(), Error
         } else {
             writeln!(
                 out,
-                "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  PINNED",
-                "NAME", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
+                "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  {:<11}  {:<16}  PINNED",
+                "NAME", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED", "TYPE", "PARENT"
             )
             .map_err(write_error)?;
         }
@@ -109,11 +112,15 @@ fn print_row(out: &mut impl Write, record: &BackupRecord, pinned: bool, json: bo
         let separator = if index == 0 { "\n" } else { ",\n" };
         let mut value = serde_json::to_value(record).expect("plain struct serializes");
         value["pinned"] = serde_json::Value::Bool(pinned);
+        // Always present, so that a script need not tell a missing key from a full backup.
+        if value.get("parent").is_none() {
+            value["parent"] = serde_json::Value::Null;
+        }
         return write!(out, "{separator}{value}");
     }
     let finished = record.finished_at.split('.').next().unwrap_or(&record.finished_at).trim_end_matches('Z');
     let row = format!(
-        "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  {}",
+        "{:<16}  {:<20}  {:>12}  {:>12}  {:>3}  {:>10}  {:>10}  {:<11}  {:<16}  {}",
         record.name,
         format!("{finished}Z"),
         record.start_lsn,
@@ -121,6 +128,8 @@ fn print_row(out: &mut impl Write, record: &BackupRecord, pinned: bool, json: bo
         record.timeline,
         human_bytes(record.original_bytes),
         human_bytes(record.stored_bytes),
+        record.backup_type.as_str(),
+        record.parent.as_deref().unwrap_or("-"),
         if pinned { "pinned" } else { "" }
     );
     writeln!(out, "{}", row.trim_end())

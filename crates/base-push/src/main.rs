@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use walship::base::{self, PushOptions};
+use walship::base::{self, BackupType, IncrementalOptions, PushOptions};
 use walship::log::Log;
 use walship::{Error, retry};
 use walship_cli::{COMMON_HELP, CommonArgs};
@@ -22,20 +22,44 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         exist for base-list and base-fetch, and the next base-push removes what it left.\n\n\
         Prints the backup's name on stdout. Progress goes to stderr: a bar on a terminal, a line \
         every progress_interval_secs otherwise.\n\n\
-        Example (cron, as postgres):\n    \
-        0 3 * * *  base-push --config /etc/walship/walship.toml -- --checkpoint=fast",
+        With --incremental (PostgreSQL 17 and later, with summarize_wal = on on the server), only \
+        what changed since a parent backup is copied: the parent is --from NAME, else the newest \
+        complete backup of this cluster on the newest timeline the repository knows, and its stored \
+        backup_manifest is handed to pg_basebackup --incremental. base-fetch restores such a backup \
+        by combining its chain (pg_combinebackup). Without a usable parent, on an older server or \
+        without WAL summaries, base-push fails with one line saying why (exit 1 no usable parent, \
+        10 server or pg_basebackup cannot, 6 parent of another cluster), or with --full-if-needed \
+        takes a full backup instead and says so.\n\n\
+        Example (cron, as postgres: a full backup on Sunday, incremental ones on the other days):\n    \
+        0 3 * * 0    base-push --config /etc/walship/walship.toml -- --checkpoint=fast\n    \
+        0 3 * * 1-6  base-push --config /etc/walship/walship.toml --incremental --full-if-needed -- --checkpoint=fast",
     after_long_help = COMMON_HELP
 )]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
 
-    /// Extra pg_basebackup options, after `--` (for example -h HOST -U USER --checkpoint=fast
-    /// --max-rate=100M). -D, -F, -X, -z, -Z, -R, -T, -l, -t, -P and --no-manifest are base-push's own.
     /// Pin the new backup: base-expire keeps it forever (unpin with base-expire --unpin NAME)
     #[arg(long)]
     pin: bool,
 
+    /// Take an incremental backup (PostgreSQL 17+, summarize_wal = on): only what changed since the
+    /// parent, the newest complete backup of this cluster (or --from NAME)
+    #[arg(long)]
+    incremental: bool,
+
+    /// The parent of the incremental backup: a name from base-list
+    #[arg(long, value_name = "NAME", requires = "incremental")]
+    from: Option<String>,
+
+    /// With --incremental: take a full backup instead, saying why, when no incremental one can be
+    /// taken (no usable parent, a server older than 17, summarize_wal off)
+    #[arg(long, requires = "incremental")]
+    full_if_needed: bool,
+
+    /// Extra pg_basebackup options, after `--` (for example -h HOST -U USER --checkpoint=fast
+    /// --max-rate=100M). -D, -F, -X, -z, -Z, -R, -T, -l, -t, -P, --no-manifest and --incremental are
+    /// base-push's own.
     #[arg(last = true, value_name = "PG_BASEBACKUP_ARGS")]
     pg_basebackup_args: Vec<String>,
 }
@@ -57,6 +81,9 @@ fn main() {
             transfer_concurrency: config.base.transfer_concurrency,
             idle_timeout: config.deadline,
             spool_dir: config.base.spool_dir.clone(),
+            incremental: cli
+                .incremental
+                .then(|| IncrementalOptions { from: cli.from.clone(), full_if_needed: cli.full_if_needed }),
         };
         // A backup runs for hours: deadline_secs bounds each transfer's lack of progress instead.
         walship_cli::on_repository(&config, &log, async |repo, _deadline| {
@@ -78,8 +105,12 @@ fn main() {
     match result {
         Ok(record) => {
             let parts: usize = record.archives.iter().map(|a| a.parts.len()).sum();
+            let kind = match (&record.backup_type, &record.parent) {
+                (BackupType::Incremental, Some(parent)) => format!("incremental on top of {parent}"),
+                _ => "full".to_owned(),
+            };
             log.info(format_args!(
-                "backup {} complete: {} bytes, stored {} in {parts} parts, LSN {} to {} on timeline {}, {seconds:.1} s \
+                "backup {} complete ({kind}): {} bytes, stored {} in {parts} parts, LSN {} to {} on timeline {}, {seconds:.1} s \
                  ({:.1} MB/s)",
                 record.name,
                 record.original_bytes,

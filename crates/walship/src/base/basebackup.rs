@@ -53,12 +53,20 @@ pub(super) fn check_extra_args(args: &[String]) -> Result<(), Error> {
 /// pg_basebackup says this when a cluster has extra tablespaces and the output is stdout.
 pub(super) const SINGLE_TABLESPACE_ONLY: &str = "can only write single tablespace to stdout";
 
-/// The arguments pg_basebackup runs with: a tar stream into `target` (`-` for stdout), then the
-/// user's `extra` ones.
-pub(super) fn basebackup_arguments(target: &str, name: &str, extra: &[String]) -> Vec<String> {
+/// The arguments pg_basebackup runs with: a tar stream into `target` (`-` for stdout), incremental
+/// on top of the backup whose manifest is `incremental`, then the user's `extra` ones.
+pub(super) fn basebackup_arguments(
+    target: &str,
+    name: &str,
+    extra: &[String],
+    incremental: Option<&Path>,
+) -> Vec<String> {
     let mut arguments: Vec<String> =
         ["-D", target, "-F", "t", "-X", "fetch", "-l"].iter().map(|s| (*s).to_owned()).collect();
     arguments.push(format!("walship {name}"));
+    if let Some(manifest) = incremental {
+        arguments.push(format!("--incremental={}", manifest.display()));
+    }
     arguments.extend(extra.iter().cloned());
     arguments
 }

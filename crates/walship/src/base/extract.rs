@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::cancel::CancelToken;
 use super::manifest::HELD_BACK_CONTROL;
 use super::{PartRecord, Progress, Transferred};
 use crate::codec::{Decoded, Pipeline, PumpError};
@@ -51,6 +52,8 @@ pub(super) struct Unpacking<'a> {
     pub(super) root_owned: bool,
     /// Told the bytes consumed as they pass.
     pub(super) progress: &'a dyn Progress,
+    /// Set by a signal: the next read fails, and the restore stops.
+    pub(super) cancel: CancelToken,
 }
 
 /// The extractor thread: decodes each archive's parts in order into one tar stream and unpacks it
@@ -178,6 +181,7 @@ struct PartStream<'a> {
     done: Transferred,
     total: u64,
     progress: &'a dyn Progress,
+    cancel: CancelToken,
 }
 
 impl<'a> PartStream<'a> {
@@ -200,6 +204,7 @@ impl<'a> PartStream<'a> {
             done,
             total,
             progress: how.progress,
+            cancel: how.cancel.clone(),
         }
     }
 
@@ -284,6 +289,9 @@ impl Read for PartStream<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
+        }
+        if let Err(stop) = self.cancel.check() {
+            return Err(self.fail(stop));
         }
         loop {
             if self.current.is_none() && !self.open_next()? {

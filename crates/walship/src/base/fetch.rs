@@ -24,18 +24,20 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::cancel::{Cancel, CancelToken};
+use super::combine::combiner_of;
 use super::extract::{Downloaded, Layout, Unpacking, extract};
 use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::tools::find_tool_of_version;
-use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, select_backup};
+use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, chain_of, select_backup};
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
 use crate::retry;
 use crate::storage::StorageError;
 
-const STAGING_DIR: &str = ".walship-restore";
+pub(super) const STAGING_DIR: &str = ".walship-restore";
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 
 /// What base-fetch restores, where, and how recovery is to run after it.
@@ -64,6 +66,9 @@ pub struct FetchOptions {
     pub deadline: Duration,
     /// Tablespaces restored elsewhere than where they lived: (old location, new directory).
     pub tablespace_mapping: Vec<(String, PathBuf)>,
+    /// Where an incremental backup's chain is restored before it is combined; `None`: beside
+    /// DATA_DIR (in its parent directory).
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// Whether pg_verifybackup checked the restored files against the backup's manifest.
@@ -87,74 +92,104 @@ pub struct RestoreReport {
     pub download_and_extract: Duration,
     /// How long pg_verifybackup took (zero when it is not installed).
     pub verify: Duration,
+    /// For an incremental backup, the chain combined into it, oldest (the full backup) first; empty
+    /// for a full backup.
+    pub chain: Vec<String>,
 }
 
-/// Restores a backup into `options.data_dir`.
+/// Restores a backup into `options.data_dir`: a full backup directly, an incremental one by
+/// restoring its chain into scratch space and combining it (see `combine.rs`).
 pub async fn base_fetch(
     repo: &Repository,
     options: &FetchOptions,
     progress: &Arc<dyn Progress>,
     log: &Log,
 ) -> Result<RestoreReport, Error> {
-    let data_dir = &options.data_dir;
     // Refuse a bad directory before looking at the repository: it is the cheaper mistake to report.
-    let created = prepare_data_dir(data_dir)?;
-    let mut prepared = vec![(data_dir.clone(), created)];
-    let record = match select_backup(repo, &options.name, &options.target, options.timeline.as_deref()).await {
-        Ok(record) => record,
+    let created = prepare_data_dir(&options.data_dir)?;
+    let mut prepared = vec![(options.data_dir.clone(), created)];
+    let cancel = match Cancel::watch() {
+        Ok(cancel) => cancel,
         Err(e) => {
             undo(&prepared);
             return Err(e);
         }
     };
-    // Before anything is downloaded: only the backup's own version may judge it.
-    let verifier = match find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version) {
-        Ok(verifier) => verifier,
+    let job = Job { repo, options, cancel: cancel.token().clone(), progress, log };
+    let result = job.fetch(&mut prepared).await;
+    match result {
+        Ok(report) => Ok(report),
         Err(e) => {
             undo(&prepared);
-            return Err(e);
-        }
-    };
-    // Every tablespace's directory must be as free as DATA_DIR before anything is downloaded.
-    let mut targets = Vec::new();
-    for archive in &record.archives {
-        let target = match &archive.tablespace {
-            None => data_dir.clone(),
-            Some(tablespace) => {
-                let target = tablespace_target(tablespace, &options.tablespace_mapping);
-                match prepare_data_dir(&target) {
-                    Ok(created) => prepared.push((target.clone(), created)),
-                    Err(e) => {
-                        undo(&prepared);
-                        return Err(e);
-                    }
-                }
-                target
-            }
-        };
-        targets.push(target);
-    }
-    log.info(format_args!(
-        "restoring backup {} (timeline {}, finished {}, {} bytes in {} parts) into {}",
-        record.name,
-        record.stop_timeline,
-        record.finished_at,
-        record.original_bytes,
-        record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
-        data_dir.display()
-    ));
-    match restore(repo, options, &record, &targets, verifier.as_deref(), progress, log).await {
-        Ok(Restored { verification, download_and_extract, verify }) => {
-            Ok(RestoreReport { record, verification, download_and_extract, verify })
-        }
-        Err(e) => {
-            undo(&prepared);
-            Err(e)
+            // Whatever step the signal cut short, it is what ended the restore.
+            Err(job.cancel.check().err().unwrap_or(e))
         }
     }
 }
 
-fn tablespace_target(tablespace: &TablespaceRecord, mapping: &[(String, PathBuf)]) -> PathBuf {
+/// One restore: where from, where to, and what it reports to.
+pub(super) struct Job<'a> {
+    /// The repository the backup comes from.
+    pub(super) repo: &'a Repository,
+    /// What to restore where.
+    pub(super) options: &'a FetchOptions,
+    /// Set by a signal.
+    pub(super) cancel: CancelToken,
+    /// Where progress goes.
+    pub(super) progress: &'a Arc<dyn Progress>,
+    /// Where messages go.
+    pub(super) log: &'a Log,
+}
+
+impl Job<'_> {
+    /// Picks the backup (and its chain), finds the programs of its version, prepares every directory,
+    /// then restores; `prepared` collects the directories to undo on failure.
+    async fn fetch(&self, prepared: &mut Vec<(PathBuf, bool)>) -> Result<RestoreReport, Error> {
+        let options = self.options;
+        let record = select_backup(self.repo, &options.name, &options.target, options.timeline.as_deref()).await?;
+        let chain = if record.parent.is_some() { chain_of(self.repo, record.clone()).await? } else { Vec::new() };
+        // Before anything is downloaded: only the backup's own version may judge (or combine) it.
+        let verifier = find_tool_of_version(options.pg_bin_dir.as_deref(), "pg_verifybackup", record.pg_version)?;
+        let combiner = match chain.is_empty() {
+            true => None,
+            false => Some(combiner_of(options.pg_bin_dir.as_deref(), &record)?),
+        };
+        // Every tablespace's directory must be as free as DATA_DIR before anything is downloaded.
+        let mut targets = Vec::new();
+        for archive in &record.archives {
+            let target = match &archive.tablespace {
+                None => options.data_dir.clone(),
+                Some(tablespace) => {
+                    let target = tablespace_target(tablespace, &options.tablespace_mapping);
+                    prepared.push((target.clone(), prepare_data_dir(&target)?));
+                    target
+                }
+            };
+            targets.push(target);
+        }
+        self.log.info(format_args!(
+            "restoring backup {} ({}timeline {}, finished {}, {} bytes in {} parts) into {}",
+            record.name,
+            match chain.len() {
+                0 => String::new(),
+                n => format!("incremental, a chain of {n} backups from {}; ", chain[0].name),
+            },
+            record.stop_timeline,
+            record.finished_at,
+            record.original_bytes,
+            record.archives.iter().map(|a| a.parts.len()).sum::<usize>(),
+            options.data_dir.display()
+        ));
+        let Restored { verification, download_and_extract, verify } = match combiner {
+            None => self.restore(&record, &targets, verifier.as_deref()).await?,
+            Some(combiner) => self.restore_chain(&chain, &targets, verifier.as_deref(), &combiner).await?,
+        };
+        let chain = chain.into_iter().map(|link| link.name).collect();
+        Ok(RestoreReport { record, verification, download_and_extract, verify, chain })
+    }
+}
+
+pub(super) fn tablespace_target(tablespace: &TablespaceRecord, mapping: &[(String, PathBuf)]) -> PathBuf {
     mapping
         .iter()
         .find(|(old, _)| old.trim_end_matches('/') == tablespace.location.trim_end_matches('/'))
@@ -162,7 +197,7 @@ fn tablespace_target(tablespace: &TablespaceRecord, mapping: &[(String, PathBuf)
 }
 
 /// Creates DATA_DIR (0700) or checks that it is empty. Returns whether it was created.
-fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
+pub(super) fn prepare_data_dir(data_dir: &Path) -> Result<bool, Error> {
     match fs::read_dir(data_dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -209,84 +244,117 @@ fn undo(prepared: &[(PathBuf, bool)]) {
     }
 }
 
-/// What [`restore`] did, and how long its steps took.
-struct Restored {
-    verification: Verification,
-    download_and_extract: Duration,
-    verify: Duration,
+/// What a restore did, and how long its steps took.
+pub(super) struct Restored {
+    pub(super) verification: Verification,
+    pub(super) download_and_extract: Duration,
+    pub(super) verify: Duration,
 }
 
-async fn restore(
-    repo: &Repository,
-    options: &FetchOptions,
-    record: &BackupRecord,
-    targets: &[PathBuf],
-    verifier: Option<&Path>,
-    progress: &Arc<dyn Progress>,
-    log: &Log,
-) -> Result<Restored, Error> {
-    let started = std::time::Instant::now();
-    let data_dir = options.data_dir.clone();
-    let staging = data_dir.join(STAGING_DIR);
-    fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| Error::local_io(&staging, "create", e))?;
-    let parts: Vec<PartRecord> = record.archives.iter().flat_map(|a| a.parts.iter().cloned()).collect();
-    let locations: Vec<String> = parts.iter().map(|p| repo.storage().location(&p.key)).collect();
-
-    // Downloads run ahead of extraction by at most `transfer_concurrency` parts: the extractor
-    // releases a part's permit once it has consumed and deleted its file.
-    let (ready_sender, ready_receiver) = mpsc::channel::<oneshot::Receiver<Downloaded>>(parts.len().max(1));
-    let downloader = tokio::spawn(download_all(
-        repo.clone(),
-        parts.clone(),
-        staging.clone(),
-        options.transfer_concurrency,
-        options.deadline,
-        log.clone(),
-        ready_sender,
-    ));
-    let extractor = {
-        let (data_dir, parts, progress) = (data_dir.clone(), parts.clone(), Arc::clone(progress));
-        let archives: Vec<(PathBuf, usize)> =
-            targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
-        tokio::task::spawn_blocking(move || {
-            let layout = Layout { data_dir: &data_dir, archives: &archives, parts: &parts, locations: &locations };
-            extract(layout, ready_receiver, Unpacking { root_owned: nix_is_root(), progress: progress.as_ref() })
-        })
-    };
-    let extracted = extractor.await.map_err(|e| Error::Internal(format!("extraction panicked: {e}")));
-    // On success every download was consumed; on failure the rest are of no use.
-    downloader.abort();
-    let _ = downloader.await;
-    extracted??;
-
-    // Streamed backups carry backup_manifest inside base.tar; spooled ones (with tablespaces) beside.
-    let manifest = data_dir.join("backup_manifest");
-    if !manifest.exists() {
-        let what = repo.storage().location(&record.manifest.key);
-        retry::with_deadline(options.deadline, log, &what, || {
-            crate::repo::fetch_object(repo, &record.manifest.key, &manifest)
-        })
-        .await?;
+impl Job<'_> {
+    /// A full backup: its archives straight into DATA_DIR and the tablespace directories.
+    async fn restore(
+        &self,
+        record: &BackupRecord,
+        targets: &[PathBuf],
+        verifier: Option<&Path>,
+    ) -> Result<Restored, Error> {
+        let started = std::time::Instant::now();
+        let data_dir = &self.options.data_dir;
+        self.fetch_archives(record, data_dir, targets).await?;
+        link_tablespaces(data_dir, record, targets)?;
+        crate::failpoint::hit("base-fetch:extracted");
+        self.finish(record, targets, verifier, started)
     }
-    link_tablespaces(&data_dir, record, targets)?;
-    crate::failpoint::hit("base-fetch:extracted");
 
-    progress.phase("syncing to disk");
-    for target in targets {
-        syncfs(target)?;
+    /// Downloads and extracts `record`'s archives: `base.tar` into `dir` (pg_control held back), each
+    /// tablespace's into its `targets` entry, every part checked; then its backup_manifest, when
+    /// base.tar did not carry it. Leaves the staging directory `dir/.walship-restore` in place.
+    pub(super) async fn fetch_archives(
+        &self,
+        record: &BackupRecord,
+        dir: &Path,
+        targets: &[PathBuf],
+    ) -> Result<(), Error> {
+        let (repo, options, log) = (self.repo, self.options, self.log);
+        let staging = dir.join(STAGING_DIR);
+        fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| Error::local_io(&staging, "create", e))?;
+        let parts: Vec<PartRecord> = record.archives.iter().flat_map(|a| a.parts.iter().cloned()).collect();
+        let locations: Vec<String> = parts.iter().map(|p| repo.storage().location(&p.key)).collect();
+
+        // Downloads run ahead of extraction by at most `transfer_concurrency` parts: the extractor
+        // releases a part's permit once it has consumed and deleted its file.
+        let (ready_sender, ready_receiver) = mpsc::channel::<oneshot::Receiver<Downloaded>>(parts.len().max(1));
+        let downloader = tokio::spawn(download_all(
+            repo.clone(),
+            parts.clone(),
+            staging.clone(),
+            options.transfer_concurrency,
+            options.deadline,
+            log.clone(),
+            ready_sender,
+        ));
+        let extractor = {
+            let (dir, parts, progress, cancel) =
+                (dir.to_owned(), parts.clone(), Arc::clone(self.progress), self.cancel.clone());
+            let archives: Vec<(PathBuf, usize)> =
+                targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
+            tokio::task::spawn_blocking(move || {
+                let layout = Layout { data_dir: &dir, archives: &archives, parts: &parts, locations: &locations };
+                let how = Unpacking { root_owned: nix_is_root(), progress: progress.as_ref(), cancel };
+                extract(layout, ready_receiver, how)
+            })
+        };
+        let extracted = extractor.await.map_err(|e| Error::Internal(format!("extraction panicked: {e}")));
+        // On success every download was consumed; on failure the rest are of no use.
+        downloader.abort();
+        let _ = downloader.await;
+        extracted??;
+        self.cancel.check()?;
+
+        // Streamed backups carry backup_manifest inside base.tar; spooled ones (with tablespaces) beside.
+        let manifest = dir.join("backup_manifest");
+        if !manifest.exists() {
+            let what = repo.storage().location(&record.manifest.key);
+            retry::with_deadline(options.deadline, log, &what, || {
+                crate::repo::fetch_object(repo, &record.manifest.key, &manifest)
+            })
+            .await?;
+        }
+        Ok(())
     }
-    crate::failpoint::hit("base-fetch:synced");
-    write_settings(options, record, log)?;
-    crate::failpoint::hit("base-fetch:configured");
-    let download_and_extract = started.elapsed();
-    let verify_started = std::time::Instant::now();
-    let verification = verify(options, record, verifier, &staging, progress.as_ref(), log)?;
-    let verify = verify_started.elapsed();
-    crate::failpoint::hit("base-fetch:verified");
-    let _ = fs::remove_dir_all(&staging);
-    install_control(&data_dir)?;
-    crate::failpoint::hit("base-fetch:installed");
-    Ok(Restored { verification, download_and_extract, verify })
+
+    /// The steps after the files are in DATA_DIR (pg_control still held back), for a full backup and
+    /// a combined chain alike: flush, recovery settings, pg_verifybackup, then pg_control into place.
+    pub(super) fn finish(
+        &self,
+        record: &BackupRecord,
+        targets: &[PathBuf],
+        verifier: Option<&Path>,
+        started: std::time::Instant,
+    ) -> Result<Restored, Error> {
+        let (options, progress, log) = (self.options, self.progress, self.log);
+        let data_dir = &options.data_dir;
+        let staging = data_dir.join(STAGING_DIR);
+        progress.phase("syncing to disk");
+        for target in targets {
+            syncfs(target)?;
+        }
+        crate::failpoint::hit("base-fetch:synced");
+        write_settings(options, record, log)?;
+        crate::failpoint::hit("base-fetch:configured");
+        let download_and_extract = started.elapsed();
+        let verify_started = std::time::Instant::now();
+        let verification = verify(options, record, verifier, &staging, progress.as_ref(), log)?;
+        let verify = verify_started.elapsed();
+        crate::failpoint::hit("base-fetch:verified");
+        // A signal during pg_verifybackup: still nothing startable; stop here.
+        self.cancel.check()?;
+        let _ = fs::remove_dir_all(&staging);
+        install_control(data_dir)?;
+        crate::failpoint::hit("base-fetch:installed");
+        Ok(Restored { verification, download_and_extract, verify })
+    }
 }
 
 /// Starts each part's download as a permit frees up, in order, handing the extractor a receiver
@@ -377,7 +445,7 @@ pub(crate) fn stored_mismatch(len: u64, expected: u64) -> Option<String> {
 
 /// Points `pg_tblspc/<OID>` at each tablespace's directory, and rewrites `tablespace_map` to match:
 /// PostgreSQL recreates the links from it at startup, and pg_verifybackup follows the links.
-fn link_tablespaces(data_dir: &Path, record: &BackupRecord, targets: &[PathBuf]) -> Result<(), Error> {
+pub(super) fn link_tablespaces(data_dir: &Path, record: &BackupRecord, targets: &[PathBuf]) -> Result<(), Error> {
     let mut map = String::new();
     for (archive, target) in record.archives.iter().zip(targets) {
         let Some(tablespace) = &archive.tablespace else { continue };

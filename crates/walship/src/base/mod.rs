@@ -21,11 +21,17 @@
 //! (backup_label, backup_manifest, tablespace_map). Restoring: `fetch.rs` (the orchestration) calls
 //! `extract.rs` (decoding and unpacking the parts), `manifest.rs` (the held-back manifest copy),
 //! `recovery.rs` (targets and recovery settings) and `timeline.rs` (which backups a timeline can use).
+//! Incremental backups: `incremental.rs` (the parent, its claim and manifest, PostgreSQL's refusals)
+//! for base-push, `combine.rs` (a chain restored into scratch space and combined) and `cancel.rs`
+//! (a signal stops a restore and removes what it wrote) for base-fetch.
 
 mod basebackup;
+mod cancel;
 pub mod catalog;
+mod combine;
 mod extract;
 mod fetch;
+mod incremental;
 mod manifest;
 mod owner;
 mod parts;
@@ -42,6 +48,7 @@ pub use catalog::{
 };
 pub use fetch::{FetchOptions, RestoreReport, Verification, base_fetch};
 pub(crate) use fetch::{part_mismatch, stored_mismatch};
+pub use incremental::{IncrementalOptions, MIN_INCREMENTAL_VERSION};
 pub(crate) use manifest::{ManifestSummary, manifest_summary};
 pub(crate) use owner::{Owner, owner_key};
 pub use push::{PushOptions, base_push};

@@ -29,6 +29,10 @@ use bytes::Bytes;
 use super::basebackup::{
     Running, SINGLE_TABLESPACE_ONLY, basebackup_arguments, check_extra_args, redact, tool_failure_reason,
 };
+use super::catalog::release_parent;
+use super::incremental::{
+    Attempt, IncrementalOptions, check_pg_basebackup, choose_parent, claim_and_fetch_manifest, claim_key, refusal,
+};
 use super::manifest::{manifest_wal_ranges, parse_backup_label, parse_tablespace_map};
 use super::owner::{owner_key, remove_keys, reserve_name, sweep_abandoned};
 use super::parts::{Archive, Destination, PartOptions, store_archive, store_file};
@@ -38,8 +42,8 @@ use super::signals::Signals;
 use super::tar_watch::Observed;
 use super::tools::{required_tool, tool_error, tool_version};
 use super::{
-    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, BackupType, FULL_RECORD_FORMAT, Progress, TablespaceRecord,
-    ToolRecord, Transferred,
+    ArchiveRecord, BACKUPS_PREFIX, BackupRecord, BackupType, FULL_RECORD_FORMAT, INCREMENTAL_RECORD_FORMAT, Progress,
+    TablespaceRecord, ToolRecord, Transferred,
 };
 use crate::error::Error;
 use crate::log::Log;
@@ -63,8 +67,11 @@ pub struct PushOptions {
     pub transfer_concurrency: usize,
     /// A write or completion that makes no progress for this long fails the backup.
     pub idle_timeout: Duration,
-    /// Where a backup with extra tablespaces is spooled (pg_basebackup cannot stream those).
+    /// Where a backup with extra tablespaces is spooled (pg_basebackup cannot stream those), and an
+    /// incremental backup's parent manifest is kept while it is taken.
     pub spool_dir: PathBuf,
+    /// Take an incremental backup (`--incremental`); `None`: a full one.
+    pub incremental: Option<IncrementalOptions>,
 }
 
 impl PushOptions {
@@ -81,7 +88,9 @@ impl PushOptions {
     }
 }
 
-/// Takes a base backup into `repo` and returns its catalog record, written last.
+/// Takes a base backup into `repo` and returns its catalog record, written last. With
+/// `options.incremental`, an incremental backup on top of a parent (see `incremental.rs`), or a full
+/// one when none can be taken and `full_if_needed` says so.
 pub async fn base_push(
     repo: &Repository,
     options: &PushOptions,
@@ -95,15 +104,61 @@ pub async fn base_push(
     if let Err(e) = sweep_abandoned(repo, log).await {
         log.info(format_args!("warning: could not check for backups abandoned by killed base-push runs: {e}"));
     }
-    let name = reserve_name(repo).await?;
-    log.debug(format_args!("backup {name}: running {}", pg_basebackup.display()));
+    let tool = Tool { path: &pg_basebackup, version: &version };
+    let Some(incremental) = &options.incremental else {
+        return take(repo, options, progress, log, tool, None).await.map_err(Attempt::into_error);
+    };
+    let attempt = async {
+        check_pg_basebackup(&pg_basebackup, &version)?;
+        let parent = choose_parent(repo, incremental.from.as_deref()).await?;
+        take(repo, options, progress, log, tool, Some(&parent)).await
+    };
+    match attempt.await {
+        Ok(record) => Ok(record),
+        Err(Attempt::Refused(e)) if incremental.full_if_needed => {
+            log.info(format_args!("no incremental backup possible ({e}); taking a full backup (--full-if-needed)"));
+            take(repo, options, progress, log, tool, None).await.map_err(Attempt::into_error)
+        }
+        Err(attempt) => Err(attempt.into_error()),
+    }
+}
 
+/// The pg_basebackup that takes the backup, and what its `--version` says.
+#[derive(Clone, Copy)]
+struct Tool<'a> {
+    path: &'a Path,
+    version: &'a str,
+}
+
+/// Takes one backup under a new name: full, or incremental on top of `parent`. A failure removes
+/// what it wrote (the claim on the parent too); success releases the claim, the child's record now
+/// naming its parent.
+async fn take(
+    repo: &Repository,
+    options: &PushOptions,
+    progress: &dyn Progress,
+    log: &Log,
+    tool: Tool<'_>,
+    parent: Option<&BackupRecord>,
+) -> Result<BackupRecord, Attempt> {
+    let name = reserve_name(repo).await?;
+    log.debug(format_args!("backup {name}: running {}", tool.path.display()));
     let to =
         Destination { repo, options: options.part_options(), progress, backup: &name, written: vec![owner_key(&name)] };
-    let mut run = Run { to, options, log, pg_basebackup: &pg_basebackup };
-    let result = run.take_backup(version).await;
-    if result.is_err() {
-        remove_keys(repo, &run.to.written, log).await;
+    let mut run = Run { to, options, log, pg_basebackup: tool.path, incremental: None };
+    let result = run.take_backup(tool.version.to_owned(), parent).await;
+    match (&result, parent) {
+        (Err(_), _) => remove_keys(repo, &run.to.written, log).await,
+        (Ok(_), Some(parent)) => {
+            if let Err(e) = release_parent(repo, &parent.name, &name).await {
+                log.info(format_args!(
+                    "warning: could not remove the claim of backup {name} on its parent {} ({e}); base-expire \
+                     removes it, since the record names the parent",
+                    parent.name
+                ));
+            }
+        }
+        (Ok(_), None) => {}
     }
     result
 }
@@ -114,6 +169,8 @@ struct Run<'a> {
     options: &'a PushOptions,
     log: &'a Log,
     pg_basebackup: &'a Path,
+    /// The parent's backup_manifest, for `pg_basebackup --incremental`.
+    incremental: Option<PathBuf>,
 }
 
 /// The stored archives of one backup, and what was learnt from them.
@@ -131,9 +188,28 @@ impl Run<'_> {
         Error::ToolFailed { tool: self.pg_basebackup.display().to_string(), reason }
     }
 
-    async fn take_backup(&mut self, version: String) -> Result<BackupRecord, Error> {
+    async fn take_backup(&mut self, version: String, parent: Option<&BackupRecord>) -> Result<BackupRecord, Attempt> {
         let (repo, name) = (self.to.repo, self.to.backup);
         let started_at = now_rfc3339();
+        // Kept until the backup is taken: pg_basebackup reads the parent's manifest from it.
+        let mut _parent_manifest = None;
+        if let Some(parent) = parent {
+            self.to.written.push(claim_key(&parent.name, name));
+            let spool_dir = &self.options.spool_dir;
+            let dir = tempfile::Builder::new()
+                .prefix("walship-parent-manifest.")
+                .tempdir_in(spool_dir)
+                .map_err(|e| Error::local_io(spool_dir, "create spool directory", e))?;
+            let manifest = dir.path().join("backup_manifest");
+            claim_and_fetch_manifest(repo, parent, name, &manifest).await?;
+            self.log.info(format_args!("backup {name}: incremental, on top of backup {}", parent.name));
+            self.incremental = Some(manifest);
+            _parent_manifest = Some(dir);
+        }
+        let refused = |e: Error| match parent.and_then(|p| refusal(&e, &p.name)) {
+            Some(attempt) => attempt,
+            None => Attempt::Failed(e),
+        };
         let mut stored = match self.stream_backup().await {
             Err(Error::ToolFailed { reason, .. }) if reason.contains(SINGLE_TABLESPACE_ONLY) => {
                 self.log.info(format_args!(
@@ -141,9 +217,9 @@ impl Run<'_> {
                      through {} (it needs the backup's full size free there; set [base] spool_dir)",
                     self.options.spool_dir.display()
                 ));
-                self.spool_backup().await?
+                self.spool_backup().await.map_err(refused)?
             }
-            other => other?,
+            other => other.map_err(refused)?,
         };
         let finished_at = now_rfc3339();
         let facts = self.cluster_facts(&stored.observed)?;
@@ -161,7 +237,7 @@ impl Run<'_> {
         let stop = ranges.last().ok_or_else(|| self.tool_error("backup_manifest lists no WAL range".into()))?;
         let stored_bytes =
             stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
-        let record = BackupRecord {
+        let mut record = BackupRecord {
             format_version: FULL_RECORD_FORMAT,
             name: name.to_owned(),
             started_at,
@@ -181,9 +257,12 @@ impl Run<'_> {
             manifest,
             pg_basebackup: ToolRecord { version, arguments: redact(&stored.arguments) },
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
-            backup_type: BackupType::Full,
-            parent: None,
+            backup_type: if parent.is_some() { BackupType::Incremental } else { BackupType::Full },
+            parent: parent.map(|p| p.name.clone()),
         };
+        if parent.is_some() {
+            record.format_version = INCREMENTAL_RECORD_FORMAT;
+        }
         self.log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
         self.to.progress.phase("writing the catalog record");
         write_record(repo, &record).await?;
@@ -212,7 +291,8 @@ impl Run<'_> {
     /// The usual way: pg_basebackup's stdout straight into the repository.
     async fn stream_backup(&mut self) -> Result<Stored, Error> {
         let pg_basebackup = self.pg_basebackup;
-        let arguments = basebackup_arguments("-", self.to.backup, &self.options.extra_args);
+        let arguments =
+            basebackup_arguments("-", self.to.backup, &self.options.extra_args, self.incremental.as_deref());
         let mut running = Running::spawn(pg_basebackup, &arguments, Stdio::piped(), self.log)?;
         let stdout = running.child.stdout.take().expect("piped");
         let base = Archive {
@@ -255,7 +335,12 @@ impl Run<'_> {
             .tempdir_in(spool_dir)
             .map_err(|e| Error::local_io(spool_dir, "create spool directory", e))?;
         let target = spool.path().join("backup");
-        let arguments = basebackup_arguments(&target.display().to_string(), self.to.backup, &self.options.extra_args);
+        let arguments = basebackup_arguments(
+            &target.display().to_string(),
+            self.to.backup,
+            &self.options.extra_args,
+            self.incremental.as_deref(),
+        );
         let running = Running::spawn(self.pg_basebackup, &arguments, Stdio::null(), self.log)?;
         self.to.progress.phase("pg_basebackup is writing into the spool directory");
         self.wait_for(running).await?;

@@ -197,6 +197,7 @@ impl Run {
                 .filter_map(|a| a.tablespace.as_ref())
                 .map(|t| (t.location.clone(), self.scratch.tablespace_dir(t.oid)))
                 .collect(),
+            scratch_dir: None,
         };
         if !fetch.tablespace_mapping.is_empty() {
             let dir = self.scratch.root().join("tablespaces");
