@@ -15,23 +15,37 @@
 //! - B3's parent made a backup the catalog no longer has: B3 is reported as a broken chain, counts for
 //!   no `--keep` (B2 is the newest restore point) and deletes nothing more; after a newer full backup
 //!   it goes with B2, the backups of its age.
+//!
+//! `a_real_chain_on_postgresql_18`: real incremental backups (`base-push --incremental`, WAL
+//! summaries on), a full F0, then a full F and incrementals I1 on F and I2 on I1:
+//! - base-verify I2 checks F, I1 and I2; wal-verify finds the archive whole for every one of them;
+//! - base-expire `--keep 1` killed right after marking F0: `base-push --incremental --from F0` then
+//!   refuses (an incremental on a parent being expired cannot be taken) and leaves no claim; the rerun
+//!   removes F0 and keeps F and I1 for I2 (`needed-by`);
+//! - after a new full backup F2, `--keep 1` removes the chain, children first, and wal-verify still
+//!   finds the archive whole.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
-use walship_tests::backups::base_push;
+use walship_tests::backups::{base_command_in, base_push};
 use walship_tests::expire::{
     ExpireSetup, all_keys, archive_and_stop, base_expire_command, claim_key, expire_json, insert_batch, kept_entry,
     make_incremental, names_in, primary, record, restored_count, start_segment, wal_from, write_claim,
 };
-use walship_tests::pg::WAIT_TIMEOUT;
+use walship_tests::pg::{Cluster, WAIT_TIMEOUT};
 use walship_tests::repository::{Backend, ConfigLines};
+use walship_tests::verify_base::{base_verify_command, verify_report};
 use walship_tests::verify_wal::wal_verify;
+use walship_tests::versions::PgInstall;
 use walship_tests::{Output, run};
 
-walship_tests::every_backend!(a_kept_incremental_keeps_its_chain_claims_and_broken_links);
+walship_tests::every_backend!(
+    a_kept_incremental_keeps_its_chain_claims_and_broken_links,
+    a_real_chain_on_postgresql_18
+);
 
 const ROWS_PER_BATCH: i64 = 1000;
 /// The incremental backup a base-push is taking on top of B1 when base-expire runs.
@@ -149,4 +163,87 @@ fn a_kept_incremental_keeps_its_chain_claims_and_broken_links(backend: Backend) 
     let report = expire_json(repo_args, cwd, &keep);
     assert_eq!(names_in(&report, "expired"), [b[2].clone(), b[3].clone()], "{report:#}");
     assert_eq!(names_in(&report, "kept"), [b4], "{report:#}");
+}
+
+/// base-push with walship `flags` (before `--`) against `cluster`, with its own programs on PATH.
+fn push_with(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, flags: &[&str]) -> Output {
+    let mut cmd = base_command_in(cluster.install(), "base-push", repo_args, cwd);
+    cmd.args(flags);
+    cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]);
+    run(&mut cmd)
+}
+
+/// [`push_with`] that must succeed; returns the backup's name.
+#[track_caller]
+fn pushed(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, flags: &[&str]) -> String {
+    let out = push_with(cluster, repo_args, cwd, flags);
+    assert_eq!(out.code, Some(0), "base-push {flags:?}: {out:#?}");
+    out.stdout.trim().to_owned()
+}
+
+fn a_real_chain_on_postgresql_18(backend: Backend) {
+    let label = backend.label();
+    let setup = ExpireSetup::new(backend, "chains18", ConfigLines::default());
+    let (repo, repo_args, cwd) = (&setup.repo, &setup.repo_args, setup.store.path());
+    let install = PgInstall::of(18);
+    let settings = [("summarize_wal", "on"), ("wal_keep_size", "256MB")];
+    let cluster =
+        Cluster::start_archiving_in(&install, &format!("{label}-chains18"), &repo.archive_command(), &settings);
+    cluster.psql("create table t(batch int, n int)");
+
+    // --- F0, then F and two incrementals on it. ---
+    insert_batch(&cluster, 1, ROWS_PER_BATCH);
+    let f0 = pushed(&cluster, repo_args, cwd, &[]);
+    insert_batch(&cluster, 2, ROWS_PER_BATCH);
+    let f = pushed(&cluster, repo_args, cwd, &[]);
+    insert_batch(&cluster, 3, ROWS_PER_BATCH);
+    let i1 = pushed(&cluster, repo_args, cwd, &["--incremental"]);
+    insert_batch(&cluster, 4, ROWS_PER_BATCH);
+    let i2 = pushed(&cluster, repo_args, cwd, &["--incremental"]);
+    insert_batch(&cluster, 5, ROWS_PER_BATCH);
+    for (child, parent) in [(&i1, &f), (&i2, &i1)] {
+        let listed = record(repo_args, cwd, child);
+        assert_eq!((&listed["backup_type"], &listed["parent"]), (&"incremental".into(), &parent.clone().into()));
+    }
+
+    // --- base-verify checks the chain link by link; wal-verify finds every backup's WAL. ---
+    let out = run(&mut base_verify_command(repo_args, cwd, &[&i2, "--json"]));
+    assert_eq!(out.code, Some(0), "base-verify {i2}: {out:#?}");
+    let report = verify_report(&out);
+    let checked: Vec<&str> =
+        report["backups"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    assert_eq!(checked, [&f, &i1, &i2].map(String::as_str), "{report:#}");
+    // A write of its own: a switch out of a segment that holds nothing new does not happen.
+    cluster.psql("create table flushed(n int)");
+    let last = cluster.switch_wal();
+    cluster.wait_archived(&last, WAIT_TIMEOUT);
+    let whole = wal_verify(repo, repo_args, cwd, &[]);
+    assert_eq!(whole.code, Some(0), "wal-verify over a chain: {whole:#?}");
+
+    // --- An expiry marks F0 and is killed: an incremental on F0 is refused then. ---
+    let keep = ["--keep", "1"];
+    killed_after_marking(repo_args, cwd, &keep);
+    let refused = push_with(&cluster, repo_args, cwd, &["--incremental", "--from", &f0]);
+    assert_ne!(refused.code, Some(0), "an incremental backup on a parent being expired: {refused:#?}");
+    assert!(refused.stderr.contains(&f0), "the refusal names the parent: {}", refused.stderr);
+    let claims: Vec<String> = repo.keys_under("catalog/").into_iter().filter(|k| k.contains(".needed-by-")).collect();
+    assert!(claims.is_empty(), "the refused base-push left its claim: {claims:?}");
+    let report = expire_json(repo_args, cwd, &keep);
+    assert_eq!(names_in(&report, "expired"), [f0], "{report:#}");
+    assert_eq!(names_in(&report, "kept"), [&f, &i1, &i2].map(String::clone), "{report:#}");
+    assert_eq!(needed_by(kept_entry(&report, &f)), [i1.as_str()]);
+    assert_eq!(needed_by(kept_entry(&report, &i1)), [i2.as_str()]);
+
+    // --- A new full backup: the chain goes, children first, and the archive stays whole. ---
+    insert_batch(&cluster, 6, ROWS_PER_BATCH);
+    let f2 = pushed(&cluster, repo_args, cwd, &[]);
+    cluster.psql("drop table flushed");
+    archive_and_stop(cluster);
+    let report = expire_json(repo_args, cwd, &keep);
+    assert_eq!(names_in(&report, "expired"), [&f, &i1, &i2].map(String::clone), "{report:#}");
+    assert_eq!(names_in(&report, "kept"), [f2], "{report:#}");
+    let left = all_keys(repo);
+    assert!(left.iter().all(|k| ![&f, &i1, &i2].iter().any(|n| k.contains(n.as_str()))), "{left:?}");
+    let whole = wal_verify(repo, repo_args, cwd, &[]);
+    assert_eq!(whole.code, Some(0), "wal-verify after the chain went: {whole:#?}");
 }
