@@ -9,7 +9,7 @@
 //!   backup's type, parent and chain; `--all` checks each backup once;
 //! - a damaged part of the middle link B1: `base-verify B2` exits 13 with a `damaged_part` naming it;
 //! - B1's record gone from the catalog: `base-verify B2` and `--all` exit 13 with a `broken_chain`
-//!   for B2 naming B1 (and the metrics count it); B2's parent made B2 itself, or a chain whose
+//!   for B2 naming B1 (and the metrics count it), and `--restore-test` of B2 restores nothing; B2's parent made B2 itself, or a chain whose
 //!   first backup is incremental: the same finding, with the reason.
 
 use std::fs;
@@ -17,7 +17,9 @@ use std::fs;
 use walship_tests::backups::{base_push, damage_middle};
 use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, make_incremental, primary};
 use walship_tests::repository::{Backend, ConfigLines};
-use walship_tests::verify_base::{base_verify, metrics_of, sample, snapshot, verify_report};
+use walship_tests::verify_base::{
+    RestoreScratch, assert_nothing_left, base_verify, metrics_of, sample, snapshot, verify_report,
+};
 use walship_tests::verify_wal::{move_aside, put_back};
 
 walship_tests::every_backend!(a_chain_is_checked_link_by_link);
@@ -96,6 +98,13 @@ fn a_chain_is_checked_link_by_link(backend: Backend) {
         (&report["backups"][0]["verified"], &report["backups"][0]["chain"]),
         (&false.into(), &serde_json::Value::Null)
     );
+    // A restore test of it is not attempted: the finding says why it cannot restore.
+    let scratch = RestoreScratch::create();
+    let restore = ["--restore-test", "--scratch", scratch.path().to_str().unwrap(), &b[2]];
+    let report = verified(repo_args, cwd, &restore, 13);
+    assert_eq!(kinds(&report), [("broken_chain", b[2].as_str())], "{report:#}");
+    assert_eq!(report["backups"][0]["restore_test"], serde_json::Value::Null, "{report:#}");
+    assert_nothing_left(scratch.path(), "a restore test of a broken chain");
     let metrics = cwd.join("chains.prom");
     let metrics_arg = metrics.to_str().unwrap();
     let report = verified(repo_args, cwd, &["--all", "--metrics", metrics_arg], 13);
