@@ -9,8 +9,9 @@
 //!   backup's type, parent and chain; `--all` checks each backup once;
 //! - a damaged part of the middle link B1: `base-verify B2` exits 13 with a `damaged_part` naming it;
 //! - B1's record gone from the catalog: `base-verify B2` and `--all` exit 13 with a `broken_chain`
-//!   for B2 naming B1 (and the metrics count it), and `--restore-test` of B2 restores nothing; B2's parent made B2 itself, or a chain whose
-//!   first backup is incremental: the same finding, with the reason.
+//!   for B2 naming B1 (and the metrics count it), and `--restore-test` of B2 restores nothing;
+//! - B2's parent made B2 itself, or a chain whose first backup is incremental: the same finding,
+//!   with the reason.
 
 use std::fs;
 
