@@ -190,3 +190,46 @@ pub fn restored_count(repo_args: &[OsString], cwd: &Path, label: &str, name: &st
     let count = restored.psql(sql);
     count.parse().unwrap_or_else(|_| panic!("{sql}: {count:?}"))
 }
+
+/// Rewrites the catalog record of backup `child` into that of an incremental backup on top of
+/// `parent` (type, parent and the record format an incremental one is written with): a chain made of
+/// real full backups, for what reads only records and parts (base-expire, base-verify's integrity
+/// check). `parent = None` leaves the type incremental with no parent named.
+#[track_caller]
+pub fn make_incremental(repo: &Repository, child: &str, parent: Option<&str>) {
+    let file = repo.object_file(&format!("catalog/{child}.json"));
+    let text = std::fs::read(&file).unwrap_or_else(|e| panic!("{file:?}: {e}"));
+    let mut record: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{file:?}: {e}"));
+    record["backup_type"] = "incremental".into();
+    record["parent"] = parent.map_or(serde_json::Value::Null, Into::into);
+    record["format_version"] = walship::base::INCREMENTAL_RECORD_FORMAT.into();
+    std::fs::write(&file, serde_json::to_vec_pretty(&record).unwrap()).unwrap_or_else(|e| panic!("{file:?}: {e}"));
+}
+
+/// The key of the claim a base-push taking incremental backup `child` on top of `parent` writes.
+pub fn claim_key(parent: &str, child: &str) -> String {
+    walship::base::catalog::needed_by_key(parent, child)
+}
+
+/// Writes the claim on `parent` for `child` through the repository's own store, as a running
+/// base-push --incremental does before it reads the parent's manifest.
+#[track_caller]
+pub fn write_claim(repo: &Repository, parent: &str, child: &str) {
+    let key = claim_key(parent, child);
+    let store = repo.open_storage();
+    let body = format!("{{\"name\": \"{parent}\", \"at\": \"now\", \"by\": \"base-push {child}\"}}\n");
+    store
+        .run(async {
+            let mut writer = store.storage().create(&key, walship::storage::PutOptions::default()).await?;
+            writer.write(bytes::Bytes::from(body)).await?;
+            writer.commit().await
+        })
+        .unwrap_or_else(|e| panic!("write {key}: {e}"));
+}
+
+/// A kept backup's entry in a report's `kept` list.
+#[track_caller]
+pub fn kept_entry<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let kept = report["kept"].as_array().unwrap_or_else(|| panic!("kept in {report:#}"));
+    kept.iter().find(|b| b["name"] == name).unwrap_or_else(|| panic!("{name} is not kept: {report:#}"))
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use walship::config::{Config, parse_duration};
-use walship::expire::{self, BackupSummary, ExpireOptions, ExpireReport, Policy};
+use walship::expire::{self, BackupSummary, ExpireOptions, ExpireReport, Keep, Policy};
 use walship::log::Log;
 use walship::{Error, base, retry};
 use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
@@ -18,15 +18,20 @@ use walship_cli::{COMMON_HELP, CommonArgs, human_bytes};
     about = "Delete the base backups a retention policy no longer keeps, and the WAL no kept backup needs",
     long_about = "Delete the base backups a retention policy no longer keeps, and the WAL no kept backup needs.\n\n\
         The policy comes from --keep and --keep-within, else from the [retention] table; without any, \
-        base-expire refuses (exit 2) rather than keep nothing. Never deleted: the newest complete backup, \
-        a pinned backup, the newest backup the latest timeline can be restored from, a backup still being \
-        written (it has no catalog record yet), history files, and any WAL a kept backup can need (from its \
+        base-expire refuses (exit 2) rather than keep nothing. --keep counts restore points, full and \
+        incremental backups alike. Never deleted: the newest restorable backup, a pinned backup, the newest \
+        backup the latest timeline can be restored from, every backup a kept incremental backup rests on (its \
+        whole chain, reported as needed-by), a backup a running base-push --incremental claims, a backup \
+        still being written (it has no catalog record yet), history files, and any WAL a kept backup can need (from its \
         start segment on, on its timeline and those that descend from it; a pinned backup keeps its own \
         start-to-stop range). A repository without backups loses no WAL.\n\n\
         Order: each backup's catalog record goes first (base-list and base-fetch stop seeing it), then its \
-        parts; WAL after the backups. A run killed anywhere leaves every listed backup restorable; the \
-        next run finishes the work. Also removes temporary files and S3 multipart uploads older than \
-        [retention] abandoned_after (default 24h), left by killed writers.\n\n\
+        parts, newest backup first so that no incremental backup outlives its parent; WAL after the backups. \
+        A run killed anywhere leaves every listed backup restorable; the next run finishes the work. An \
+        incremental backup whose chain is already broken is reported (warning: broken chain), counts for no \
+        --keep and goes with the backups of its age. Also removes temporary files and S3 multipart uploads \
+        older than [retention] abandoned_after (default 24h), left by killed writers, and claims on parent \
+        backups that their child's record made redundant or that are older than abandoned_after without one.\n\n\
         Output: one line per expired backup and a summary on stderr; --json prints the report on stdout; \
         --dry-run prints every object a real run would delete (stored bytes, a tab, the key) and deletes \
         nothing. Exit 0 also when nothing was due.\n\n\
@@ -40,7 +45,8 @@ struct Cli {
     #[command(flatten)]
     common: CommonArgs,
 
-    /// Keep the N newest complete backups (N >= 1) [default: [retention] keep]
+    /// Keep the N newest restorable backups, full or incremental (N >= 1), and every backup they rest
+    /// on [default: [retention] keep]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep: Option<u32>,
 
@@ -147,6 +153,28 @@ fn log_report(log: &Log, report: &ExpireReport) {
             human_bytes(backup.stored_bytes)
         ));
     }
+    for backup in &report.kept {
+        if !backup.needed_by.is_empty()
+            && backup.kept.iter().all(|k| matches!(k, Keep::NeededBy { .. } | Keep::Claimed))
+        {
+            log.info(format_args!(
+                "keeping backup {} ({}): needed by incremental backup(s) {}",
+                backup.name,
+                backup.backup_type.as_str(),
+                backup.needed_by.join(", ")
+            ));
+        }
+    }
+    for backup in report.kept.iter().chain(&report.expired) {
+        if let Some(reason) = &backup.broken_chain {
+            let fate = match (report.expired.contains(backup), report.dry_run) {
+                (true, true) => "it would be expired with the backups of its age",
+                (true, false) => "expired with the backups of its age",
+                (false, _) => "it counts for no --keep and is kept only while the policy reaches back to it",
+            };
+            log.info(format_args!("warning: broken chain: {reason}; {fate}"));
+        }
+    }
     for notice in &report.notices {
         log.info(format_args!("note: {notice}"));
     }
@@ -154,7 +182,7 @@ fn log_report(log: &Log, report: &ExpireReport) {
     let house = &report.housekeeping;
     log.info(format_args!(
         "{}: {} backups kept, {} expired ({} objects, {}); {} WAL files {} ({}){}; housekeeping: {} temporary \
-         files, {} multipart uploads removed{}",
+         files, {} multipart uploads, {} claims removed{}",
         if report.dry_run { "dry run, nothing deleted" } else { "done" },
         report.kept.len(),
         report.expired.len(),
@@ -166,6 +194,7 @@ fn log_report(log: &Log, report: &ExpireReport) {
         if first_kept.is_empty() { String::new() } else { format!(", WAL kept from {}", first_kept.join(", ")) },
         house.temp_files,
         house.uploads,
+        report.claims_removed,
         if house.uploads_unlisted { " (the store cannot list multipart uploads)" } else { "" },
     ));
 }
@@ -177,6 +206,10 @@ fn json_backup(backup: &BackupSummary) -> serde_json::Value {
         "timeline": backup.timeline,
         "stored_bytes": backup.stored_bytes,
         "kept_because": backup.kept.iter().map(|k| k.describe()).collect::<Vec<_>>(),
+        "type": backup.backup_type.as_str(),
+        "parent": backup.parent,
+        "needed_by": backup.needed_by,
+        "broken_chain": backup.broken_chain,
     })
 }
 
@@ -199,6 +232,7 @@ fn json_report(report: &ExpireReport) -> serde_json::Value {
             "temp_bytes": house.temp_bytes,
             "multipart_uploads": house.uploads,
             "multipart_uploads_unlisted": house.uploads_unlisted,
+            "claims": report.claims_removed,
         },
         "notices": report.notices,
     })

@@ -2,11 +2,13 @@
 //! against the catalog), and with `--restore-test` whether it really restores: restored into a
 //! scratch directory, PostgreSQL started on it and queried, every step timed (the measured RTO).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use walship::base::{self, BackupRecord};
+use walship::base::catalog::chain_problem;
+use walship::base::{self, BackupRecord, BackupType};
 use walship::config::{Config, parse_duration};
 use walship::log::Log;
 use walship::repo::Repository;
@@ -26,7 +28,8 @@ const COMMAND: &str = "base-verify";
     about = "Check that a base backup is whole, and with --restore-test that it really restores",
     long_about = "Check that a base backup is whole, and with --restore-test that it really restores.\n\n\
         NAME is a backup name from base-list, or LATEST (the default): the newest complete backup; --all \
-        checks every backup in the catalog.\n\n\
+        checks every backup in the catalog. An incremental backup is checked with every backup of its chain \
+        (each once with --all); a chain with a missing or wrong link is a broken_chain problem naming it.\n\n\
         Without --restore-test: every part of every archive is read from the repository and decoded \
         (streamed, transfer_concurrency parts at a time), and checked against its own trailer and the \
         catalog record (SHA-256, original and stored size); the stored backup_manifest is checked the same \
@@ -45,8 +48,8 @@ const COMMAND: &str = "base-verify";
         version (pg_bin_dir, PATH or the packages' directories). The repository is only read.\n\n\
         Output: one line per step, per problem and a summary on stderr; --json prints the report on stdout; \
         --metrics FILE writes the figures for node_exporter's textfile collector (also when it could not \
-        check). Exit 0: healthy; 13: problems found (damaged parts, a manifest that disagrees, a failed \
-        restore test); 1: no such backup, or no backup at all; other codes: could not check.\n\n\
+        check). Exit 0: healthy; 13: problems found (damaged parts, a manifest that disagrees, a broken \
+        chain, a failed restore test); 1: no such backup, or no backup at all; other codes: could not check.\n\n\
         Examples (cron, as postgres):\n    \
         30 5 * * *  base-verify --restore-test LATEST --metrics /var/lib/prometheus/node-exporter/walship-base.prom\n    \
         0 3 * * 0   base-verify --all --metrics /var/lib/prometheus/node-exporter/walship-base.prom\n    \
@@ -151,6 +154,10 @@ struct Outcome {
 /// What base-verify learnt about one backup it checked.
 struct Checked {
     backup: Summary,
+    /// Its chain's backups, oldest first, when the chain is whole (a full backup: itself alone).
+    chain: Vec<String>,
+    /// Why its chain is broken.
+    broken_chain: Option<Finding>,
     /// The integrity check's findings, when it ran.
     integrity: Option<Vec<Finding>>,
     restore_test: Option<RestoreTestReport>,
@@ -159,14 +166,14 @@ struct Checked {
 impl Checked {
     fn findings(&self) -> Vec<Finding> {
         let restore = self.restore_test.iter().flat_map(|r| r.findings.iter());
-        self.integrity.iter().flatten().chain(restore).cloned().collect()
+        self.broken_chain.iter().chain(self.integrity.iter().flatten()).chain(restore).cloned().collect()
     }
 
     /// Every part and the manifest were read and passed: by the integrity check, or with a restore
     /// test by its restore (which checks each part and runs pg_verifybackup) and the manifest's
     /// comparison with the catalog.
     fn verified(&self) -> bool {
-        let integrity = self.integrity.as_ref().is_some_and(Vec::is_empty);
+        let integrity = self.integrity.as_ref().is_some_and(Vec::is_empty) && self.broken_chain.is_none();
         match &self.restore_test {
             None => integrity,
             Some(report) => integrity && report.steps.iter().any(|(step, _)| *step == "verify"),
@@ -182,6 +189,8 @@ struct Summary {
     finished_unix: Option<i128>,
     original_bytes: u64,
     stored_bytes: u64,
+    backup_type: BackupType,
+    parent: Option<String>,
 }
 
 impl Summary {
@@ -192,6 +201,8 @@ impl Summary {
             finished_unix: record.finished_at_unix(),
             original_bytes: record.original_bytes,
             stored_bytes: record.stored_bytes,
+            backup_type: record.backup_type,
+            parent: record.parent.clone(),
         }
     }
 }
@@ -212,36 +223,151 @@ async fn run(
         findings.push(Finding::new(FindingKind::NoBackups, repo.url(), message));
     }
     let mut checked = Vec::new();
-    for record in records {
-        let (integrity, restore_test) = match &restore {
-            None => {
-                log.info(format_args!(
-                    "verifying backup {} ({} in {} parts)",
-                    record.name,
-                    human_bytes(record.stored_bytes),
-                    record.archives.iter().map(|a| a.parts.len()).sum::<usize>()
-                ));
-                let started = Instant::now();
-                let findings = verify_backup(repo, &record, integrity_options(config), log).await?;
-                let took = started.elapsed().as_secs_f64();
-                log.info(format_args!(
-                    "verify: backup {}: every part and the manifest read in {took:.1} s ({:.1} MB/s), {} problem(s)",
-                    record.name,
-                    record.stored_bytes as f64 / 1e6 / took.max(0.001),
-                    findings.len()
-                ));
-                (Some(findings), None)
-            }
-            Some(options) => {
-                // The restore checks every part and runs pg_verifybackup, but only against the
-                // manifest itself: whether the manifest agrees with the catalog is checked here.
-                let manifest = verify_manifest(repo, &record, integrity_options(config), log).await?;
-                (Some(manifest), Some(restore_test(repo, &record, options, log).await?))
-            }
-        };
-        checked.push(Checked { backup: Summary::of(&record), integrity, restore_test });
+    for target in targets(cli, repo, deadline, log, records).await? {
+        checked.push(check(repo, config, restore.as_ref(), target, log).await?);
     }
     Ok(Outcome { catalog, findings, checked })
+}
+
+/// One backup to check, with what its chain is.
+struct Target {
+    record: BackupRecord,
+    /// Its chain's backups, oldest first, when the chain is whole.
+    chain: Vec<String>,
+    broken_chain: Option<Finding>,
+    /// With --restore-test: the other backups of its chain, whose manifests are compared with the
+    /// catalog beside the restore (which fetches and checks every part of each).
+    links: Vec<BackupRecord>,
+}
+
+/// The backups to check. NAME or LATEST: the backup and, when it is incremental, every link of its
+/// chain (read with [`base::chain_of`]), each checked by the same rules; with --restore-test the
+/// backup alone, its chain restored with it. --all: every backup once, its chain judged within the
+/// catalog read.
+async fn targets(
+    cli: &Cli,
+    repo: &Repository,
+    deadline: retry::Deadline,
+    log: &Log,
+    records: Vec<BackupRecord>,
+) -> Result<Vec<Target>, Error> {
+    if cli.all {
+        let index: HashMap<String, usize> = records.iter().enumerate().map(|(i, r)| (r.name.clone(), i)).collect();
+        let find = |name: &str| index.get(name).map(|&i| &records[i]);
+        let judged: Vec<(Vec<String>, Option<String>)> =
+            records.iter().map(|r| (chain_names(r, find), chain_problem(r, find))).collect();
+        return Ok(records
+            .into_iter()
+            .zip(judged)
+            .map(|(record, (chain, problem))| {
+                let broken_chain = problem.map(|reason| broken_chain(repo, &record, &reason));
+                let chain = if broken_chain.is_some() { Vec::new() } else { chain };
+                Target { record, chain, broken_chain, links: Vec::new() }
+            })
+            .collect());
+    }
+    let Some(record) = records.into_iter().next() else { return Ok(Vec::new()) };
+    let chain = match retry::until(deadline, log, repo.url(), || base::chain_of(repo, record.clone())).await {
+        Ok(chain) => chain,
+        Err(Error::Corrupt { location, reason }) => {
+            // A link's own record unreadable, rather than a link missing: name where.
+            let own = repo.storage().location(&BackupRecord::catalog_key(&record.name));
+            let reason = if location == own { reason } else { format!("{location}: {reason}") };
+            let finding = broken_chain(repo, &record, &reason);
+            return Ok(vec![Target { record, chain: Vec::new(), broken_chain: Some(finding), links: Vec::new() }]);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(reason) = chain_problem(&record, |name| chain.iter().find(|r| r.name == name)) {
+        let finding = broken_chain(repo, &record, &reason);
+        return Ok(vec![Target { record, chain: Vec::new(), broken_chain: Some(finding), links: Vec::new() }]);
+    }
+    let names: Vec<String> = chain.iter().map(|r| r.name.clone()).collect();
+    if cli.restore_test {
+        let links = chain[..chain.len() - 1].to_vec();
+        return Ok(vec![Target { record, chain: names, broken_chain: None, links }]);
+    }
+    Ok(chain
+        .into_iter()
+        .enumerate()
+        .map(|(i, link)| Target { record: link, chain: names[..=i].to_vec(), broken_chain: None, links: Vec::new() })
+        .collect())
+}
+
+/// The names of `record`'s chain as far as `find` finds it, oldest first.
+fn chain_names<'a>(record: &'a BackupRecord, find: impl Fn(&str) -> Option<&'a BackupRecord>) -> Vec<String> {
+    let mut names = vec![record.name.clone()];
+    let mut link = record;
+    while let Some(parent) = link.parent.as_deref().and_then(&find) {
+        if names.len() >= base::MAX_CHAIN_LEN {
+            break;
+        }
+        names.push(parent.name.clone());
+        link = parent;
+    }
+    names.reverse();
+    names
+}
+
+/// The finding for `record`, whose chain is broken for `reason`.
+fn broken_chain(repo: &Repository, record: &BackupRecord, reason: &str) -> Finding {
+    let location = repo.storage().location(&BackupRecord::catalog_key(&record.name));
+    let message =
+        format!("backup {} ({}): {location}: its chain is broken: {reason}", record.name, record.backup_type.as_str());
+    Finding::new(FindingKind::BrokenChain, record.name.clone(), message)
+}
+
+/// Checks one backup: its parts and manifest, or with a restore test its chain's manifests and the
+/// restore (skipped when its chain is broken: it cannot restore, and the finding says why).
+async fn check(
+    repo: &Repository,
+    config: &Config,
+    restore: Option<&RestoreTestOptions>,
+    target: Target,
+    log: &Log,
+) -> Result<Checked, Error> {
+    let record = &target.record;
+    let (integrity, restore_test) = match restore {
+        None => {
+            log.info(format_args!(
+                "verifying backup {} ({}, {} in {} parts)",
+                record.name,
+                record.backup_type.as_str(),
+                human_bytes(record.stored_bytes),
+                record.archives.iter().map(|a| a.parts.len()).sum::<usize>()
+            ));
+            let started = Instant::now();
+            let findings = verify_backup(repo, record, integrity_options(config), log).await?;
+            let took = started.elapsed().as_secs_f64();
+            log.info(format_args!(
+                "verify: backup {}: every part and the manifest read in {took:.1} s ({:.1} MB/s), {} problem(s)",
+                record.name,
+                record.stored_bytes as f64 / 1e6 / took.max(0.001),
+                findings.len()
+            ));
+            (Some(findings), None)
+        }
+        Some(options) => {
+            // The restore checks every part and runs pg_verifybackup, but only against the
+            // manifest itself: whether each manifest agrees with the catalog is checked here.
+            let mut manifests = Vec::new();
+            for link in target.links.iter().chain([record]) {
+                manifests.extend(verify_manifest(repo, link, integrity_options(config), log).await?);
+            }
+            let tested = match target.broken_chain {
+                None => Some(restore_test(repo, record, options, log).await?),
+                Some(_) => None,
+            };
+            (Some(manifests), tested)
+        }
+    };
+    Ok(Checked {
+        backup: Summary::of(record),
+        chain: target.chain,
+        broken_chain: target.broken_chain,
+        integrity,
+        restore_test,
+    })
 }
 
 /// Every backup's summary, and the records of those to check: NAME, the newest (LATEST) or all.
@@ -336,6 +462,9 @@ fn json_report(outcome: &Outcome, findings: &[Finding], took: Duration) -> serde
         .map(|c| {
             serde_json::json!({
                 "name": c.backup.name,
+                "type": c.backup.backup_type.as_str(),
+                "parent": c.backup.parent,
+                "chain": if c.broken_chain.is_some() { serde_json::Value::Null } else { c.chain.clone().into() },
                 "finished_at": c.backup.finished_at,
                 "original_bytes": c.backup.original_bytes,
                 "stored_bytes": c.backup.stored_bytes,
@@ -350,7 +479,7 @@ fn json_report(outcome: &Outcome, findings: &[Finding], took: Duration) -> serde
         .iter()
         .map(|b| {
             serde_json::json!({
-                "name": b.name, "finished_at": b.finished_at,
+                "name": b.name, "type": b.backup_type.as_str(), "parent": b.parent, "finished_at": b.finished_at,
                 "original_bytes": b.original_bytes, "stored_bytes": b.stored_bytes,
             })
         })

@@ -13,11 +13,13 @@
 //! together (`.expiring` < `.json` < `.pin`), whatever the size of the catalog and without a request
 //! per backup. Older walship versions read only `.json` and skip the rest.
 
+use std::time::{Duration, SystemTime};
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::recovery::now_rfc3339;
-use super::{BackupRecord, CATALOG_PREFIX, read_named, read_record, validate_name};
+use super::{BackupRecord, BackupType, CATALOG_PREFIX, MAX_CHAIN_LEN, read_named, read_record, validate_name};
 use crate::error::Error;
 use crate::repo::Repository;
 use crate::storage::{PutOptions, StorageError};
@@ -178,21 +180,82 @@ pub async fn release_parent(repo: &Repository, parent: &str, child: &str) -> Res
 
 /// The incremental backups claiming backup `name` now (asked again after an expiry mark is written).
 pub async fn claims_on(repo: &Repository, name: &str) -> Result<Vec<String>, Error> {
+    Ok(claims_with_age(repo, name).await?.into_iter().map(|claim| claim.child).collect())
+}
+
+/// One claim on a parent backup, as the store lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The incremental backup being taken on top of the parent.
+    pub child: String,
+    /// When the claim was stored, by the store's clock (`None` where the store does not say): a claim
+    /// whose child never got a record is abandoned once it is older than `abandoned_after`.
+    pub modified: Option<SystemTime>,
+}
+
+impl Claim {
+    /// Whether the claim is older than `age` at `now`. A claim of unknown age is never stale: it
+    /// keeps its parent until its child's record makes it redundant.
+    pub fn older_than(&self, age: Duration, now: SystemTime) -> bool {
+        self.modified.is_some_and(|at| now.duration_since(at).is_ok_and(|elapsed| elapsed > age))
+    }
+}
+
+/// The claims on backup `name` now, with their ages.
+pub async fn claims_with_age(repo: &Repository, name: &str) -> Result<Vec<Claim>, Error> {
     let prefix = format!("{CATALOG_PREFIX}{name}.{NEEDED_BY}");
-    let mut children = Vec::new();
+    let mut claims = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = repo.storage().list(&prefix, after.as_deref(), 1000).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
-        children.extend(
-            page.iter()
-                .filter_map(|m| m.key.strip_prefix(&prefix))
-                .filter(|c| validate_name(c).is_ok())
-                .map(str::to_owned),
-        );
+        claims.extend(page.into_iter().filter_map(|meta| {
+            let child = meta.key.strip_prefix(&prefix).filter(|c| validate_name(c).is_ok())?;
+            Some(Claim { child: child.to_owned(), modified: meta.modified })
+        }));
     }
-    Ok(children)
+    Ok(claims)
+}
+
+/// Why a restore of `record` could not use its chain, judged from records at hand (`parent_of` finds
+/// a backup's record by name, `None` when the catalog has none): the rules of
+/// [`super::chain_of`], with its wording, plus one it leaves to pg_combinebackup: the chain must
+/// begin with a full backup. `None`: the chain is whole (a full backup is a chain of one).
+/// base-expire judges its whole catalog with it, from one listing, without a request per link.
+pub fn chain_problem<'a>(
+    record: &'a BackupRecord,
+    parent_of: impl Fn(&str) -> Option<&'a BackupRecord>,
+) -> Option<String> {
+    let (mut child, mut length) = (record, 1);
+    loop {
+        let broken = |reason: String| Some(format!("incremental backup {} cannot be restored: {reason}", child.name));
+        let Some(parent_name) = child.parent.as_deref() else {
+            return match child.backup_type {
+                BackupType::Full => None,
+                BackupType::Incremental => broken("its catalog record names no parent".into()),
+            };
+        };
+        if length >= MAX_CHAIN_LEN {
+            return broken(format!("its chain is longer than {MAX_CHAIN_LEN} backups"));
+        }
+        if let Err(reason) = validate_name(parent_name) {
+            return broken(reason);
+        }
+        if parent_name >= child.name.as_str() {
+            return broken(format!("its parent {parent_name} is not older than it"));
+        }
+        let Some(parent) = parent_of(parent_name) else {
+            return broken(format!("its parent {parent_name} is no longer in the catalog"));
+        };
+        if parent.system_identifier != child.system_identifier || parent.pg_version != child.pg_version {
+            return broken(format!(
+                "its parent {parent_name} is of another cluster (system {} PostgreSQL {}, not system {} PostgreSQL {})",
+                parent.system_identifier, parent.pg_version, child.system_identifier, child.pg_version
+            ));
+        }
+        (child, length) = (parent, length + 1);
+    }
 }
 
 /// Whether a base-expire has marked backup `name` for removal.
@@ -210,5 +273,44 @@ pub async fn is_pinned(repo: &Repository, name: &str) -> Result<bool, Error> {
         Ok(_) => Ok(true),
         Err(e) if e.is_not_found() => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::test_record;
+
+    fn incremental(hour: i64, parent: &str) -> BackupRecord {
+        let mut record = test_record(hour, 1, hour as u64 + 2);
+        (record.backup_type, record.parent) = (BackupType::Incremental, Some(parent.to_owned()));
+        record
+    }
+
+    #[test]
+    fn a_chain_is_whole_only_down_to_a_full_backup_of_the_same_cluster() {
+        let full = test_record(1, 1, 3);
+        let middle = incremental(2, &full.name);
+        let last = incremental(3, &middle.name);
+        let catalog = [&full, &middle, &last];
+        let find = |name: &str| catalog.iter().copied().find(|r| r.name == name);
+        assert_eq!(chain_problem(&full, find), None, "a full backup is a chain of one");
+        assert_eq!(chain_problem(&last, find), None);
+        let without_middle = |name: &str| find(name).filter(|r| r.name != middle.name);
+        let missing = chain_problem(&last, without_middle).unwrap();
+        let expected = format!(
+            "incremental backup {} cannot be restored: its parent {} is no longer in the catalog",
+            last.name, middle.name
+        );
+        assert_eq!(missing, expected, "chain_of's wording");
+        let mut other = full.clone();
+        other.system_identifier = "2".into();
+        let other_cluster = |name: &str| if name == full.name { Some(&other) } else { find(name) };
+        assert!(chain_problem(&last, other_cluster).unwrap().contains("of another cluster"));
+        let newer = incremental(1, &last.name);
+        assert!(chain_problem(&newer, find).unwrap().contains("is not older than it"));
+        let mut orphan = incremental(4, &full.name);
+        orphan.parent = None;
+        assert!(chain_problem(&orphan, find).unwrap().contains("names no parent"));
     }
 }

@@ -1,13 +1,17 @@
 //! Retention: base-expire deletes the backups a policy no longer keeps and the WAL no kept backup can
 //! need, in an order that a kill at any moment leaves safe.
 //!
-//! One run: read the catalog (records, pins, expiry marks) in one listing; decide (`policy.rs`);
-//! finish removals an earlier run was cut off in; remove each expired backup (mark, record, parts,
-//! owner, mark: `remove.rs`); then sweep the WAL (`wal_rule.rs` decides each file) in batches while
+//! One run: read the catalog (records, pins, expiry marks, claims) in one listing; decide
+//! (`policy.rs`: a kept incremental backup keeps its whole chain); finish removals an earlier run was
+//! cut off in; remove each expired backup, newest first so that no child outlives its parent (mark,
+//! claims checked, record, parts, owner, mark: `remove.rs`); then sweep the WAL (`wal_rule.rs` decides each file) in batches while
 //! the listing streams; then the housekeeping of what killed writers left. Backups are gone from
 //! `base-list` and `base-fetch` the moment their record is, before any part is touched; WAL goes only
 //! after the backups, so a kill between the two leaves extra WAL, never a backup without its WAL.
-//! A backup still being written has no record yet, so nothing here ever looks at it.
+//! A backup still being written has no record yet, so nothing here ever looks at it; an incremental
+//! one claims its parent (`catalog/<PARENT>.needed-by-<CHILD>`) before it reads the parent's
+//! manifest, and the claim is looked for after the parent's expiry mark is written: of the two
+//! writers, at least one sees the other's object and backs off.
 
 mod policy;
 mod remove;
@@ -16,10 +20,12 @@ mod wal_rule;
 pub use policy::{Candidate, Decision, Keep, Policy, decide};
 pub use wal_rule::WalRule;
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
 
-use crate::base::{self, BackupRecord, CatalogEntry};
+use remove::{ClaimRule, Fate};
+
+use crate::base::{self, BackupRecord, BackupType, CatalogEntry};
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
@@ -56,6 +62,15 @@ pub struct BackupSummary {
     pub stored_bytes: u64,
     /// Why it stays (empty for an expired one).
     pub kept: Vec<Keep>,
+    /// Full or incremental.
+    pub backup_type: BackupType,
+    /// An incremental backup's parent.
+    pub parent: Option<String>,
+    /// The kept incremental backups that rest directly on this one (why it stays, with
+    /// [`Keep::NeededBy`] or [`Keep::Claimed`]).
+    pub needed_by: Vec<String>,
+    /// Why it cannot be restored, for an incremental backup whose chain is broken.
+    pub broken_chain: Option<String>,
 }
 
 /// What a run did (or, dry, would do).
@@ -84,6 +99,8 @@ pub struct ExpireReport {
     pub housekeeping: Housekeeping,
     /// Things the operator should know once (a store that lacks a request, say).
     pub notices: Vec<String>,
+    /// Claims on parent backups removed: made redundant by their child's record, or abandoned.
+    pub claims_removed: u64,
 }
 
 /// Every object a run deletes, or would: for `--dry-run`'s listing and for tests.
@@ -110,7 +127,7 @@ pub async fn base_expire(
         Ok((identity, read_catalog(repo).await?, base::lineage(repo, None).await?, ancestry(repo).await?))
     })
     .await?;
-    let decisions = decide(catalog.candidates, &options.policy, options.now, lineage);
+    let mut decisions = decide(catalog.candidates, &options.policy, options.now, lineage);
     let mut report = ExpireReport { dry_run: options.dry_run, ..ExpireReport::default() };
     let mut remover = remove::Remover::new(repo, log, options.deadline, options.dry_run, deletions);
     for name in &catalog.interrupted {
@@ -118,23 +135,23 @@ pub async fn base_expire(
         remover.backup_objects(name, true).await?;
         report.resumed.push(name.clone());
     }
-    for decision in &decisions {
-        let summary = summary_of(decision);
-        if decision.is_kept() {
-            if catalog.marked.contains(&summary.name) && !options.dry_run {
-                // An earlier run meant to remove it and was cut off before its record went; the
-                // policy keeps it now.
-                let mark = base::catalog::expiring_key(&summary.name);
-                let what = repo.storage().location(&mark);
-                retry::with_deadline(options.deadline, log, &what, || base::catalog::remove_mark(repo, &mark)).await?;
-            }
-            report.kept.push(summary);
-        } else if remover.backup(&decision.candidate.record).await? {
-            report.expired.push(summary);
-        } else {
-            log.info(format_args!("backup {} was pinned meanwhile; it stays", summary.name));
+    let claims = ClaimRule { abandoned_after: options.stale_after, now: SystemTime::now() };
+    let removed = remove_expired(&mut remover, &mut decisions, &claims, log).await?;
+    for decision in decisions.iter().filter(|d| d.is_kept()) {
+        let name = &decision.candidate.record.name;
+        if catalog.marked.contains(name) && !options.dry_run {
+            // An earlier run meant to remove it and was cut off before its record went; it stays now.
+            let mark = base::catalog::expiring_key(name);
+            let what = repo.storage().location(&mark);
+            retry::with_deadline(options.deadline, log, &what, || base::catalog::remove_mark(repo, &mark)).await?;
         }
     }
+    // Claims on backups that stay: those made redundant by their child's record, or abandoned.
+    for name in catalog.claimed.iter().filter(|name| !removed.contains(name.as_str())) {
+        remover.claimed(name, &claims).await?;
+    }
+    report.kept = decisions.iter().filter(|d| d.is_kept()).map(summary_of).collect();
+    report.expired = decisions.iter().filter(|d| removed.contains(&d.candidate.record.name)).map(summary_of).collect();
     (report.backup_objects, report.backup_bytes) = remover.counted();
     let kept: Vec<&Decision> = decisions.iter().filter(|d| d.is_kept()).collect();
     let rule = wal_rule(identity.wal_segment_size, &kept, ancestry);
@@ -144,6 +161,7 @@ pub async fn base_expire(
         .iter()
         .filter_map(|&t| Some((t, segment_file_name(t, rule.first_kept(t)?, identity.wal_segment_size)?)))
         .collect();
+    report.claims_removed = remover.claims_removed();
     if !options.dry_run {
         let stale = options.stale_after;
         report.housekeeping = retry::with_deadline(options.deadline, log, repo.url(), || async {
@@ -155,6 +173,51 @@ pub async fn base_expire(
     Ok(report)
 }
 
+/// Removes the backups the policy expired, children before their parents (a child is newer than
+/// its parent), so that a run cut off anywhere leaves no listed incremental backup without its
+/// parent. One that stays after all (pinned or claimed meanwhile) keeps its whole chain with it.
+/// Returns the names removed.
+async fn remove_expired(
+    remover: &mut remove::Remover<'_>,
+    decisions: &mut [Decision],
+    claims: &ClaimRule,
+    log: &Log,
+) -> Result<BTreeSet<String>, Error> {
+    let index: HashMap<String, usize> =
+        decisions.iter().enumerate().map(|(i, d)| (d.candidate.record.name.clone(), i)).collect();
+    let mut removed = BTreeSet::new();
+    for i in (0..decisions.len()).rev() {
+        if decisions[i].is_kept() {
+            continue;
+        }
+        let name = decisions[i].candidate.record.name.clone();
+        let (reason, children) = match remover.backup(&decisions[i].candidate.record, claims).await? {
+            Fate::Removed => {
+                removed.insert(name);
+                continue;
+            }
+            Fate::Pinned => {
+                log.info(format_args!("backup {name} was pinned meanwhile; it stays"));
+                (Keep::Pinned, Vec::new())
+            }
+            Fate::Claimed(children) => {
+                log.info(format_args!(
+                    "backup {name} stays: incremental backup(s) {} being taken on top of it claim it",
+                    children.join(", ")
+                ));
+                (Keep::Claimed, children)
+            }
+        };
+        let decision = &mut decisions[i];
+        decision.keep(reason);
+        decision.needed_by.extend(children);
+        if decision.broken_chain.is_none() {
+            policy::keep_ancestors(decisions, &index, i, Keep::NeededBy { later_wal: reason.keeps_later_wal() });
+        }
+    }
+    Ok(removed)
+}
+
 fn summary_of(decision: &Decision) -> BackupSummary {
     let record = &decision.candidate.record;
     BackupSummary {
@@ -163,6 +226,10 @@ fn summary_of(decision: &Decision) -> BackupSummary {
         timeline: record.timeline,
         stored_bytes: record.stored_bytes,
         kept: decision.kept.clone(),
+        backup_type: record.backup_type,
+        parent: record.parent.clone(),
+        needed_by: decision.needed_by.clone(),
+        broken_chain: decision.broken_chain.clone(),
     }
 }
 
@@ -173,11 +240,17 @@ struct Catalog {
     interrupted: Vec<String>,
     /// Names with an expiry mark and a record still there.
     marked: Vec<String>,
+    /// Names claimed by incremental backups (`.needed-by-<CHILD>`), with a record or not.
+    claimed: Vec<String>,
 }
 
 async fn read_catalog(repo: &Repository) -> Result<Catalog, Error> {
-    let mut catalog = Catalog { candidates: Vec::new(), interrupted: Vec::new(), marked: Vec::new() };
+    let mut catalog =
+        Catalog { candidates: Vec::new(), interrupted: Vec::new(), marked: Vec::new(), claimed: Vec::new() };
     base::for_each_entry(repo, |entry: CatalogEntry| {
+        if !entry.needed_by.is_empty() {
+            catalog.claimed.push(entry.name.clone());
+        }
         match entry.record {
             Some(record) => {
                 if entry.expiring {
@@ -213,3 +286,6 @@ async fn ancestry(repo: &Repository) -> Result<HashMap<u32, Vec<u32>>, Error> {
     }
     Ok(ancestors)
 }
+
+#[cfg(test)]
+mod tests;

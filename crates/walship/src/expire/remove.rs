@@ -7,10 +7,10 @@
 //! run finishes the removal. WAL files go in batches while the listing streams.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::base::catalog::{expiring_key, remove_mark, write_mark};
-use crate::base::{BACKUPS_PREFIX, BackupRecord, HISTORY_PREFIX, is_pinned, owner_key};
+use crate::base::catalog::{claims_with_age, expiring_key, needed_by_key, remove_mark, write_mark};
+use crate::base::{BACKUPS_PREFIX, BackupRecord, HISTORY_PREFIX, is_pinned, owner_key, read_record, release_parent};
 use crate::error::Error;
 use crate::failpoint;
 use crate::log::Log;
@@ -36,6 +36,28 @@ pub(super) struct Remover<'a> {
     objects: u64,
     bytes: u64,
     timelines: BTreeSet<u32>,
+    claims_removed: u64,
+}
+
+/// What became of a backup the policy expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Fate {
+    /// Removed (or, dry, would be).
+    Removed,
+    /// Pinned since the catalog was read: it stays.
+    Pinned,
+    /// Claimed by these incremental backups, being taken or finished since the catalog was read: it
+    /// stays.
+    Claimed(Vec<String>),
+}
+
+/// How claims on a parent are judged.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ClaimRule {
+    /// A claim whose child has no record and that is older than this is abandoned.
+    pub(super) abandoned_after: Duration,
+    /// Now, by this host's clock (compared with the store's).
+    pub(super) now: SystemTime,
 }
 
 impl<'a> Remover<'a> {
@@ -46,7 +68,17 @@ impl<'a> Remover<'a> {
         dry_run: bool,
         deletions: &'a mut dyn Deletions,
     ) -> Self {
-        Remover { repo, log, deadline, dry_run, deletions, objects: 0, bytes: 0, timelines: BTreeSet::new() }
+        Remover {
+            repo,
+            log,
+            deadline,
+            dry_run,
+            deletions,
+            objects: 0,
+            bytes: 0,
+            timelines: BTreeSet::new(),
+            claims_removed: 0,
+        }
     }
 
     /// One listing page, retried within the step's deadline.
@@ -81,8 +113,9 @@ impl<'a> Remover<'a> {
         &self.timelines
     }
 
-    /// Removes an expired backup; `false` when it was pinned meanwhile (it stays).
-    pub(super) async fn backup(&mut self, record: &BackupRecord) -> Result<bool, Error> {
+    /// Removes an expired backup, unless a pin or a claim found after its expiry mark was written
+    /// keeps it (the mark is then removed again).
+    pub(super) async fn backup(&mut self, record: &BackupRecord, claims: &ClaimRule) -> Result<Fate, Error> {
         let name = &record.name;
         // A pin set since the catalog was read wins; the window left is this one request.
         let (mark, key) = (expiring_key(name), BackupRecord::catalog_key(name));
@@ -98,14 +131,69 @@ impl<'a> Remover<'a> {
         })
         .await?;
         if pinned {
-            return Ok(false);
+            return Ok(Fate::Pinned);
+        }
+        // After the mark: a base-push that claimed the backup before the mark was written is seen
+        // now, and one that claims it later sees the mark and takes no incremental backup on it.
+        let claimed = self.claimed(name, claims).await?;
+        if !claimed.is_empty() {
+            if !self.dry_run {
+                with_deadline(self.deadline, self.log, &location, || remove_mark(self.repo, &mark)).await?;
+            }
+            return Ok(Fate::Claimed(claimed));
         }
         failpoint::hit("base-expire:marked");
         let size = self.size_of(&key).await?;
         self.delete(vec![(key, size)]).await?;
         failpoint::hit("base-expire:unlisted");
         self.backup_objects(name, false).await?;
-        Ok(true)
+        Ok(Fate::Removed)
+    }
+
+    /// The children whose claims on `parent` keep it now; redundant and stale claims are released
+    /// on the way (not in a dry run).
+    pub(super) async fn claimed(&mut self, parent: &str, rule: &ClaimRule) -> Result<Vec<String>, Error> {
+        let location = self.repo.storage().location(&needed_by_key(parent, ""));
+        let claims = with_deadline(self.deadline, self.log, &location, || claims_with_age(self.repo, parent)).await?;
+        let mut keeping = Vec::new();
+        for claim in claims {
+            let child = with_deadline(self.deadline, self.log, &location, || async {
+                match read_record(self.repo, &claim.child).await {
+                    Ok(record) => Ok(Some(record)),
+                    Err(Error::NoSuchBackup(_)) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+            let (keeps, release) = match &child {
+                // Finished since the catalog was read (or kept late): it needs its parent, and its
+                // record says so from now on.
+                Some(record) if record.parent.as_deref() == Some(parent) => {
+                    (true, Some("its incremental backup is complete and its record names the parent"))
+                }
+                Some(_) => (false, Some("the backup it names has another parent")),
+                None if claim.older_than(rule.abandoned_after, rule.now) => {
+                    (false, Some("no incremental backup was recorded and it is older than abandoned_after"))
+                }
+                None => (true, None),
+            };
+            if keeps {
+                keeping.push(claim.child.clone());
+            }
+            if let (Some(why), false) = (release, self.dry_run) {
+                let key = self.repo.storage().location(&needed_by_key(parent, &claim.child));
+                self.log.info(format_args!("removing claim {key}: {why}"));
+                with_deadline(self.deadline, self.log, &location, || release_parent(self.repo, parent, &claim.child))
+                    .await?;
+                self.claims_removed += 1;
+            }
+        }
+        Ok(keeping)
+    }
+
+    /// Claims released so far.
+    pub(super) fn claims_removed(&self) -> u64 {
+        self.claims_removed
     }
 
     /// Removes everything under `backups/<name>/`, the owner record last, then the expiry mark.

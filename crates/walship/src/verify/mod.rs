@@ -44,12 +44,16 @@ pub enum FindingKind {
     ManifestMismatch,
     /// Restoring the backup and starting PostgreSQL on it failed.
     RestoreTestFailed,
+    /// An incremental backup's chain is broken (a parent missing from the catalog, not older than
+    /// its child, or of another cluster; a chain that does not begin with a full backup): it can
+    /// never be restored.
+    BrokenChain,
 }
 
 impl FindingKind {
     /// Every kind, in order: the metrics carry a zero for each kind not found, so that an alert on
     /// `walship_verify_findings > 0` needs no absent-series rule.
-    pub const ALL: [FindingKind; 10] = [
+    pub const ALL: [FindingKind; 11] = [
         FindingKind::Gap,
         FindingKind::IncompleteBackupWal,
         FindingKind::MissingHistory,
@@ -60,6 +64,7 @@ impl FindingKind {
         FindingKind::DamagedPart,
         FindingKind::ManifestMismatch,
         FindingKind::RestoreTestFailed,
+        FindingKind::BrokenChain,
     ];
 
     /// The name `--json` and the metrics use.
@@ -75,6 +80,7 @@ impl FindingKind {
             FindingKind::DamagedPart => "damaged_part",
             FindingKind::ManifestMismatch => "manifest_mismatch",
             FindingKind::RestoreTestFailed => "restore_test_failed",
+            FindingKind::BrokenChain => "broken_chain",
         }
     }
 }
