@@ -116,6 +116,27 @@ fn pg18() {
     matrix(Case { plain_pitr: true, ..Case::of(18) });
 }
 
+/// PostgreSQL 14's own pg_basebackup writes a torn tar archive to standard output (its appended
+/// backup_manifest is not padded; fixed in 15): base-push refuses it by its version before running
+/// it, in one line naming the fix, and the repository stays as it was: nothing made, nothing written.
+#[test]
+fn pg14_own_pg_basebackup_is_refused() {
+    let install = PgInstall::of(14);
+    assert!(install.has_own("pg_basebackup"), "the pinned 14 build is complete");
+    let own_first = PgInstall { clients: install.own.clone(), ..install.clone() };
+    let store = &Scratch::new("matrix-pg14-own-basebackup");
+    let repo = &Repository::local(store);
+    let mut cluster = Cluster::init_in(&install, "pg14-own-basebackup", Some(1));
+    cluster.configure(&[("wal_level", "replica")]);
+    cluster.start();
+    let mut cmd = base_command_in(&own_first, "base-push", &repo.cli_args(), store.path());
+    let out = run(cluster.libpq_env(&mut cmd).args(["--", "--checkpoint=fast"]));
+    assert_error(&out, 10, &["pg_basebackup (PostgreSQL) 14.", "broken tar archive", "PostgreSQL 15 or later"]);
+    let repo_dir = repo.local_dir().expect("a local repository");
+    let made: Vec<_> = fs::read_dir(repo_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(made.is_empty(), "base-push refused before touching the repository: {made:?}");
+}
+
 fn count(cluster: &Cluster, sql: &str) -> i64 {
     let text = cluster.psql(sql);
     text.parse().unwrap_or_else(|_| panic!("{sql}: {text:?}"))

@@ -11,11 +11,12 @@
 //! - B1's record gone from the catalog: `base-verify B2` and `--all` exit 13 with a `broken_chain`
 //!   for B2 naming B1 (and the metrics count it), and `--restore-test` of B2 restores nothing;
 //! - B2's parent made B2 itself, or a chain whose first backup is incremental: the same finding,
-//!   with the reason.
+//!   with the reason; base-fetch refuses that backup too (exit 7), restoring nothing.
 
 use std::fs;
 
-use walship_tests::backups::{base_push, damage_middle};
+use walship_tests::assertions::{assert_absent, assert_error};
+use walship_tests::backups::{base_fetch, base_push, damage_middle};
 use walship_tests::expire::{ExpireSetup, archive_and_stop, insert_batch, make_incremental, primary};
 use walship_tests::repository::{Backend, ConfigLines};
 use walship_tests::verify_base::{
@@ -131,6 +132,11 @@ fn a_chain_is_checked_link_by_link(backend: Backend) {
     let broken: Vec<&str> = kinds(&report).into_iter().map(|(_, subject)| subject).collect();
     assert_eq!(broken, b, "every backup of a chain without a full backup at its root: {report:#}");
     assert!(report["findings"][0]["message"].as_str().unwrap().contains("names no parent"), "{report:#}");
+    // base-fetch judges the chain by the same rules: an incremental link is never restored alone.
+    let target = setup.store.path().join("restored-rootless");
+    let out = base_fetch(repo_args, cwd, &b[0], &target, &[]);
+    assert_error(&out, 7, &[&b[0], "names no parent"]);
+    assert_absent(&target);
     fs::write(&first_file, &first_bytes).unwrap();
     assert_eq!(snapshot(repo), before, "base-verify changed the repository");
 }

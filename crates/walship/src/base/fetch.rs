@@ -30,7 +30,7 @@ use super::extract::{Downloaded, Layout, Unpacking, extract};
 use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
 use super::tools::find_tool_of_version;
-use super::{BackupRecord, PartRecord, Progress, TablespaceRecord, chain_of, select_backup};
+use super::{BackupRecord, BackupType, PartRecord, Progress, TablespaceRecord, chain_of, select_backup};
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
@@ -152,7 +152,12 @@ impl Job<'_> {
     async fn fetch(&self, prepared: &mut Vec<(PathBuf, bool)>) -> Result<RestoreReport, Error> {
         let options = self.options;
         let record = select_backup(self.repo, &options.name, &options.target, options.timeline.as_deref()).await?;
-        let chain = if record.parent.is_some() { chain_of(self.repo, record.clone()).await? } else { Vec::new() };
+        // An incremental backup restores only with its chain, and a record that says incremental
+        // without a parent is a broken chain (chain_of says so), never a full backup.
+        let chain = match record.backup_type {
+            BackupType::Incremental => chain_of(self.repo, record.clone()).await?,
+            BackupType::Full => Vec::new(),
+        };
         // Before anything is downloaded: only the backup's own version may judge (or combine) it
         // (unless told not to run pg_verifybackup at all, then no other version's stands in the way).
         let verifier = match options.no_pg_verifybackup {

@@ -235,16 +235,24 @@ impl BackupRecord {
 
 /// The chain a restore of `record` needs, oldest first: the full backup it rests on, each
 /// incremental after it, and `record` itself last (a full backup is a chain of one). Every parent must
-/// still be in the catalog, older than its child, of the same cluster and version; otherwise the
-/// chain is broken and nothing of it may be restored (exit 7 names the missing or wrong link).
+/// still be in the catalog, older than its child, of the same cluster and version, and the chain must
+/// begin with a full backup; otherwise it is broken and nothing of it may be restored (exit 7 names
+/// the missing or wrong link). The rules are [`catalog::chain_problem`]'s, which judges records
+/// already in memory.
 pub async fn chain_of(repo: &Repository, record: BackupRecord) -> Result<Vec<BackupRecord>, Error> {
     let mut chain = vec![record];
     loop {
         let child = chain.last().expect("never empty");
-        let Some(parent_name) = child.parent.clone() else { break };
         let broken = |reason: String| Error::Corrupt {
             location: repo.storage().location(&BackupRecord::catalog_key(&child.name)),
             reason: format!("incremental backup {} cannot be restored: {reason}", child.name),
+        };
+        let Some(parent_name) = child.parent.clone() else {
+            // catalog::chain_problem's rule too: a chain must begin with a full backup.
+            if child.backup_type == BackupType::Incremental {
+                return Err(broken("its catalog record names no parent".into()));
+            }
+            break;
         };
         if chain.len() >= MAX_CHAIN_LEN {
             return Err(broken(format!("its chain is longer than {MAX_CHAIN_LEN} backups")));

@@ -40,7 +40,7 @@ use super::reader::{Contents, Encoding};
 use super::recovery::now_rfc3339;
 use super::signals::Signals;
 use super::tar_watch::Observed;
-use super::tools::{required_tool, tool_error, tool_version};
+use super::tools::{check_tar_to_stdout, required_tool, tool_error, tool_version};
 use super::{
     ArchiveRecord, BACKUPS_PREFIX, BackupRecord, BackupType, FULL_RECORD_FORMAT, INCREMENTAL_RECORD_FORMAT, Progress,
     TablespaceRecord, ToolRecord, Transferred,
@@ -100,6 +100,7 @@ pub async fn base_push(
     check_extra_args(&options.extra_args)?;
     let pg_basebackup = required_tool(options.pg_bin_dir.as_deref(), "pg_basebackup")?;
     let version = tool_version(&pg_basebackup)?;
+    check_tar_to_stdout(&pg_basebackup, &version)?;
     repo.storage().check_root().await?;
     if let Err(e) = sweep_abandoned(repo, log).await {
         log.info(format_args!("warning: could not check for backups abandoned by killed base-push runs: {e}"));

@@ -113,9 +113,41 @@ pub(crate) fn tool_version(tool: &Path) -> Result<String, Error> {
     Ok(text)
 }
 
+/// The oldest pg_basebackup whose tar archive on standard output is whole: 13's and 14's append
+/// `backup_manifest` without padding it to a 512-byte block (fixed in 15), so the stream ends in a
+/// torn block that no tar reader accepts. 15 and later also back up 13 and 14 servers.
+pub(crate) const MIN_PG_BASEBACKUP_VERSION: u32 = 15;
+
+/// Refuses, before anything is run or written, a pg_basebackup that [`MIN_PG_BASEBACKUP_VERSION`]
+/// rules out. A version line that says no major version is let through: the stream is checked anyway.
+pub(crate) fn check_tar_to_stdout(tool: &Path, version: &str) -> Result<(), Error> {
+    match major_version(version) {
+        Some(major) if major < MIN_PG_BASEBACKUP_VERSION => Err(Error::ToolFailed {
+            tool: tool.display().to_string(),
+            reason: format!(
+                "{version} writes a broken tar archive to standard output (its backup_manifest is not padded to a \
+                 512-byte block; fixed in PostgreSQL {MIN_PG_BASEBACKUP_VERSION}): use the pg_basebackup of \
+                 PostgreSQL {MIN_PG_BASEBACKUP_VERSION} or later, which backs up {major} servers too (set pg_bin_dir, \
+                 or put it first on PATH)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pg_basebackup_before_15_is_refused_by_its_version() {
+        let tool = Path::new("/usr/lib/postgresql/14/bin/pg_basebackup");
+        let error = check_tar_to_stdout(tool, "pg_basebackup (PostgreSQL) 14.23").unwrap_err().to_string();
+        assert!(error.contains("14.23 writes a broken tar archive") && error.contains("15 or later"), "{error}");
+        check_tar_to_stdout(tool, "pg_basebackup (PostgreSQL) 15.18").unwrap();
+        check_tar_to_stdout(tool, "pg_basebackup (PostgreSQL) 18.6").unwrap();
+        check_tar_to_stdout(tool, "a wrapper of some kind").unwrap();
+    }
 
     #[test]
     fn the_major_version_is_read_from_the_version_line() {
