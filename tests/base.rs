@@ -194,11 +194,6 @@ fn catalog(repo: &Repository) -> Vec<String> {
     repo.keys_under("catalog/")
 }
 
-fn count(cluster: &Cluster, sql: &str) -> i64 {
-    let text = cluster.psql(sql);
-    text.parse().unwrap_or_else(|_| panic!("{sql}: {text:?}"))
-}
-
 /// What the scenario checks after the restore: every value at the target time.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -210,10 +205,10 @@ struct Snapshot {
 
 fn snapshot(cluster: &Cluster) -> Snapshot {
     Snapshot {
-        history_rows: count(cluster, "select count(*) from pgbench_history"),
-        balance_sum: count(cluster, "select sum(abalance) from pgbench_accounts"),
-        marker_rows: count(cluster, "select count(*) from marker where batch = 'before'"),
-        late_rows: count(cluster, "select count(*) from marker where batch = 'after'"),
+        history_rows: cluster.count("select count(*) from pgbench_history"),
+        balance_sum: cluster.count("select sum(abalance) from pgbench_accounts"),
+        marker_rows: cluster.count("select count(*) from marker where batch = 'before'"),
+        late_rows: cluster.count("select count(*) from marker where batch = 'after'"),
     }
 }
 
@@ -262,15 +257,15 @@ fn backup_under_load_then_restore_to_target_time(backend: Backend) {
     );
     wait_until("pgbench's two clients are connected and working", || {
         assert!(load.is_running(), "pgbench ended early: {}", load.output_so_far());
-        let busy = count(&primary, "select count(*) from pg_stat_activity where application_name = 'pgbench'");
-        let history = count(&primary, "select count(*) from pgbench_history");
+        let busy = primary.count("select count(*) from pg_stat_activity where application_name = 'pgbench'");
+        let history = primary.count("select count(*) from pgbench_history");
         (busy == 2 && history > 0).then_some(())
     });
-    let history_at_backup_start = count(&primary, "select count(*) from pgbench_history");
+    let history_at_backup_start = primary.count("select count(*) from pgbench_history");
     // Throttled, so that the load runs through a good part of the backup (several seconds).
     let (name, push) = base_push(&primary, &repo_args, cwd, &["--max-rate=8M"]);
     assert!(load.is_running(), "the load must outlast the backup: {}", load.output_so_far());
-    let history_at_backup_end = count(&primary, "select count(*) from pgbench_history");
+    let history_at_backup_end = primary.count("select count(*) from pgbench_history");
     assert!(
         history_at_backup_end > history_at_backup_start,
         "pgbench committed nothing while base-push ran ({history_at_backup_start} history rows before and after)"
@@ -279,7 +274,7 @@ fn backup_under_load_then_restore_to_target_time(backend: Backend) {
     assert_eq!(stopped.code, None, "pgbench was killed: {stopped:#?}");
     // Its backends end once they notice; until then a transaction of theirs could still commit.
     wait_until("pgbench's backends are gone", || {
-        (count(&primary, "select count(*) from pg_stat_activity where application_name = 'pgbench'") == 0).then_some(())
+        (primary.count("select count(*) from pg_stat_activity where application_name = 'pgbench'") == 0).then_some(())
     });
     assert!(push.stderr.contains(&format!("backup {name} complete")), "base-push's log: {}", push.stderr);
     assert!(push.stderr.contains("base-push: progress: "), "no progress lines in base-push's log: {}", push.stderr);
@@ -685,7 +680,7 @@ fn a_cluster_with_a_tablespace_is_backed_up_and_restored_elsewhere() {
     restored.adopt_data_dir();
     restored.start();
     restored.wait_recovered(WAIT_TIMEOUT);
-    assert_eq!(count(&restored, "select count(*) from far"), 50100, "rows in the tablespace, with the archived WAL");
+    assert_eq!(restored.count("select count(*) from far"), 50100, "rows in the tablespace, with the archived WAL");
     assert_eq!(
         restored.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'extra'"),
         new_location.to_str().unwrap()

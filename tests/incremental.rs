@@ -72,11 +72,6 @@ fn assert_failed(out: &Output, code: i32, needles: &[&str]) {
     }
 }
 
-fn count(cluster: &Cluster, sql: &str) -> i64 {
-    let text = cluster.psql(sql);
-    text.parse().unwrap_or_else(|_| panic!("{sql}: {text:?}"))
-}
-
 /// Every value a restore is checked against.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -87,9 +82,9 @@ struct Snapshot {
 
 fn snapshot(cluster: &Cluster) -> Snapshot {
     Snapshot {
-        history_rows: count(cluster, "select count(*) from pgbench_history"),
-        balance_sum: count(cluster, "select sum(abalance) from pgbench_accounts"),
-        marker_rows: count(cluster, "select count(*) from marker"),
+        history_rows: cluster.count("select count(*) from pgbench_history"),
+        balance_sum: cluster.count("select sum(abalance) from pgbench_accounts"),
+        marker_rows: cluster.count("select count(*) from marker"),
     }
 }
 
@@ -119,16 +114,16 @@ fn sleep_past_clock_tick() {
 /// Takes a backup with `flags` while pgbench writes, then stops the load.
 fn push_under_load(cluster: &Cluster, repo_args: &[OsString], cwd: &Path, flags: &[&str]) -> String {
     let load = spawn(&mut cluster.pgbench_command(&["-n", "-c", "2", "-j", "2", "-T", "600"]));
-    let before = count(cluster, "select count(*) from pgbench_history");
+    let before = cluster.count("select count(*) from pgbench_history");
     wait_until("pgbench is writing", || {
-        (count(cluster, "select count(*) from pgbench_history") > before + 50).then_some(())
+        (cluster.count("select count(*) from pgbench_history") > before + 50).then_some(())
     });
     let (name, _) = push(cluster, repo_args, cwd, flags);
-    let during = count(cluster, "select count(*) from pgbench_history");
+    let during = cluster.count("select count(*) from pgbench_history");
     assert!(during > before + 50, "pgbench wrote while base-push ran");
     load.kill();
     wait_until("pgbench's backends are gone", || {
-        (count(cluster, "select count(*) from pg_stat_activity where application_name = 'pgbench'") == 0).then_some(())
+        (cluster.count("select count(*) from pg_stat_activity where application_name = 'pgbench'") == 0).then_some(())
     });
     name
 }
@@ -542,8 +537,8 @@ fn a_chain_with_a_tablespace_is_restored_elsewhere() {
         &["--target-immediate", "--tablespace-mapping", &mapping],
     );
     assert!(out.stderr.contains("combined a chain of 2 backups"), "{}", out.stderr);
-    assert_eq!(count(&restored, "select count(*) from far"), 50100);
-    assert_eq!(count(&restored, "select count(*) from far where n < 0"), 10, "the changed rows, combined");
+    assert_eq!(restored.count("select count(*) from far"), 50100);
+    assert_eq!(restored.count("select count(*) from far where n < 0"), 10, "the changed rows, combined");
     assert_eq!(
         restored.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'extra'"),
         new_location.to_str().unwrap()

@@ -137,16 +137,11 @@ fn pg14_own_pg_basebackup_is_refused() {
     assert!(made.is_empty(), "base-push refused before touching the repository: {made:?}");
 }
 
-fn count(cluster: &Cluster, sql: &str) -> i64 {
-    let text = cluster.psql(sql);
-    text.parse().unwrap_or_else(|_| panic!("{sql}: {text:?}"))
-}
-
 /// Rows of each batch of markers: (before the target, after it).
 fn markers(cluster: &Cluster) -> (i64, i64) {
     (
-        count(cluster, "select count(*) from marker where batch = 'before'"),
-        count(cluster, "select count(*) from marker where batch = 'after'"),
+        cluster.count("select count(*) from marker where batch = 'before'"),
+        cluster.count("select count(*) from marker where batch = 'after'"),
     )
 }
 

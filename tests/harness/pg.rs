@@ -438,6 +438,13 @@ impl Cluster {
         self.try_psql(sql).unwrap_or_else(|e| panic!("psql on cluster {}: {sql}\n{e}\n{}", self.name, self.log_tail()))
     }
 
+    /// Runs a query that returns one integer (`select count(*) ...`) and returns it; panics with
+    /// the query and what came back otherwise.
+    pub fn count(&self, sql: &str) -> i64 {
+        let text = self.psql(sql);
+        text.parse().unwrap_or_else(|_| panic!("cluster {}: {sql}: {text:?}", self.name))
+    }
+
     /// Runs pgbench against the `postgres` database with `args` (`-i -s 5`, `-T 5 -c 2`...) and
     /// returns its standard output.
     pub fn pgbench(&self, args: &[&str]) -> String {
