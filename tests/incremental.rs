@@ -407,6 +407,21 @@ fn chain_guards() {
     assert_eq!(listed, [&*full, &*first, &*second, &*third, &*fourth], "the refused backups left no record");
     assert_eq!(repo.keys_under("catalog/").len(), 5, "and no claim: {:?}", repo.keys_under("catalog/"));
 
+    // --- A parent whose own chain is broken: an incremental on it could never restore either. ---
+    let first_record = repo.object_file(&format!("catalog/{first}.json"));
+    let first_bytes = fs::read(&first_record).unwrap();
+    fs::remove_file(&first_record).unwrap();
+    for args in [&["--incremental"][..], &["--incremental", "--from", &second]] {
+        let out = run(&mut push_command(&install, &cluster, &repo_args, cwd, args));
+        assert_failed(&out, 7, &["cannot take an incremental backup on top of", &first, "no longer in the catalog"]);
+    }
+    assert_eq!(repo.keys_under("catalog/").len(), 4, "nothing written: {:?}", repo.keys_under("catalog/"));
+    let (fallback, out) = push(&cluster, &repo_args, cwd, &["--incremental", "--full-if-needed"]);
+    assert!(out.stderr.contains("taking a full backup (--full-if-needed)"), "{}", out.stderr);
+    let record = &listed_records_in(&install, &repo_args, cwd)[4];
+    assert_eq!((record["name"].as_str(), record["backup_type"].as_str()), (Some(&*fallback), Some("full")));
+    fs::write(&first_record, first_bytes).unwrap();
+
     // --- The chain --from made (full, third) restores without the damaged-then-repaired middle. ---
     lose(cluster);
     let (restored, out) = restore(&install, &repo_args, cwd, "inc-third", &third, &["--target-immediate"]);

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::catalog::{claim_parent, for_each_entry, is_expiring, needed_by_key};
 use super::tools::major_version;
-use super::{BackupRecord, read_named, read_record, timeline};
+use super::{BackupRecord, chain_of, read_named, read_record, timeline};
 use crate::error::Error;
 use crate::repo::Repository;
 
@@ -54,6 +54,20 @@ impl Attempt {
 impl From<Error> for Attempt {
     fn from(e: Error) -> Self {
         Attempt::Failed(e)
+    }
+}
+
+/// Refuses a parent whose own chain is broken (a link gone from the catalog, say): an incremental
+/// backup on top of it could never be restored either, and base-push would say exit 0 for it every
+/// night. `--full-if-needed` answers it with a full backup.
+pub(super) async fn check_parent_chain(repo: &Repository, parent: &BackupRecord) -> Result<(), Attempt> {
+    match chain_of(repo, parent.clone()).await {
+        Ok(_) => Ok(()),
+        Err(Error::Corrupt { location, reason }) => Err(Attempt::Refused(Error::Corrupt {
+            location,
+            reason: format!("cannot take an incremental backup on top of {}: {reason}", parent.name),
+        })),
+        Err(e) => Err(Attempt::Failed(e)),
     }
 }
 

@@ -31,7 +31,8 @@ use super::basebackup::{
 };
 use super::catalog::release_parent;
 use super::incremental::{
-    Attempt, IncrementalOptions, check_pg_basebackup, choose_parent, claim_and_fetch_manifest, claim_key, refusal,
+    Attempt, IncrementalOptions, check_parent_chain, check_pg_basebackup, choose_parent, claim_and_fetch_manifest,
+    claim_key, refusal,
 };
 use super::manifest::{manifest_wal_ranges, parse_backup_label, parse_tablespace_map};
 use super::owner::{owner_key, remove_keys, reserve_name, sweep_abandoned};
@@ -112,6 +113,7 @@ pub async fn base_push(
     let attempt = async {
         check_pg_basebackup(&pg_basebackup, &version)?;
         let parent = choose_parent(repo, incremental.from.as_deref()).await?;
+        check_parent_chain(repo, &parent).await?;
         take(repo, options, progress, log, tool, Some(&parent)).await
     };
     match attempt.await {
