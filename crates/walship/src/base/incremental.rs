@@ -7,14 +7,12 @@
 //! its mark first and looks for claims second, so of the two that meet, one sees the other and backs
 //! off: an incremental backup is never taken on top of a parent that is being removed.
 
-use std::io::Read;
 use std::path::Path;
-
-use sha2::{Digest, Sha256};
 
 use super::catalog::{claim_parent, for_each_entry, is_expiring, needed_by_key};
 use super::tools::major_version;
 use super::{BackupRecord, chain_of, read_named, read_record, timeline};
+use crate::codec::ContentDigest;
 use crate::error::Error;
 use crate::repo::Repository;
 
@@ -158,7 +156,8 @@ pub(super) async fn claim_and_fetch_manifest(
         Err(e) => return Err(e.into()),
     };
     crate::repo::fetch_object(repo, &parent.manifest.key, manifest).await?;
-    let (sha256, len) = sha256_of(manifest)?;
+    let digest = ContentDigest::of_file(manifest).map_err(|e| Error::local_io(manifest, "read", e))?;
+    let (sha256, len) = (digest.sha256_hex(), digest.len);
     if sha256 != parent.manifest.sha256 || len != parent.manifest.original_bytes {
         return Err(Attempt::Failed(Error::Corrupt {
             location: repo.storage().location(&parent.manifest.key),
@@ -175,23 +174,6 @@ pub(super) async fn claim_and_fetch_manifest(
 /// The claim key base-push removes with everything else when the child fails.
 pub(super) fn claim_key(parent: &str, child: &str) -> String {
     needed_by_key(parent, child)
-}
-
-fn sha256_of(path: &Path) -> Result<(String, u64), Error> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::local_io(path, "open", e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(|e| Error::local_io(path, "read", e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    let digest = hasher.finalize();
-    Ok((digest.iter().map(|b| format!("{b:02x}")).collect(), len))
 }
 
 /// What a pg_basebackup that failed with `error` says about incremental backups, as base-push's own
