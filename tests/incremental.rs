@@ -2,7 +2,8 @@
 //! takes a chain of a full backup and incremental ones under pgbench load, base-list shows each
 //! one's type and parent, and `base-fetch` restores each of them to a target time after it, the
 //! incremental ones by combining their chain with pg_combinebackup, with rows counted exactly. The
-//! chain scenario runs on local disk, S3 and SSH.
+//! chain scenario runs on PostgreSQL 18 on local disk, S3 and SSH, and on PostgreSQL 17 (its own
+//! programs) on local disk; 18's pg_combinebackup is refused for a 17 chain (exit 10).
 //!
 //! Then the guards: `--from NAME`; a parent of another cluster (exit 6); no pg_combinebackup of the
 //! backup's version (exit 10, before anything is downloaded); a damaged part of the middle link
@@ -162,10 +163,22 @@ fn restore(
 walship_tests::every_backend!(chain_under_load_restored_to_each_target);
 
 /// A full backup and two incremental ones, each under pgbench load; each restored to a target time
-/// after it, the incremental ones through their chains.
+/// after it, the incremental ones through their chains. On PostgreSQL 18 on every backend.
 fn chain_under_load_restored_to_each_target(backend: Backend) {
-    let label = backend.label();
-    let install = PgInstall::of(18);
+    chain_under_load(backend, 18);
+}
+
+/// The same chain on PostgreSQL 17 (its own pg_basebackup, pg_combinebackup and pg_verifybackup),
+/// on local disk: the backends are the 18 run's business, the version is this one's.
+#[test]
+fn postgresql_17_chain_under_load_restored_to_each_target() {
+    chain_under_load(Backend::Local, 17);
+}
+
+fn chain_under_load(backend: Backend, major: u32) {
+    let label = format!("{}-pg{major}", backend.label());
+    let install = PgInstall::of(major);
+    assert!(install.has_own("pg_combinebackup"), "the pinned PostgreSQL {major} build is complete");
     let store = &Scratch::new(&format!("inc-{label}"));
     let repo = &Repository::new(backend, store);
     let tables = "[base]\npart_size = \"1MiB\"\ntransfer_concurrency = 3";
