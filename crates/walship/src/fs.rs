@@ -23,6 +23,20 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The bytes an unprivileged user may still write on `dir`'s file system (statvfs's `f_bavail`):
+/// what a restore may count on before it downloads anything.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: statvfs writes only into `stat`, and `path` is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail * stat.f_frsize)
+}
+
 /// The directory `path` is in: its parent, or the working directory for a bare name.
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {

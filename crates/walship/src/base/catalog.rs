@@ -220,42 +220,66 @@ pub async fn claims_with_age(repo: &Repository, name: &str) -> Result<Vec<Claim>
 
 /// Why a restore of `record` could not use its chain, judged from records at hand (`parent_of` finds
 /// a backup's record by name, `None` when the catalog has none): the rules of
-/// [`super::chain_of`], with its wording, plus one it leaves to pg_combinebackup: the chain must
-/// begin with a full backup. `None`: the chain is whole (a full backup is a chain of one).
-/// base-expire judges its whole catalog with it, from one listing, without a request per link.
+/// [`super::chain_of`], link by link the same ([`next_link`], [`parent_problem`]), and with its
+/// wording. `None`: the chain is whole (a full backup is a chain of one). base-expire judges its
+/// whole catalog with it, from one listing, without a request per link.
 pub fn chain_problem<'a>(
     record: &'a BackupRecord,
     parent_of: impl Fn(&str) -> Option<&'a BackupRecord>,
 ) -> Option<String> {
     let (mut child, mut length) = (record, 1);
     loop {
-        let broken = |reason: String| Some(format!("incremental backup {} cannot be restored: {reason}", child.name));
-        let Some(parent_name) = child.parent.as_deref() else {
-            return match child.backup_type {
-                BackupType::Full => None,
-                BackupType::Incremental => broken("its catalog record names no parent".into()),
-            };
+        let parent_name = match next_link(child, length) {
+            Ok(None) => return None,
+            Ok(Some(name)) => name,
+            Err(reason) => return Some(broken_chain(child, &reason)),
         };
-        if length >= MAX_CHAIN_LEN {
-            return broken(format!("its chain is longer than {MAX_CHAIN_LEN} backups"));
+        let parent = parent_of(parent_name);
+        if let Some(reason) = parent_problem(child, parent_name, parent) {
+            return Some(broken_chain(child, &reason));
         }
-        if let Err(reason) = validate_name(parent_name) {
-            return broken(reason);
-        }
-        if parent_name >= child.name.as_str() {
-            return broken(format!("its parent {parent_name} is not older than it"));
-        }
-        let Some(parent) = parent_of(parent_name) else {
-            return broken(format!("its parent {parent_name} is no longer in the catalog"));
-        };
-        if parent.system_identifier != child.system_identifier || parent.pg_version != child.pg_version {
-            return broken(format!(
-                "its parent {parent_name} is of another cluster (system {} PostgreSQL {}, not system {} PostgreSQL {})",
-                parent.system_identifier, parent.pg_version, child.system_identifier, child.pg_version
-            ));
-        }
-        (child, length) = (parent, length + 1);
+        (child, length) = (parent.expect("parent_problem says a missing parent"), length + 1);
     }
+}
+
+/// The parent `child` rests on, at link `length` of a chain (the restored backup is link 1):
+/// `Ok(None)` for a full backup (the chain ends there), the parent's name to look up, or why the
+/// link is broken: an incremental backup without a parent, a chain too long to be anything but a
+/// loop, a parent name that is no backup name or is not older than its child.
+pub(crate) fn next_link(child: &BackupRecord, length: usize) -> Result<Option<&str>, String> {
+    let Some(parent_name) = child.parent.as_deref() else {
+        return match child.backup_type {
+            BackupType::Full => Ok(None),
+            BackupType::Incremental => Err("its catalog record names no parent".into()),
+        };
+    };
+    if length >= MAX_CHAIN_LEN {
+        return Err(format!("its chain is longer than {MAX_CHAIN_LEN} backups"));
+    }
+    validate_name(parent_name)?;
+    if parent_name >= child.name.as_str() {
+        return Err(format!("its parent {parent_name} is not older than it"));
+    }
+    Ok(Some(parent_name))
+}
+
+/// What is wrong with `child`'s parent `parent_name` as found (`None`: not in the catalog): gone,
+/// or of another cluster or major version.
+pub(crate) fn parent_problem(child: &BackupRecord, parent_name: &str, parent: Option<&BackupRecord>) -> Option<String> {
+    let Some(parent) = parent else {
+        return Some(format!("its parent {parent_name} is no longer in the catalog"));
+    };
+    (parent.system_identifier != child.system_identifier || parent.pg_version != child.pg_version).then(|| {
+        format!(
+            "its parent {parent_name} is of another cluster (system {} PostgreSQL {}, not system {} PostgreSQL {})",
+            parent.system_identifier, parent.pg_version, child.system_identifier, child.pg_version
+        )
+    })
+}
+
+/// How a broken link is said, by [`chain_problem`] and [`super::chain_of`] alike.
+pub(crate) fn broken_chain(child: &BackupRecord, reason: &str) -> String {
+    format!("incremental backup {} cannot be restored: {reason}", child.name)
 }
 
 /// Whether a base-expire has marked backup `name` for removal.

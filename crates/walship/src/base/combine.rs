@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::BackupRecord;
 use super::fetch::{Job, Restored, STAGING_DIR, link_tablespaces};
 use super::manifest::HELD_BACK_CONTROL;
-use super::tools::{find_tool_of_version, tool_error};
+use super::tools::{error_on_one_line, find_tool_of_version, tool_error};
 use crate::error::Error;
 
 /// The pg_combinebackup of `record`'s major version, or the error (exit 10) that says there is none.
@@ -160,12 +160,7 @@ impl Job<'_> {
         if status.success() {
             return Ok(());
         }
-        let said = fs::read_to_string(&log_path).unwrap_or_default();
-        let mut said = said.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-        if said.len() > 600 {
-            said.truncate(600);
-            said.push_str("...");
-        }
+        let said = error_on_one_line(&fs::read_to_string(&log_path).unwrap_or_default());
         Err(Error::ToolFailed { tool: combiner.display().to_string(), reason: format!("{status}: {said}") })
     }
 }
@@ -222,16 +217,9 @@ fn check_free_space(scratch: &Path, data_dir: &Path, chain: &[BackupRecord]) -> 
 
 /// The bytes an unprivileged user may still write on `dir`'s file system, and its device.
 fn free_space(dir: &Path) -> Result<(u64, u64), Error> {
-    use std::os::unix::ffi::OsStrExt;
     let device = fs::metadata(dir).map_err(|e| Error::local_io(dir, "stat", e))?.dev();
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidInput { file: dir.display().to_string(), reason: "a NUL in the path".into() })?;
-    // SAFETY: statvfs writes only into `stat`, and `path` is NUL-terminated.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(Error::local_io(dir, "statvfs", std::io::Error::last_os_error()));
-    }
-    Ok((stat.f_bavail as u64 * stat.f_frsize as u64, device))
+    let free = crate::fs::free_bytes(dir).map_err(|e| Error::local_io(dir, "statvfs", e))?;
+    Ok((free, device))
 }
 
 /// Moves pg_combinebackup's output into DATA_DIR: pg_control to its held-back name first, so that

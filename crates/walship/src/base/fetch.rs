@@ -29,7 +29,7 @@ use super::combine::combiner_of;
 use super::extract::{Downloaded, Layout, Unpacking, extract};
 use super::manifest::{HELD_BACK_CONTROL, write_held_back_manifest};
 use super::recovery::{RecoverySettings, RecoveryTarget, TargetAction, write_recovery_settings};
-use super::tools::find_tool_of_version;
+use super::tools::{error_on_one_line, find_tool_of_version, said_on_one_line};
 use super::{BackupRecord, BackupType, PartRecord, Progress, TablespaceRecord, chain_of, select_backup};
 use crate::error::Error;
 use crate::log::Log;
@@ -587,17 +587,10 @@ fn verify(
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::ToolFailed { tool: tool.display().to_string(), reason: format!("cannot run: {e}") })?;
-    let said = |bytes: &[u8]| {
-        String::from_utf8_lossy(bytes).lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
-    };
     if output.status.success() {
-        return Ok(Verification::Passed(said(&output.stdout)));
+        return Ok(Verification::Passed(said_on_one_line(&String::from_utf8_lossy(&output.stdout))));
     }
-    let mut errors = said(&output.stderr);
-    if errors.len() > 600 {
-        errors.truncate(600);
-        errors.push_str("...");
-    }
+    let errors = error_on_one_line(&String::from_utf8_lossy(&output.stderr));
     Err(Error::Corrupt {
         location: data_dir.display().to_string(),
         reason: format!("pg_verifybackup failed ({}): {errors}; the restored files were removed", output.status),

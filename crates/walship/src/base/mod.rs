@@ -237,44 +237,30 @@ impl BackupRecord {
 /// incremental after it, and `record` itself last (a full backup is a chain of one). Every parent must
 /// still be in the catalog, older than its child, of the same cluster and version, and the chain must
 /// begin with a full backup; otherwise it is broken and nothing of it may be restored (exit 7 names
-/// the missing or wrong link). The rules are [`catalog::chain_problem`]'s, which judges records
-/// already in memory.
+/// the missing or wrong link). The rules are [`catalog::chain_problem`]'s, link by link the same
+/// functions; it judges records already in memory.
 pub async fn chain_of(repo: &Repository, record: BackupRecord) -> Result<Vec<BackupRecord>, Error> {
     let mut chain = vec![record];
     loop {
         let child = chain.last().expect("never empty");
         let broken = |reason: String| Error::Corrupt {
             location: repo.storage().location(&BackupRecord::catalog_key(&child.name)),
-            reason: format!("incremental backup {} cannot be restored: {reason}", child.name),
+            reason: catalog::broken_chain(child, &reason),
         };
-        let Some(parent_name) = child.parent.clone() else {
-            // catalog::chain_problem's rule too: a chain must begin with a full backup.
-            if child.backup_type == BackupType::Incremental {
-                return Err(broken("its catalog record names no parent".into()));
-            }
-            break;
+        let parent_name = match catalog::next_link(child, chain.len()) {
+            Ok(None) => break,
+            Ok(Some(name)) => name.to_owned(),
+            Err(reason) => return Err(broken(reason)),
         };
-        if chain.len() >= MAX_CHAIN_LEN {
-            return Err(broken(format!("its chain is longer than {MAX_CHAIN_LEN} backups")));
-        }
-        validate_name(&parent_name).map_err(&broken)?;
-        if parent_name >= child.name {
-            return Err(broken(format!("its parent {parent_name} is not older than it")));
-        }
         let parent = match read_record(repo, &parent_name).await {
-            Ok(parent) => parent,
-            Err(Error::NoSuchBackup(_)) => {
-                return Err(broken(format!("its parent {parent_name} is no longer in the catalog")));
-            }
+            Ok(parent) => Some(parent),
+            Err(Error::NoSuchBackup(_)) => None,
             Err(e) => return Err(e),
         };
-        if parent.system_identifier != child.system_identifier || parent.pg_version != child.pg_version {
-            return Err(broken(format!(
-                "its parent {parent_name} is of another cluster (system {} PostgreSQL {}, not system {} PostgreSQL {})",
-                parent.system_identifier, parent.pg_version, child.system_identifier, child.pg_version
-            )));
+        if let Some(reason) = catalog::parent_problem(child, &parent_name, parent.as_ref()) {
+            return Err(broken(reason));
         }
-        chain.push(parent);
+        chain.push(parent.expect("parent_problem says a missing parent"));
     }
     chain.reverse();
     Ok(chain)

@@ -240,8 +240,12 @@ impl Run<'_> {
         let stop = ranges.last().ok_or_else(|| self.tool_error("backup_manifest lists no WAL range".into()))?;
         let stored_bytes =
             stored.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_bytes).sum::<u64>() + manifest.stored_bytes;
-        let mut record = BackupRecord {
-            format_version: FULL_RECORD_FORMAT,
+        let (backup_type, format_version) = match parent {
+            Some(_) => (BackupType::Incremental, INCREMENTAL_RECORD_FORMAT),
+            None => (BackupType::Full, FULL_RECORD_FORMAT),
+        };
+        let record = BackupRecord {
+            format_version,
             name: name.to_owned(),
             started_at,
             finished_at,
@@ -260,12 +264,9 @@ impl Run<'_> {
             manifest,
             pg_basebackup: ToolRecord { version, arguments: recorded_arguments(&stored.arguments, parent) },
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
-            backup_type: if parent.is_some() { BackupType::Incremental } else { BackupType::Full },
+            backup_type,
             parent: parent.map(|p| p.name.clone()),
         };
-        if parent.is_some() {
-            record.format_version = INCREMENTAL_RECORD_FORMAT;
-        }
         self.log.debug(format_args!("backup {name}: {} tar members in base.tar", stored.observed.members));
         self.to.progress.phase("writing the catalog record");
         write_record(repo, &record).await?;

@@ -113,6 +113,26 @@ pub(crate) fn tool_version(tool: &Path) -> Result<String, Error> {
     Ok(text)
 }
 
+/// What a PostgreSQL program said, on one line: its non-empty lines, trimmed, joined with "; ".
+pub(super) fn said_on_one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// Longest a program's error may be in walship's one-line message, before it is cut.
+const MAX_SAID_LEN: usize = 600;
+
+/// [`said_on_one_line`] for an error message: cut after [`MAX_SAID_LEN`] bytes (at a character
+/// boundary, as a localized message may need) with "..." after, enough for the cause.
+pub(super) fn error_on_one_line(text: &str) -> String {
+    let mut said = said_on_one_line(text);
+    if said.len() > MAX_SAID_LEN {
+        let cut = (0..=MAX_SAID_LEN).rev().find(|&i| said.is_char_boundary(i)).unwrap_or(0);
+        said.truncate(cut);
+        said.push_str("...");
+    }
+    said
+}
+
 /// The oldest pg_basebackup whose tar archive on standard output is whole: 13's and 14's append
 /// `backup_manifest` without padding it to a 512-byte block (fixed in 15), so the stream ends in a
 /// torn block that no tar reader accepts. 15 and later also back up 13 and 14 servers.
@@ -147,6 +167,15 @@ mod tests {
         check_tar_to_stdout(tool, "pg_basebackup (PostgreSQL) 15.18").unwrap();
         check_tar_to_stdout(tool, "pg_basebackup (PostgreSQL) 18.6").unwrap();
         check_tar_to_stdout(tool, "a wrapper of some kind").unwrap();
+    }
+
+    #[test]
+    fn a_programs_error_is_one_bounded_line() {
+        assert_eq!(said_on_one_line("  first\n\n second  \n"), "first; second");
+        let long = format!("{}é{}", "x".repeat(MAX_SAID_LEN - 1), "y".repeat(100));
+        let cut = error_on_one_line(&long);
+        assert_eq!(cut, format!("{}...", "x".repeat(MAX_SAID_LEN - 1)), "cut before the character it would split");
+        assert_eq!(error_on_one_line("short"), "short");
     }
 
     #[test]

@@ -151,7 +151,7 @@ fn rand_u32() -> u32 {
 /// WAL that recovery restores and the server writes.
 fn check_free_space(parent: &Path, needed: u64) -> Result<(), Error> {
     let margin = (needed / 10).max(128 << 20);
-    let free = free_bytes(parent)?;
+    let free = crate::fs::free_bytes(parent).map_err(|e| Error::local_io(parent, "statvfs", e))?;
     if free < needed + margin {
         return Err(Error::Usage(format!(
             "--scratch {}: {} MiB free, but restoring the backup needs {} MiB (its size plus a margin for WAL); \
@@ -162,18 +162,6 @@ fn check_free_space(parent: &Path, needed: u64) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-fn free_bytes(dir: &Path) -> Result<u64, Error> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| Error::Usage(format!("--scratch {}: not a usable path", dir.display())))?;
-    // SAFETY: statvfs fills the struct; the path is NUL-terminated.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(Error::local_io(dir, "statvfs", std::io::Error::last_os_error()));
-    }
-    Ok(stat.f_bavail * stat.f_frsize)
 }
 
 /// Cleans every scratch directory in `parent` whose owner is certainly dead: stops a server still
