@@ -42,6 +42,14 @@ Configuration file keys (TOML; unknown keys are an error):
                                       needs (s, m, h, d, w); with keep, kept if either keeps it
   [retention] abandoned_after = \"24h\" base-expire: temporary files and multipart uploads older
                                       than this are removed
+  [encryption] recipients = [\"age1...\"]   public keys new objects are encrypted for (walship-key
+                                      generate makes a pair); none: objects are written plain
+  [encryption] identity_files = [\"/etc/walship/keys/2026.key\"]   private keys tried when reading,
+                                      old and new (each readable by its owner only)
+  [encryption] passphrase_file = \"/etc/walship/passphrase\"   instead of recipients: a long random
+                                      passphrase (20+ characters; walship-key passphrase)
+  [encryption] passphrase_work_factor = 10   scrypt work factor (log2 N, 1-20) for passphrase writes
+  [encryption] accept_plain = false   also read objects written before the repository was encrypted
   [s3] and [ssh] tables: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
@@ -64,7 +72,9 @@ Exit codes (shared by all walship commands):
  12  internal error: a bug in walship (it panicked)
  13  problems found (wal-verify, base-verify): the check ran and found gaps, a stale archive,
      damaged objects or a failed restore test; every other non-zero code means it could not check
-wal-fetch adds 200 to codes 2-12 (202-212) so that PostgreSQL stops a point-in-time recovery
+ 14  encryption: no configured key opens an object (wrong or missing key), or the repository's
+     encryption and the configuration disagree (nothing was written, nothing handed over)
+wal-fetch adds 200 to codes 2-14 (202-214) so that PostgreSQL stops a point-in-time recovery
 instead of ending it early; where the working directory holds standby.signal it exits 1 instead,
 and the standby retries.";
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::codec::COMPRESSION_LEVELS;
+use crate::encryption::{EncryptionConfig, EncryptionTable};
 use crate::error::Error;
 use crate::storage::Settings;
 // The URL and the backends' settings belong to storage; re-exported so that `config` names all
@@ -205,6 +206,8 @@ pub struct Config {
     pub deadline: Duration,
     /// The `[s3]` and `[ssh]` tables: what the backend that `repo` names is opened with.
     pub storage: Settings,
+    /// The `[encryption]` table, keys read and checked.
+    pub encryption: std::sync::Arc<EncryptionConfig>,
 }
 
 impl Config {
@@ -252,6 +255,7 @@ struct FileConfig {
     retention: Option<RetentionFile>,
     s3: Option<S3Table>,
     ssh: Option<SshTable>,
+    encryption: Option<EncryptionTable>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -404,6 +408,9 @@ impl Config {
                 s3: S3Settings::from_table(file.s3.unwrap_or_default()).map_err(table("s3"))?,
                 ssh: SshSettings::from_table(file.ssh.unwrap_or_default()).map_err(table("ssh"))?,
             },
+            encryption: std::sync::Arc::new(
+                EncryptionConfig::from_table(file.encryption.unwrap_or_default()).map_err(table("encryption"))?,
+            ),
         })
     }
 }

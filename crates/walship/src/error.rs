@@ -66,6 +66,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// An object no configured key opens, or a repository whose encryption the configuration does
+    /// not match (a key for a plain repository, none for an encrypted one, a plain object where
+    /// encryption is required).
+    #[error("{location}: {reason}")]
+    Encryption {
+        /// The object's or the repository's full location.
+        location: String,
+        /// What does not fit (key ids, never a key).
+        reason: String,
+    },
+
     /// The repository does not have the file (wal-fetch's "definitely absent").
     #[error("{name}: not in the archive ({location})")]
     NotFound {
@@ -133,6 +144,15 @@ impl Error {
         Error::LocalIo { path: path.display().to_string(), operation, source }
     }
 
+    /// What reading the object at `location` found: a key problem, or damage.
+    pub fn stored(location: &str, format: crate::codec::FormatError) -> Self {
+        if format.is_encryption() {
+            Error::Encryption { location: location.to_owned(), reason: format.to_string() }
+        } else {
+            Error::Corrupt { location: location.to_owned(), reason: format.to_string() }
+        }
+    }
+
     /// The documented exit code for this failure (before wal-fetch's recovery offset).
     pub fn exit_code(&self) -> ExitCode {
         match self {
@@ -142,6 +162,7 @@ impl Error {
             Error::Conflict { .. } => ExitCode::Conflict,
             Error::WrongRepository { .. } => ExitCode::WrongRepository,
             Error::Corrupt { .. } => ExitCode::Corrupt,
+            Error::Encryption { .. } => ExitCode::Encryption,
             Error::NotFound { .. } | Error::NoSuchBackup(_) => ExitCode::NotFound,
             Error::ToolFailed { .. } => ExitCode::ToolFailed,
             Error::Interrupted { .. } => ExitCode::Interrupted,
@@ -199,6 +220,9 @@ pub enum ExitCode {
     /// wal-verify, base-verify: the check ran and found problems (gaps, a stale archive, damaged
     /// objects, a failed restore test); distinct from every code that means "could not check".
     ProblemsFound = 13,
+    /// No configured key opens an object, or the repository's encryption and the configuration
+    /// disagree (see README, "Encryption").
+    Encryption = 14,
 }
 
 /// Added to wal-fetch's failure codes during archive recovery: PostgreSQL treats an exit above 125 as
@@ -238,6 +262,7 @@ mod tests {
             ExitCode::Interrupted,
             ExitCode::Internal,
             ExitCode::ProblemsFound,
+            ExitCode::Encryption,
         ];
         for code in all {
             assert!((code as u8) < 126, "{code:?} must be retryable for the archiver");

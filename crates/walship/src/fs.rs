@@ -37,6 +37,13 @@ pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     Ok(stat.f_bavail * stat.f_frsize)
 }
 
+/// Fills `buf` from the kernel's random source (ids, passphrases), with no dependency beyond
+/// `/dev/urandom`.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut random| random.read_exact(buf))
+}
+
 /// The directory `path` is in: its parent, or the working directory for a bare name.
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {

@@ -11,6 +11,7 @@
 pub mod base;
 pub mod codec;
 pub mod config;
+pub mod encryption;
 pub mod error;
 pub mod expire;
 pub mod failpoint;

@@ -54,6 +54,8 @@ pub(super) struct Unpacking<'a> {
     pub(super) progress: &'a dyn Progress,
     /// Set by a signal: the next read fails, and the restore stops.
     pub(super) cancel: CancelToken,
+    /// How parts are decoded (the repository's keys).
+    pub(super) pipeline: Pipeline,
 }
 
 /// The extractor thread: decodes each archive's parts in order into one tar stream and unpacks it
@@ -182,6 +184,7 @@ struct PartStream<'a> {
     total: u64,
     progress: &'a dyn Progress,
     cancel: CancelToken,
+    pipeline: Pipeline,
 }
 
 impl<'a> PartStream<'a> {
@@ -205,6 +208,7 @@ impl<'a> PartStream<'a> {
             total,
             progress: how.progress,
             cancel: how.cancel.clone(),
+            pipeline: how.pipeline.clone(),
         }
     }
 
@@ -228,9 +232,8 @@ impl<'a> PartStream<'a> {
             waiting.blocking_recv().map_err(|_| self.fail(Error::Internal("a download was abandoned".into())))?;
         let path = downloaded.result.map_err(|e| self.fail(e))?;
         let file = File::open(&path).map_err(|e| self.fail(Error::local_io(&path, "open", e)))?;
-        let decoded = Pipeline::default()
-            .decoded(file)
-            .map_err(|e| self.fail(Error::local_io(&path, "decompress", e.into_io())))?;
+        let decoded =
+            self.pipeline.decoded(file).map_err(|e| self.fail(Error::local_io(&path, "decompress", e.into_io())))?;
         self.current = Some((decoded, path, downloaded.permit));
         Ok(true)
     }
@@ -261,6 +264,10 @@ impl<'a> PartStream<'a> {
             Err(PumpError::Source(e)) => {
                 let path = path.clone();
                 Err(self.fail(Error::local_io(&path, "read", e)))
+            }
+            Err(PumpError::Format(e)) => {
+                let location = self.locations[self.index].clone();
+                Err(self.fail(Error::stored(&location, e)))
             }
             Err(e) => {
                 let location = self.locations[self.index].clone();

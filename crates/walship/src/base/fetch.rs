@@ -311,11 +311,12 @@ impl Job<'_> {
         let extractor = {
             let (dir, parts, progress, cancel) =
                 (dir.to_owned(), parts.clone(), Arc::clone(self.progress), self.cancel.clone());
+            let pipeline = repo.reader_pipeline();
             let archives: Vec<(PathBuf, usize)> =
                 targets.iter().cloned().zip(record.archives.iter().map(|a| a.parts.len())).collect();
             tokio::task::spawn_blocking(move || {
                 let layout = Layout { data_dir: &dir, archives: &archives, parts: &parts, locations: &locations };
-                let how = Unpacking { root_owned: nix_is_root(), progress: progress.as_ref(), cancel };
+                let how = Unpacking { root_owned: nix_is_root(), progress: progress.as_ref(), cancel, pipeline };
                 extract(layout, ready_receiver, how)
             })
         };

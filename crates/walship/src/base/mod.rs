@@ -37,7 +37,7 @@ mod owner;
 mod parts;
 mod push;
 mod reader;
-mod recovery;
+pub(crate) mod recovery;
 mod signals;
 mod tar_watch;
 mod timeline;

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use super::reader::{Contents, Encoding, Message, SEND_CHUNK, StreamEnd, read_stream};
 use super::signals::Signals;
 use super::{BACKUPS_PREFIX, PartRecord, Progress, Transferred};
-use crate::codec::{ContentDigest, Pipeline};
+use crate::codec::ContentDigest;
 use crate::error::Error;
 use crate::repo::Repository;
 use crate::storage::{ObjectWriter, PutOptions, StorageError};
@@ -25,7 +25,7 @@ use crate::storage::{ObjectWriter, PutOptions, StorageError};
 const CHANNEL_DEPTH: usize = 8;
 
 /// How parts are cut, encoded and written: the part writer's share of the push options.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct PartOptions {
     /// How the archive is cut into parts and encoded.
     pub(super) encoding: Encoding,
@@ -81,7 +81,7 @@ pub(super) async fn store_archive(
     stop_source: impl FnOnce(),
 ) -> Result<(Vec<PartRecord>, StreamEnd), Error> {
     let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let (source, encoding, contents) = (archive.source, to.options.encoding, archive.contents);
+    let (source, encoding, contents) = (archive.source, to.options.encoding.clone(), archive.contents);
     let reader = std::thread::spawn(move || read_stream(source, &sender, encoding, contents));
     let parts = store_parts(to, &archive.name, receiver, archive.before).await;
     // The writers gave up: the reader stops at its next send, or once its source is stopped.
@@ -117,7 +117,7 @@ async fn store_parts(
                 Some(Message::Chunk { bytes, original_so_far }) => {
                     writing.chunk(to, bytes, original_so_far, &mut signals).await?;
                 }
-                Some(Message::PartEnd(digest)) => writing.part_end(to.options, digest).await?,
+                Some(Message::PartEnd(digest)) => writing.part_end(&to.options, digest).await?,
             }
         }
     }
@@ -188,7 +188,7 @@ impl PartsWriter<'_> {
 
     /// Ends the current part: records it and starts its completion, once fewer than
     /// `transfer_concurrency` parts are completing.
-    async fn part_end(&mut self, options: PartOptions, digest: ContentDigest) -> Result<(), Error> {
+    async fn part_end(&mut self, options: &PartOptions, digest: ContentDigest) -> Result<(), Error> {
         let OpenPart { writer, key, stored } = self.current.take().expect("a part ends after its chunks");
         let original_bytes = self.original_so_far - self.part_start;
         self.parts.push(PartRecord {
@@ -251,8 +251,7 @@ pub(super) async fn store_file(
     file.seek(SeekFrom::Start(0)).map_err(local_error)?;
     let mut writer =
         repo.storage().create(key, PutOptions { attributes: Default::default(), size_hint: Some(len) }).await?;
-    let mut encoded =
-        Pipeline::zstd(to.options.encoding.level).encoded(&mut *file).map_err(|e| local_error(e.into_io()))?;
+    let mut encoded = to.options.encoding.pipeline.encoded(&mut *file).map_err(|e| local_error(e.into_io()))?;
     loop {
         let chunk = encoded.next_chunk(SEND_CHUNK).map_err(|e| local_error(e.into_io()))?;
         if chunk.is_empty() {

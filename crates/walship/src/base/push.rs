@@ -46,6 +46,7 @@ use super::{
     ArchiveRecord, BACKUPS_PREFIX, BackupRecord, BackupType, FULL_RECORD_FORMAT, INCREMENTAL_RECORD_FORMAT, Progress,
     TablespaceRecord, ToolRecord, Transferred,
 };
+use crate::codec::Pipeline;
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::{ClusterFacts, Repository};
@@ -76,13 +77,15 @@ pub struct PushOptions {
 }
 
 impl PushOptions {
-    fn part_options(&self) -> PartOptions {
+    /// How parts are cut and written: through `pipeline` (the repository's, encrypted or not), on
+    /// the configured zstd workers.
+    fn part_options(&self, pipeline: Pipeline) -> PartOptions {
         let workers = match self.compression_workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,
         };
         PartOptions {
-            encoding: Encoding { part_size: self.part_size, level: self.compression_level, workers },
+            encoding: Encoding { part_size: self.part_size, pipeline: pipeline.with_workers(workers) },
             transfer_concurrency: self.transfer_concurrency,
             idle_timeout: self.idle_timeout,
         }
@@ -103,6 +106,8 @@ pub async fn base_push(
     let version = tool_version(&pg_basebackup)?;
     check_tar_to_stdout(&pg_basebackup, &version)?;
     repo.storage().check_root().await?;
+    // Refuses a configuration whose encryption the repository's does not match, before any work.
+    repo.writer_pipeline(options.compression_level).await?;
     if let Err(e) = sweep_abandoned(repo, log).await {
         log.info(format_args!("warning: could not check for backups abandoned by killed base-push runs: {e}"));
     }
@@ -144,10 +149,11 @@ async fn take(
     tool: Tool<'_>,
     parent: Option<&BackupRecord>,
 ) -> Result<BackupRecord, Attempt> {
+    let pipeline = repo.writer_pipeline(options.compression_level).await?;
     let name = reserve_name(repo).await?;
     log.debug(format_args!("backup {name}: running {}", tool.path.display()));
-    let to =
-        Destination { repo, options: options.part_options(), progress, backup: &name, written: vec![owner_key(&name)] };
+    let options_for_parts = options.part_options(pipeline);
+    let to = Destination { repo, options: options_for_parts, progress, backup: &name, written: vec![owner_key(&name)] };
     let mut run = Run { to, options, log, pg_basebackup: tool.path, incremental: None };
     let result = run.take_backup(tool.version.to_owned(), parent).await;
     match (&result, parent) {

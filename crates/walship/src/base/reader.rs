@@ -38,14 +38,12 @@ pub(super) struct StreamEnd {
 }
 
 /// How the archive is cut and encoded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct Encoding {
     /// Original bytes per part (the last part may be shorter).
     pub(super) part_size: u64,
-    /// The zstd level.
-    pub(super) level: i32,
-    /// zstd workers (already resolved: never 0).
-    pub(super) workers: u32,
+    /// How each part is encoded (level, workers, encryption).
+    pub(super) pipeline: Pipeline,
 }
 
 /// What an archive holds, and so how closely the reader watches it.
@@ -66,8 +64,7 @@ pub(super) fn read_stream(
     contents: Contents,
 ) -> StreamEnd {
     let mut watched = Watched { inner: source, watcher: TarWatcher::new(LongPageHeader::LEN), error: None };
-    let pipeline = Pipeline::zstd(encoding.level).with_workers(encoding.workers);
-    let cutter = PartCutter { sender, pipeline, part_size: encoding.part_size };
+    let cutter = PartCutter { sender, pipeline: encoding.pipeline, part_size: encoding.part_size };
     let mut total = 0u64;
     let cut = cutter.cut(&mut BufReader::with_capacity(READ_CHUNK, &mut watched), &mut total);
     let Watched { watcher, error: watch_error, .. } = watched;
@@ -183,7 +180,7 @@ mod tests {
     /// Runs the reader thread over `source`; returns each part's stored bytes and digest, and the end.
     fn cut(source: Box<dyn Read + Send>, part_size: u64) -> (Vec<(Vec<u8>, ContentDigest)>, StreamEnd) {
         let (sender, mut receiver) = mpsc::channel(2);
-        let encoding = Encoding { part_size, level: 3, workers: 1 };
+        let encoding = Encoding { part_size, pipeline: Pipeline::zstd(3) };
         let reader = std::thread::spawn(move || read_stream(source, &sender, encoding, Contents::Tablespace));
         let (mut parts, mut current) = (Vec::new(), Vec::new());
         while let Some(message) = receiver.blocking_recv() {

@@ -11,7 +11,6 @@
 //! `<parent timeline> <LSN where the parent ended> <reason>` for every ancestor.
 
 use super::BackupRecord;
-use crate::codec::decode_all;
 use crate::error::Error;
 use crate::repo::Repository;
 use crate::wal::{MAX_SMALL_FILE, WalFileKind, WalFileName, check_history_file, format_lsn, parse_lsn};
@@ -123,7 +122,10 @@ pub(crate) async fn read_history(repo: &Repository, timeline: u32) -> Result<Vec
         Err(e) => return Err(e.into()),
     };
     let corrupt = |reason: String| Error::Corrupt { location: location.clone(), reason };
-    let content = decode_all(&stored).map_err(|e| corrupt(e.to_string()))?;
+    let content = repo.reader_pipeline().decode_bytes(&stored).map_err(|e| match e {
+        crate::codec::DecodeError::Format(format) => Error::stored(&location, format),
+        other => corrupt(other.to_string()),
+    })?;
     check_history_file(&name, &content).map_err(corrupt)?;
     Ok(parse_history(&String::from_utf8_lossy(&content)))
 }

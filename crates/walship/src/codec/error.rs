@@ -5,9 +5,13 @@ use std::io;
 
 use super::{ContentDigest, FORMAT_VERSION};
 
-/// Why stored bytes are not a valid object. Always a sign of damage or of a foreign file.
+/// Why stored bytes are not a valid object: a sign of damage or of a foreign file, but for
+/// [`FormatError::Encryption`] (see [`FormatError::is_encryption`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
+    /// Not damage: no configured key opens the object, or it is plain where encryption is required.
+    #[error("{0}")]
+    Encryption(String),
     /// The object ends before its trailer, or a stage's stream ends early.
     #[error("truncated: {0}")]
     Truncated(String),
@@ -42,6 +46,14 @@ pub enum FormatError {
         /// What the body decoded to.
         actual: ContentDigest,
     },
+}
+
+impl FormatError {
+    /// Whether this is about keys (a wrong or missing key, a plain object where encryption is
+    /// required) rather than damage: a configuration to fix, not an object to report as corrupt.
+    pub fn is_encryption(&self) -> bool {
+        matches!(self, FormatError::Encryption(_))
+    }
 }
 
 /// A decoding failure: either the object is bad, or the place the decoded bytes go failed.

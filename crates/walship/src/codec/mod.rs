@@ -41,7 +41,7 @@ use std::io;
 
 pub use digest::{ContentDigest, Hasher};
 pub use error::{DecodeError, Downstream, FormatError, PumpError, StageError};
-pub use pipeline::{Decoder, Encoder, Pipeline};
+pub use pipeline::{Decoder, Encoder, HEADER_MAGIC, Pipeline, TRAILER_MAGIC};
 pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded, Prefix, Pumped};
 pub use stage::{Next, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
 
@@ -69,7 +69,14 @@ pub fn encode_all(bytes: &[u8], level: i32) -> io::Result<Vec<u8>> {
 
 /// Decodes and verifies a whole buffer; for small objects and tests.
 pub fn decode_all(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
-    let mut decoder = Decoder::new(Vec::new()).map_err(DecodeError::Sink)?;
-    decoder.update(bytes)?;
-    Ok(decoder.finish()?.1)
+    Pipeline::default().decode_bytes(bytes)
+}
+
+impl Pipeline {
+    /// Decodes and verifies a whole buffer (a small object: a history file).
+    pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let mut decoder = self.decoder(Vec::new()).map_err(DecodeError::Sink)?;
+        decoder.update(bytes)?;
+        Ok(decoder.finish()?.1)
+    }
 }

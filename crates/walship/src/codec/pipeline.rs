@@ -9,10 +9,14 @@ use super::error::{DecodeError, Downstream, FormatError};
 use super::stage::{Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
 use super::{ContentDigest, FORMAT_VERSION, HEADER_LEN, Hasher, STAGED_FORMAT_VERSION, TRAILER_LEN};
 
-const HEADER_MAGIC: &[u8; 8] = b"WALSHIP\0";
-const TRAILER_MAGIC: &[u8; 8] = b"WSEND\0\0\x01";
+/// The first 8 bytes of every object.
+pub const HEADER_MAGIC: &[u8; 8] = b"WALSHIP\0";
+/// The last 8 bytes of every object.
+pub const TRAILER_MAGIC: &[u8; 8] = b"WSEND\0\0\x01";
 /// Header bytes 11..16 name the further stages of a version-2 object.
 const MAX_FURTHER_STAGES: usize = HEADER_LEN - 11;
+/// The id the encryption stage has, so that an encrypted object read without keys says so.
+const ENCRYPTION_STAGE_ID: u8 = 2;
 
 /// How objects are written and read: zstd, then any further stages, then the checksum trailer.
 /// Cheap to clone; built once from the configuration and handed to whatever stores or fetches.
@@ -20,6 +24,8 @@ const MAX_FURTHER_STAGES: usize = HEADER_LEN - 11;
 pub struct Pipeline {
     zstd: Zstd,
     further: Vec<Arc<dyn Stage>>,
+    /// Whether an object that went through none of the further stages is read (version 1).
+    plain_allowed: bool,
 }
 
 impl Default for Pipeline {
@@ -33,7 +39,7 @@ impl Default for Pipeline {
 impl Pipeline {
     /// Today's format: zstd at `level`, no further stage.
     pub fn zstd(level: i32) -> Self {
-        Pipeline { zstd: Zstd { level, workers: 1 }, further: Vec::new() }
+        Pipeline { zstd: Zstd { level, workers: 1 }, further: Vec::new(), plain_allowed: true }
     }
 
     /// Compresses on `workers` threads (base backups); the output is still one frame.
@@ -55,6 +61,19 @@ impl Pipeline {
         assert!(self.further.len() < MAX_FURTHER_STAGES, "at most {MAX_FURTHER_STAGES} further stages");
         self.further.push(stage);
         self
+    }
+
+    /// Refuses, when reading, an object that went through none of the further stages: with
+    /// encryption configured, a plain object is either older than the encryption (allowed only when
+    /// the configuration says so) or planted by someone who holds no key.
+    pub fn refusing_plain(mut self) -> Self {
+        self.plain_allowed = false;
+        self
+    }
+
+    /// Whether objects written by this pipeline go through further stages (are encrypted).
+    pub fn has_further_stages(&self) -> bool {
+        !self.further.is_empty()
     }
 
     /// A fresh encoder for one object.
@@ -79,6 +98,7 @@ impl Pipeline {
             available.push((stage.id(), stage.decoder()?));
         }
         Ok(Decoder {
+            plain_allowed: self.plain_allowed,
             header: Vec::with_capacity(HEADER_LEN),
             held_back: Vec::with_capacity(2 * TRAILER_LEN),
             zstd: Some(self.zstd.decoder()?),
@@ -182,6 +202,7 @@ fn push_through(
 /// Decodes a stream chunk by chunk into `sink`, verifying as it goes and at the end. Nothing it
 /// wrote is to be trusted before [`finish`](Self::finish) succeeds.
 pub struct Decoder<W: Write> {
+    plain_allowed: bool,
     header: Vec<u8>,
     /// The last bytes seen: the trailer, once the stream ends.
     held_back: Vec<u8>,
@@ -243,8 +264,20 @@ impl<W: Write> Decoder<W> {
         // Version 2 is read only by a pipeline with further stages: one without them reads
         // exactly what it read before they existed.
         let staged = version == STAGED_FORMAT_VERSION && !self.available.is_empty();
+        if version == STAGED_FORMAT_VERSION && !staged && header[11..].contains(&ENCRYPTION_STAGE_ID) {
+            return Err(FormatError::Encryption(
+                "encrypted, and no [encryption] identity_files or passphrase_file is configured to open it".into(),
+            ));
+        }
         if version != FORMAT_VERSION && !staged {
             return Err(FormatError::UnsupportedVersion(version));
+        }
+        if version == FORMAT_VERSION && !self.plain_allowed {
+            return Err(FormatError::Encryption(
+                "not encrypted, though [encryption] is configured: written before encryption was enabled (set \
+                 accept_plain = true to read such objects) or by someone without the key"
+                    .into(),
+            ));
         }
         if header[10] != ZSTD_ID {
             return Err(FormatError::UnknownCompression(header[10]));

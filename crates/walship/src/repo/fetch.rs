@@ -55,7 +55,7 @@ pub async fn fetch(repo: &Repository, name: &str, destination: &Path) -> Result<
         }
         Err(e) => return Err(e.into()),
     };
-    publish_verified(reader, destination, &location).await
+    publish_verified(reader, destination, &location, repo.reader_pipeline()).await
 }
 
 /// Restores the object under `key` (any key, unlike [`fetch`]) to `destination`, verified. A missing
@@ -67,7 +67,7 @@ pub async fn fetch_object(repo: &Repository, key: &str, destination: &Path) -> R
         }
         other => other.into(),
     })?;
-    publish_verified(reader, destination, &repo.storage().location(key)).await
+    publish_verified(reader, destination, &repo.storage().location(key), repo.reader_pipeline()).await
 }
 
 /// Streams the object into a temporary file beside `destination` and renames it into place once
@@ -77,12 +77,14 @@ async fn publish_verified(
     mut reader: crate::storage::ObjectReader,
     destination: &Path,
     location: &str,
+    pipeline: Pipeline,
 ) -> Result<FetchReport, Error> {
     let temp = temp_path_beside(destination)?;
     let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let (owned_destination, owned_location) = (destination.to_owned(), location.to_owned());
-    let writing =
-        off_runtime(destination, move || write_and_publish(received, &temp, &owned_destination, &owned_location));
+    let writing = off_runtime(destination, move || {
+        write_and_publish(received, &temp, &owned_destination, &owned_location, &pipeline)
+    });
     match send_chunks(&mut reader, &chunks, location).await {
         Ok(stored_bytes) => {
             // A writer that stopped early (a damaged object) refuses this; its own result says why.
@@ -130,8 +132,9 @@ fn write_and_publish(
     temp: &Path,
     destination: &Path,
     location: &str,
+    pipeline: &Pipeline,
 ) -> Result<u64, Error> {
-    match write_verified(&mut received, temp, destination, location) {
+    match write_verified(&mut received, temp, destination, location, pipeline) {
         Ok(original_bytes) => {
             let published =
                 fs::rename(temp, destination).map_err(|e| Error::local_io(destination, "rename into place", e));
@@ -165,6 +168,7 @@ fn write_verified(
     temp: &Path,
     destination: &Path,
     location: &str,
+    pipeline: &Pipeline,
 ) -> Result<u64, Error> {
     let file = OpenOptions::new()
         .write(true)
@@ -173,8 +177,8 @@ fn write_verified(
         .map_err(|e| Error::local_io(destination, "create temporary file", e))?;
     let mut sink = BufWriter::with_capacity(READ_CHUNK, file);
     let source = Chunks { received, current: Bytes::new() };
-    let pumped = Pipeline::default().decode(source, &mut sink).map_err(|e| match e {
-        PumpError::Format(format) => Error::Corrupt { location: location.to_owned(), reason: format.to_string() },
+    let pumped = pipeline.decode(source, &mut sink).map_err(|e| match e {
+        PumpError::Format(format) => Error::stored(location, format),
         PumpError::Codec(e) => Error::local_io(destination, "decompress", e),
         PumpError::Source(e) | PumpError::Sink(e) => Error::local_io(destination, "write", e),
     })?;
@@ -216,7 +220,10 @@ mod tests {
         }
         drop(sender);
         let (t, d) = (temp.clone(), destination.clone());
-        let result = std::thread::spawn(move || write_and_publish(received, &t, &d, "test://object")).join().unwrap();
+        let result =
+            std::thread::spawn(move || write_and_publish(received, &t, &d, "test://object", &Pipeline::default()))
+                .join()
+                .unwrap();
         (result, destination, temp)
     }
 

@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! repository.json                          identity record (plain JSON), written by the first push
+//! encryption.json                          encryption record (plain JSON): present once the
+//!                                          repository holds encrypted objects; written before the
+//!                                          identity record, or by `walship-key enable`
 //! wal/<timeline+log>/<segment name>        segments, .partial segments and .backup labels, sharded
 //!                                          by the first 16 hex digits of their name
 //! wal/history/<TLI>.history                timeline history files
@@ -23,13 +26,19 @@ pub use push::{PushReport, push};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use crate::codec::Pipeline;
 use crate::config::Config;
+use crate::encryption::{AgeStage, EncryptionConfig};
 use crate::error::Error;
 use crate::storage::{PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
 /// The key of the identity record.
 pub const IDENTITY_KEY: &str = "repository.json";
+/// The key of the encryption record.
+pub const ENCRYPTION_KEY: &str = "encryption.json";
+/// The encryption record's format this build writes and reads.
+pub const ENCRYPTION_RECORD_FORMAT: u32 = 1;
 /// The repository layout version this build writes and reads.
 pub const REPOSITORY_FORMAT_VERSION: u32 = 1;
 /// The identity record is tiny; a larger object under its key is not one.
@@ -52,6 +61,21 @@ pub struct Identity {
     /// The cluster's WAL segment size in bytes.
     pub wal_segment_size: u32,
     /// The walship that made the repository (`walship 0.1.0`), for people.
+    pub created_by: String,
+}
+
+/// The encryption record (`encryption.json`): this repository holds encrypted objects, and every
+/// new object must be encrypted. Never rewritten; it names no key (which keys read the repository is
+/// the configuration's business, never the repository's, which an attacker may hold).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionRecord {
+    /// [`ENCRYPTION_RECORD_FORMAT`] when written by this walship.
+    pub format_version: u32,
+    /// How objects are encrypted: `age`.
+    pub scheme: String,
+    /// When encryption began (RFC 3339): objects older than this may be plain.
+    pub since: String,
+    /// The walship that wrote it, for people.
     pub created_by: String,
 }
 
@@ -80,13 +104,17 @@ pub struct Repository {
     /// both succeed, the later replacing the earlier, and records and the data directory's memory
     /// would name an id the repository no longer has.
     creating: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The `[encryption]` table: how new objects are written and which keys read objects.
+    encryption: std::sync::Arc<EncryptionConfig>,
+    /// Whether new objects are encrypted, once checked against the encryption record.
+    writes_encrypted: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Repository {
     /// The repository that `config` names, over the backend its URL calls for.
     pub async fn open(config: &Config) -> Result<Self, Error> {
         let storage = crate::storage::open(&config.repo, &config.storage).await?;
-        Ok(Self::over(storage, config.repo.to_string()))
+        Ok(Self::over(storage, config.repo.to_string()).with_encryption(config.encryption.clone()))
     }
 
     /// The repository kept in `storage`; `url` names it in messages.
@@ -95,7 +123,124 @@ impl Repository {
     }
 
     fn over(storage: std::sync::Arc<dyn Storage>, url: String) -> Self {
-        Repository { storage, url, known_identity: Default::default(), creating: Default::default() }
+        Repository {
+            storage,
+            url,
+            known_identity: Default::default(),
+            creating: Default::default(),
+            encryption: Default::default(),
+            writes_encrypted: Default::default(),
+        }
+    }
+
+    /// This repository read and written with `encryption`'s keys.
+    pub fn with_encryption(mut self, encryption: std::sync::Arc<EncryptionConfig>) -> Self {
+        self.encryption = encryption;
+        self.writes_encrypted = Default::default();
+        self
+    }
+
+    /// The `[encryption]` settings this repository is used with.
+    pub fn encryption(&self) -> &EncryptionConfig {
+        &self.encryption
+    }
+
+    /// How objects are read: with every configured key, and plain objects refused where encryption
+    /// is configured, unless `accept_plain`.
+    pub fn reader_pipeline(&self) -> Pipeline {
+        if !self.encryption.is_configured() {
+            return Pipeline::default();
+        }
+        let pipeline = Pipeline::default().then(std::sync::Arc::new(AgeStage::new(self.encryption.clone())));
+        if self.encryption.accept_plain { pipeline } else { pipeline.refusing_plain() }
+    }
+
+    /// How new objects are written, at zstd `level`: encrypted exactly when the repository is. Checks
+    /// the configuration against the encryption record first (once per process), so that no
+    /// repository comes to hold plain and encrypted objects by mistake; creates the record when an
+    /// encrypting writer makes a new repository.
+    pub async fn writer_pipeline(&self, level: i32) -> Result<Pipeline, Error> {
+        let encrypted = *self.writes_encrypted.get_or_try_init(|| self.check_writing()).await?;
+        let pipeline = Pipeline::zstd(level);
+        Ok(if encrypted {
+            pipeline.then(std::sync::Arc::new(AgeStage::new(self.encryption.clone())))
+        } else {
+            pipeline
+        })
+    }
+
+    async fn check_writing(&self) -> Result<bool, Error> {
+        let encrypting = self.encryption.writing.is_some();
+        let location = self.storage.location(ENCRYPTION_KEY);
+        match (self.encryption_record().await?, encrypting) {
+            (Some(_), true) | (None, false) => Ok(encrypting),
+            (Some(record), false) => Err(Error::Encryption {
+                location,
+                reason: format!(
+                    "the repository is encrypted (since {}), and no [encryption] recipients or passphrase_file \
+                     are configured to write to it; nothing was written",
+                    record.since
+                ),
+            }),
+            (None, true) if self.identity().await?.is_none() => {
+                self.create_encryption_record().await?;
+                Ok(true)
+            }
+            (None, true) => Err(Error::Encryption {
+                location: self.storage.location(IDENTITY_KEY),
+                reason: "the repository is not encrypted, but [encryption] is configured to write encrypted \
+                         objects; nothing was written. To encrypt from now on, run `walship-key enable` (older \
+                         objects then need accept_plain = true to be read); or remove the recipients"
+                    .into(),
+            }),
+        }
+    }
+
+    /// Reads the encryption record; `None` in a plain repository.
+    pub async fn encryption_record(&self) -> Result<Option<EncryptionRecord>, Error> {
+        let location = self.storage.location(ENCRYPTION_KEY);
+        let bytes = match self.read_small(ENCRYPTION_KEY, MAX_IDENTITY_LEN).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let record: EncryptionRecord = serde_json::from_slice(&bytes).map_err(|e| Error::WrongRepository {
+            location: location.clone(),
+            reason: format!("unreadable encryption record: {e}"),
+        })?;
+        if record.format_version > ENCRYPTION_RECORD_FORMAT {
+            return Err(Error::WrongRepository {
+                location,
+                reason: format!(
+                    "encryption record format {} is newer than this walship supports ({ENCRYPTION_RECORD_FORMAT}); \
+                     upgrade walship",
+                    record.format_version
+                ),
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// Marks the repository encrypted from now on (`walship-key enable`, or the first push of an
+    /// encrypting writer). Another writer that made it first is as good: its record stays.
+    pub async fn create_encryption_record(&self) -> Result<EncryptionRecord, Error> {
+        let record = EncryptionRecord {
+            format_version: ENCRYPTION_RECORD_FORMAT,
+            scheme: "age".into(),
+            since: crate::base::recovery::now_rfc3339(),
+            created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
+        };
+        let mut json = serde_json::to_vec_pretty(&record).expect("plain struct serializes");
+        json.push(b'\n');
+        let mut writer = self.storage.create(ENCRYPTION_KEY, PutOptions::default()).await?;
+        writer.write(json.into()).await?;
+        match writer.commit().await {
+            Ok(()) => Ok(record),
+            Err(StorageError::AlreadyExists { .. }) => {
+                self.encryption_record().await?.ok_or_else(|| Error::Internal("the encryption record vanished".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The backend, for the layers that place objects of their own (base backups).
@@ -274,10 +419,11 @@ impl Repository {
 /// 16 random bytes from the kernel, as hex: unique across every repository ever made, with no
 /// dependency beyond `/dev/urandom`.
 fn new_repository_id(for_location: &str) -> Result<String, Error> {
-    use std::io::Read;
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut random| random.read_exact(&mut bytes)).map_err(|e| {
-        Error::LocalIo { path: format!("/dev/urandom (an id for {for_location})"), operation: "read", source: e }
+    crate::fs::random_bytes(&mut bytes).map_err(|e| Error::LocalIo {
+        path: format!("/dev/urandom (an id for {for_location})"),
+        operation: "read",
+        source: e,
     })?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

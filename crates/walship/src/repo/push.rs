@@ -23,6 +23,7 @@ use tokio::sync::mpsc::Sender;
 
 use super::{ClusterFacts, Repository};
 use crate::codec::{ContentDigest, Pipeline, Prefix, PumpError};
+use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::retry::off_runtime;
 use crate::storage::{PutOptions, StorageError};
@@ -59,6 +60,9 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
         let (wal, owned) = (wal.clone(), source.to_owned());
         off_runtime(source, move || inspect(&wal, &owned)).await?
     };
+    // Before the identity record: a new repository that an encrypting writer makes is marked
+    // encrypted before anything else is in it.
+    let pipeline = repo.writer_pipeline(compression_level).await?;
     match checked.cluster {
         Some(facts) => {
             repo.ensure_identity(&facts, &source.display().to_string()).await?;
@@ -84,7 +88,7 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
         None
     };
     let key = Repository::wal_key(&wal);
-    match upload(repo, &key, source, known, checked.len, compression_level).await {
+    match upload(repo, &key, source, known, checked.len, pipeline).await {
         Ok((stored, digest)) => Ok(PushReport { original_bytes: digest.len, stored_bytes: Some(stored), digest }),
         // The name is taken (archived before, or by a racing push): decide by content.
         Err(Error::Storage(StorageError::AlreadyExists { .. })) => {
@@ -200,7 +204,7 @@ async fn upload(
     source: &Path,
     expected: Option<ContentDigest>,
     expected_len: u64,
-    compression_level: i32,
+    pipeline: Pipeline,
 ) -> Result<(u64, ContentDigest), Error> {
     let attributes = match expected {
         Some(expected) => {
@@ -213,7 +217,7 @@ async fn upload(
     let streamed = async {
         let (chunks, mut encoded) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
         let owned = source.to_owned();
-        let encoding = off_runtime(source, move || encode_file(&owned, compression_level, &chunks));
+        let encoding = off_runtime(source, move || encode_file(&owned, &pipeline, &chunks));
         let mut stored = 0u64;
         // Ends when the encoder is done and drops its sender. A failed write drops the receiver, and
         // the encoder stops at its next chunk.
@@ -242,9 +246,9 @@ async fn upload(
 
 /// Reads and encodes `source` (blocking: it runs on the blocking pool), handing the encoded bytes
 /// to `chunks` at least [`WRITE_CHUNK`] at a time, the last chunk possibly shorter.
-fn encode_file(source: &Path, compression_level: i32, chunks: &Sender<Bytes>) -> Result<ContentDigest, Error> {
+fn encode_file(source: &Path, pipeline: &Pipeline, chunks: &Sender<Bytes>) -> Result<ContentDigest, Error> {
     let file = File::open(source).map_err(|e| Error::local_io(source, "open", e))?;
-    let mut encoded = Pipeline::zstd(compression_level).encoded(file).map_err(|e| encode_error(source, e))?;
+    let mut encoded = pipeline.encoded(file).map_err(|e| encode_error(source, e))?;
     // The uploader went away (its write failed, or the deadline dropped it): its error is the answer.
     let gone = || Error::local_io(source, "read", std::io::Error::other("the upload stopped"));
     loop {
@@ -285,14 +289,23 @@ async fn compare_with_archived(
         return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
     }
     let location = repo.storage().location(key);
+    if repo.encryption().is_configured() && !repo.encryption().can_read()
+        && let Some(existing) = sealed_digest(repo, key, &location).await?
+    {
+        if existing != digest {
+            return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
+        }
+        // Without a key the content cannot be compared byte for byte; its SHA-256 stands for it.
+        return Ok(already);
+    }
     let reader = repo.storage().get(key).await?;
     // History files are compared byte for byte, so keep their (small) content; segments only hash.
     let mut archived = Prefix::new(if is_history { wal::MAX_SMALL_FILE as usize + 1 } else { 0 });
-    let existing = match Pipeline::default().decode_async(reader, &mut archived).await {
+    let existing = match repo.reader_pipeline().decode_async(reader, &mut archived).await {
         Ok(pumped) => pumped.digest,
         Err(PumpError::Source(e)) => return Err(StorageError::io(&location, "read", e).into()),
         Err(PumpError::Codec(e) | PumpError::Sink(e)) => return Err(Error::local_io(source, "decompress", e)),
-        Err(PumpError::Format(e)) => return Err(Error::Corrupt { location, reason: e.to_string() }),
+        Err(PumpError::Format(e)) => return Err(Error::stored(&location, e)),
     };
     let archived_bytes = archived.into_bytes();
     if existing != digest {
@@ -307,6 +320,18 @@ async fn compare_with_archived(
         }
     }
     Ok(already)
+}
+
+/// On a host without a private key: the digest an encrypted object's trailer records, once its seal
+/// shows the stored bytes are whole. `None` for a plain object, which is decoded as ever.
+async fn sealed_digest(repo: &Repository, key: &str, location: &str) -> Result<Option<ContentDigest>, Error> {
+    let reader = repo.storage().get(key).await?;
+    match check_sealed(reader).await {
+        Ok(Sealed::Whole(digest)) => Ok(Some(digest)),
+        Ok(Sealed::Plain) => Ok(None),
+        Err(Ok(e)) => Err(StorageError::io(location, "read", e).into()),
+        Err(Err(e)) => Err(Error::stored(location, e)),
+    }
 }
 
 #[cfg(test)]

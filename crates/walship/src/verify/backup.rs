@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{Finding, FindingKind};
 use crate::base::{BackupRecord, ManifestSummary, PartRecord, manifest_summary, part_mismatch, stored_mismatch};
-use crate::codec::{Pipeline, PumpError};
+use crate::codec::PumpError;
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::Repository;
@@ -119,12 +119,14 @@ async fn check_part(
         }
         Err(e) => return Err(e.into()),
     };
-    match Pipeline::default().decode_async(reader, sink).await {
+    match repo.reader_pipeline().decode_async(reader, sink).await {
         Ok(pumped) => {
             Ok(stored_mismatch(pumped.stored_bytes, part.stored_bytes).or_else(|| part_mismatch(part, &pumped.digest)))
         }
         Err(PumpError::Source(e)) => Err(StorageError::io(location, "read", e).into()),
         Err(PumpError::Sink(e)) => Err(Error::local_io(std::path::Path::new("(scratch)"), "write", e)),
+        // A key problem is not damage: the check cannot be made (exit 14), not a finding.
+        Err(PumpError::Format(e)) if e.is_encryption() => Err(Error::stored(location, e)),
         Err(damage) => Ok(Some(damage.to_string())),
     }
 }

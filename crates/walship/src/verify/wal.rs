@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use self::coverage::{BackupSpan, Histories, SegmentSet, TimelineFacts};
 use super::{Finding, FindingKind};
 use crate::base;
-use crate::codec::{Pipeline, Prefix, PumpError};
+use crate::codec::{Prefix, PumpError};
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::{Identity, Repository};
@@ -374,7 +374,7 @@ impl Object {
                 Err(e) => return Err(e.into()),
             };
             let mut header = Prefix::new(LongPageHeader::LEN);
-            match Pipeline::default().decode_async(reader, &mut header).await {
+            match self.repo.reader_pipeline().decode_async(reader, &mut header).await {
                 Ok(pumped) => {
                     let (stored, original) = (pumped.stored_bytes, pumped.digest.len);
                     Ok(match self.judge(&header.into_bytes(), original) {
@@ -382,6 +382,8 @@ impl Object {
                         Some(cause) => Checked::Damaged { stored, cause },
                     })
                 }
+                // A key problem is not damage: the check cannot be made (exit 14), not a finding.
+                Err(PumpError::Format(e)) if e.is_encryption() => Err(Error::stored(&location, e)),
                 Err(PumpError::Format(e)) => Ok(Checked::Damaged { stored: 0, cause: e.to_string() }),
                 Err(PumpError::Source(e)) => Err(StorageError::io(&location, "read", e).into()),
                 Err(PumpError::Codec(e) | PumpError::Sink(e)) => {
