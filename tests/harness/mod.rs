@@ -9,6 +9,7 @@ pub mod backups;
 pub mod datadir;
 pub mod expire;
 pub mod fixture;
+pub mod keys;
 pub mod pg;
 pub mod proxy;
 pub mod repository;
@@ -94,8 +95,17 @@ impl Scratch {
 }
 
 /// Every walship binary the tests run.
-pub const BINARIES: [&str; 8] =
-    ["wal-push", "wal-fetch", "base-push", "base-fetch", "base-list", "base-expire", "wal-verify", "base-verify"];
+pub const BINARIES: [&str; 9] = [
+    "wal-push",
+    "wal-fetch",
+    "base-push",
+    "base-fetch",
+    "base-list",
+    "base-expire",
+    "wal-verify",
+    "base-verify",
+    "walship-key",
+];
 
 /// The directory holding freshly built walship binaries ([`BINARIES`]), executable by the server
 /// user.
