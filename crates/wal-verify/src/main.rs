@@ -172,6 +172,7 @@ fn json_report(report: &WalReport, now: SystemTime, took: Duration) -> serde_jso
         "missing_segments": report.missing_segments,
         "backups": report.backups,
         "deep": deep,
+        "without_key": report.without_key,
         "duration_seconds": took.as_secs_f64(),
     })
 }
@@ -190,9 +191,10 @@ fn summary(report: &WalReport, now: SystemTime) -> String {
     let deep = report.deep.as_ref().map_or(String::new(), |deep| {
         format!("; deep: {} objects read, {} damaged", deep.verified_objects, deep.damaged_objects)
     });
+    let without_key = report.without_key.as_ref().map_or(String::new(), |note| format!("; {note}"));
     format!(
         "{} segments ({} WAL objects) on {} timeline(s) [{}], {newest}; {} backups checked, {} gap(s), {} segment(s) \
-         missing{deep}",
+         missing{deep}{without_key}",
         report.segments,
         report.objects,
         report.timelines.len(),

@@ -16,8 +16,14 @@ const READ_CHUNK: usize = 1 << 20;
 /// What a keyless check found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sealed {
-    /// Encrypted, whole, and holding content with this digest (as its writer recorded).
-    Whole(ContentDigest),
+    /// Encrypted, whole, `stored` bytes long, and holding content with `digest` (as its writer
+    /// recorded it).
+    Whole {
+        /// What the trailer records.
+        digest: ContentDigest,
+        /// The object's length in the repository.
+        stored: u64,
+    },
     /// Not an encrypted object: it can be decoded, and verified, without a key.
     Plain,
 }
@@ -46,12 +52,14 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
     let tail_len = SEAL_LEN + TRAILER_LEN;
     let mut seal = Sha256::new();
     let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK + tail_len);
+    let mut stored = HEADER_LEN as u64;
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         let n = reader.read(&mut buf).await.map_err(Ok)?;
         if n == 0 {
             break;
         }
+        stored += n as u64;
         pending.extend_from_slice(&buf[..n]);
         if pending.len() > tail_len {
             let sealed_len = pending.len() - tail_len;
@@ -69,8 +77,9 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
         }));
     }
     let trailer = &pending[SEAL_LEN..];
-    Ok(Sealed::Whole(ContentDigest {
+    let digest = ContentDigest {
         len: u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes")),
         sha256: trailer[8..40].try_into().expect("32 bytes"),
-    }))
+    };
+    Ok(Sealed::Whole { digest, stored })
 }

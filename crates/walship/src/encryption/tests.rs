@@ -163,7 +163,7 @@ async fn a_host_without_a_key_checks_the_seal_and_reads_the_digest() {
     let original = content(200_000);
     let stored = encode(&writer_for(&[(id, recipient)]), &original);
     let digest = crate::codec::ContentDigest::of(&original);
-    assert_eq!(check_sealed(&stored[..]).await.unwrap(), Sealed::Whole(digest));
+    assert_eq!(check_sealed(&stored[..]).await.unwrap(), Sealed::Whole { digest, stored: stored.len() as u64 });
     for at in [17, 100, stored.len() / 2, stored.len() - 60] {
         let mut damaged = stored.clone();
         damaged[at] ^= 0x01;

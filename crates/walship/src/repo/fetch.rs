@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::fs::{parent_dir, remove_orphaned_temp_files, temp_name};
 use crate::retry::off_runtime;
 use crate::storage::StorageError;
-use crate::wal::WalFileName;
+use crate::wal::{LongPageHeader, WalFileName};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Chunks queued between the download and the writing thread: bounded memory, both kept busy.
@@ -55,7 +55,7 @@ pub async fn fetch(repo: &Repository, name: &str, destination: &Path) -> Result<
         }
         Err(e) => return Err(e.into()),
     };
-    publish_verified(reader, destination, &location, repo.reader_pipeline()).await
+    publish_verified(reader, destination, &location, repo.reader_pipeline(), Some(wal)).await
 }
 
 /// Restores the object under `key` (any key, unlike [`fetch`]) to `destination`, verified. A missing
@@ -67,7 +67,7 @@ pub async fn fetch_object(repo: &Repository, key: &str, destination: &Path) -> R
         }
         other => other.into(),
     })?;
-    publish_verified(reader, destination, &repo.storage().location(key), repo.reader_pipeline()).await
+    publish_verified(reader, destination, &repo.storage().location(key), repo.reader_pipeline(), None).await
 }
 
 /// Streams the object into a temporary file beside `destination` and renames it into place once
@@ -78,12 +78,14 @@ async fn publish_verified(
     destination: &Path,
     location: &str,
     pipeline: Pipeline,
+    expected: Option<WalFileName>,
 ) -> Result<FetchReport, Error> {
     let temp = temp_path_beside(destination)?;
     let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let (owned_destination, owned_location) = (destination.to_owned(), location.to_owned());
     let writing = off_runtime(destination, move || {
-        write_and_publish(received, &temp, &owned_destination, &owned_location, &pipeline)
+        let how = Publish { location: &owned_location, pipeline: &pipeline, expected: expected.as_ref() };
+        write_and_publish(received, &temp, &owned_destination, how)
     });
     match send_chunks(&mut reader, &chunks, location).await {
         Ok(stored_bytes) => {
@@ -123,6 +125,16 @@ async fn send_chunks(
     }
 }
 
+/// How a fetched object is checked before it is published.
+struct Publish<'a> {
+    /// The object's location, for messages.
+    location: &'a str,
+    /// How it is decoded.
+    pipeline: &'a Pipeline,
+    /// The WAL file asked for: a segment's page header must be that segment's.
+    expected: Option<&'a WalFileName>,
+}
+
 /// The blocking side of [`publish_verified`]: decodes what `received` brings (`None` ends the object)
 /// into `temp`, verifies it and renames it to `destination`; returns the restored length. Whatever
 /// fails, and a sender that goes away before the end (the deadline cut the fetch off), leaves no
@@ -131,10 +143,11 @@ fn write_and_publish(
     mut received: Receiver<Option<Bytes>>,
     temp: &Path,
     destination: &Path,
-    location: &str,
-    pipeline: &Pipeline,
+    how: Publish<'_>,
 ) -> Result<u64, Error> {
-    match write_verified(&mut received, temp, destination, location, pipeline) {
+    let verified = write_verified(&mut received, temp, destination, how.location, how.pipeline)
+        .and_then(|original_bytes| check_segment(temp, how, original_bytes).map(|()| original_bytes));
+    match verified {
         Ok(original_bytes) => {
             let published =
                 fs::rename(temp, destination).map_err(|e| Error::local_io(destination, "rename into place", e));
@@ -151,6 +164,22 @@ fn write_and_publish(
             Err(e)
         }
     }
+}
+
+/// A segment whose object decoded and verified must still be the segment asked for: an object moved
+/// to another name (by a bug, or by someone holding the bucket: encryption does not bind an object
+/// to its name) would otherwise be handed to PostgreSQL, which takes a wrong page for the end of WAL
+/// and ends recovery early.
+fn check_segment(temp: &Path, how: Publish<'_>, original_bytes: u64) -> Result<(), Error> {
+    use std::io::Read;
+    let Some(name) = how.expected.filter(|name| name.is_segment_data()) else { return Ok(()) };
+    let mut header = Vec::with_capacity(LongPageHeader::LEN);
+    fs::File::open(temp)
+        .and_then(|file| file.take(LongPageHeader::LEN as u64).read_to_end(&mut header))
+        .map_err(|e| Error::local_io(temp, "read", e))?;
+    LongPageHeader::parse(&header).and_then(|header| header.check_matches(name, original_bytes)).map_err(|reason| {
+        Error::Corrupt { location: how.location.to_owned(), reason: format!("not the segment {name}: {reason}") }
+    })
 }
 
 /// A hidden name in the destination's directory, so the final rename is atomic. It carries our process
@@ -220,10 +249,17 @@ mod tests {
         }
         drop(sender);
         let (t, d) = (temp.clone(), destination.clone());
-        let result =
-            std::thread::spawn(move || write_and_publish(received, &t, &d, "test://object", &Pipeline::default()))
-                .join()
-                .unwrap();
+        let result = std::thread::spawn(move || {
+            let pipeline = Pipeline::default();
+            write_and_publish(
+                received,
+                &t,
+                &d,
+                Publish { location: "test://object", pipeline: &pipeline, expected: None },
+            )
+        })
+        .join()
+        .unwrap();
         (result, destination, temp)
     }
 

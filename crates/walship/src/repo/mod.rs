@@ -652,6 +652,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_segment_moved_to_another_name_is_never_handed_over() {
+        let (repo_dir, work, repo) = scratch();
+        let (first, second) = ("000000010000000000000001", "000000010000000000000002");
+        push(&repo, &segment_file(work.path(), first, 1), first, 1).await.unwrap();
+        push(&repo, &segment_file(work.path(), second, 2), second, 1).await.unwrap();
+        let shard = repo_dir.path().join("wal/0000000100000000");
+        std::fs::copy(shard.join(first), shard.join(second)).unwrap();
+        let dest = work.path().join("RECOVERYXLOG");
+        let err = fetch(&repo, second, &dest).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Corrupt, "{err}");
+        assert!(err.to_string().contains(&format!("not the segment {second}")), "{err}");
+        assert!(
+            !dest.exists()
+                && std::fs::read_dir(work.path())
+                    .unwrap()
+                    .all(|e| { !e.unwrap().file_name().to_string_lossy().starts_with('.') })
+        );
+    }
+
+    fn encrypting(repo: Repository, with_identity: bool) -> (Repository, crate::encryption::NamedIdentity) {
+        let identity = age::x25519::Identity::generate();
+        let recipient = identity.to_public();
+        let id = crate::encryption::KeyId::of(&recipient);
+        let named = crate::encryption::NamedIdentity { id, identity, file: "/keys/k".into() };
+        let config = EncryptionConfig {
+            writing: Some(crate::encryption::Writing::Recipients(vec![(id, recipient)])),
+            identities: if with_identity { vec![named.clone()] } else { Vec::new() },
+            ..Default::default()
+        };
+        (repo.with_encryption(std::sync::Arc::new(config)), named)
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_repository_refuses_plain_writers_and_a_plain_one_encrypting_ones() {
+        let (repo_dir, work, plain) = scratch();
+        let name = "000000010000000000000001";
+        let source = segment_file(work.path(), name, 1);
+        push(&plain, &source, name, 1).await.unwrap();
+        let (encrypting_writer, _) = encrypting(repo(repo_dir.path()), false);
+        let second = "000000010000000000000002";
+        let err = push(&encrypting_writer, &segment_file(work.path(), second, 2), second, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Encryption, "{err}");
+        assert!(err.to_string().contains("walship-key enable"), "{err}");
+        assert!(!repo_dir.path().join("wal/0000000100000000").join(second).exists(), "nothing written");
+
+        let (new_dir, new_work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (writer, identity) = encrypting(repo(new_dir.path()), false);
+        push(&writer, &segment_file(new_work.path(), name, 1), name, 1).await.unwrap();
+        assert!(new_dir.path().join(ENCRYPTION_KEY).exists(), "a new repository is marked encrypted");
+        let err = push(&repo(new_dir.path()), &segment_file(new_work.path(), second, 2), second, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Encryption, "{err}");
+        let reader = repo(new_dir.path()).with_encryption(std::sync::Arc::new(EncryptionConfig {
+            identities: vec![identity],
+            ..Default::default()
+        }));
+        let dest = new_work.path().join("RECOVERYXLOG");
+        fetch(&reader, name, &dest).await.unwrap();
+        assert!(std::fs::read(&dest).unwrap() == std::fs::read(new_work.path().join(name)).unwrap());
+        let err = fetch(&repo(new_dir.path()), name, &new_work.path().join("x")).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Encryption, "no key configured: {err}");
+    }
+
+    /// The archive host holds public keys only; a re-push must still never call a damaged copy
+    /// identical, since PostgreSQL then recycles its own.
+    #[tokio::test]
+    async fn without_a_key_a_repush_is_judged_by_the_seal_and_the_digest() {
+        let (repo_dir, work, _) = scratch();
+        let (writer, _) = encrypting(repo(repo_dir.path()), false);
+        let name = "000000010000000000000001";
+        let source = segment_file(work.path(), name, 1);
+        push(&writer, &source, name, 1).await.unwrap();
+        assert_eq!(push(&writer, &source, name, 1).await.unwrap().stored_bytes, None, "identical");
+        let other = segment_file(&work.path().join("..").canonicalize().unwrap(), name, 9);
+        let err = push(&writer, &other, name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Conflict, "{err}");
+        let stored = repo_dir.path().join("wal/0000000100000000").join(name);
+        let mut bytes = std::fs::read(&stored).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        std::fs::write(&stored, &bytes).unwrap();
+        let err = push(&writer, &source, name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Corrupt, "a damaged copy is never identical: {err}");
+    }
+
+    #[tokio::test]
     async fn a_damaged_object_is_never_handed_over() {
         let (repo_dir, work, repo) = scratch();
         let name = "000000010000000000000001";

@@ -328,7 +328,7 @@ async fn compare_with_archived(
 async fn sealed_digest(repo: &Repository, key: &str, location: &str) -> Result<Option<ContentDigest>, Error> {
     let reader = repo.storage().get(key).await?;
     match check_sealed(reader).await {
-        Ok(Sealed::Whole(digest)) => Ok(Some(digest)),
+        Ok(Sealed::Whole { digest, .. }) => Ok(Some(digest)),
         Ok(Sealed::Plain) => Ok(None),
         Err(Ok(e)) => Err(StorageError::io(location, "read", e).into()),
         Err(Err(e)) => Err(Error::stored(location, e)),

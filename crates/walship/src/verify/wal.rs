@@ -17,6 +17,7 @@ use self::coverage::{BackupSpan, Histories, SegmentSet, TimelineFacts};
 use super::{Finding, FindingKind};
 use crate::base;
 use crate::codec::{Prefix, PumpError};
+use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
 use crate::repo::{Identity, Repository};
@@ -94,6 +95,9 @@ pub struct WalReport {
     pub timelines: Vec<TimelineSummary>,
     /// With `deep`, what was read.
     pub deep: Option<DeepReport>,
+    /// What could not be checked because the repository is encrypted and this host has no key
+    /// (history files, segments' page headers); `None` when everything was.
+    pub without_key: Option<String>,
 }
 
 /// Checks the WAL archive of `repo`.
@@ -103,7 +107,8 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
     let segment_size = identity.wal_segment_size;
     let (backups, mut findings) =
         retry::with_deadline(step, log, repo.url(), || read_backups(repo, segment_size)).await?;
-    let (histories, unreadable) = retry::with_deadline(step, log, repo.url(), || read_histories(repo)).await?;
+    let (histories, unreadable, undecrypted) =
+        retry::with_deadline(step, log, repo.url(), || read_histories(repo)).await?;
     findings.extend(unreadable.values().cloned());
     let scan = scan(repo, options, log, &identity).await?;
 
@@ -115,7 +120,7 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
     let facts = TimelineFacts {
         lowest_segment: scan.lowest.clone(),
         backup_timelines: backups.iter().flat_map(|b| [b.timeline, b.stop_timeline]).collect(),
-        unreadable: unreadable.keys().copied().collect(),
+        unreadable: unreadable.keys().copied().chain(undecrypted.iter().copied()).collect(),
     };
     findings.extend(coverage::history_findings(&histories, &facts, segment_size));
     findings.extend(stale_finding(scan.newest.as_ref(), options));
@@ -125,7 +130,9 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
         findings.push(Finding::new(FindingKind::NoBackups, repo.url(), message));
     }
     let (gaps, missing_segments) = found.union();
+    let without_key = without_key_note(repo, &undecrypted, options.deep);
     Ok(WalReport {
+        without_key,
         findings,
         objects: scan.objects,
         segments: scan.segments,
@@ -183,13 +190,36 @@ async fn read_backups(repo: &Repository, segment_size: u32) -> Result<(Vec<Backu
     Ok((spans, findings))
 }
 
-/// Every history file's entries; one that cannot be read or parsed is a finding, by timeline.
-async fn read_histories(repo: &Repository) -> Result<(Histories, BTreeMap<u32, Finding>), Error> {
-    let (mut histories, mut unreadable) = (Histories::new(), BTreeMap::new());
+/// Whether this host checks an encrypted repository without a key: then only what listings, seals
+/// and lengths show is checked.
+fn keyless(repo: &Repository) -> bool {
+    repo.encryption().is_configured() && !repo.encryption().can_read()
+}
+
+/// What a keyless run left unchecked, for the report.
+fn without_key_note(repo: &Repository, undecrypted: &BTreeSet<u32>, deep: bool) -> Option<String> {
+    if !keyless(repo) {
+        return None;
+    }
+    let headers = if deep { "; --deep checked each object's seal and length, not its page header" } else { "" };
+    Some(format!(
+        "no identity_files or passphrase_file here: {} encrypted history file(s) not read, so timelines \
+         branching off a backup's are not followed{headers}; run wal-verify where a key is for the full check",
+        undecrypted.len()
+    ))
+}
+
+/// Every history file's entries; one that cannot be read or parsed is a finding, by timeline; one
+/// that a keyless host cannot decrypt is only noted (third value).
+async fn read_histories(repo: &Repository) -> Result<(Histories, BTreeMap<u32, Finding>, BTreeSet<u32>), Error> {
+    let (mut histories, mut unreadable, mut undecrypted) = (Histories::new(), BTreeMap::new(), BTreeSet::new());
     for timeline in base::history_timelines(repo).await? {
         match base::read_history(repo, timeline).await {
             Ok(forks) => {
                 histories.insert(timeline, forks);
+            }
+            Err(Error::Encryption { .. }) if keyless(repo) => {
+                undecrypted.insert(timeline);
             }
             Err(Error::Corrupt { location, reason }) => {
                 let name = coverage::history_name(timeline);
@@ -199,7 +229,7 @@ async fn read_histories(repo: &Repository) -> Result<(Histories, BTreeMap<u32, F
             Err(e) => return Err(e),
         }
     }
-    Ok((histories, unreadable))
+    Ok((histories, unreadable, undecrypted))
 }
 
 fn stale_finding(newest: Option<&(String, SystemTime)>, options: &WalVerifyOptions) -> Option<Finding> {
@@ -368,11 +398,20 @@ impl Object {
     async fn check(self, deadline: Duration, log: Log) -> Result<(String, Checked), Error> {
         let location = self.repo.storage().location(&self.key);
         let checked = retry::with_deadline(deadline, &log, &location, || async {
-            let reader = match self.repo.storage().get(&self.key).await {
-                Ok(reader) => reader,
-                Err(e) if e.is_not_found() => return Ok(Checked::Gone),
-                Err(e) => return Err(e.into()),
+            let get = async || match self.repo.storage().get(&self.key).await {
+                Ok(reader) => Ok(Some(reader)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(Error::from(e)),
             };
+            let Some(mut reader) = get().await? else { return Ok(Checked::Gone) };
+            if keyless(&self.repo) {
+                if let Some(checked) = self.check_seal(reader, &location).await? {
+                    return Ok(checked);
+                }
+                // A plain object, and accept_plain: decoded as ever.
+                let Some(again) = get().await? else { return Ok(Checked::Gone) };
+                reader = again;
+            }
             let mut header = Prefix::new(LongPageHeader::LEN);
             match self.repo.reader_pipeline().decode_async(reader, &mut header).await {
                 Ok(pumped) => {
@@ -393,6 +432,31 @@ impl Object {
         })
         .await?;
         Ok((self.key, checked))
+    }
+
+    /// Without a key: an encrypted object's seal and recorded length. `None` for a plain object that
+    /// accept_plain lets be decoded as ever.
+    async fn check_seal(&self, reader: crate::storage::ObjectReader, location: &str) -> Result<Option<Checked>, Error> {
+        let (digest, stored) = match check_sealed(reader).await {
+            Ok(Sealed::Whole { digest, stored }) => (digest, stored),
+            Ok(Sealed::Plain) if self.repo.encryption().accept_plain => return Ok(None),
+            Ok(Sealed::Plain) => {
+                return Err(Error::Encryption {
+                    location: location.to_owned(),
+                    reason: "not encrypted, though [encryption] is configured: set accept_plain = true to check \
+                             objects written before encryption was enabled"
+                        .into(),
+                });
+            }
+            Err(Ok(e)) => return Err(StorageError::io(location, "read", e).into()),
+            Err(Err(e)) => return Ok(Some(Checked::Damaged { stored: 0, cause: e.to_string() })),
+        };
+        let whole = u64::from(self.identity.wal_segment_size);
+        if self.name.kind() == WalFileKind::Segment && digest.len != whole {
+            let cause = format!("records {} bytes, not a whole segment of {whole} bytes", digest.len);
+            return Ok(Some(Checked::Damaged { stored, cause }));
+        }
+        Ok(Some(Checked::Good { stored, original: digest.len }))
     }
 
     /// Why a segment that decoded and matched its checksum is still not the segment its name says:
