@@ -1088,13 +1088,15 @@ fn usage_help_and_version() {
     for (name, placeholders) in [("wal-push", "%p %f"), ("wal-fetch", "%f %p")] {
         let help = in_data(name, &["--help"]);
         assert_eq!(help.code, Some(0), "{help:#?}");
-        for needle in [placeholders, "Exit codes", "202-212", "standby.signal", "WALSHIP_REPO", "--config"] {
+        for needle in
+            [placeholders, "Exit codes", "202-214", "standby.signal", "WALSHIP_REPO", "--config", "[encryption]"]
+        {
             assert!(help.stdout.contains(needle), "{name} --help should mention {needle:?}:\n{}", help.stdout);
         }
         for code in 0..=9 {
             assert!(help.stdout.contains(&format!("\n  {code}  ")), "{name} --help lacks exit code {code}");
         }
-        for code in 10..=12 {
+        for code in 10..=14 {
             assert!(help.stdout.contains(&format!("\n {code}  ")), "{name} --help lacks exit code {code}");
         }
         let version = in_data(name, &["--version"]);

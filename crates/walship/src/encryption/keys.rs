@@ -44,10 +44,17 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// Parses one `recipients` entry (an `age1...` public key).
-pub(super) fn parse_recipient(text: &str) -> Result<(KeyId, age::x25519::Recipient), String> {
-    let recipient = age::x25519::Recipient::from_str(text.trim())
-        .map_err(|e| format!("recipients: {text:?} is not an age public key (age1...): {e}"))?;
+/// Parses the `number`th (from 1) `recipients` entry (an `age1...` public key). The error never
+/// quotes the entry: a private key pasted there by mistake must not reach a log.
+pub(super) fn parse_recipient(number: usize, text: &str) -> Result<(KeyId, age::x25519::Recipient), String> {
+    let recipient = age::x25519::Recipient::from_str(text.trim()).map_err(|e| {
+        let hint = if text.trim_start().starts_with("AGE-SECRET-KEY") {
+            " (it is a private key: put the public key here, and the private key's file in identity_files)"
+        } else {
+            ""
+        };
+        format!("recipients entry {number} is not an age public key (age1...): {e}{hint}")
+    })?;
     Ok((KeyId::of(&recipient), recipient))
 }
 
@@ -134,7 +141,10 @@ mod tests {
         let loaded = load_identity_file(&path).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].id, id);
-        assert_eq!(parse_recipient(&public).unwrap().0, id);
+        assert_eq!(parse_recipient(1, &public).unwrap().0, id);
+        let secret = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY")).unwrap();
+        let err = parse_recipient(2, secret).unwrap_err();
+        assert!(err.contains("entry 2") && err.contains("private key") && !err.contains(secret), "{err}");
         assert_eq!(id.to_string().len(), 16);
     }
 

@@ -142,7 +142,11 @@ impl EncryptionConfig {
             ));
         }
         let writing = if !recipients.is_empty() {
-            let parsed = recipients.iter().map(|text| keys::parse_recipient(text)).collect::<Result<Vec<_>, _>>()?;
+            let parsed = recipients
+                .iter()
+                .enumerate()
+                .map(|(i, text)| keys::parse_recipient(i + 1, text))
+                .collect::<Result<Vec<_>, _>>()?;
             Some(Writing::Recipients(parsed))
         } else {
             passphrase.clone().map(|passphrase| Writing::Passphrase { passphrase, work_factor })
