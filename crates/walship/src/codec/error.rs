@@ -49,6 +49,15 @@ pub enum FormatError {
 }
 
 impl FormatError {
+    /// A plain object read where encryption is configured and plain objects are not accepted.
+    pub fn plain_where_encrypted() -> Self {
+        FormatError::Encryption(
+            "not encrypted, though [encryption] is configured: written before encryption was enabled (set \
+             accept_plain = true to read such objects) or by someone without the key"
+                .into(),
+        )
+    }
+
     /// Whether this is about keys (a wrong or missing key, a plain object where encryption is
     /// required) rather than damage: a configuration to fix, not an object to report as corrupt.
     pub fn is_encryption(&self) -> bool {

@@ -273,11 +273,7 @@ impl<W: Write> Decoder<W> {
             return Err(FormatError::UnsupportedVersion(version));
         }
         if version == FORMAT_VERSION && !self.plain_allowed {
-            return Err(FormatError::Encryption(
-                "not encrypted, though [encryption] is configured: written before encryption was enabled (set \
-                 accept_plain = true to read such objects) or by someone without the key"
-                    .into(),
-            ));
+            return Err(FormatError::plain_where_encrypted());
         }
         if header[10] != ZSTD_ID {
             return Err(FormatError::UnknownCompression(header[10]));

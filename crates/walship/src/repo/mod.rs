@@ -198,26 +198,10 @@ impl Repository {
 
     /// Reads the encryption record; `None` in a plain repository.
     pub async fn encryption_record(&self) -> Result<Option<EncryptionRecord>, Error> {
+        let read = self.read_record(ENCRYPTION_KEY, "encryption record").await?;
+        let Some(record): Option<EncryptionRecord> = read else { return Ok(None) };
         let location = self.storage.location(ENCRYPTION_KEY);
-        let bytes = match self.read_small(ENCRYPTION_KEY, MAX_IDENTITY_LEN).await {
-            Ok(bytes) => bytes,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let record: EncryptionRecord = serde_json::from_slice(&bytes).map_err(|e| Error::WrongRepository {
-            location: location.clone(),
-            reason: format!("unreadable encryption record: {e}"),
-        })?;
-        if record.format_version > ENCRYPTION_RECORD_FORMAT {
-            return Err(Error::WrongRepository {
-                location,
-                reason: format!(
-                    "encryption record format {} is newer than this walship supports ({ENCRYPTION_RECORD_FORMAT}); \
-                     upgrade walship",
-                    record.format_version
-                ),
-            });
-        }
+        check_format(&location, "encryption record format", record.format_version, ENCRYPTION_RECORD_FORMAT)?;
         Ok(Some(record))
     }
 
@@ -230,17 +214,10 @@ impl Repository {
             since: crate::base::recovery::now_rfc3339(),
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
         };
-        let mut json = serde_json::to_vec_pretty(&record).expect("plain struct serializes");
-        json.push(b'\n');
-        let mut writer = self.storage.create(ENCRYPTION_KEY, PutOptions::default()).await?;
-        writer.write(json.into()).await?;
-        match writer.commit().await {
-            Ok(()) => Ok(record),
-            Err(StorageError::AlreadyExists { .. }) => {
-                self.encryption_record().await?.ok_or_else(|| Error::Internal("the encryption record vanished".into()))
-            }
-            Err(e) => Err(e.into()),
+        if self.create_record(ENCRYPTION_KEY, &record).await? {
+            return Ok(record);
         }
+        self.encryption_record().await?.ok_or_else(|| Error::Internal("the encryption record vanished".into()))
     }
 
     /// The backend, for the layers that place objects of their own (base backups).
@@ -296,28 +273,39 @@ impl Repository {
         if let Some(identity) = self.known_identity.get() {
             return Ok(Some(identity.clone()));
         }
+        let read = self.read_record(IDENTITY_KEY, "repository identity record").await?;
+        let Some(identity): Option<Identity> = read else { return Ok(None) };
         let location = self.storage.location(IDENTITY_KEY);
-        let bytes = match self.read_small(IDENTITY_KEY, MAX_IDENTITY_LEN).await {
+        check_format(&location, "repository format", identity.format_version, REPOSITORY_FORMAT_VERSION)?;
+        let _ = self.known_identity.set(identity.clone());
+        Ok(Some(identity))
+    }
+
+    /// A small plain JSON record; `None` when there is none. Unreadable, it is not this walship's
+    /// repository (or not one at all).
+    async fn read_record<T: serde::de::DeserializeOwned>(&self, key: &str, what: &str) -> Result<Option<T>, Error> {
+        let bytes = match self.read_small(key, MAX_IDENTITY_LEN).await {
             Ok(bytes) => bytes,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let identity: Identity = serde_json::from_slice(&bytes).map_err(|e| Error::WrongRepository {
-            location: location.clone(),
-            reason: format!("unreadable repository identity record: {e}"),
-        })?;
-        if identity.format_version > REPOSITORY_FORMAT_VERSION {
-            return Err(Error::WrongRepository {
-                location,
-                reason: format!(
-                    "repository format {} is newer than this walship supports ({REPOSITORY_FORMAT_VERSION}); \
-                     upgrade walship",
-                    identity.format_version
-                ),
-            });
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::WrongRepository {
+            location: self.storage.location(key),
+            reason: format!("unreadable {what}: {e}"),
+        })
+    }
+
+    /// Creates a small plain JSON record; `false` when another writer created it first.
+    async fn create_record(&self, key: &str, record: &impl Serialize) -> Result<bool, Error> {
+        let mut json = serde_json::to_vec_pretty(record).expect("plain struct serializes");
+        json.push(b'\n');
+        let mut writer = self.storage.create(key, PutOptions::default()).await?;
+        writer.write(json.into()).await?;
+        match writer.commit().await {
+            Ok(()) => Ok(true),
+            Err(StorageError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        let _ = self.known_identity.set(identity.clone());
-        Ok(Some(identity))
     }
 
     /// Fails unless the repository has an identity record: used before declaring a file absent, so
@@ -361,23 +349,14 @@ impl Repository {
             wal_segment_size: facts.wal_segment_size,
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
         };
-        let mut json = serde_json::to_vec_pretty(&identity).expect("plain struct serializes");
-        json.push(b'\n');
-        let mut writer = self.storage.create(IDENTITY_KEY, PutOptions::default()).await?;
-        writer.write(json.into()).await?;
-        match writer.commit().await {
-            Ok(()) => {
-                let _ = self.known_identity.set(identity.clone());
-                Ok(identity)
-            }
-            // Another push created it first; it must agree with us.
-            Err(StorageError::AlreadyExists { .. }) => {
-                let identity = self.require_identity().await?;
-                self.check_facts(&identity, facts, file)?;
-                Ok(identity)
-            }
-            Err(e) => Err(e.into()),
+        if self.create_record(IDENTITY_KEY, &identity).await? {
+            let _ = self.known_identity.set(identity.clone());
+            return Ok(identity);
         }
+        // Another push created it first; it must agree with us.
+        let identity = self.require_identity().await?;
+        self.check_facts(&identity, facts, file)?;
+        Ok(identity)
     }
 
     /// Checks a system identifier (from `global/pg_control`, on behalf of `file`) against the identity
@@ -414,6 +393,17 @@ impl Repository {
             ),
         }
     }
+}
+
+/// Refuses a record of a format newer than `newest` (this walship's).
+fn check_format(location: &str, what: &str, format: u32, newest: u32) -> Result<(), Error> {
+    if format <= newest {
+        return Ok(());
+    }
+    Err(Error::WrongRepository {
+        location: location.to_owned(),
+        reason: format!("{what} {format} is newer than this walship supports ({newest}); upgrade walship"),
+    })
 }
 
 /// 16 random bytes from the kernel, as hex: unique across every repository ever made, with no

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{Finding, FindingKind};
 use crate::base::{BackupRecord, ManifestSummary, PartRecord, manifest_summary, part_mismatch, stored_mismatch};
-use crate::codec::PumpError;
+use crate::codec::{FormatError, PumpError};
 use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
@@ -121,11 +121,7 @@ async fn check_part(
                 return Ok(stored_mismatch(stored, part.stored_bytes).or_else(|| part_mismatch(part, &digest)));
             }
             Ok(Sealed::Plain) if repo.encryption().accept_plain => {}
-            Ok(Sealed::Plain) => {
-                let reason = "not encrypted, though [encryption] is configured: set accept_plain = true to check \
-                              objects written before encryption was enabled";
-                return Err(Error::Encryption { location: location.to_owned(), reason: reason.into() });
-            }
+            Ok(Sealed::Plain) => return Err(Error::stored(location, FormatError::plain_where_encrypted())),
             Err(Ok(e)) => return Err(StorageError::io(location, "read", e).into()),
             Err(Err(damage)) => return Ok(Some(damage.to_string())),
         }

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use self::coverage::{BackupSpan, Histories, SegmentSet, TimelineFacts};
 use super::{Finding, FindingKind};
 use crate::base;
-use crate::codec::{Prefix, PumpError};
+use crate::codec::{FormatError, Prefix, PumpError};
 use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
@@ -440,14 +440,7 @@ impl Object {
         let (digest, stored) = match check_sealed(reader).await {
             Ok(Sealed::Whole { digest, stored }) => (digest, stored),
             Ok(Sealed::Plain) if self.repo.encryption().accept_plain => return Ok(None),
-            Ok(Sealed::Plain) => {
-                return Err(Error::Encryption {
-                    location: location.to_owned(),
-                    reason: "not encrypted, though [encryption] is configured: set accept_plain = true to check \
-                             objects written before encryption was enabled"
-                        .into(),
-                });
-            }
+            Ok(Sealed::Plain) => return Err(Error::stored(location, FormatError::plain_where_encrypted())),
             Err(Ok(e)) => return Err(StorageError::io(location, "read", e).into()),
             Err(Err(e)) => return Ok(Some(Checked::Damaged { stored: 0, cause: e.to_string() })),
         };
