@@ -7,6 +7,7 @@
 pub mod assertions;
 pub mod backups;
 pub mod datadir;
+pub mod encryption;
 pub mod expire;
 pub mod fixture;
 pub mod keys;
