@@ -217,9 +217,9 @@ fn stored_objects_are_opaque_and_damage_or_a_wrong_key_is_refused(backend: Backe
     wrong_or_missing_keys_are_refused(&s, &a, &b, &segment);
 
     // The control, and the mixing checks that need a plain repository: a plain one beside it.
-    let plain_store = Scratch::new(&format!("enc-plain-{}", backend.label()));
-    let plain = Repository::new(backend, &plain_store);
-    let plain_config = config_with(&plain, plain_store.path(), "plain.toml", "");
+    let store = Scratch::new(&format!("enc-plain-{}", backend.label()));
+    let plain = Plain { repo: Repository::new(backend, &store), store };
+    let plain_config = config_with(&plain.repo, plain.store.path(), "plain.toml", "");
     primary.psql(&format!(
         "alter system set archive_command = {}",
         walship_tests::pg::conf_quote(&archive_command_with_config(&plain_config))
@@ -227,9 +227,9 @@ fn stored_objects_are_opaque_and_damage_or_a_wrong_key_is_refused(backend: Backe
     primary.psql("select pg_reload_conf()");
     primary.psql(&format!("insert into marks values ('secret', 2, '{marker}')"));
     let last = archive_all(&primary);
-    let found = files_containing(&plain, marker.as_bytes());
+    let found = files_containing(&plain.repo, marker.as_bytes());
     assert!(!found.is_empty(), "the plain repository holds the row in the clear (so the search is real)");
-    mixing_is_refused(&s, &primary, &plain, &plain_store, &a, &last);
+    mixing_is_refused(&s, &primary, &plain, &a, [&segment, &last]);
     assert_log_clean(&primary);
     primary.stop();
 }
@@ -245,11 +245,11 @@ fn no_plaintext_anywhere(s: &Setup, backup: &str, marker: &str) {
     assert!(!parts.is_empty(), "base-backup parts among {files:?}");
     let manifest = format!("backups/{backup}/backup_manifest");
     assert!(s.repo.object_file(&manifest).is_file(), "{manifest} among {files:?}");
+    let found = files_containing(&s.repo, marker.as_bytes());
+    assert!(found.is_empty(), "the row is in the clear in {found:?} of the {}", s.repo.describe());
     for key in objects.iter().chain(&parts).chain([&manifest]) {
         assert_eq!(stage_byte(&s.repo.object_file(key)), 2, "{key} is encrypted");
     }
-    let found = files_containing(&s.repo, marker.as_bytes());
-    assert!(found.is_empty(), "the row is in the clear in {found:?} of the {}", s.repo.describe());
 }
 
 /// Item 2: one flipped byte in each part of a segment's object, one at a time, and in a base-backup
@@ -261,6 +261,7 @@ fn damage_is_refused(s: &Setup, reading: &Path, segment: &str, backup: &str) {
         let original = flip_byte(&object, offset);
         let out = s.wal_fetch(reading, segment);
         put_back(&object, &original);
+        assert_eq!(out.code, Some(207), "a flipped bit in {what}: {out:#?}");
         assert_refused(&out, 207, &[&location]);
         assert!(out.stderr.contains("damaged") || out.stderr.contains("corrupt"), "{what}: {:?}", out.stderr);
         assert_absent(&s.fetch_dir.join(RECOVERYXLOG));
@@ -322,37 +323,38 @@ fn wrong_or_missing_keys_are_refused(s: &Setup, a: &KeyPair, b: &KeyPair, segmen
 }
 
 /// Item 3, writing: recipients into a plain repository, none into an encrypted one; wal-push and
-/// base-push both refused before they write anything. `segment` is a whole segment still in pg_wal
-/// (the configuration is checked before anything is compared or written, so whether the name is
-/// taken does not matter).
-fn mixing_is_refused(
-    s: &Setup,
-    primary: &Cluster,
-    plain: &Repository,
-    plain_store: &Scratch,
-    a: &KeyPair,
-    segment: &str,
-) {
-    let current = segment.to_owned();
-    let file = Path::new("pg_wal").join(&current);
+/// base-push both refused before they write anything. Each wal-push offers a whole segment (still in
+/// pg_wal) that the repository does not hold yet, so that a push let through would add an object.
+fn mixing_is_refused(s: &Setup, primary: &Cluster, plain: &Plain, a: &KeyPair, segments: [&str; 2]) {
     let data = primary.data_dir();
+    let [not_in_plain, not_in_encrypted] = segments;
+    assert!(!plain.repo.object_file(&wal_key(not_in_plain)).exists(), "{not_in_plain} in the plain repository");
+    assert!(!s.repo.object_file(&wal_key(not_in_encrypted)).exists(), "{not_in_encrypted} in the encrypted one");
 
-    let into_plain = config_with(plain, plain_store.path(), "encrypting.toml", &encryption_table(&[a], &[], ""));
-    let before = plain.files_under("");
-    let mut cmd = command(plain, "wal-push", data);
-    let out = run(cmd.args(config_args(&into_plain)).arg(&file).arg(&current));
-    assert_refused(&out, 14, &["not encrypted"]);
-    let out = run(&mut base_push_command(primary, &config_args(&into_plain), plain_store.path(), &[]));
-    assert_refused(&out, 14, &["not encrypted"]);
-    assert_eq!(plain.files_under(""), before, "nothing written to the plain repository");
+    let into_plain = config_with(&plain.repo, plain.store.path(), "encrypting.toml", &encryption_table(&[a], &[], ""));
+    let before = plain.repo.files_under("");
+    let mut cmd = command(&plain.repo, "wal-push", data);
+    let file = Path::new("pg_wal").join(not_in_plain);
+    let out = run(cmd.args(config_args(&into_plain)).arg(&file).arg(not_in_plain));
+    assert_refused(&out, 14, &["not encrypted", "walship-key enable"]);
+    let out = run(&mut base_push_command(primary, &config_args(&into_plain), plain.store.path(), &[]));
+    assert_refused(&out, 14, &["not encrypted", "walship-key enable"]);
+    assert_eq!(plain.repo.files_under(""), before, "nothing written to the plain repository");
 
     let unencrypted = s.config("plain-writer.toml", "");
     let before = s.snapshot();
-    let out = s.wal_push(&unencrypted, data, &file, &current);
-    assert_refused(&out, 14, &["encrypted"]);
+    let file = Path::new("pg_wal").join(not_in_encrypted);
+    let out = s.wal_push(&unencrypted, data, &file, not_in_encrypted);
+    assert_refused(&out, 14, &["the repository is encrypted", "nothing was written"]);
     let out = s.base_push(primary, &unencrypted);
-    assert_refused(&out, 14, &["encrypted"]);
+    assert_refused(&out, 14, &["the repository is encrypted", "nothing was written"]);
     assert_eq!(s.snapshot(), before, "nothing written to the encrypted repository");
+}
+
+/// A plain repository of the same kind beside the scenario's, in a scratch directory of its own.
+struct Plain {
+    store: Scratch,
+    repo: Repository,
 }
 
 walship_tests::every_backend!(rotated_keys_restore_with_old_and_new_identities);
