@@ -390,8 +390,9 @@ fn rotated_keys_restore_with_old_and_new_identities(backend: Backend) {
     drop(primary);
 
     let reading = s.config("read.toml", &encryption_table(&[&b], &[&b, &a], ""));
-    let mut restored =
-        restore(&s, &format!("{}-rotated", backend.label()), &reading, &backup, &["--target-time", &target]);
+    // Archiving kept: the promoted copy's history file goes to the repository, written for B.
+    let extra = ["--target-time", &target, "--keep-archiving"];
+    let mut restored = restore(&s, &format!("{}-rotated", backend.label()), &reading, &backup, &extra);
     // The restore_command base-fetch wrote reads this file: without A's identity recovery cannot go on.
     rewrite_config(&s.repo, &reading, &encryption_table(&[&b], &[&b], ""));
     let _ = restored.try_start();
@@ -408,6 +409,9 @@ fn rotated_keys_restore_with_old_and_new_identities(backend: Backend) {
     restored.start();
     restored.wait_recovered(WAIT_TIMEOUT);
     assert_eq!(batches(&restored), "A:1000 B:500", "every row up to the target, none after");
+    restored.wait_archived("00000002.history", WAIT_TIMEOUT);
+    let history = s.repo.object_file(&wal_key("00000002.history"));
+    assert_eq!(framing_key_ids(&history), vec![b.id.clone()], "the history file is encrypted for B");
     assert_log_clean(&restored);
 }
 
