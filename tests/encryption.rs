@@ -23,8 +23,9 @@ use std::time::Duration;
 use walship_tests::assertions::{assert_absent, assert_no_temp_files, assert_one_line};
 use walship_tests::backups::{base_command, base_push_command};
 use walship_tests::encryption::{
-    assert_no_secret, command, config_args, config_with, files_containing, flip_byte, framing_key_ids, holds_nothing,
-    places_to_damage, put_back, random_marker, remember_secret, rewrite_config, run, stage_byte,
+    Damage, assert_no_secret, command, config_args, config_with, files_containing, flip_byte, framing_key_ids,
+    holds_nothing, places_to_damage, put_back, random_marker, remember_secret, rewrite_config, run, set_byte,
+    stage_byte,
 };
 use walship_tests::keys::{KeyPair, encryption_table};
 use walship_tests::pg::{Cluster, WAIT_TIMEOUT, archive_command_with_config};
@@ -261,11 +262,11 @@ fn no_plaintext_anywhere(s: &Setup, backup: &str, marker: &str) {
 fn damage_is_refused(s: &Setup, reading: &Path, segment: &str, backup: &str) {
     let object = s.repo.object_file(&wal_key(segment));
     let location = s.repo.location(&wal_key(segment));
-    for (what, offset) in places_to_damage(&object) {
-        let original = flip_byte(&object, offset);
+    for Damage { what, offset, value } in places_to_damage(&object) {
+        let original = set_byte(&object, offset, value);
         let out = s.wal_fetch(reading, segment);
         put_back(&object, &original);
-        assert_eq!(out.code, Some(207), "a flipped bit in {what}: {out:#?}");
+        assert_eq!(out.code, Some(207), "damage in {what}: {out:#?}");
         assert_refused(&out, 207, &[&location]);
         assert!(out.stderr.contains("damaged") || out.stderr.contains("corrupt"), "{what}: {:?}", out.stderr);
         assert_absent(&s.fetch_dir.join(RECOVERYXLOG));

@@ -127,23 +127,53 @@ pub fn framing_key_ids(path: &Path) -> Vec<String> {
     ids.chunks(8).map(|id| id.iter().map(|b| format!("{b:02x}")).collect()).collect()
 }
 
-/// Where each part of an encrypted object lies, for damaging one at a time: `(what, offset)`.
-pub fn places_to_damage(path: &Path) -> Vec<(&'static str, usize)> {
+/// One byte of an encrypted object to damage: what it belongs to, where it is, the value to put there.
+pub struct Damage {
+    pub what: &'static str,
+    pub offset: usize,
+    pub value: u8,
+}
+
+/// One damaged byte in each part of an encrypted object, for damaging one at a time. In age's
+/// header (base64 text) a byte is changed both to another base64 character (the stanza or the MAC
+/// then fails to open) and to a character base64 does not have (the header does not parse): the two
+/// are different errors on age's side.
+pub fn places_to_damage(path: &Path) -> Vec<Damage> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let count = bytes[FRAMING_AT + 2] as usize;
     let age_at = FRAMING_AT + 3 + 8 * count;
-    assert!(bytes[age_at..].starts_with(b"age-encryption.org/v1\n"), "no age header at {age_at} in {path:?}");
+    assert!(bytes[age_at..].starts_with(b"age-encryption.org/v1\n-> X25519 "), "no age header at {age_at} in {path:?}");
+    // The 9th base64 character of the X25519 stanza's share, and the first of the header's MAC.
+    let stanza = age_at + 32 + 8;
+    let mac_line = bytes[age_at..].windows(5).position(|w| w == b"\n--- ").expect("the age header's MAC line");
+    let mac = age_at + mac_line + 5;
+    let other_base64 = |at: usize| if bytes[at] == b'A' { b'B' } else { b'A' };
+    let flipped = |at: usize| bytes[at] ^ 0x01;
     let len = bytes.len();
+    let at = |what, offset: usize, value| Damage { what, offset, value };
     vec![
-        ("the header's magic", 3),
-        ("the header's stage id", 11),
-        ("the framing's key id", FRAMING_AT + 3 + 2),
-        ("the age header", age_at + 40),
-        ("the middle", len / 2),
-        ("the seal", len - TRAILER_LEN - SEAL_LEN + 5),
-        ("the trailer's length", len - TRAILER_LEN + 1),
-        ("the trailer's checksum", len - TRAILER_LEN + 20),
+        at("the header's magic", 3, flipped(3)),
+        at("the header's stage id", 11, flipped(11)),
+        at("the framing's key id", FRAMING_AT + 5, flipped(FRAMING_AT + 5)),
+        at("the age stanza (another base64 character)", stanza, other_base64(stanza)),
+        at("the age stanza (not base64)", stanza, b'*'),
+        at("the age header's MAC", mac, other_base64(mac)),
+        at("the middle", len / 2, flipped(len / 2)),
+        at("the seal", len - TRAILER_LEN - SEAL_LEN + 5, flipped(len - TRAILER_LEN - SEAL_LEN + 5)),
+        at("the trailer's length", len - TRAILER_LEN + 1, flipped(len - TRAILER_LEN + 1)),
+        at("the trailer's checksum", len - TRAILER_LEN + 20, flipped(len - TRAILER_LEN + 20)),
     ]
+}
+
+/// Puts `value` at `offset` of the file at `path`; returns the original bytes, to put back with
+/// [`put_back`].
+pub fn set_byte(path: &Path, offset: usize, value: u8) -> Vec<u8> {
+    let original = std::fs::read(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut bytes = original.clone();
+    assert_ne!(bytes[offset], value, "damage at {offset} of {path:?} changes the byte");
+    bytes[offset] = value;
+    std::fs::write(path, &bytes).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+    original
 }
 
 /// Flips one bit of the byte at `offset` of the file at `path`; returns the original bytes, to put
