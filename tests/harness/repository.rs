@@ -273,16 +273,18 @@ impl Repository {
     }
 
     pub fn archive_command(&self) -> String {
-        match self.config_file() {
-            None => archive_command(self.object_file("").as_path()),
-            Some(config) => archive_command_with_config(config),
+        match (self, self.config_file()) {
+            (_, Some(config)) => archive_command_with_config(config),
+            (Repository::Local { dir, .. }, None) => archive_command(dir),
+            (_, None) => unreachable!("S3 and SSH are always named by a configuration file"),
         }
     }
 
     pub fn restore_command(&self) -> String {
-        match self.config_file() {
-            None => restore_command(self.object_file("").as_path()),
-            Some(config) => restore_command_with_config(config),
+        match (self, self.config_file()) {
+            (_, Some(config)) => restore_command_with_config(config),
+            (Repository::Local { dir, .. }, None) => restore_command(dir),
+            (_, None) => unreachable!("S3 and SSH are always named by a configuration file"),
         }
     }
 
@@ -431,7 +433,8 @@ impl Repository {
             }
             (None, Some(config)) => walship::ConfigFlags { config_file: Some(config.to_owned()), repo: None },
             (None, None) => {
-                walship::ConfigFlags { config_file: None, repo: Some(self.object_file("").display().to_string()) }
+                let dir = self.local_dir().expect("S3 and SSH are always named by a configuration file");
+                walship::ConfigFlags { config_file: None, repo: Some(dir.display().to_string()) }
             }
         };
         let no_default = Path::new("/nonexistent/walship.toml");
