@@ -218,7 +218,7 @@ fn sleep_past_clock_tick() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-walship_tests::every_backend!(backup_under_load_then_restore_to_target_time);
+walship_tests::every_backend!(also_encrypted: backup_under_load_then_restore_to_target_time);
 
 /// The whole scenario against a new repository of kind `backend`; the backend's label tells the
 /// clusters of one run from another's.

@@ -153,7 +153,7 @@ fn sleep_past_clock_tick() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-walship_tests::every_backend!(pitr_to_target_time_then_new_timeline_then_latest);
+walship_tests::every_backend!(also_encrypted: pitr_to_target_time_then_new_timeline_then_latest);
 
 /// The whole scenario against a new repository of kind `backend`, with the base backup beside it;
 /// the backend's label tells the clusters of one run from those of another in names and messages.

@@ -289,6 +289,16 @@ impl Fixture {
     }
 }
 
+impl Drop for Fixture {
+    /// An encrypted repository is checked here, while the scratch directory (which holds a local
+    /// repository) still exists; the repository's own drop would come after it is gone.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.repo.assert_encrypted_objects();
+        }
+    }
+}
+
 impl std::ops::Deref for Fixture {
     type Target = FakeDataDir;
 

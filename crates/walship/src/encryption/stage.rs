@@ -397,5 +397,8 @@ fn refusal(config: &EncryptionConfig, framing: &Framing, error: age::DecryptErro
 }
 
 fn damaged(reason: &str) -> FormatError {
-    FormatError::Stage { stage: "age", reason: reason.to_owned() }
+    // Some of age's messages run over several lines ("Unknown age format.\nHave you tried upgrading
+    // to the latest version?"); an error is one line.
+    let reason = reason.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    FormatError::Stage { stage: "age", reason }
 }
