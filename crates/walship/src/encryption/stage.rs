@@ -14,7 +14,6 @@
 //! reads from a `Read`, so the decoder hands it the stored bytes through a small queue that says "would
 //! block" until more arrive, which age's stream reader resumes from.
 
-use std::collections::VecDeque;
 use std::io::{self, Cursor, Read, Write};
 use std::sync::{Arc, Mutex};
 
@@ -114,7 +113,12 @@ impl Shared {
     fn drain_into(&self, seal: &mut Sha256, out: &mut Vec<u8>) {
         let mut bytes = self.0.lock().expect("not poisoned");
         seal.update(&bytes[..]);
-        out.append(&mut bytes);
+        // Between stages `out` starts empty: take the buffer rather than copy it.
+        if out.is_empty() {
+            std::mem::swap(out, &mut *bytes);
+        } else {
+            out.append(&mut bytes);
+        }
     }
 }
 
@@ -152,28 +156,42 @@ impl StageEncoder for AgeEncoder {
     }
 }
 
-/// The stored bytes age reads: "would block" while empty, end of file once ended.
+/// The stored bytes age reads: "would block" while empty, end of file once ended. Emptied by
+/// [`pass_on`] after every push, so it holds little more than what one push brings.
 #[derive(Clone, Default)]
-struct Feed(Arc<Mutex<(VecDeque<u8>, bool)>>);
+struct Feed(Arc<Mutex<FeedState>>);
+
+#[derive(Default)]
+struct FeedState {
+    bytes: Vec<u8>,
+    /// How much of `bytes` age has read.
+    read: usize,
+    ended: bool,
+}
 
 impl Feed {
     fn push(&self, bytes: &[u8]) {
-        self.0.lock().expect("not poisoned").0.extend(bytes);
+        let mut state = self.0.lock().expect("not poisoned");
+        let read = std::mem::take(&mut state.read);
+        state.bytes.drain(..read);
+        state.bytes.extend_from_slice(bytes);
     }
 
     fn end(&self) {
-        self.0.lock().expect("not poisoned").1 = true;
+        self.0.lock().expect("not poisoned").ended = true;
     }
 }
 
 impl Read for Feed {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut state = self.0.lock().expect("not poisoned");
-        let (queue, ended) = &mut *state;
-        if queue.is_empty() {
-            return if *ended { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
+        let unread = &state.bytes[state.read..];
+        if unread.is_empty() {
+            return if state.ended { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
-        let n = queue.read(out)?;
+        let n = unread.len().min(out.len());
+        out[..n].copy_from_slice(&unread[..n]);
+        state.read += n;
         Ok(n)
     }
 }
