@@ -31,6 +31,7 @@
 
 mod digest;
 mod error;
+mod hold_back;
 mod pipeline;
 mod pump;
 mod stage;
@@ -41,9 +42,10 @@ use std::io;
 
 pub use digest::{ContentDigest, Hasher};
 pub use error::{DecodeError, Downstream, FormatError, PumpError, StageError};
+pub(crate) use hold_back::HoldBack;
 pub use pipeline::{Decoder, Encoder, HEADER_MAGIC, Pipeline, TRAILER_MAGIC};
 pub use pump::{DECODE_READ_CHUNK, Decoded, ENCODE_READ_CHUNK, Encoded, Prefix, Pumped};
-pub use stage::{Next, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
+pub use stage::{AGE_ID, Next, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
 
 /// Length of the header, in bytes.
 pub const HEADER_LEN: usize = 16;

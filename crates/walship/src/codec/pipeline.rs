@@ -6,8 +6,8 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use super::error::{DecodeError, Downstream, FormatError};
-use super::stage::{Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
-use super::{ContentDigest, FORMAT_VERSION, HEADER_LEN, Hasher, STAGED_FORMAT_VERSION, TRAILER_LEN};
+use super::stage::{AGE_ID, Stage, StageDecoder, StageEncoder, ZSTD_ID, Zstd};
+use super::{ContentDigest, FORMAT_VERSION, HEADER_LEN, Hasher, HoldBack, STAGED_FORMAT_VERSION, TRAILER_LEN};
 
 /// The first 8 bytes of every object.
 pub const HEADER_MAGIC: &[u8; 8] = b"WALSHIP\0";
@@ -15,8 +15,6 @@ pub const HEADER_MAGIC: &[u8; 8] = b"WALSHIP\0";
 pub const TRAILER_MAGIC: &[u8; 8] = b"WSEND\0\0\x01";
 /// Header bytes 11..16 name the further stages of a version-2 object.
 const MAX_FURTHER_STAGES: usize = HEADER_LEN - 11;
-/// The id the encryption stage has, so that an encrypted object read without keys says so.
-const ENCRYPTION_STAGE_ID: u8 = 2;
 
 /// How objects are written and read: zstd, then any further stages, then the checksum trailer.
 /// Cheap to clone; built once from the configuration and handed to whatever stores or fetches.
@@ -100,7 +98,7 @@ impl Pipeline {
         Ok(Decoder {
             plain_allowed: self.plain_allowed,
             header: Vec::with_capacity(HEADER_LEN),
-            held_back: Vec::with_capacity(2 * TRAILER_LEN),
+            held_back: HoldBack::new(TRAILER_LEN),
             zstd: Some(self.zstd.decoder()?),
             available,
             stages: Vec::new(),
@@ -205,7 +203,7 @@ pub struct Decoder<W: Write> {
     plain_allowed: bool,
     header: Vec<u8>,
     /// The last bytes seen: the trailer, once the stream ends.
-    held_back: Vec<u8>,
+    held_back: HoldBack,
     /// The stages the pipeline has, until the header says which of them this object went through.
     zstd: Option<Box<dyn StageDecoder>>,
     available: Vec<(u8, Box<dyn StageDecoder>)>,
@@ -235,23 +233,9 @@ impl<W: Write> Decoder<W> {
             return Ok(());
         }
         // Everything but the last TRAILER_LEN bytes seen so far is body.
-        if input.len() >= TRAILER_LEN {
-            let held = std::mem::take(&mut self.held_back);
-            self.feed_body(&held)?;
-            let (body, tail) = input.split_at(input.len() - TRAILER_LEN);
-            self.feed_body(body)?;
-            self.held_back = held;
-            self.held_back.clear();
-            self.held_back.extend_from_slice(tail);
-        } else {
-            self.held_back.extend_from_slice(input);
-            if self.held_back.len() > TRAILER_LEN {
-                let excess = self.held_back.len() - TRAILER_LEN;
-                let body: Vec<u8> = self.held_back.drain(..excess).collect();
-                self.feed_body(&body)?;
-            }
-        }
-        Ok(())
+        let (released, body) = self.held_back.push(input);
+        self.feed_body(&released)?;
+        self.feed_body(body)
     }
 
     /// Checks the complete header and picks the stages it names, in reading order.
@@ -264,7 +248,7 @@ impl<W: Write> Decoder<W> {
         // Version 2 is read only by a pipeline with further stages: one without them reads
         // exactly what it read before they existed.
         let staged = version == STAGED_FORMAT_VERSION && !self.available.is_empty();
-        if version == STAGED_FORMAT_VERSION && !staged && header[11..].contains(&ENCRYPTION_STAGE_ID) {
+        if version == STAGED_FORMAT_VERSION && !staged && header[11..].contains(&AGE_ID) {
             return Err(FormatError::Encryption(
                 "encrypted, and no [encryption] identity_files or passphrase_file is configured to open it".into(),
             ));
@@ -308,6 +292,7 @@ impl<W: Write> Decoder<W> {
     /// trustworthy. Returns the digest and the sink.
     pub fn finish(self) -> Result<(ContentDigest, W), DecodeError> {
         let Decoder { header, held_back, mut stages, mut hasher, mut sink, .. } = self;
+        let held_back = held_back.held();
         if header.len() < HEADER_LEN {
             return Err(FormatError::Truncated(format!("{} bytes, shorter than the header", header.len())).into());
         }

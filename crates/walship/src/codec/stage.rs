@@ -49,6 +49,9 @@ pub trait StageDecoder: Send {
 
 /// The id of zstd, the compression every object has.
 pub const ZSTD_ID: u8 = 1;
+/// The id of age encryption (`crate::encryption`): reserved here, so that the codec can say of an
+/// encrypted object read without keys what it is.
+pub const AGE_ID: u8 = 2;
 /// How much a zstd decoder passes on at a time.
 const ZSTD_PIECE: usize = 128 * 1024;
 

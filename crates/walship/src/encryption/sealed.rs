@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::stage::{AGE_STAGE_ID, SEAL_LEN};
 use crate::codec::{
-    ContentDigest, FormatError, HEADER_LEN, HEADER_MAGIC, STAGED_FORMAT_VERSION, TRAILER_LEN, TRAILER_MAGIC,
+    ContentDigest, FormatError, HEADER_LEN, HEADER_MAGIC, HoldBack, STAGED_FORMAT_VERSION, TRAILER_LEN, TRAILER_MAGIC,
 };
 
 const READ_CHUNK: usize = 1 << 20;
@@ -51,7 +51,7 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
     // Everything but the last SEAL_LEN + TRAILER_LEN bytes is sealed.
     let tail_len = SEAL_LEN + TRAILER_LEN;
     let mut seal = Sha256::new();
-    let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK + tail_len);
+    let mut tail = HoldBack::new(tail_len);
     let mut stored = HEADER_LEN as u64;
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
@@ -60,13 +60,11 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
             break;
         }
         stored += n as u64;
-        pending.extend_from_slice(&buf[..n]);
-        if pending.len() > tail_len {
-            let sealed_len = pending.len() - tail_len;
-            seal.update(&pending[..sealed_len]);
-            pending.drain(..sealed_len);
-        }
+        let (released, body) = tail.push(&buf[..n]);
+        seal.update(&released);
+        seal.update(body);
     }
+    let pending = tail.held();
     if pending.len() < tail_len || &pending[tail_len - 8..] != TRAILER_MAGIC {
         return Err(Err(FormatError::Truncated("the end-of-object trailer is missing".into())));
     }

@@ -22,10 +22,10 @@ use sha2::{Digest, Sha256};
 
 use super::keys::KEY_ID_LEN;
 use super::{EncryptionConfig, KeyId, Writing};
-use crate::codec::{FormatError, Next, Stage, StageDecoder, StageEncoder, StageError};
+use crate::codec::{FormatError, HoldBack, Next, Stage, StageDecoder, StageEncoder, StageError};
 
-/// The byte that names the age stage in an object's header.
-pub const AGE_STAGE_ID: u8 = 2;
+/// The byte that names the age stage in an object's header (the codec reserves it).
+pub const AGE_STAGE_ID: u8 = crate::codec::AGE_ID;
 const FRAMING_VERSION: u8 = 1;
 const KIND_RECIPIENTS: u8 = 1;
 const KIND_PASSPHRASE: u8 = 2;
@@ -86,7 +86,7 @@ impl Stage for AgeStage {
     fn decoder(&self) -> io::Result<Box<dyn StageDecoder>> {
         Ok(Box::new(AgeDecoder {
             config: self.config.clone(),
-            held: Vec::with_capacity(2 * SEAL_LEN),
+            held: HoldBack::new(SEAL_LEN),
             seal: Sha256::new(),
             state: State::Framing(Vec::new()),
             scratch: vec![0u8; PIECE],
@@ -216,7 +216,7 @@ enum State {
 struct AgeDecoder {
     config: Arc<EncryptionConfig>,
     /// The last bytes seen: the seal, once the stream ends.
-    held: Vec<u8>,
+    held: HoldBack,
     seal: Sha256,
     state: State,
     scratch: Vec<u8>,
@@ -225,26 +225,13 @@ struct AgeDecoder {
 impl StageDecoder for AgeDecoder {
     fn update(&mut self, input: &[u8], next: &mut Next<'_>) -> Result<(), StageError> {
         // Everything but the last SEAL_LEN bytes seen so far is framing and age.
-        if input.len() >= SEAL_LEN {
-            let held = std::mem::take(&mut self.held);
-            self.consume(&held, next)?;
-            let (body, tail) = input.split_at(input.len() - SEAL_LEN);
-            self.consume(body, next)?;
-            self.held = held;
-            self.held.clear();
-            self.held.extend_from_slice(tail);
-        } else {
-            self.held.extend_from_slice(input);
-            if self.held.len() > SEAL_LEN {
-                let body: Vec<u8> = self.held.drain(..self.held.len() - SEAL_LEN).collect();
-                self.consume(&body, next)?;
-            }
-        }
-        Ok(())
+        let (released, body) = self.held.push(input);
+        self.consume(&released, next)?;
+        self.consume(body, next)
     }
 
     fn finish(mut self: Box<Self>, next: &mut Next<'_>) -> Result<(), StageError> {
-        let sealed = self.held.len() == SEAL_LEN && self.seal.clone().finalize()[..] == self.held[..];
+        let sealed = self.held.held().len() == SEAL_LEN && self.seal.clone().finalize()[..] == *self.held.held();
         if !sealed {
             return Err(damaged("the seal does not match its content: the object was altered or cut short").into());
         }
