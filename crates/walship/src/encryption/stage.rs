@@ -15,9 +15,9 @@
 //! block" until more arrive, which age's stream reader resumes from.
 
 use std::io::{self, Cursor, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use age::secrecy::ExposeSecret;
+use age::secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
 use super::keys::KEY_ID_LEN;
@@ -41,13 +41,49 @@ const MAX_READ_WORK_FACTOR: u8 = 20;
 
 /// Encryption with age, configured once; cheap to share between objects and threads.
 pub struct AgeStage {
+    keys: Arc<Keys>,
+}
+
+/// The configuration, and age's keys made from it once, when first needed: an scrypt identity or
+/// recipient times scrypt on this machine as it is made, which is work for a process, not for each
+/// object.
+struct Keys {
     config: Arc<EncryptionConfig>,
+    reading: OnceLock<Vec<Box<dyn age::Identity + Send + Sync>>>,
+    passphrase_recipient: OnceLock<age::scrypt::Recipient>,
 }
 
 impl AgeStage {
     /// The stage for `config`: it writes for `config.writing` and reads with every key `config` has.
     pub fn new(config: Arc<EncryptionConfig>) -> Self {
-        AgeStage { config }
+        AgeStage { keys: Arc::new(Keys { config, reading: OnceLock::new(), passphrase_recipient: OnceLock::new() }) }
+    }
+}
+
+impl Keys {
+    /// Every key reading tries: the identities, then the passphrase.
+    fn reading(&self) -> &[Box<dyn age::Identity + Send + Sync>] {
+        self.reading.get_or_init(|| {
+            let mut identities: Vec<Box<dyn age::Identity + Send + Sync>> = Vec::new();
+            for named in &self.config.identities {
+                identities.push(Box::new(named.identity.clone()));
+            }
+            if let Some(passphrase) = &self.config.passphrase {
+                let mut identity = age::scrypt::Identity::new(passphrase.clone());
+                identity.set_max_work_factor(MAX_READ_WORK_FACTOR);
+                identities.push(Box::new(identity));
+            }
+            identities
+        })
+    }
+
+    /// The recipient objects written with `passphrase` are encrypted for.
+    fn passphrase_recipient(&self, passphrase: &SecretString, work_factor: u8) -> &age::scrypt::Recipient {
+        self.passphrase_recipient.get_or_init(|| {
+            let mut recipient = age::scrypt::Recipient::new(passphrase.clone());
+            recipient.set_work_factor(work_factor);
+            recipient
+        })
     }
 }
 
@@ -61,7 +97,7 @@ impl Stage for AgeStage {
     }
 
     fn encoder(&self) -> io::Result<Box<dyn StageEncoder>> {
-        let (framing, encryptor) = match &self.config.writing {
+        let (framing, encryptor) = match &self.keys.config.writing {
             None => return Err(io::Error::other("no recipients or passphrase configured to encrypt for")),
             Some(Writing::Recipients(list)) => {
                 let mut framing = vec![FRAMING_VERSION, KIND_RECIPIENTS, list.len() as u8];
@@ -71,9 +107,8 @@ impl Stage for AgeStage {
                 (framing, encryptor)
             }
             Some(Writing::Passphrase { passphrase, work_factor }) => {
-                let mut recipient = age::scrypt::Recipient::new(passphrase.clone());
-                recipient.set_work_factor(*work_factor);
-                let encryptor = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+                let recipient = self.keys.passphrase_recipient(passphrase, *work_factor);
+                let encryptor = age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 (vec![FRAMING_VERSION, KIND_PASSPHRASE, 0], encryptor)
             }
@@ -85,7 +120,7 @@ impl Stage for AgeStage {
 
     fn decoder(&self) -> io::Result<Box<dyn StageDecoder>> {
         Ok(Box::new(AgeDecoder {
-            config: self.config.clone(),
+            keys: self.keys.clone(),
             held: HoldBack::new(SEAL_LEN),
             seal: Sha256::new(),
             state: State::Framing(Vec::new()),
@@ -214,7 +249,7 @@ enum State {
 }
 
 struct AgeDecoder {
-    config: Arc<EncryptionConfig>,
+    keys: Arc<Keys>,
     /// The last bytes seen: the seal, once the stream ends.
     held: HoldBack,
     seal: Sha256,
@@ -311,11 +346,11 @@ impl AgeDecoder {
         let feed = Feed::default();
         feed.push(pending);
         let decryptor = age::Decryptor::new(feed.clone()).map_err(|e| damaged(&e.to_string()))?;
-        match decryptor.decrypt(self.identities().iter().map(|i| i.as_ref() as &dyn age::Identity)) {
+        match decryptor.decrypt(self.keys.reading().iter().map(|i| i.as_ref() as &dyn age::Identity)) {
             Ok(reader) => Ok(Some((reader, feed))),
             Err(error) => {
-                let defer = framing.kind == KIND_PASSPHRASE && self.config.passphrase.is_some();
-                let refusal = refusal(&self.config, framing, error);
+                let defer = framing.kind == KIND_PASSPHRASE && self.keys.config.passphrase.is_some();
+                let refusal = refusal(&self.keys.config, framing, error);
                 if defer {
                     self.state = State::Refused(refusal);
                     return Ok(None);
@@ -323,17 +358,6 @@ impl AgeDecoder {
                 Err(refusal.into())
             }
         }
-    }
-
-    fn identities(&self) -> Vec<Box<dyn age::Identity>> {
-        let mut identities: Vec<Box<dyn age::Identity>> =
-            self.config.identities.iter().map(|i| Box::new(i.identity.clone()) as Box<dyn age::Identity>).collect();
-        if let Some(passphrase) = &self.config.passphrase {
-            let mut identity = age::scrypt::Identity::new(passphrase.expose_secret().to_owned().into());
-            identity.set_max_work_factor(MAX_READ_WORK_FACTOR);
-            identities.push(Box::new(identity));
-        }
-        identities
     }
 }
 

@@ -106,6 +106,9 @@ pub struct Repository {
     creating: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The `[encryption]` table: how new objects are written and which keys read objects.
     encryption: std::sync::Arc<EncryptionConfig>,
+    /// The age stage for `encryption`, made once: the keys it makes from the settings serve every
+    /// object this process reads or writes.
+    age: std::sync::Arc<AgeStage>,
     /// Whether new objects are encrypted, once checked against the encryption record.
     writes_encrypted: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
@@ -129,12 +132,14 @@ impl Repository {
             known_identity: Default::default(),
             creating: Default::default(),
             encryption: Default::default(),
+            age: std::sync::Arc::new(AgeStage::new(Default::default())),
             writes_encrypted: Default::default(),
         }
     }
 
     /// This repository read and written with `encryption`'s keys.
     pub fn with_encryption(mut self, encryption: std::sync::Arc<EncryptionConfig>) -> Self {
+        self.age = std::sync::Arc::new(AgeStage::new(encryption.clone()));
         self.encryption = encryption;
         self.writes_encrypted = Default::default();
         self
@@ -151,7 +156,7 @@ impl Repository {
         if !self.encryption.is_configured() {
             return Pipeline::default();
         }
-        let pipeline = Pipeline::default().then(std::sync::Arc::new(AgeStage::new(self.encryption.clone())));
+        let pipeline = Pipeline::default().then(self.age.clone());
         if self.encryption.accept_plain { pipeline } else { pipeline.refusing_plain() }
     }
 
@@ -162,11 +167,7 @@ impl Repository {
     pub async fn writer_pipeline(&self, level: i32) -> Result<Pipeline, Error> {
         let encrypted = *self.writes_encrypted.get_or_try_init(|| self.check_writing()).await?;
         let pipeline = Pipeline::zstd(level);
-        Ok(if encrypted {
-            pipeline.then(std::sync::Arc::new(AgeStage::new(self.encryption.clone())))
-        } else {
-            pipeline
-        })
+        Ok(if encrypted { pipeline.then(self.age.clone()) } else { pipeline })
     }
 
     async fn check_writing(&self) -> Result<bool, Error> {
