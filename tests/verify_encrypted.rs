@@ -9,10 +9,8 @@
 //!   not check" (14) for what can be checked without a key.
 //! - With the key: the full check, no note.
 
-use std::ffi::OsString;
-use std::path::Path;
-
 use walship_tests::backups::base_push;
+use walship_tests::encryption::config_args;
 use walship_tests::expire::{archive_and_stop, insert_batch, promoted_standby};
 use walship_tests::keys::{KeyPair, encryption_table};
 use walship_tests::pg::{Cluster, archive_command_with_config};
@@ -24,10 +22,6 @@ use walship_tests::{Scratch, every_backend};
 every_backend!(without_a_key_the_archive_host_checks_what_it_can);
 
 const ROWS: i64 = 500;
-
-fn config_args(path: &Path) -> Vec<OsString> {
-    vec!["--config".into(), path.into()]
-}
 
 fn json(out: &walship_tests::Output, code: i32, what: &str) -> serde_json::Value {
     assert_eq!(out.code, Some(code), "{what}: {out:#?}");

@@ -105,6 +105,12 @@ impl EncryptionConfig {
         !self.identities.is_empty() || self.passphrase.is_some()
     }
 
+    /// Whether this host reads an encrypted repository without a key (recipients only: the archive
+    /// host): then what can be checked is only what seals and trailers show.
+    pub fn is_keyless(&self) -> bool {
+        self.is_configured() && !self.can_read()
+    }
+
     /// The ids of the configured identities, for messages.
     pub fn identity_ids(&self) -> Vec<KeyId> {
         self.identities.iter().map(|i| i.id).collect()

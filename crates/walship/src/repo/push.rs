@@ -289,8 +289,7 @@ async fn compare_with_archived(
         return Err(Error::Conflict { name: wal.to_string(), existing, new: digest });
     }
     let location = repo.storage().location(key);
-    if repo.encryption().is_configured()
-        && !repo.encryption().can_read()
+    if repo.encryption().is_keyless()
         && let Some(existing) = sealed_digest(repo, key, &location).await?
     {
         if existing != digest {

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{Finding, FindingKind};
 use crate::base::{BackupRecord, ManifestSummary, PartRecord, manifest_summary, part_mismatch, stored_mismatch};
-use crate::codec::{FormatError, PumpError};
+use crate::codec::PumpError;
 use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
@@ -113,15 +113,15 @@ async fn check_part(
     sink: impl tokio::io::AsyncWrite + Unpin,
     location: &str,
 ) -> Result<Option<String>, Error> {
-    if repo.encryption().is_configured() && !repo.encryption().can_read() {
+    if repo.encryption().is_keyless() {
         let Some(reader) = get_part(repo, part).await? else { return Ok(Some(MISSING_PART.into())) };
         // Without a key: the seal shows the bytes are the ones written, the trailer what they hold.
         match check_sealed(reader).await {
             Ok(Sealed::Whole { digest, stored }) => {
                 return Ok(stored_mismatch(stored, part.stored_bytes).or_else(|| part_mismatch(part, &digest)));
             }
-            Ok(Sealed::Plain) if repo.encryption().accept_plain => {}
-            Ok(Sealed::Plain) => return Err(Error::stored(location, FormatError::plain_where_encrypted())),
+            // Decoded as ever: the reader pipeline refuses it unless accept_plain.
+            Ok(Sealed::Plain) => {}
             Err(Ok(e)) => return Err(StorageError::io(location, "read", e).into()),
             Err(Err(damage)) => return Ok(Some(damage.to_string())),
         }
@@ -183,7 +183,7 @@ pub async fn verify_manifest(
     if let Some(cause) = damage {
         return Ok(finding(cause));
     }
-    if repo.encryption().is_configured() && !repo.encryption().can_read() {
+    if repo.encryption().is_keyless() {
         // Its seal checked out; what it says takes a key to read (README, "Encryption").
         return Ok(Vec::new());
     }

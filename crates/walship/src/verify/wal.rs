@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use self::coverage::{BackupSpan, Histories, SegmentSet, TimelineFacts};
 use super::{Finding, FindingKind};
 use crate::base;
-use crate::codec::{FormatError, Prefix, PumpError};
+use crate::codec::{Prefix, PumpError};
 use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
@@ -193,7 +193,7 @@ async fn read_backups(repo: &Repository, segment_size: u32) -> Result<(Vec<Backu
 /// Whether this host checks an encrypted repository without a key: then only what listings, seals
 /// and lengths show is checked.
 fn keyless(repo: &Repository) -> bool {
-    repo.encryption().is_configured() && !repo.encryption().can_read()
+    repo.encryption().is_keyless()
 }
 
 /// What a keyless run left unchecked, for the report.
@@ -408,7 +408,7 @@ impl Object {
                 if let Some(checked) = self.check_seal(reader, &location).await? {
                     return Ok(checked);
                 }
-                // A plain object, and accept_plain: decoded as ever.
+                // A plain object: decoded as ever.
                 let Some(again) = get().await? else { return Ok(Checked::Gone) };
                 reader = again;
             }
@@ -434,13 +434,12 @@ impl Object {
         Ok((self.key, checked))
     }
 
-    /// Without a key: an encrypted object's seal and recorded length. `None` for a plain object that
-    /// accept_plain lets be decoded as ever.
+    /// Without a key: an encrypted object's seal and recorded length. `None` for a plain object,
+    /// decoded as ever (the reader pipeline refuses it unless accept_plain).
     async fn check_seal(&self, reader: crate::storage::ObjectReader, location: &str) -> Result<Option<Checked>, Error> {
         let (digest, stored) = match check_sealed(reader).await {
             Ok(Sealed::Whole { digest, stored }) => (digest, stored),
-            Ok(Sealed::Plain) if self.repo.encryption().accept_plain => return Ok(None),
-            Ok(Sealed::Plain) => return Err(Error::stored(location, FormatError::plain_where_encrypted())),
+            Ok(Sealed::Plain) => return Ok(None),
             Err(Ok(e)) => return Err(StorageError::io(location, "read", e).into()),
             Err(Err(e)) => return Ok(Some(Checked::Damaged { stored: 0, cause: e.to_string() })),
         };
