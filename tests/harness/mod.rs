@@ -14,6 +14,7 @@ pub mod keys;
 pub mod pg;
 pub mod proxy;
 pub mod repository;
+pub mod resign;
 pub mod running;
 pub mod s3;
 pub mod segments;

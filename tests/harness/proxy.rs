@@ -9,8 +9,13 @@
 //! Rules can be added and removed while commands run. Every request is recorded ([`Proxy::seen`]) so
 //! that tests can prove what a command sent: retries, aborts, part sizes, parallelism.
 //!
-//! Only std (and libc, already a dependency, for an RST): one thread accepts, one thread serves each
-//! client connection. Every socket has short
+//! Apart from rules, the proxy can play a store that accepts `If-None-Match` and ignores it (Garage
+//! does): [`Proxy::ignore_conditional_writes`] removes the header from every request before rules
+//! apply, and signs the request anew ([`crate::resign`]) so that s3s-fs, which checks signatures,
+//! takes it. A create-only write then replaces an existing object.
+//!
+//! Only std (libc, already a dependency, for an RST; the SDK's own signing crates for the new
+//! signatures): one thread accepts, one thread serves each client connection. Every socket has short
 //! timeouts and every wait checks the stop flag, so dropping the proxy ends all its threads promptly.
 
 use std::io::{self, Read, Write};
@@ -211,6 +216,9 @@ pub struct Seen {
     pub request: Request,
     /// The request body's declared length.
     pub content_length: Option<u64>,
+    /// Whether the proxy took `If-None-Match` out before passing the request on
+    /// ([`Proxy::ignore_conditional_writes`]); `request` still has it, as the client sent it.
+    pub if_none_match_removed: bool,
     /// The fault applied, if any (`"503 Slow Down"`, `"stall"`, ...).
     pub fault: Option<String>,
     /// The status the client got, if it got one.
@@ -230,6 +238,8 @@ struct HoldState {
 struct Shared {
     upstream_port: AtomicU16,
     stop: AtomicBool,
+    /// [`Proxy::ignore_conditional_writes`].
+    ignore_conditional_writes: AtomicBool,
     rules: Mutex<Vec<Rule>>,
     seen: Mutex<Vec<Seen>>,
     faults_applied: AtomicUsize,
@@ -268,13 +278,14 @@ impl Shared {
         Some(fault)
     }
 
-    fn record(&self, request: &Request, fault: &Option<Fault>) -> usize {
+    fn record(&self, request: &Request, fault: &Option<Fault>, if_none_match_removed: bool) -> usize {
         let mut seen = lock(&self.seen);
         seen.push(Seen {
             method: request.method.clone(),
             target: request.target.clone(),
             request: request.clone(),
             content_length: request.content_length(),
+            if_none_match_removed,
             fault: fault.as_ref().map(Fault::label),
             status: None,
             started: Instant::now(),
@@ -320,6 +331,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             upstream_port: AtomicU16::new(upstream_port),
             stop: AtomicBool::new(false),
+            ignore_conditional_writes: AtomicBool::new(false),
             rules: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
             faults_applied: AtomicUsize::new(0),
@@ -347,6 +359,15 @@ impl Proxy {
     /// Points the proxy at another upstream port (a restarted server) for new connections.
     pub fn set_upstream(&self, port: u16) {
         self.shared.upstream_port.store(port, Ordering::SeqCst);
+    }
+
+    /// With `on`, the proxy behaves as a store that accepts `If-None-Match` and ignores it: every
+    /// request that carries the header reaches the server without it (and signed anew), so that a
+    /// create-only write replaces an existing object. Rules still match, and [`Proxy::seen`] still
+    /// shows, the request as the client sent it, header included. Applies to requests that arrive
+    /// from now on.
+    pub fn ignore_conditional_writes(&self, on: bool) {
+        self.shared.ignore_conditional_writes.store(on, Ordering::SeqCst);
     }
 
     /// Adds a rule after the existing ones (the first matching rule decides).
@@ -647,9 +668,16 @@ fn serve(client: TcpStream, shared: &Shared) {
     while let Ok(Some(head)) = client.read_head(shared) {
         let Ok((start, headers)) = parse_head(&head) else { break };
         let request = Request { method: start[0].clone(), target: start[1].clone(), headers };
+        // Before the rules: a fault then applies to the request as this store would receive it.
+        let stripped = if shared.ignore_conditional_writes.load(Ordering::SeqCst) {
+            without_if_none_match(&head, &request)
+        } else {
+            None
+        };
         let fault = shared.pick(&request);
-        let index = shared.record(&request, &fault);
-        let next = handle(&mut client, &mut upstream, &head, &request, fault, shared, index);
+        let index = shared.record(&request, &fault, stripped.is_some());
+        let forwarded = stripped.as_deref().unwrap_or(&head);
+        let next = handle(&mut client, &mut upstream, forwarded, &request, fault, shared, index);
         shared.finish(index, None);
         match next {
             Next::KeepAlive if !shared.stopped() => {}
@@ -664,6 +692,41 @@ fn serve(client: TcpStream, shared: &Shared) {
     if let Some(upstream) = upstream {
         let _ = upstream.stream.shutdown(Shutdown::Both);
     }
+}
+
+/// `head` without its `If-None-Match` lines and with a new `Authorization` value to match; `None`
+/// when `request` has no such header. Every other byte stays as the client sent it.
+fn without_if_none_match(head: &[u8], request: &Request) -> Option<Vec<u8>> {
+    let is_condition = |name: &str| name == "if-none-match";
+    let (removed, kept): (Headers, Headers) = request.headers.iter().cloned().partition(|(n, _)| is_condition(n));
+    if removed.is_empty() {
+        return None;
+    }
+    let authorization = crate::resign::authorization(&request.method, &request.target, &kept, &removed)
+        .inspect_err(|e| {
+            // The server gets the client's old signature and refuses the request (403), as a store
+            // would: the message says why the proxy could not sign it anew.
+            eprintln!("test proxy: {} {} not signed anew: {e}", request.method, request.target);
+        })
+        .ok();
+    let mut out = Vec::with_capacity(head.len());
+    for line in head.split_inclusive(|&b| b == b'\n') {
+        let text = String::from_utf8_lossy(line);
+        let name = text.split_once(':').map(|(n, _)| n.trim().to_ascii_lowercase());
+        match (name.as_deref(), &authorization) {
+            (Some(name), _) if is_condition(name) => {}
+            (Some("authorization"), Some(value)) => {
+                // The name and separator as sent, then the new value.
+                let colon = line.iter().position(|&b| b == b':').expect("a header line");
+                let start = colon + 1 + line[colon + 1..].iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+                out.extend_from_slice(&line[..start]);
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            _ => out.extend_from_slice(line),
+        }
+    }
+    Some(out)
 }
 
 /// What becomes of a client connection after a request.
