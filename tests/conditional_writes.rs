@@ -12,15 +12,23 @@
 //! A racing writer is played by a rule that answers walship's existence check with 404, so that the
 //! write itself meets the existing object.
 
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use walship::storage::{PutOptions, StorageError};
-use walship_tests::Scratch;
+use walship_tests::assertions::{assert_error, assert_ok, sha256_hex};
+use walship_tests::fixture::{Fixture, HANG_MARGIN};
 use walship_tests::proxy::{Fault, Proxy, Request, Response, Rule, Seen};
 use walship_tests::repository::{Backend, ConfigLines, Repository, Store};
-use walship_tests::segments::{Fill, Segment};
+use walship_tests::running::spawn;
+use walship_tests::segments;
+use walship_tests::segments::{Fill, Segment, wal_key};
+use walship_tests::verify_wal::{findings, wal_verify};
+use walship_tests::{Output, Scratch};
 
 /// Part size of every store opened here: S3's smallest, so a multipart upload stays small.
 const PART_SIZE: usize = 5 << 20;
@@ -238,4 +246,245 @@ fn summary<'a>(seen: impl IntoIterator<Item = &'a Seen>) -> Vec<String> {
             format!("{} {} -> {:?} (fault {:?}{removed})", s.method, s.target, s.status, s.fault)
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// walship's commands on such a store: the probe when a repository is made, the warning, the
+// settings, wal-verify's finding, and the read-back that turns a replaced write into a conflict.
+// ---------------------------------------------------------------------------------------------------
+
+const BUCKET: &str = "walship-test";
+const SEG1: &str = "000000010000000000000001";
+const SEG2: &str = "000000010000000000000002";
+const SEG3: &str = "000000010000000000000003";
+const SEG4: &str = "000000010000000000000004";
+const PREFIX: &str = "db1";
+
+/// A fixture on `s3://BUCKET/PREFIX` of an s3s-fs server of its own, with a proxy in front of it.
+fn fixture_with_proxy(label: &str) -> (Fixture, Proxy) {
+    let s = Fixture::with_repository(label, |scratch| Repository::s3(scratch, BUCKET, PREFIX));
+    let proxy = Proxy::start(s.repo.s3_server().expect("an S3 fixture").port());
+    (s, proxy)
+}
+
+/// A configuration through the proxy, with `extra` `[s3]` lines.
+fn via_proxy(s: &Fixture, proxy: &Proxy, extra: &str) -> PathBuf {
+    let server = s.repo.s3_server().expect("an S3 fixture");
+    let s3 = format!("connect_timeout_secs = 2\nread_timeout_secs = 10\n{extra}");
+    s.config_text(&server.config_text(&format!("s3://{BUCKET}/{PREFIX}"), &proxy.endpoint(), "deadline_secs = 30", &s3))
+}
+
+/// The identity record as stored.
+fn identity_record(s: &Fixture) -> serde_json::Value {
+    let server = s.repo.s3_server().expect("an S3 fixture");
+    let path = server.object_file(BUCKET, &format!("{PREFIX}/repository.json"));
+    serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"))).unwrap()
+}
+
+/// Every key in the bucket.
+fn bucket_keys(s: &Fixture) -> Vec<String> {
+    s.repo.s3_server().expect("an S3 fixture").object_keys(BUCKET)
+}
+
+/// wal-verify `--json` with `config` and `args`: its report (it exits 13, the repository has no backup).
+#[track_caller]
+fn verify_report(s: &Fixture, config: &Path, args: &[&str]) -> serde_json::Value {
+    let repo_args = [OsString::from("--config"), config.into()];
+    let out = wal_verify(&s.repo, &repo_args, &s.data, &[&["--json"], args].concat());
+    assert_eq!(out.code, Some(13), "wal-verify {args:?}: {out:#?}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:#?}"))
+}
+
+/// What wal-fetch restores of `name`.
+#[track_caller]
+fn fetched(s: &Fixture, config: &Path, name: &str) -> Vec<u8> {
+    assert_ok(&s.fetch_with(config, name), &format!("fetch {name}"));
+    let bytes = fs::read(s.destination()).expect("the restored file");
+    fs::remove_file(s.destination()).unwrap();
+    bytes
+}
+
+/// Warning lines about the store's conditional writes in a command's output.
+fn warnings(out: &Output) -> Vec<&str> {
+    out.stderr.lines().filter(|l| l.contains("warning:") && l.contains("conditional writes")).collect()
+}
+
+/// s3s-fs honours `If-None-Match`: the push that makes the repository probes the store, the identity
+/// record says `enforced` and names the store, the scratch object is gone, nothing is said about it,
+/// and wal-verify finds nothing to report about the store, from the record or probing it again.
+#[test]
+fn a_store_that_refuses_a_second_create_is_recorded_as_enforcing_it() {
+    let (s, proxy) = fixture_with_proxy("conditional-enforced");
+    let config = via_proxy(&s, &proxy, "");
+    s.write_segment(&Segment::new(SEG1));
+    let out = s.push_with(&config, SEG1);
+    assert_ok(&out, "the first push");
+    let record = &identity_record(&s)["conditional_writes"];
+    assert_eq!(record["guard"], "enforced", "{record:#}");
+    assert_eq!(record["store"].as_str(), Some(proxy.endpoint().as_str()), "{record:#}");
+    assert!(record["probed"].is_string(), "{record:#}");
+    let keys = bucket_keys(&s);
+    assert!(!keys.iter().any(|k| k.contains("probe/")), "the scratch object was left: {keys:?}");
+    let probes: Vec<Seen> = settled(&proxy).into_iter().filter(|r| r.request.path().contains("/probe/")).collect();
+    let methods: Vec<(&str, Option<&str>, Option<u16>)> =
+        probes.iter().map(|r| (r.method.as_str(), r.request.header("if-none-match"), r.status)).collect();
+    assert_eq!(methods, [("PUT", None, Some(200)), ("PUT", Some("*"), Some(412)), ("DELETE", None, Some(204))]);
+
+    for args in [&[][..], &["--probe-writes"][..]] {
+        let report = verify_report(&s, &config, args);
+        assert_eq!(report["conditional_writes"], "enforced", "{args:?}: {report:#}");
+        assert!(findings(&report, "conditional_writes_ignored").is_empty(), "{args:?}: {report:#}");
+    }
+}
+
+/// Through the stand-in for a store that ignores the header: the record says `ignored`; every wal-push
+/// process says so once, naming the store and the consequence, and still archives; wal-verify reports
+/// it (from the record, and probing again); `accept` silences the warning and `require` refuses to
+/// write (exit 8, nothing written).
+#[test]
+fn a_store_that_ignores_conditional_writes_is_recorded_said_and_refused_on_request() {
+    let (s, proxy) = fixture_with_proxy("conditional-ignored");
+    proxy.ignore_conditional_writes(true);
+    let warn = via_proxy(&s, &proxy, "");
+    for name in [SEG1, SEG2] {
+        s.write_segment(&Segment::new(name));
+        let out = s.push_with(&warn, name);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        let said = warnings(&out);
+        assert_eq!(said.len(), 1, "one warning per process: {out:#?}");
+        for needle in [proxy.endpoint().as_str(), "ignores conditional writes", "both be told", "conditional_writes"] {
+            assert!(said[0].contains(needle), "{needle:?} in {said:?}");
+        }
+        assert_eq!(out.stderr.lines().count(), 2, "the warning and the result: {out:#?}");
+    }
+    assert_eq!(identity_record(&s)["conditional_writes"]["guard"], "ignored");
+    assert!(!bucket_keys(&s).iter().any(|k| k.contains("probe/")), "scratch object left");
+
+    for args in [&[][..], &["--probe-writes"][..]] {
+        let report = verify_report(&s, &warn, args);
+        assert_eq!(report["conditional_writes"], "ignored", "{args:?}: {report:#}");
+        let found = findings(&report, "conditional_writes_ignored");
+        assert_eq!(found.len(), 1, "{args:?}: {report:#}");
+        assert!(found[0]["message"].as_str().unwrap().contains(&proxy.endpoint()), "{found:#?}");
+    }
+
+    let accept = via_proxy(&s, &proxy, "conditional_writes = \"accept\"");
+    s.write_segment(&Segment::new(SEG3));
+    assert_ok(&s.push_with(&accept, SEG3), "with conditional_writes = \"accept\"");
+
+    let require = via_proxy(&s, &proxy, "conditional_writes = \"require\"");
+    let before = bucket_keys(&s);
+    s.write_segment(&Segment::new(SEG4));
+    let out = s.push_with(&require, SEG4);
+    assert_error(&out, 8, &["ignores conditional writes", "conditional_writes = \"require\"", "nothing was written"]);
+    assert_eq!(bucket_keys(&s), before, "a refused push wrote");
+}
+
+/// A repository made where the store enforced conditional writes, then reached through a store that
+/// ignores them (the bucket moved): writers trust the record, and only `wal-verify --probe-writes`
+/// finds out, saying that the record is wrong.
+#[test]
+fn probing_again_finds_a_store_that_no_longer_enforces_what_the_record_says() {
+    let (s, proxy) = fixture_with_proxy("conditional-moved");
+    let config = via_proxy(&s, &proxy, "");
+    s.write_segment(&Segment::new(SEG1));
+    assert_ok(&s.push_with(&config, SEG1), "push where the store enforces");
+    proxy.ignore_conditional_writes(true);
+    let report = verify_report(&s, &config, &[]);
+    assert!(findings(&report, "conditional_writes_ignored").is_empty(), "{report:#}");
+    let report = verify_report(&s, &config, &["--probe-writes"]);
+    assert_eq!(report["conditional_writes"], "ignored", "{report:#}");
+    let found = findings(&report, "conditional_writes_ignored");
+    assert_eq!(found.len(), 1, "{report:#}");
+    let message = found[0]["message"].as_str().unwrap();
+    assert!(message.contains("probed now") && message.contains("the identity record says"), "{message}");
+}
+
+/// On a store that ignores the header, a write that another writer's replaces before it is read back
+/// is a conflict (exit 5), not a success: A's PUT is taken and its answer held; B (other content,
+/// its existence check answered "absent" as in a race) writes over it and succeeds; released, A reads
+/// back, finds B's object, and is told so. B's segment is what the repository holds.
+#[test]
+fn a_write_replaced_before_it_is_read_back_is_a_conflict() {
+    let (s, proxy) = fixture_with_proxy("conditional-read-back");
+    proxy.ignore_conditional_writes(true);
+    let config = via_proxy(&s, &proxy, "conditional_writes = \"accept\"");
+    s.write_segment(&Segment::new(SEG1));
+    assert_ok(&s.push_with(&config, SEG1), "the push that makes the repository");
+
+    let key = format!("{PREFIX}/{}", wal_key(SEG2));
+    let path = format!("/{BUCKET}/{key}");
+    let ours = s.write_segment(&Segment::new(SEG2));
+    let put_path = path.clone();
+    proxy.add(
+        Rule::new(Fault::HoldResponse { after: 0 }).when(move |r| r.method == "PUT" && r.path() == put_path).times(1),
+    );
+    let a = spawn(&mut s.push_cmd(Some(&config), SEG2));
+    assert!(proxy.wait_for_holds(1, Duration::from_secs(30)), "A's PUT was never held: {:#?}", summary(&proxy.seen()));
+
+    let theirs = s.write_segment(&Segment::new(SEG2).seed(7));
+    proxy.add(
+        Rule::new(Fault::Respond(Response::s3_error(404, "Not Found", "NoSuchKey", "injected")))
+            .when(move |r| r.method == "HEAD" && r.path() == path)
+            .times(1),
+    );
+    assert_ok(&s.push_with(&config, SEG2), "B, writing over A's object");
+    proxy.release();
+    let out = s.finish(a, HANG_MARGIN);
+    assert_error(&out, 5, &[SEG2, "different content", &sha256_hex(&ours), &sha256_hex(&theirs)]);
+    assert!(!bucket_keys(&s).is_empty() && bucket_keys(&s).contains(&key), "{key} missing");
+    s.assert_fetches_with(&config, SEG2, &theirs);
+}
+
+/// The race of the issue, measured: two wal-push calls of different content for one name at the same
+/// moment, on a store that ignores the header, `TRIALS` times. Before: a repository whose record says
+/// the store enforces conditional writes (made through s3s-fs directly), so writers do not read back.
+/// After: a repository made on the store that ignores them, so every write is read back. A trial is
+/// lost when both calls exit 0 (one was told its segment was durable while the other replaced it);
+/// the counts are printed for README. Every trial must end with each call at 0 or 5, and a call at
+/// 0 whose rival got 5 must be the one whose content the repository holds.
+#[test]
+fn racing_pushes_of_different_content_are_counted_before_and_after_the_read_back() {
+    const TRIALS: u64 = 20;
+    let mut lost = Vec::new();
+    for (mode, record_enforced) in [("before", true), ("after", false)] {
+        let (s, proxy) = fixture_with_proxy(&format!("conditional-race-{mode}"));
+        proxy.ignore_conditional_writes(!record_enforced);
+        let config = via_proxy(&s, &proxy, "conditional_writes = \"accept\"");
+        s.write_segment(&Segment::new(SEG1));
+        assert_ok(&s.push_with(&config, SEG1), "the push that makes the repository");
+        proxy.ignore_conditional_writes(true);
+        let rival_dir = s.scratch.mkdir("rival");
+        let mut both_zero = 0;
+        for trial in 0..TRIALS {
+            let name = format!("0000000100000000000000{:02X}", trial + 0x10);
+            let first = s.write_segment(&Segment::new(&name));
+            let second = Segment::new(&name).seed(trial + 100);
+            let second_bytes = second.bytes();
+            segments::write_file(&rival_dir.join(&name), &second_bytes);
+            let rival_file = format!("../rival/{name}");
+            let a = spawn(&mut s.push_cmd(Some(&config), &name));
+            let b = spawn(&mut s.push_cmd_from(&s.data, Some(&config), &rival_file, Some(&name)));
+            let (a, b) = (s.finish(a, HANG_MARGIN), s.finish(b, HANG_MARGIN));
+            let codes = (a.code, b.code);
+            assert!(
+                [Some(0), Some(5)].contains(&codes.0) && [Some(0), Some(5)].contains(&codes.1),
+                "{mode} trial {trial}: {a:#?} {b:#?}"
+            );
+            let stored = fetched(&s, &config, &name);
+            match codes {
+                (Some(0), Some(0)) => both_zero += 1,
+                (Some(0), _) => assert!(stored == first, "{mode} trial {trial}: A was told 0, B 5, but B's is stored"),
+                (_, Some(0)) => {
+                    assert!(stored == second_bytes, "{mode} trial {trial}: B was told 0, A 5, but A's is stored")
+                }
+                _ => panic!("{mode} trial {trial}: both refused: {a:#?} {b:#?}"),
+            }
+        }
+        eprintln!(
+            "conditional-write race, {mode} the read-back: {both_zero} of {TRIALS} trials ended with both pushes at 0"
+        );
+        lost.push(both_zero);
+    }
+    eprintln!("conditional-write race: both pushes at 0 in {} of {TRIALS} trials before, {} after", lost[0], lost[1]);
 }

@@ -27,10 +27,12 @@ use walship_cli::{COMMON_HELP, CommonArgs};
         each history file must continue its parent's and begin no later than the timeline's first segment \
         (history_mismatch). The newest archived object's age is reported; with --max-age, one older is a \
         problem (stale_archive: archiving has stalled, as pg_stat_archiver's last_archived_time would show). \
-        No backup at all is a problem too (no_backups). With --deep every WAL object is read back through the \
+        No backup at all is a problem too (no_backups), and so is an S3 store that does not refuse a create of an \
+        existing key (conditional_writes_ignored: If-None-Match ignored, or never found out), as the repository's \
+        identity record says or, with --probe-writes, as a scratch object written and removed now shows. With --deep every WAL object is read back through the \
         codec and checked against its checksum, --parallel at once with bounded memory; a segment must also be \
         a whole segment whose page header names it (damaged_object, naming the key and the cause).\n\n\
-        Nothing is written to the repository. Output: one line per problem and a summary on stderr; --json \
+        Nothing is written to the repository, except --probe-writes's scratch object. Output: one line per problem and a summary on stderr; --json \
         prints the report on stdout; --metrics FILE writes Prometheus gauges for node_exporter's textfile \
         collector (atomically), also when the repository could not be checked.\n\n\
         Exit codes: 0 healthy; 13 problems found; any other non-zero code: could not check (3 configuration, \
@@ -65,6 +67,11 @@ struct Cli {
     /// Write the figures in Prometheus text format to FILE (replaced atomically)
     #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
+
+    /// S3: find out now whether the store refuses a create of an existing key, by writing and removing
+    /// a scratch object under probe/ (the only write wal-verify ever makes)
+    #[arg(long)]
+    probe_writes: bool,
 }
 
 const COMMAND: &str = "wal-verify";
@@ -85,6 +92,7 @@ fn main() {
         parallel: usize::from(cli.parallel),
         now: SystemTime::now(),
         deadline: config.deadline,
+        probe_writes: cli.probe_writes,
     };
     let result = walship_cli::block_on_parallel(usize::from(cli.parallel), verify(&config, &options, &log));
     let report = match result {
@@ -173,6 +181,7 @@ fn json_report(report: &WalReport, now: SystemTime, took: Duration) -> serde_jso
         "backups": report.backups,
         "deep": deep,
         "without_key": report.without_key,
+        "conditional_writes": report.conditional_writes,
         "duration_seconds": took.as_secs_f64(),
     })
 }

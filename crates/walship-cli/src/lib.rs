@@ -194,6 +194,7 @@ pub async fn on_repository<T>(
     let deadline = Deadline::starting_now(config.deadline);
     // Opening may wait on the network (S3's region and credential chain).
     let repo = retry::until(deadline, log, &config.repo.to_string(), || Repository::open(config)).await?;
+    let repo = repo.with_log(log.clone());
     let result = work(&repo, deadline).await;
     if let Err(e) = repo.cleanup(CLEANUP_GRACE).await {
         log.debug(format_args!("cleaning up after interrupted attempts failed: {e}"));

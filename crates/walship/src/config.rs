@@ -712,7 +712,8 @@ mod tests {
                 "repo = 's3://walship/db1'\n[s3]\nendpoint = 'http://127.0.0.1:9000'\nregion = 'eu-west-1'\n\
                  force_path_style = true\naccess_key_id = 'AK'\nsecret_access_key = 'SECRET'\n\
                  storage_class = 'STANDARD_IA'\nsse = 'aws:kms'\nsse_kms_key_id = 'k1'\npart_size = '8MiB'\n\
-                 upload_concurrency = 2\nconnect_timeout_secs = 2\nread_timeout_secs = 3\n",
+                 upload_concurrency = 2\nconnect_timeout_secs = 2\nread_timeout_secs = 3\n\
+                 conditional_writes = 'require'\n",
             ),
         )
         .unwrap();
@@ -722,6 +723,7 @@ mod tests {
         assert_eq!(s3.part_size, 8 << 20);
         assert_eq!(s3.sse, Some(crate::storage::s3::ServerSideEncryption::Kms { key_id: Some("k1".into()) }));
         assert_eq!((s3.connect_timeout, s3.read_timeout), (Duration::from_secs(2), Duration::from_secs(3)));
+        assert_eq!(s3.conditional_writes, crate::storage::s3::ConditionalWritesPolicy::Require);
         let printed = format!("{config:?}");
         assert!(!printed.contains("SECRET") && printed.contains("redacted"), "{printed}");
         let refused = [
@@ -733,6 +735,7 @@ mod tests {
             ("endpoint = '127.0.0.1:9000'", "endpoint"),
             ("upload_concurrency = 0", "upload_concurrency"),
             ("read_timeout_secs = 0", "read_timeout_secs"),
+            ("conditional_writes = 'never'", "conditional_writes"),
         ];
         assert_refused("repo = 's3://b-1/p'\n[s3]", &refused);
     }

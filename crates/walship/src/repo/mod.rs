@@ -30,7 +30,9 @@ use crate::codec::Pipeline;
 use crate::config::Config;
 use crate::encryption::{AgeStage, EncryptionConfig};
 use crate::error::Error;
-use crate::storage::{PutOptions, Storage, StorageError};
+use crate::log::Log;
+use crate::storage::s3::ConditionalWritesPolicy;
+use crate::storage::{CreateGuard, CreateProbe, PutOptions, Storage, StorageError};
 use crate::wal::{WalFileKind, WalFileName};
 
 /// The key of the identity record.
@@ -62,6 +64,52 @@ pub struct Identity {
     pub wal_segment_size: u32,
     /// The walship that made the repository (`walship 0.1.0`), for people.
     pub created_by: String,
+    /// What the store did when the repository was made and a create of an existing key was tried
+    /// ([`Storage::probe_creates`]); `None` where creates are exclusive by construction (local disk,
+    /// SFTP), and in an S3 repository made before walship probed, which counts as unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditional_writes: Option<ConditionalWrites>,
+}
+
+/// The identity record's account of the store's conditional writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConditionalWrites {
+    /// `enforced`, `ignored` or `unknown`.
+    pub guard: CreateGuard,
+    /// What the store answered, for people.
+    pub answer: String,
+    /// The store probed (its endpoint), for people.
+    pub store: String,
+    /// When (RFC 3339).
+    pub probed: String,
+}
+
+impl ConditionalWrites {
+    /// The record of `probe`, made now.
+    pub fn of(probe: CreateProbe) -> Self {
+        ConditionalWrites {
+            guard: probe.guard,
+            answer: probe.answer,
+            store: probe.store,
+            probed: crate::base::recovery::now_rfc3339(),
+        }
+    }
+
+    /// What it means, for a warning or a finding: `None` when the store refuses a second create.
+    pub fn shortcoming(record: Option<&ConditionalWrites>) -> Option<String> {
+        match record {
+            Some(r) if r.guard == CreateGuard::Enforced => None,
+            Some(r) if r.guard == CreateGuard::Ignored => Some(format!(
+                "the store {} ignores conditional writes (If-None-Match: *; probed {}: {})",
+                r.store, r.probed, r.answer
+            )),
+            Some(r) => Some(format!(
+                "the store {} answered the conditional-write probe neither way (probed {}: {})",
+                r.store, r.probed, r.answer
+            )),
+            None => Some("the repository records no probe of the store's conditional writes".into()),
+        }
+    }
 }
 
 /// The encryption record (`encryption.json`): this repository holds encrypted objects, and every
@@ -111,13 +159,21 @@ pub struct Repository {
     age: std::sync::Arc<AgeStage>,
     /// Whether new objects are encrypted, once checked against the encryption record.
     writes_encrypted: std::sync::Arc<tokio::sync::OnceCell<bool>>,
+    /// `[s3] conditional_writes`.
+    conditional_writes: ConditionalWritesPolicy,
+    /// Set once the store's conditional writes were judged for writing (one warning per process).
+    store_judged: std::sync::Arc<std::sync::OnceLock<()>>,
+    /// Where that warning goes.
+    log: Log,
 }
 
 impl Repository {
     /// The repository that `config` names, over the backend its URL calls for.
     pub async fn open(config: &Config) -> Result<Self, Error> {
         let storage = crate::storage::open(&config.repo, &config.storage).await?;
-        Ok(Self::over(storage, config.repo.to_string()).with_encryption(config.encryption.clone()))
+        let mut repo = Self::over(storage, config.repo.to_string()).with_encryption(config.encryption.clone());
+        repo.conditional_writes = config.storage.s3.conditional_writes;
+        Ok(repo)
     }
 
     /// The repository kept in `storage`; `url` names it in messages.
@@ -134,7 +190,22 @@ impl Repository {
             encryption: Default::default(),
             age: std::sync::Arc::new(AgeStage::new(Default::default())),
             writes_encrypted: Default::default(),
+            conditional_writes: Default::default(),
+            store_judged: Default::default(),
+            log: Log::quiet(),
         }
+    }
+
+    /// This repository's warnings (a store that ignores conditional writes) go to `log`.
+    pub fn with_log(mut self, log: Log) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// This repository written under `policy` where its store does not enforce conditional writes.
+    pub fn with_conditional_writes(mut self, policy: ConditionalWritesPolicy) -> Self {
+        self.conditional_writes = policy;
+        self
     }
 
     /// This repository read and written with `encryption`'s keys.
@@ -329,6 +400,12 @@ impl Repository {
     /// Checks `facts`, read from `file`, against the identity record, creating the record if the
     /// repository has none.
     pub async fn ensure_identity(&self, facts: &ClusterFacts, file: &str) -> Result<Identity, Error> {
+        let identity = self.find_or_create_identity(facts, file).await?;
+        self.judge_store_for_writing(identity.conditional_writes.as_ref())?;
+        Ok(identity)
+    }
+
+    async fn find_or_create_identity(&self, facts: &ClusterFacts, file: &str) -> Result<Identity, Error> {
         if let Some(identity) = self.identity().await? {
             self.check_facts(&identity, facts, file)?;
             return Ok(identity);
@@ -342,7 +419,13 @@ impl Repository {
         // A new repository: make sure its bucket or directory really exists, since some S3-compatible
         // servers quietly create a bucket on first write, hiding a mistyped name.
         self.storage.check_root().await?;
+        let conditional_writes = self.storage.probe_creates().await?.map(ConditionalWrites::of);
+        if ConditionalWrites::shortcoming(conditional_writes.as_ref()).is_some() {
+            // Two processes making the repository at once must not both think theirs is the record.
+            self.storage.read_back_creates();
+        }
         let identity = Identity {
+            conditional_writes,
             format_version: REPOSITORY_FORMAT_VERSION,
             repository_id: Some(new_repository_id(&self.storage.location(IDENTITY_KEY))?),
             system_identifier: facts.system_identifier.to_string(),
@@ -382,6 +465,48 @@ impl Repository {
             return Err(self.wrong_cluster(identity, file, format!("{}-byte WAL segments", facts.wal_segment_size)));
         }
         Ok(())
+    }
+
+    /// Before this process's first write, with what the identity record says of the store (`None`:
+    /// nothing, or no record yet): on a store that may let a racing create replace an object, every
+    /// create is read back from now on, and `[s3] conditional_writes` decides between one warning,
+    /// silence and refusal.
+    pub fn judge_store_for_writing(&self, recorded: Option<&ConditionalWrites>) -> Result<(), Error> {
+        if self.storage.creates_exclusive_by_construction() || self.store_judged.get().is_some() {
+            return Ok(());
+        }
+        let Some(shortcoming) = ConditionalWrites::shortcoming(recorded) else {
+            let _ = self.store_judged.set(());
+            return Ok(());
+        };
+        self.storage.read_back_creates();
+        match self.conditional_writes {
+            ConditionalWritesPolicy::Require => {
+                return Err(Error::Storage(StorageError::Other {
+                    location: self.url.clone(),
+                    message: format!(
+                        "{shortcoming}; [s3] conditional_writes = \"require\" refuses to write to such a store; \
+                         nothing was written"
+                    ),
+                    retryable: false,
+                }));
+            }
+            ConditionalWritesPolicy::Warn => self.log.info(format_args!(
+                "warning: {shortcoming}: two writers of one name at the same moment can both be told that \
+                 their write succeeded while the later replaces the earlier; each write is read back to narrow \
+                 that window. Set [s3] conditional_writes = \"accept\" to silence this, or \"require\" to refuse \
+                 such a store"
+            )),
+            ConditionalWritesPolicy::Accept => {}
+        }
+        let _ = self.store_judged.set(());
+        Ok(())
+    }
+
+    /// Probes the store's conditional writes now (wal-verify `--probe-writes`): writes and removes a
+    /// scratch object. `None` where creates are exclusive by construction.
+    pub async fn probe_store(&self) -> Result<Option<ConditionalWrites>, Error> {
+        Ok(self.storage.probe_creates().await?.map(ConditionalWrites::of))
     }
 
     fn wrong_cluster(&self, identity: &Identity, file: &str, theirs: String) -> Error {

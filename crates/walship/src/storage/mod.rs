@@ -82,6 +82,31 @@ pub struct PutOptions {
     pub size_hint: Option<u64>,
 }
 
+/// What a store does with a create-only write (`If-None-Match: *`) of a key that already exists,
+/// as a probe found it ([`Storage::probe_creates`]). Recorded in the repository's identity record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CreateGuard {
+    /// The store refused the second write (412): a create never replaces an object.
+    Enforced,
+    /// The store took the second write, which replaced the first: two writers of one name at the
+    /// same moment can both succeed.
+    Ignored,
+    /// The store answered neither way (an error that says neither "taken" nor "done").
+    Unknown,
+}
+
+/// What a probe of a store's creates found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateProbe {
+    /// The verdict.
+    pub guard: CreateGuard,
+    /// What the store answered to the second write, for people (`412 Precondition Failed`).
+    pub answer: String,
+    /// The store probed, for people (an S3 endpoint).
+    pub store: String,
+}
+
 /// A repository's backend: keys and bytes, with the promises of this module's documentation.
 #[async_trait]
 pub trait Storage: Send + Sync {
@@ -146,6 +171,26 @@ pub trait Storage: Send + Sync {
     /// name durable; PostgreSQL recycles the segment on our success, so "identical" must also mean
     /// "survives a crash". A failure is an error, never ignored.
     async fn make_durable(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Whether a create can never replace an object here, whatever the store does: local disk and
+    /// SFTP publish with a link or rename that refuses an existing name. S3 relies on the store
+    /// honouring `If-None-Match`, which some S3-compatible stores ignore.
+    fn creates_exclusive_by_construction(&self) -> bool {
+        true
+    }
+
+    /// Finds out whether the store refuses a create of a key that exists: writes a scratch object
+    /// under `probe/`, tries to create it again, and removes it. `None` where creates are exclusive by
+    /// construction. A transient failure is an error (try again later), never a verdict.
+    async fn probe_creates(&self) -> Result<Option<CreateProbe>, StorageError> {
+        Ok(None)
+    }
+
+    /// From now on, every commit reads its object back and fails with
+    /// [`StorageError::AlreadyExists`] when the store holds another object under the key: for a
+    /// store that may let a racing create replace ours. Nothing to do where creates are exclusive
+    /// by construction.
+    fn read_back_creates(&self) {}
 
     /// Whether [`PutOptions::attributes`] are kept (and so must be known before the write begins).
     /// Writers to a backend that keeps none can learn an object's checksum as they write it.

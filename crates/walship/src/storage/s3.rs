@@ -3,8 +3,11 @@
 //! Publishing is create-if-absent twice over. Every commit first asks whether the key exists (HEAD), because
 //! some S3-compatible stores (Garage, for one) silently ignore conditional writes, and then writes with
 //! `If-None-Match: *`, which stores that honour it turn into 412 when someone else got there first. On a
-//! store that ignores the header, two writers racing between the HEAD and the write can still both
-//! succeed; the README says so.
+//! store that ignores the header, two writers racing between the HEAD and the write can both
+//! succeed. A new repository probes the store for it ([`Storage::probe_creates`], recorded in the
+//! identity record), and where the store does not refuse, every commit reads its object back (its
+//! ETag and checksum metadata) and reports a replaced write as taken, which narrows the race to the
+//! time between a write and its read-back; the README gives the figures.
 //!
 //! Objects up to one part go up as a single PUT; larger ones as a multipart upload of uniform parts,
 //! uploaded in parallel up to `upload_concurrency`, so memory stays within (concurrency + 1) parts. An
@@ -41,8 +44,8 @@ use tokio::task::JoinSet;
 
 use super::settings::{ByteSize, seconds};
 use super::{
-    Housekeeping, ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter, PutOptions, Storage, StorageError,
-    bounded_each, validate_key,
+    CreateGuard, CreateProbe, Housekeeping, ListResult, NetworkRead, ObjectMeta, ObjectReader, ObjectWriter,
+    PutOptions, Storage, StorageError, bounded_each, validate_key,
 };
 use serde::Deserialize;
 
@@ -67,6 +70,19 @@ pub enum ServerSideEncryption {
         /// `sse_kms_key_id`; `None`: the default key.
         key_id: Option<String>,
     },
+}
+
+/// `conditional_writes`: what writers do on a store that does not refuse a create of an existing key
+/// (`If-None-Match: *` ignored, or never found out). Every write there is read back either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConditionalWritesPolicy {
+    /// `"warn"`: write, and say once per process what the store cannot guarantee.
+    #[default]
+    Warn,
+    /// `"accept"`: write without the warning; the operator accepts the risk.
+    Accept,
+    /// `"require"`: refuse to write to such a store.
+    Require,
 }
 
 /// The `[s3]` table, resolved. Everything left unset falls back to the AWS SDK's own sources: the
@@ -96,6 +112,8 @@ pub struct S3Settings {
     pub connect_timeout: Duration,
     /// `read_timeout_secs`: a download that stops moving for this long fails (and is retried).
     pub read_timeout: Duration,
+    /// `conditional_writes`.
+    pub conditional_writes: ConditionalWritesPolicy,
 }
 
 impl Default for S3Settings {
@@ -112,6 +130,7 @@ impl Default for S3Settings {
             upload_concurrency: DEFAULT_S3_UPLOAD_CONCURRENCY,
             connect_timeout: DEFAULT_S3_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_S3_READ_TIMEOUT,
+            conditional_writes: ConditionalWritesPolicy::Warn,
         }
     }
 }
@@ -131,6 +150,7 @@ impl std::fmt::Debug for S3Settings {
             .field("upload_concurrency", &self.upload_concurrency)
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("conditional_writes", &self.conditional_writes)
             .finish()
     }
 }
@@ -151,6 +171,7 @@ pub(crate) struct S3Table {
     upload_concurrency: Option<usize>,
     connect_timeout_secs: Option<u64>,
     read_timeout_secs: Option<u64>,
+    conditional_writes: Option<String>,
 }
 
 impl S3Settings {
@@ -181,7 +202,16 @@ impl S3Settings {
         {
             return Err(format!("endpoint {endpoint:?} must start with http:// or https://"));
         }
+        let conditional_writes = match file.conditional_writes.as_deref() {
+            None | Some("warn") => ConditionalWritesPolicy::Warn,
+            Some("accept") => ConditionalWritesPolicy::Accept,
+            Some("require") => ConditionalWritesPolicy::Require,
+            Some(other) => {
+                return Err(format!("conditional_writes = {other:?}: expected \"warn\", \"accept\" or \"require\""));
+            }
+        };
         Ok(S3Settings {
+            conditional_writes,
             endpoint: file.endpoint,
             region: file.region,
             force_path_style: file.force_path_style.unwrap_or(false),
@@ -232,6 +262,8 @@ struct Bucket {
     /// The store answered DeleteObjects with "not implemented": from then on one DeleteObject per key,
     /// without asking again.
     no_batch_delete: std::sync::atomic::AtomicBool,
+    /// Every commit reads its object back ([`Storage::read_back_creates`]).
+    read_back: std::sync::atomic::AtomicBool,
 }
 
 impl S3Storage {
@@ -291,6 +323,7 @@ impl S3Storage {
                 settle_timeout: config.read_timeout * 2,
                 open_uploads: Mutex::new(HashMap::new()),
                 no_batch_delete: std::sync::atomic::AtomicBool::new(false),
+                read_back: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -377,13 +410,15 @@ impl Bucket {
         }
     }
 
+    /// One PUT, create-only when `create_only`; returns the ETag the store gave the object.
     async fn put_whole(
         &self,
         key: &str,
         full_key: &str,
         body: Bytes,
         options: &PutOptions,
-    ) -> Result<(), StorageError> {
+        create_only: bool,
+    ) -> Result<Option<String>, StorageError> {
         let len = body.len() as i64;
         let request = self
             .client
@@ -392,7 +427,7 @@ impl Bucket {
             .key(full_key)
             .content_length(len)
             .body(ByteStream::from(body))
-            .if_none_match("*")
+            .set_if_none_match(create_only.then(|| "*".to_owned()))
             .set_metadata(Some(metadata(options)))
             .set_storage_class(self.storage_class.clone())
             .set_server_side_encryption(self.sse_algorithm())
@@ -402,8 +437,70 @@ impl Bucket {
             .config_override(upload_overrides())
             .send()
             .await
-            .map(|_| ())
+            .map(|output| output.e_tag().map(str::to_owned))
             .map_err(|e| self.classify(key, "PUT", e))
+    }
+
+    /// Where [`Storage::read_back_creates`] asked for it: the object now under `key` must be the one
+    /// just written (its ETag, and our checksum attributes), or a racing writer's create replaced it
+    /// on a store that ignores `If-None-Match`, and ours is reported as not made.
+    async fn confirm_created(
+        &self,
+        key: &str,
+        full_key: &str,
+        etag: Option<String>,
+        options: &PutOptions,
+    ) -> Result<(), StorageError> {
+        if !self.read_back.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let stored = match self.client.head_object().bucket(&self.bucket).key(full_key).send().await {
+            Ok(output) => output,
+            Err(e) => {
+                return Err(match self.classify(key, "HEAD", e) {
+                    StorageError::NotFound { location } => StorageError::Other {
+                        location,
+                        message: "the object just written is gone when read back".into(),
+                        retryable: true,
+                    },
+                    other => other,
+                });
+            }
+        };
+        let same_etag = match (etag.as_deref(), stored.e_tag()) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => true,
+        };
+        let theirs = stored.metadata();
+        let same_attributes =
+            options.attributes.iter().all(|(name, value)| theirs.and_then(|m| m.get(name)) == Some(value));
+        if same_etag && same_attributes {
+            Ok(())
+        } else {
+            Err(StorageError::AlreadyExists { location: self.location(key) })
+        }
+    }
+
+    /// See [`Storage::probe_creates`].
+    async fn probe_creates(&self) -> Result<CreateProbe, StorageError> {
+        let mut id = [0u8; 8];
+        crate::fs::random_bytes(&mut id).map_err(|e| StorageError::io("/dev/urandom", "read", e))?;
+        let key = format!("probe/conditional-write-{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let full_key = self.full_key(&key)?;
+        let body = Bytes::from_static(b"walship: a probe of conditional writes; safe to delete\n");
+        let options = PutOptions::default();
+        self.put_whole(&key, &full_key, body.clone(), &options, false).await?;
+        let second = self.put_whole(&key, &full_key, body, &options, true).await;
+        // Best effort: a scratch object left behind harms nothing, and its name says what it is.
+        let _ = self.client.delete_object().bucket(&self.bucket).key(&full_key).send().await;
+        let (guard, answer) = match second {
+            Ok(_) => (CreateGuard::Ignored, "a second create of the scratch object succeeded".to_owned()),
+            Err(StorageError::AlreadyExists { .. }) => (CreateGuard::Enforced, "412 Precondition Failed".to_owned()),
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(StorageError::Other { message, .. }) => (CreateGuard::Unknown, message),
+            Err(e) => (CreateGuard::Unknown, e.to_string()),
+        };
+        Ok(CreateProbe { guard, answer, store: self.endpoint.clone() })
     }
 
     async fn start_multipart(&self, key: &str, full_key: &str, options: &PutOptions) -> Result<String, StorageError> {
@@ -580,6 +677,18 @@ impl Storage for S3Storage {
 
     fn keeps_attributes(&self) -> bool {
         true
+    }
+
+    fn creates_exclusive_by_construction(&self) -> bool {
+        false
+    }
+
+    async fn probe_creates(&self) -> Result<Option<CreateProbe>, StorageError> {
+        self.inner.probe_creates().await.map(Some)
+    }
+
+    fn read_back_creates(&self) {
+        self.inner.read_back.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn create(&self, key: &str, options: PutOptions) -> Result<Box<dyn ObjectWriter>, StorageError> {
@@ -853,7 +962,7 @@ impl S3Writer {
         Ok(())
     }
 
-    async fn finish_multipart(&mut self) -> Result<(), StorageError> {
+    async fn finish_multipart(&mut self) -> Result<Option<String>, StorageError> {
         let rest = self.buffer.split().freeze();
         if !rest.is_empty() {
             self.send_part(rest).await?;
@@ -866,7 +975,8 @@ impl S3Writer {
         if self.inner.exists(&self.key, &self.full_key).await? {
             return Err(StorageError::AlreadyExists { location: self.inner.location(&self.key) });
         }
-        self.inner
+        let output = self
+            .inner
             .client
             .complete_multipart_upload()
             .bucket(&self.inner.bucket)
@@ -880,7 +990,7 @@ impl S3Writer {
             .await
             .map_err(|e| self.inner.classify(&self.key, "CompleteMultipartUpload", e))?;
         self.inner.open_uploads().remove(&multipart.upload_id);
-        Ok(())
+        Ok(output.e_tag().map(str::to_owned))
     }
 
     /// Aborts the multipart upload, if any, so that no parts are left behind. Parts already on their
@@ -924,20 +1034,22 @@ impl ObjectWriter for S3Writer {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
-        if self.multipart.is_none() {
+        let etag = if self.multipart.is_none() {
             if self.inner.exists(&self.key, &self.full_key).await? {
                 return Err(StorageError::AlreadyExists { location: self.inner.location(&self.key) });
             }
             let body = self.buffer.split().freeze();
-            return self.inner.put_whole(&self.key, &self.full_key, body, &self.options).await;
-        }
-        match self.finish_multipart().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let _ = self.discard().await;
-                Err(e)
+            self.inner.put_whole(&self.key, &self.full_key, body, &self.options, true).await?
+        } else {
+            match self.finish_multipart().await {
+                Ok(etag) => etag,
+                Err(e) => {
+                    let _ = self.discard().await;
+                    return Err(e);
+                }
             }
-        }
+        };
+        self.inner.confirm_created(&self.key, &self.full_key, etag, &self.options).await
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {

@@ -10,7 +10,8 @@
 //!   with its own exit code): nothing is known about the archive's health.
 //!
 //! Verifying never writes into the repository: every check reads, and a restore test restores into a
-//! scratch directory of its own with archiving off.
+//! scratch directory of its own with archiving off. The one exception is asked for by name:
+//! `wal-verify --probe-writes` writes and removes a scratch object under `probe/`.
 
 pub mod backup;
 pub mod metrics;
@@ -48,12 +49,15 @@ pub enum FindingKind {
     /// its child, or of another cluster; a chain that does not begin with a full backup): it can
     /// never be restored.
     BrokenChain,
+    /// The store does not refuse a create of an existing key (`If-None-Match: *` ignored, or never
+    /// found out): two writers of one name at once can both be told they succeeded.
+    ConditionalWritesIgnored,
 }
 
 impl FindingKind {
     /// Every kind, in order: the metrics carry a zero for each kind not found, so that an alert on
     /// `walship_verify_findings > 0` needs no absent-series rule.
-    pub const ALL: [FindingKind; 11] = [
+    pub const ALL: [FindingKind; 12] = [
         FindingKind::Gap,
         FindingKind::IncompleteBackupWal,
         FindingKind::MissingHistory,
@@ -65,6 +69,7 @@ impl FindingKind {
         FindingKind::ManifestMismatch,
         FindingKind::RestoreTestFailed,
         FindingKind::BrokenChain,
+        FindingKind::ConditionalWritesIgnored,
     ];
 
     /// The name `--json` and the metrics use.
@@ -81,6 +86,7 @@ impl FindingKind {
             FindingKind::ManifestMismatch => "manifest_mismatch",
             FindingKind::RestoreTestFailed => "restore_test_failed",
             FindingKind::BrokenChain => "broken_chain",
+            FindingKind::ConditionalWritesIgnored => "conditional_writes_ignored",
         }
     }
 }

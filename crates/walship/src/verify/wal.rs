@@ -20,9 +20,9 @@ use crate::codec::{Prefix, PumpError};
 use crate::encryption::{Sealed, check_sealed};
 use crate::error::Error;
 use crate::log::Log;
-use crate::repo::{Identity, Repository};
+use crate::repo::{ConditionalWrites, IDENTITY_KEY, Identity, Repository};
 use crate::retry;
-use crate::storage::{ObjectMeta, StorageError};
+use crate::storage::{CreateGuard, ObjectMeta, StorageError};
 use crate::wal::{LongPageHeader, WalFileKind, WalFileName, parse_lsn, segment_file_name};
 
 /// Where the WAL objects are.
@@ -44,6 +44,9 @@ pub struct WalVerifyOptions {
     /// How long one step (a listing page, the catalog, one object's check) may retry transient
     /// failures: a deep run over a large archive takes longer than any one deadline.
     pub deadline: Duration,
+    /// Probe the store's conditional writes now (a scratch object written and removed) rather than
+    /// trust what the identity record says of them.
+    pub probe_writes: bool,
 }
 
 /// One timeline as the archive shows it.
@@ -98,6 +101,10 @@ pub struct WalReport {
     /// What could not be checked because the repository is encrypted and this host has no key
     /// (history files, segments' page headers); `None` when everything was.
     pub without_key: Option<String>,
+    /// What the store does with a create of an existing key: probed now with `probe_writes`, else as
+    /// the identity record says (`Unknown` where it says nothing); `None` where creates are exclusive
+    /// by construction (local disk, SFTP).
+    pub conditional_writes: Option<CreateGuard>,
 }
 
 /// Checks the WAL archive of `repo`.
@@ -110,6 +117,8 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
     let (histories, unreadable, undecrypted) =
         retry::with_deadline(step, log, repo.url(), || read_histories(repo)).await?;
     findings.extend(unreadable.values().cloned());
+    let (conditional_writes, store_finding) = judge_store(repo, &identity, options, log).await?;
+    findings.extend(store_finding);
     let scan = scan(repo, options, log, &identity).await?;
 
     let mut known: BTreeSet<u32> = scan.present.timelines().chain(histories.keys().copied()).collect();
@@ -132,6 +141,7 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
     let (gaps, missing_segments) = found.union();
     let without_key = without_key_note(repo, &undecrypted, options.deep);
     Ok(WalReport {
+        conditional_writes,
         without_key,
         findings,
         objects: scan.objects,
@@ -143,6 +153,44 @@ pub async fn wal_verify(repo: &Repository, options: &WalVerifyOptions, log: &Log
         timelines: known.iter().map(|&t| summary(t, &scan.present, &histories, segment_size)).collect(),
         deep: scan.deep,
     })
+}
+
+/// What the store does with a create of an existing key, and the finding if it does not refuse it.
+async fn judge_store(
+    repo: &Repository,
+    identity: &Identity,
+    options: &WalVerifyOptions,
+    log: &Log,
+) -> Result<(Option<CreateGuard>, Option<Finding>), Error> {
+    if repo.storage().creates_exclusive_by_construction() {
+        return Ok((None, None));
+    }
+    let recorded = identity.conditional_writes.as_ref();
+    let consequence = "two writers of one name at the same moment (two clusters, or a restored copy archiving \
+                       here) can both be told that their write succeeded while the later replaces the earlier";
+    let (guard, message) = if options.probe_writes {
+        let probed = retry::with_deadline(options.deadline, log, repo.url(), || repo.probe_store()).await?;
+        let shortcoming = ConditionalWrites::shortcoming(probed.as_ref());
+        let guard = probed.map_or(CreateGuard::Unknown, |p| p.guard);
+        let trusted = recorded.is_some_and(|r| r.guard == CreateGuard::Enforced);
+        let message = shortcoming.map(|s| match trusted {
+            // Writers trust the record and do not read their writes back.
+            true => format!(
+                "probed now: {s}, but the identity record says the store enforced them when the repository was \
+                 made: writers trust that record and do not read their writes back; {consequence}. Make a new \
+                 repository on this store, whose record will say so"
+            ),
+            false => format!("probed now: {s}: {consequence}"),
+        });
+        (guard, message)
+    } else {
+        let guard = recorded.map_or(CreateGuard::Unknown, |r| r.guard);
+        let message = ConditionalWrites::shortcoming(recorded)
+            .map(|s| format!("{s}: {consequence} (wal-verify --probe-writes probes the store again)"));
+        (guard, message)
+    };
+    let finding = message.map(|m| Finding::new(FindingKind::ConditionalWritesIgnored, IDENTITY_KEY, m));
+    Ok((Some(guard), finding))
 }
 
 fn summary(timeline: u32, present: &SegmentSet, histories: &Histories, segment_size: u32) -> TimelineSummary {
@@ -500,6 +548,7 @@ mod tests {
             parallel: 1,
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(10_000),
             deadline: Duration::from_secs(1),
+            probe_writes: false,
         }
     }
 
