@@ -50,7 +50,10 @@ Configuration file keys (TOML; unknown keys are an error):
                                       passphrase (20+ characters; walship-key passphrase)
   [encryption] passphrase_work_factor = 10   scrypt work factor (log2 N, 1-20) for passphrase writes
   [encryption] accept_plain = false   also read objects written before the repository was encrypted
-  [s3] and [ssh] tables: see README.
+  [s3] conditional_writes = \"warn\"   on an S3 store that ignores If-None-Match (probed when the
+                                      repository is made): warn once per process; \"accept\": no
+                                      warning; \"require\": refuse to write (exit 8)
+  The other [s3] keys and the [ssh] table: see README.
 
 Environment: WALSHIP_REPO (repository URL), WALSHIP_CONFIG (configuration file).
 Precedence: --repo, then WALSHIP_REPO, then the file's repo.
@@ -64,7 +67,8 @@ Exit codes (shared by all walship commands):
   5  conflict: different content is already archived under this name (nothing overwritten)
   6  wrong repository: another cluster's, not a walship repository, or a newer format
   7  corrupt: a stored object failed verification (it is never handed over)
-  8  storage: the repository failed or was unreachable until the deadline
+  8  storage: the repository failed or was unreachable until the deadline (or an S3 store
+     ignores conditional writes where [s3] conditional_writes = \"require\")
   9  local file: reading the file to archive or writing the restored file failed
  10  a PostgreSQL program (pg_basebackup, pg_verifybackup, postgres, psql) failed or could not
      be run (not installed, no connection, only another major version than the backup's)
