@@ -21,7 +21,9 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use walship::storage::{PutOptions, StorageError};
 use walship_tests::assertions::{assert_error, assert_ok, sha256_hex};
+use walship_tests::backups::base_push;
 use walship_tests::fixture::{Fixture, HANG_MARGIN};
+use walship_tests::pg::Cluster;
 use walship_tests::proxy::{Fault, Proxy, Request, Response, Rule, Seen};
 use walship_tests::repository::{Backend, ConfigLines, Repository, Store};
 use walship_tests::running::spawn;
@@ -487,4 +489,26 @@ fn racing_pushes_of_different_content_are_counted_before_and_after_the_read_back
         lost.push(both_zero);
     }
     eprintln!("conditional-write race: both pushes at 0 in {} of {TRIALS} trials before, {} after", lost[0], lost[1]);
+}
+
+/// base-push says it too, once, when it makes the repository on such a store (a base backup of a
+/// real cluster through the stand-in), and the backup's many writes are each read back.
+#[test]
+fn base_push_on_a_store_that_ignores_conditional_writes_says_so_once() {
+    let (s, proxy) = fixture_with_proxy("conditional-base");
+    proxy.ignore_conditional_writes(true);
+    let config = via_proxy(&s, &proxy, "");
+    let mut cluster = Cluster::init("conditional-base", None);
+    cluster.start();
+    let args = [OsString::from("--config"), config.into()];
+    let (name, out) = base_push(&cluster, &args, s.scratch.path(), &[]);
+    assert_eq!(warnings(&out).len(), 1, "one warning: {out:#?}");
+    assert!(warnings(&out)[0].contains("ignores conditional writes"), "{out:#?}");
+    assert_eq!(identity_record(&s)["conditional_writes"]["guard"], "ignored");
+    let catalog_key = format!("{PREFIX}/catalog/{name}.json");
+    let read_back = settled(&proxy)
+        .iter()
+        .filter(|r| r.method == "HEAD" && r.request.path() == format!("/{BUCKET}/{catalog_key}"))
+        .count();
+    assert_eq!(read_back, 2, "the catalog record checked before its write and read back after it");
 }
