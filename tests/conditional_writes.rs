@@ -512,3 +512,40 @@ fn base_push_on_a_store_that_ignores_conditional_writes_says_so_once() {
         .count();
     assert_eq!(read_back, 2, "the catalog record checked before its write and read back after it");
 }
+
+/// A store that answers the probe's second create neither with 412 nor with success is recorded as
+/// `unknown`, its answer quoted, and treated as one that may ignore the header (warned about, read
+/// back). A transient answer (503 until the deadline) is no verdict: the push fails (exit 8) and
+/// the repository is not made, so the next push probes again.
+#[test]
+fn a_probe_answered_neither_way_is_unknown_and_a_transient_one_no_verdict() {
+    let (s, proxy) = fixture_with_proxy("conditional-unknown");
+    let is_probe_create =
+        |r: &Request| r.method == "PUT" && r.path().contains("/probe/") && r.header("if-none-match").is_some();
+    proxy.add(Rule::new(Fault::slow_down()).when(is_probe_create));
+    let faulty = via_proxy(&s, &proxy, "");
+    let faulty = {
+        let text = fs::read_to_string(&faulty).unwrap().replace("deadline_secs = 30", "deadline_secs = 3");
+        s.config_text(&text)
+    };
+    s.write_segment(&Segment::new(SEG1));
+    let out = s.push_with(&faulty, SEG1);
+    assert_error(&out, 8, &["503"]);
+    assert!(!bucket_keys(&s).iter().any(|k| k.ends_with("repository.json")), "made on a transient answer");
+
+    proxy.clear();
+    proxy.add(
+        Rule::new(Fault::Respond(Response::s3_error(501, "Not Implemented", "NotImplemented", "no conditions here")))
+            .when(is_probe_create),
+    );
+    let config = via_proxy(&s, &proxy, "");
+    let out = s.push_with(&config, SEG1);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let said = warnings(&out);
+    assert_eq!(said.len(), 1, "{out:#?}");
+    assert!(said[0].contains("neither way") && said[0].contains("NotImplemented"), "{said:?}");
+    let record = &identity_record(&s)["conditional_writes"];
+    assert_eq!(record["guard"], "unknown", "{record:#}");
+    assert!(record["answer"].as_str().unwrap().contains("501"), "{record:#}");
+    assert!(!bucket_keys(&s).iter().any(|k| k.contains("probe/")), "scratch object left");
+}

@@ -104,7 +104,7 @@ impl ConditionalWrites {
                 r.store, r.probed, r.answer
             )),
             Some(r) => Some(format!(
-                "the store {} answered the conditional-write probe neither way (probed {}: {})",
+                "the store {} answered a probe of its conditional writes neither way (probed {}: {})",
                 r.store, r.probed, r.answer
             )),
             None => Some("the repository records no probe of the store's conditional writes".into()),

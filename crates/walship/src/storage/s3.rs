@@ -264,6 +264,9 @@ struct Bucket {
     no_batch_delete: std::sync::atomic::AtomicBool,
     /// Every commit reads its object back ([`Storage::read_back_creates`]).
     read_back: std::sync::atomic::AtomicBool,
+    /// Scratch objects of probes ([`Storage::probe_creates`]) written and not removed yet (the
+    /// deadline cut the probe off): key to full key, removed by [`Storage::cleanup`].
+    open_probes: Mutex<HashMap<String, String>>,
 }
 
 impl S3Storage {
@@ -324,6 +327,7 @@ impl S3Storage {
                 open_uploads: Mutex::new(HashMap::new()),
                 no_batch_delete: std::sync::atomic::AtomicBool::new(false),
                 read_back: std::sync::atomic::AtomicBool::new(false),
+                open_probes: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -369,6 +373,8 @@ impl Bucket {
                     (301, _) | (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
                         other(format!("wrong region for this bucket ({code}{detail}); set region in [s3]"), false)
                     }
+                    // A request the store does not implement stays unimplemented, however often sent.
+                    (501, _) => other(format!("HTTP {status} {code}{detail}"), false),
                     // 409 is AWS's answer to two conditional writes of one key at once: try again.
                     (409 | 429 | 500..=599, _) => other(format!("HTTP {status} {code}{detail}"), true),
                     _ => other(format!("HTTP {status} {code}{detail}"), false),
@@ -489,10 +495,10 @@ impl Bucket {
         let full_key = self.full_key(&key)?;
         let body = Bytes::from_static(b"walship: a probe of conditional writes; safe to delete\n");
         let options = PutOptions::default();
+        self.open_probes().insert(key.clone(), full_key.clone());
         self.put_whole(&key, &full_key, body.clone(), &options, false).await?;
         let second = self.put_whole(&key, &full_key, body, &options, true).await;
-        // Best effort: a scratch object left behind harms nothing, and its name says what it is.
-        let _ = self.client.delete_object().bucket(&self.bucket).key(&full_key).send().await;
+        self.remove_probe(&key, &full_key).await?;
         let (guard, answer) = match second {
             Ok(_) => (CreateGuard::Ignored, "a second create of the scratch object succeeded".to_owned()),
             Err(StorageError::AlreadyExists { .. }) => (CreateGuard::Enforced, "412 Precondition Failed".to_owned()),
@@ -521,6 +527,24 @@ impl Bucket {
         })?;
         self.open_uploads().insert(upload_id.clone(), (key.to_owned(), full_key.to_owned()));
         Ok(upload_id)
+    }
+
+    fn open_probes(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.open_probes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes a probe's scratch object: a failure here is a failure of the probe, so that no scratch
+    /// object is left behind unsaid.
+    async fn remove_probe(&self, key: &str, full_key: &str) -> Result<(), StorageError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .send()
+            .await
+            .map_err(|e| self.classify(key, "DELETE", e))?;
+        self.open_probes().remove(key);
+        Ok(())
     }
 
     /// `s3://bucket/prefix`, for messages about the repository as a whole.
@@ -852,6 +876,12 @@ impl Storage for S3Storage {
         let mut first_error = None;
         for (upload_id, (key, full_key)) in open {
             if let Err(e) = self.inner.abort_multipart(&key, &full_key, &upload_id).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        let probes: Vec<(String, String)> = self.inner.open_probes().drain().collect();
+        for (key, full_key) in probes {
+            if let Err(e) = self.inner.remove_probe(&key, &full_key).await {
                 first_error.get_or_insert(e);
             }
         }
