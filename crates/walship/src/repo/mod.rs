@@ -69,6 +69,11 @@ pub struct Identity {
     /// SFTP), and in an S3 repository made before walship probed, which counts as unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditional_writes: Option<ConditionalWrites>,
+    /// `age` when the repository was encrypted from the start (its `encryption.json` was written
+    /// first): writers then need not read the encryption record, one request less per push. `None`
+    /// for a plain repository, which `walship-key enable` may encrypt later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 /// The identity record's account of the store's conditional writes.
@@ -244,21 +249,30 @@ impl Repository {
     async fn check_writing(&self) -> Result<bool, Error> {
         let encrypting = self.encryption.writing.is_some();
         let location = self.storage.location(ENCRYPTION_KEY);
-        match (self.encryption_record().await?, encrypting) {
-            (Some(_), true) | (None, false) => Ok(encrypting),
-            (Some(record), false) => Err(Error::Encryption {
-                location,
-                reason: format!(
-                    "the repository is encrypted (since {}), and no [encryption] recipients or passphrase_file \
-                     are configured to write to it; nothing was written",
-                    record.since
-                ),
-            }),
-            (None, true) if self.identity().await?.is_none() => {
+        // The identity record is read by every push anyway (and kept); where it says the repository
+        // was encrypted from the start, the encryption record need not be read as well.
+        let encrypted_from_start = self.identity().await?.is_some_and(|identity| identity.encryption.is_some());
+        let encrypted = encrypted_from_start || self.encryption_record().await?.is_some();
+        match (encrypted, encrypting) {
+            (true, true) | (false, false) => Ok(encrypting),
+            (true, false) => {
+                let since = match self.encryption_record().await? {
+                    Some(record) => record.since,
+                    None => "its creation".into(),
+                };
+                Err(Error::Encryption {
+                    location,
+                    reason: format!(
+                        "the repository is encrypted (since {since}), and no [encryption] recipients or \
+                         passphrase_file are configured to write to it; nothing was written"
+                    ),
+                })
+            }
+            (false, true) if self.identity().await?.is_none() => {
                 self.create_encryption_record().await?;
                 Ok(true)
             }
-            (None, true) => Err(Error::Encryption {
+            (false, true) => Err(Error::Encryption {
                 location: self.storage.location(IDENTITY_KEY),
                 reason: "the repository is not encrypted, but [encryption] is configured to write encrypted \
                          objects; nothing was written. To encrypt from now on, run `walship-key enable` (older \
@@ -424,7 +438,10 @@ impl Repository {
             // Two processes making the repository at once must not both think theirs is the record.
             self.storage.read_back_creates();
         }
+        // An encrypting writer made the encryption record first (writer_pipeline, before this).
+        let encrypted = self.writes_encrypted.get() == Some(&true);
         let identity = Identity {
+            encryption: encrypted.then(|| "age".to_owned()),
             conditional_writes,
             format_version: REPOSITORY_FORMAT_VERSION,
             repository_id: Some(new_repository_id(&self.storage.location(IDENTITY_KEY))?),
@@ -828,6 +845,30 @@ mod tests {
         assert!(std::fs::read(&dest).unwrap() == std::fs::read(new_work.path().join(name)).unwrap());
         let err = fetch(&repo(new_dir.path()), name, &new_work.path().join("x")).await.unwrap_err();
         assert_eq!(err.exit_code(), ExitCode::Encryption, "no key configured: {err}");
+    }
+
+    /// A repository encrypted from the start says so in its identity record, so that writers need
+    /// not read the encryption record too (one request less per push); a plain writer is still
+    /// refused, and a plain repository's record says nothing (walship-key enable may encrypt it).
+    #[tokio::test]
+    async fn a_repository_encrypted_from_the_start_says_so_in_its_identity_record() {
+        let (repo_dir, work, plain) = scratch();
+        let names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003"];
+        let (writer, _) = encrypting(repo(repo_dir.path()), false);
+        push(&writer, &segment_file(work.path(), names[0], 1), names[0], 1).await.unwrap();
+        let identity = plain.identity().await.unwrap().unwrap();
+        assert_eq!(identity.encryption.as_deref(), Some("age"));
+
+        std::fs::remove_file(repo_dir.path().join(ENCRYPTION_KEY)).unwrap();
+        let again = repo(repo_dir.path()).with_encryption(std::sync::Arc::new(writer.encryption().clone()));
+        push(&again, &segment_file(work.path(), names[1], 2), names[1], 1).await.unwrap();
+        let err = push(&repo(repo_dir.path()), &segment_file(work.path(), names[2], 3), names[2], 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Encryption, "{err}");
+        assert!(err.to_string().contains("since its creation"), "{err}");
+
+        let (plain_dir, plain_work, plain) = scratch();
+        push(&plain, &segment_file(plain_work.path(), names[0], 1), names[0], 1).await.unwrap();
+        assert_eq!(repo(plain_dir.path()).identity().await.unwrap().unwrap().encryption, None);
     }
 
     /// The archive host holds public keys only; a re-push must still never call a damaged copy
