@@ -172,3 +172,40 @@ async fn a_host_without_a_key_checks_the_seal_and_reads_the_digest() {
     let plain = encode(&Pipeline::zstd(1), b"plain");
     assert_eq!(check_sealed(&plain[..]).await.unwrap(), Sealed::Plain);
 }
+
+/// Decryption streams: by the time the last stored byte is in, all but a chunk or so of the
+/// plaintext has been handed on, so memory stays bounded whatever the object's size.
+#[test]
+fn decryption_streams_rather_than_holding_the_object() {
+    let (id, identity, recipient) = key_pair();
+    let original = content(4 << 20);
+    let stored = encode(&writer_for(&[(id, recipient)]), &original);
+    let reader = reader_with(vec![named(id, identity)], None, false);
+    let handed_on = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut decoder = reader.decoder(Counting(handed_on.clone(), Vec::new())).unwrap();
+    for piece in stored.chunks(64 << 10) {
+        decoder.update(piece).unwrap();
+    }
+    let before_finish = handed_on.load(std::sync::atomic::Ordering::SeqCst);
+    let (_, out) = decoder.finish().unwrap();
+    assert!(out.1 == original);
+    assert!(
+        before_finish + (256 << 10) >= original.len(),
+        "only {before_finish} of {} bytes handed on before the end",
+        original.len()
+    );
+}
+
+struct Counting(Arc<std::sync::atomic::AtomicUsize>, Vec<u8>);
+
+impl std::io::Write for Counting {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.fetch_add(bytes.len(), std::sync::atomic::Ordering::SeqCst);
+        self.1.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
