@@ -176,9 +176,9 @@ impl Repository {
     /// The repository that `config` names, over the backend its URL calls for.
     pub async fn open(config: &Config) -> Result<Self, Error> {
         let storage = crate::storage::open(&config.repo, &config.storage).await?;
-        let mut repo = Self::over(storage, config.repo.to_string()).with_encryption(config.encryption.clone());
-        repo.conditional_writes = config.storage.s3.conditional_writes;
-        Ok(repo)
+        Ok(Self::over(storage, config.repo.to_string())
+            .with_encryption(config.encryption.clone())
+            .with_conditional_writes(config.storage.s3.conditional_writes))
     }
 
     /// The repository kept in `storage`; `url` names it in messages.
