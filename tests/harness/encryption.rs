@@ -18,8 +18,8 @@ use crate::{Output, walship};
 
 /// Where the age stage's framing starts: right after the codec header.
 pub const FRAMING_AT: usize = walship::codec::HEADER_LEN;
-/// The seal's length (SHA-256).
-pub const SEAL_LEN: usize = 32;
+/// The seal's length (CRC-64/NVME).
+pub const SEAL_LEN: usize = 8;
 /// The codec trailer's length.
 pub const TRAILER_LEN: usize = walship::codec::TRAILER_LEN;
 

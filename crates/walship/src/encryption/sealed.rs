@@ -3,10 +3,9 @@
 //! recycles its own. The seal (SHA-256 of the age stage's output) shows the stored bytes are the ones
 //! written; the trailer says what they hold.
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::stage::{AGE_STAGE_ID, SEAL_LEN};
+use super::stage::{AGE_STAGE_ID, SEAL_LEN, Seal};
 use crate::codec::{
     ContentDigest, FormatError, HEADER_LEN, HEADER_MAGIC, HoldBack, STAGED_FORMAT_VERSION, TRAILER_LEN, TRAILER_MAGIC,
 };
@@ -50,7 +49,7 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
     }
     // Everything but the last SEAL_LEN + TRAILER_LEN bytes is sealed.
     let tail_len = SEAL_LEN + TRAILER_LEN;
-    let mut seal = Sha256::new();
+    let mut seal = Seal::new();
     let mut tail = HoldBack::new(tail_len);
     let mut stored = HEADER_LEN as u64;
     let mut buf = vec![0u8; READ_CHUNK];
@@ -68,7 +67,7 @@ pub async fn check_sealed(mut reader: impl AsyncRead + Unpin) -> Result<Sealed, 
     if pending.len() < tail_len || &pending[tail_len - 8..] != TRAILER_MAGIC {
         return Err(Err(FormatError::Truncated("the end-of-object trailer is missing".into())));
     }
-    if seal.finalize()[..] != pending[..SEAL_LEN] {
+    if seal.bytes()[..] != pending[..SEAL_LEN] {
         return Err(Err(FormatError::Stage {
             stage: "age",
             reason: "the seal does not match its content: the object was altered or cut short".into(),
