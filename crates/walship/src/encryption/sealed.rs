@@ -1,6 +1,6 @@
 //! Checking an encrypted object without its key: the archive host holds public keys only, yet must
 //! not tell PostgreSQL "already archived, identical" about a damaged copy, since PostgreSQL then
-//! recycles its own. The seal (SHA-256 of the age stage's output) shows the stored bytes are the ones
+//! recycles its own. The seal (a CRC-64 of the age stage's output) shows the stored bytes are the ones
 //! written; the trailer says what they hold.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
