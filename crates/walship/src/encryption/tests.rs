@@ -209,3 +209,47 @@ impl std::io::Write for Counting {
         Ok(())
     }
 }
+
+/// What the `[encryption]` table refuses, each naming the key at fault and never quoting a key:
+/// recipients and a passphrase at once, a work factor out of range, key files by relative path.
+#[test]
+fn the_encryption_table_refuses_what_it_cannot_honour() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, _, recipient) = key_pair();
+    let dir = tempfile::tempdir().unwrap();
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "a long random passphrase of forty characters\n").unwrap();
+    std::fs::set_permissions(&passphrase, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let table = |text: &str| -> EncryptionTable { toml::from_str(text).unwrap() };
+    let file = format!("passphrase_file = {:?}", passphrase.display().to_string());
+    let refused = [
+        (format!("recipients = [\"{recipient}\"]\n{file}"), "recipients and passphrase_file are both set"),
+        (format!("{file}\npassphrase_work_factor = 21"), "passphrase_work_factor = 21: expected 1 to 20"),
+        (format!("{file}\npassphrase_work_factor = 0"), "passphrase_work_factor = 0: expected 1 to 20"),
+        ("identity_files = [\"keys/k.key\"]".to_owned(), "identity_files: \"keys/k.key\" must be an absolute path"),
+        ("passphrase_file = \"passphrase\"".to_owned(), "passphrase_file = \"passphrase\" must be an absolute path"),
+    ];
+    for (text, needle) in refused {
+        let err = EncryptionConfig::from_table(table(&text)).err().unwrap_or_else(|| panic!("{text} was taken"));
+        assert!(err.contains(needle), "{text}: {err}");
+        assert!(!err.contains(&recipient.to_string()), "a key quoted: {err}");
+    }
+    let highest = EncryptionConfig::from_table(table(&format!("{file}\npassphrase_work_factor = 20")));
+    assert!(highest.is_ok(), "work factor 20 is within the range");
+}
+
+/// An age header that never ends is refused once it passes 64 KiB, rather than held without bound.
+#[test]
+fn an_age_header_without_an_end_is_refused_after_64_kib() {
+    let (id, identity, recipient) = key_pair();
+    let stored = encode(&writer_for(&[(id, recipient)]), b"some content");
+    let framing_end = crate::codec::HEADER_LEN + 3 + 8;
+    let mut crafted = stored[..framing_end].to_vec();
+    crafted.extend_from_slice(b"age-encryption.org/v1\n");
+    while crafted.len() < framing_end + (80 << 10) {
+        crafted.extend_from_slice(b"-> X25519 c3RhbnphIHRoYXQgbmV2ZXIgZW5kcw\nc3RhbnphIGJvZHk\n");
+    }
+    crafted.extend_from_slice(&stored[stored.len() - super::stage::SEAL_LEN - crate::codec::TRAILER_LEN..]);
+    let e = format_error(reader_with(vec![named(id, identity)], None, false).decode_bytes(&crafted));
+    assert!(e.to_string().contains("no end to the age header in its first 64 KiB"), "{e}");
+}

@@ -871,6 +871,38 @@ mod tests {
         assert_eq!(repo(plain_dir.path()).identity().await.unwrap().unwrap().encryption, None);
     }
 
+    /// An encryption record of a newer format than this walship's is refused as a wrong repository
+    /// (exit 6) before anything is written, as a newer identity record is.
+    #[tokio::test]
+    async fn a_future_encryption_record_format_is_refused() {
+        let (repo_dir, work, plain) = scratch();
+        let name = "000000010000000000000001";
+        let record =
+            r#"{"format_version": 99, "scheme": "age", "since": "2030-01-01T00:00:00Z", "created_by": "walship 9"}"#;
+        std::fs::write(repo_dir.path().join(ENCRYPTION_KEY), record).unwrap();
+        let err = push(&plain, &segment_file(work.path(), name, 1), name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::WrongRepository, "{err}");
+        assert!(err.to_string().contains("encryption record format 99 is newer"), "{err}");
+        assert!(!repo_dir.path().join(IDENTITY_KEY).exists(), "written despite the refusal");
+    }
+
+    /// A first encrypting push killed between the encryption record and the identity record leaves a
+    /// repository with the first only: a plain writer is refused there (exit 14, nothing written), and
+    /// the next encrypting push goes on and makes the identity record, which says it is encrypted.
+    #[tokio::test]
+    async fn a_repository_left_with_only_its_encryption_record_goes_on_encrypted() {
+        let (repo_dir, work, plain) = scratch();
+        let name = "000000010000000000000001";
+        let (writer, _) = encrypting(repo(repo_dir.path()), false);
+        writer.create_encryption_record().await.unwrap();
+        let err = push(&plain, &segment_file(work.path(), name, 1), name, 1).await.unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::Encryption, "{err}");
+        assert!(!repo_dir.path().join(IDENTITY_KEY).exists(), "a plain writer made the repository");
+        let next = repo(repo_dir.path()).with_encryption(std::sync::Arc::new(writer.encryption().clone()));
+        push(&next, &segment_file(work.path(), name, 1), name, 1).await.unwrap();
+        assert_eq!(plain.identity().await.unwrap().unwrap().encryption.as_deref(), Some("age"));
+    }
+
     /// The archive host holds public keys only; a re-push must still never call a damaged copy
     /// identical, since PostgreSQL then recycles its own.
     #[tokio::test]
