@@ -415,7 +415,7 @@ impl Repository {
     /// repository has none.
     pub async fn ensure_identity(&self, facts: &ClusterFacts, file: &str) -> Result<Identity, Error> {
         let identity = self.find_or_create_identity(facts, file).await?;
-        self.judge_store_for_writing(identity.conditional_writes.as_ref())?;
+        self.judge_store_for_writing(Some(&identity))?;
         Ok(identity)
     }
 
@@ -484,15 +484,20 @@ impl Repository {
         Ok(())
     }
 
-    /// Before this process's first write, with what the identity record says of the store (`None`:
-    /// nothing, or no record yet): on a store that may let a racing create replace an object, every
-    /// create is read back from now on, and `[s3] conditional_writes` decides between one warning,
-    /// silence and refusal.
-    pub fn judge_store_for_writing(&self, recorded: Option<&ConditionalWrites>) -> Result<(), Error> {
+    /// Before this process's first write, with the identity record (`None` in a repository not made
+    /// yet): on a store that may let a racing create replace an object (as the record says, or does
+    /// not say), every create is read back from now on, and `[s3] conditional_writes` decides between
+    /// one warning, silence and refusal. Before the repository is made nothing is known of the store
+    /// yet: writes are read back, and the push that makes it probes and judges.
+    pub fn judge_store_for_writing(&self, identity: Option<&Identity>) -> Result<(), Error> {
         if self.storage.creates_exclusive_by_construction() || self.store_judged.get().is_some() {
             return Ok(());
         }
-        let Some(shortcoming) = ConditionalWrites::shortcoming(recorded) else {
+        let Some(identity) = identity else {
+            self.storage.read_back_creates();
+            return Ok(());
+        };
+        let Some(shortcoming) = ConditionalWrites::shortcoming(identity.conditional_writes.as_ref()) else {
             let _ = self.store_judged.set(());
             return Ok(());
         };

@@ -75,7 +75,7 @@ pub async fn push(repo: &Repository, source: &Path, name: &str, compression_leve
                 repo.check_system_identifier(system_identifier, &source.display().to_string()).await?;
             }
             let identity = repo.identity().await?;
-            repo.judge_store_for_writing(identity.as_ref().and_then(|i| i.conditional_writes.as_ref()))?;
+            repo.judge_store_for_writing(identity.as_ref())?;
         }
     }
     // A backend that keeps attributes (S3) needs the checksum before the upload starts, which takes
