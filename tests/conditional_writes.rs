@@ -342,11 +342,17 @@ fn a_store_that_refuses_a_second_create_is_recorded_as_enforcing_it() {
 /// Through the stand-in for a store that ignores the header: the record says `ignored`; every wal-push
 /// process says so once, naming the store and the consequence, and still archives; wal-verify reports
 /// it (from the record, and probing again); `accept` silences the warning and `require` refuses to
-/// write (exit 8, nothing written).
+/// write (exit 8, nothing written), on a new repository (no repository is made) as on an existing one.
 #[test]
 fn a_store_that_ignores_conditional_writes_is_recorded_said_and_refused_on_request() {
     let (s, proxy) = fixture_with_proxy("conditional-ignored");
     proxy.ignore_conditional_writes(true);
+    let require = via_proxy(&s, &proxy, "conditional_writes = \"require\"");
+    s.write_segment(&Segment::new(SEG1));
+    let out = s.push_with(&require, SEG1);
+    assert_error(&out, 8, &["ignores conditional writes", "conditional_writes = \"require\"", "nothing was written"]);
+    assert_eq!(bucket_keys(&s), Vec::<String>::new(), "require made a repository on such a store");
+
     let warn = via_proxy(&s, &proxy, "");
     for name in [SEG1, SEG2] {
         s.write_segment(&Segment::new(name));
@@ -374,7 +380,6 @@ fn a_store_that_ignores_conditional_writes_is_recorded_said_and_refused_on_reque
     s.write_segment(&Segment::new(SEG3));
     assert_ok(&s.push_with(&accept, SEG3), "with conditional_writes = \"accept\"");
 
-    let require = via_proxy(&s, &proxy, "conditional_writes = \"require\"");
     let before = bucket_keys(&s);
     s.write_segment(&Segment::new(SEG4));
     let out = s.push_with(&require, SEG4);

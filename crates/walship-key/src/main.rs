@@ -113,9 +113,7 @@ fn public(file: &Path) -> Result<(), Error> {
 }
 
 fn passphrase(output: &Path) -> Result<(), Error> {
-    let mut bytes = [0u8; 32];
-    walship::fs::random_bytes(&mut bytes).map_err(|e| Error::local_io(Path::new("/dev/urandom"), "read", e))?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let text = walship::fs::random_hex(32).map_err(|e| Error::local_io(Path::new("/dev/urandom"), "read", e))?;
     write_secret(output, &format!("{text}\n"))?;
     eprintln!("walship-key: wrote a random passphrase to {}", output.display());
     Ok(())

@@ -44,6 +44,13 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     std::fs::File::open("/dev/urandom").and_then(|mut random| random.read_exact(buf))
 }
 
+/// `len` random bytes ([`random_bytes`]) as lower-case hex: ids and scratch names.
+pub fn random_hex(len: usize) -> io::Result<String> {
+    let mut bytes = vec![0u8; len];
+    random_bytes(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The directory `path` is in: its parent, or the working directory for a bare name.
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {

@@ -434,10 +434,6 @@ impl Repository {
         // servers quietly create a bucket on first write, hiding a mistyped name.
         self.storage.check_root().await?;
         let conditional_writes = self.storage.probe_creates().await?.map(ConditionalWrites::of);
-        if ConditionalWrites::shortcoming(conditional_writes.as_ref()).is_some() {
-            // Two processes making the repository at once must not both think theirs is the record.
-            self.storage.read_back_creates();
-        }
         // An encrypting writer made the encryption record first (writer_pipeline, before this).
         let encrypted = self.writes_encrypted.get() == Some(&true);
         let identity = Identity {
@@ -450,6 +446,10 @@ impl Repository {
             wal_segment_size: facts.wal_segment_size,
             created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
         };
+        // Judged on what the probe found, before the record is written: a store that `require`
+        // refuses gets no repository, and where the identity record itself is read back, two
+        // processes making the repository at once do not both take theirs for the record.
+        self.judge_store_for_writing(Some(&identity))?;
         if self.create_record(IDENTITY_KEY, &identity).await? {
             let _ = self.known_identity.set(identity.clone());
             return Ok(identity);
@@ -557,13 +557,11 @@ fn check_format(location: &str, what: &str, format: u32, newest: u32) -> Result<
 /// 16 random bytes from the kernel, as hex: unique across every repository ever made, with no
 /// dependency beyond `/dev/urandom`.
 fn new_repository_id(for_location: &str) -> Result<String, Error> {
-    let mut bytes = [0u8; 16];
-    crate::fs::random_bytes(&mut bytes).map_err(|e| Error::LocalIo {
+    crate::fs::random_hex(16).map_err(|e| Error::LocalIo {
         path: format!("/dev/urandom (an id for {for_location})"),
         operation: "read",
         source: e,
-    })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 #[cfg(test)]

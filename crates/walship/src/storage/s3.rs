@@ -489,9 +489,8 @@ impl Bucket {
 
     /// See [`Storage::probe_creates`].
     async fn probe_creates(&self) -> Result<CreateProbe, StorageError> {
-        let mut id = [0u8; 8];
-        crate::fs::random_bytes(&mut id).map_err(|e| StorageError::io("/dev/urandom", "read", e))?;
-        let key = format!("probe/conditional-write-{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let id = crate::fs::random_hex(8).map_err(|e| StorageError::io("/dev/urandom", "read", e))?;
+        let key = format!("probe/conditional-write-{id}");
         let full_key = self.full_key(&key)?;
         let body = Bytes::from_static(b"walship: a probe of conditional writes; safe to delete\n");
         let options = PutOptions::default();
